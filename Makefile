@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:
+#   make repro   set up, then run the whole pipeline (dvc repro) on real MNIST
+#   make test    set up (Python venv and system packages), then run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+UV_VERSION := 0.13.8
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export PYTHONUNBUFFERED := 1
+STAMP := $(VENV)/.installed
+
+.PHONY: setup repro test test-offline system-deps lock params ui serve predict bench clean-store
+
+setup: $(STAMP)
+
+# The venv holds exactly requirements.lock (hashes checked), plus this project (editable).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip sync --quiet --python $(VENV)/bin/python --require-hashes requirements.lock
+	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python --no-deps -e .
+	touch $@
+
+# Chromium for the UI tests; npm for the npm mirror of the fetch stage.
+system-deps:
+	@bash scripts/system-deps.sh
+
+repro: setup
+	dvc repro
+
+test: setup system-deps
+	pytest -n 2 --dist loadgroup
+
+test-offline: setup
+	pytest -n 2 --dist loadgroup -m "not network"
+
+# Regenerate the lock after editing requirements.in.
+lock:
+	$(VENV)/bin/uv pip compile requirements.in --generate-hashes --python-version 3.11 \
+	    --python-platform x86_64-unknown-linux-gnu -o requirements.lock
+
+# Recompose params.yaml from conf/ exactly as `dvc exp run` does.
+params: setup
+	python -m mnist_pipeline.params
