@@ -33,6 +33,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
         _fsync(tmp)
         os.replace(tmp, target)
     finally:
@@ -58,7 +59,33 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 
 
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:
-    write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (NaN/inf become null, numpy values plain Python), written atomically."""
+    write_text(target, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
+
+
+def json_safe(obj: Any) -> Any:
+    """`obj` with NaN/inf floats as None and numpy scalars/arrays as plain Python values.
+
+    `json.dumps` writes NaN as the bare token `NaN`, which is not JSON; this makes any
+    nesting of dicts, lists, tuples and numpy values loadable by strict parsers.
+    """
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_safe(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

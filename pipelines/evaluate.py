@@ -1,0 +1,36 @@
+"""DVC stage `evaluate`: score the model on the official test set and gate its promotion.
+
+Registers the model as a new version of `tracking.registered_model`; only a candidate that
+passes every gate rule moves the `champion` alias. A rejection is a normal outcome (the
+stage succeeds and records it in gate.json) unless `gate.fail_on_reject` is set.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from mnist_pipeline import config, promotion, tracking  # noqa: E402
+from mnist_pipeline.errors import PipelineError, reported  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with reported("evaluate"):
+        paths = config.section(cfg, "paths")
+        gate_cfg = config.section(cfg, "gate")
+        tracking.silence()
+        decision = promotion.evaluate(paths, config.section(cfg, "evaluate"), gate_cfg,
+                                      config.section(cfg, "tracking"))
+        s = decision.scores
+        print(f"evaluate: test accuracy {s.accuracy:.4f}, loss {s.loss:.4f}, "
+              f"macro F1 {s.macro_f1:.4f} (wrote {paths.eval_metrics}, {paths.gate})")
+        print(decision.line)
+        if gate_cfg.fail_on_reject and not decision.verdict.passed:
+            raise PipelineError("candidate rejected and gate.fail_on_reject is set")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""DVC stage `train`: train the configured Keras model and record the run in MLflow.
+
+Under `dvc repro` / `dvc exp run` it reads the composed params.yaml (see dvc.yaml). By hand
+it takes Hydra overrides (`python pipelines/train.py model=cnn optimizer=adam`) and
+multirun (`-m`); multirun jobs only log to MLflow and never touch the DVC outputs.
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from mnist_pipeline import config, job, tracking  # noqa: E402
+from mnist_pipeline.errors import reported  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with reported("train"):
+        paths = config.section(cfg, "paths")
+        sections = {name: config.section(cfg, name)
+                    for name in ("model", "optimizer", "train", "runtime", "tracking")}
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        tracking.silence()
+        outcome = job.train(
+            model_cfg=sections["model"], optimizer_cfg=sections["optimizer"],
+            train_cfg=sections["train"], runtime_cfg=sections["runtime"],
+            tracking_cfg=sections["tracking"], processed_dir=paths.processed,
+            checkpoint_dir=None if multirun else paths.checkpoints,
+            run_name=f"multirun-{hydra_cfg.job.num}" if multirun else None,
+            tags={"hydra.overrides": " ".join(hydra_cfg.overrides.task)})
+        if not multirun:
+            job.write_outputs(outcome, paths)
+        m = outcome.metrics
+        print(f"train: {sections['model'].name} {int(m['epochs_run'])} epochs, "
+              f"val_accuracy {m.get('final_val_accuracy', float('nan')):.4f}, "
+              f"{m.get('epoch_time_s_median', float('nan')):.2f} s/epoch "
+              f"({outcome.runtime.precision}, {outcome.runtime.device}); "
+              f"run {outcome.run_id}" + ("" if multirun else f"; wrote {paths.model}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""One training job: train a configured model and record everything in MLflow.
+
+Used by the `train` stage (which also writes the DVC outputs) and by each sweep trial
+(which writes nothing but its MLflow run). Wires `training` (Keras) to `tracking` (MLflow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import config, curves, data, lineage, models, tracking, training
+from .config import ModelConfig, OptimizerConfig, PathsConfig, RuntimeConfig, TrackingConfig, TrainConfig
+from .files import write_json
+
+# Keys that change how a run is resumed, not what it computes.
+NOT_IN_DIGEST = ("train.checkpoint.resume", "train.verbose")
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    model: Any
+    history: dict[str, list[float]]
+    metrics: dict[str, float]
+    runtime: training.Runtime
+    data_sha256: str
+    test_sha256: str
+    stopped_by_hook: bool
+    initial_epoch: int
+
+
+def run_params(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
+               runtime_cfg: RuntimeConfig) -> dict[str, Any]:
+    """Every resolved config value a run depends on, as flat `section.key` params."""
+    params: dict[str, Any] = {}
+    for name, section in (("model", model_cfg), ("optimizer", optimizer_cfg),
+                          ("train", train_cfg), ("runtime", runtime_cfg)):
+        params.update({f"{name}.{k}": v for k, v in config.flatten(section).items()})
+    return params
+
+
+def config_digest(params: dict[str, Any]) -> str:
+    kept = {k: v for k, v in params.items() if k not in NOT_IN_DIGEST}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM raises `tracking.Interrupted` (like Ctrl-C) so runs end KILLED, not RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise tracking.Interrupted(f"received signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
+          runtime_cfg: RuntimeConfig, tracking_cfg: TrackingConfig, processed_dir: str,
+          checkpoint_dir: str | None = None, run_name: str | None = None,
+          parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+          epoch_hook: training.EpochHook | None = None) -> Outcome:
+    """Train the configured model on `processed_dir`'s train/val splits inside an MLflow run."""
+    runtime = training.configure_runtime(runtime_cfg, train_cfg.seed)
+    splits = {name: data.load_split(processed_dir, name) for name in ("train", "val", "test")}
+    data_sha256 = data.digest(splits)
+    test_sha256 = splits["test"].sha256()
+    params = run_params(model_cfg, optimizer_cfg, train_cfg, runtime_cfg)
+    digest = config_digest(params)
+
+    resume = None
+    if checkpoint_dir and train_cfg.checkpoint.resume:
+        resume = training.find_checkpoint(checkpoint_dir, digest)
+        if resume is None:
+            print(f"train: no checkpoint of this config in {checkpoint_dir}; starting from epoch 1")
+
+    experiment_id = tracking.connect(tracking_cfg)
+    run_tags = {**lineage.git_state(), **lineage.dvc_experiment(),
+                **lineage.dvc_lock_hashes("dvc.lock", [processed_dir]),
+                "data.sha256": data_sha256, "data.test_sha256": test_sha256,
+                "config.digest": digest, **(tags or {})}
+    stopped_by_hook = False
+
+    with interruptible(), tracking.run(
+            experiment_id, run_name=run_name, tags=run_tags, parent_run_id=parent_run_id,
+            resume_run_id=resume.meta.get("run_id") if resume else None) as run_id:
+        if resume is None:
+            tracking.log_params({**params, **runtime.describe(),
+                                 "tracking.experiment_name": tracking_cfg.experiment_name})
+            for name in ("train", "val"):
+                tracking.log_dataset(splits[name].images, splits[name].labels,
+                                     name=f"mnist-{name}", sha256=data_sha256,
+                                     source=str(Path(processed_dir) / f"{name}.npz"),
+                                     context="training" if name == "train" else "validation")
+        else:
+            tracking.set_tags({"resumed_from_epoch": resume.epoch})
+
+        def on_epoch_end(epoch: int, logs: dict[str, float]) -> bool:
+            nonlocal stopped_by_hook
+            tracking.log_metrics(logs, step=epoch + 1)
+            stopped_by_hook = bool(epoch_hook and epoch_hook(epoch, logs))
+            return stopped_by_hook
+
+        started = time.perf_counter()
+        result = training.fit(
+            model_cfg, optimizer_cfg, train_cfg, runtime, splits["train"], splits["val"],
+            steps_per_execution=runtime_cfg.steps_per_execution, on_epoch_end=on_epoch_end,
+            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+            checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume)
+        wall = time.perf_counter() - started
+        metrics = final_metrics(result, wall)
+        tracking.log_metrics(metrics)
+        model = models.as_float32(result.model, model_cfg)
+        tracking.log_text(models.summary(model), "model_summary.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "training_curves.png"
+            curves.plot_history_png(png, result.history, title=run_name or "")
+            tracking.log_artifact(png)
+        model_uri = tracking.log_keras_model(model, tags={"data.sha256": data_sha256})
+        tracking.set_tags({"model_uri": model_uri})
+
+    if checkpoint_dir:
+        training.clear_checkpoint(checkpoint_dir)
+    return Outcome(run_id=run_id, experiment_id=experiment_id, model_uri=model_uri,
+                   model=model, history=result.history, metrics=metrics,
+                   runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
+                   stopped_by_hook=stopped_by_hook, initial_epoch=result.initial_epoch)
+
+
+def final_metrics(result: training.Result, wall_s: float) -> dict[str, float]:
+    history = result.history
+    metrics: dict[str, float] = {"epochs_run": float(result.epochs_run), "train_time_s": wall_s}
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if history.get(key):
+            metrics[f"final_{key}"] = history[key][-1]
+    if history.get("val_accuracy"):
+        metrics["best_val_accuracy"] = max(history["val_accuracy"])
+    times = history.get("epoch_time_s") or []
+    if len(times) > 1:
+        metrics["epoch_time_s_median"] = statistics.median(times[1:])
+    elif times:
+        metrics["epoch_time_s_median"] = times[0]
+    return metrics
+
+
+def write_outputs(outcome: Outcome, paths: PathsConfig) -> None:
+    """The train stage's DVC outputs: model, run id, metrics and per-epoch history."""
+    models.save(outcome.model, paths.model)
+    write_json(paths.run, {"run_id": outcome.run_id, "experiment_id": outcome.experiment_id,
+                           "model_uri": outcome.model_uri, "data_sha256": outcome.data_sha256,
+                           "test_sha256": outcome.test_sha256})
+    write_json(paths.train_metrics, {k: round(v, 6) for k, v in outcome.metrics.items()})
+    curves.write_history_csv(paths.train_history, outcome.history,
+                             first_epoch=outcome.initial_epoch + 1)

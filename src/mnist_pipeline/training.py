@@ -1,0 +1,356 @@
+"""How a Keras model is trained: runtime set-up, the input pipeline, callbacks and `fit`.
+
+`configure_runtime` must run before TensorFlow builds anything (it sets the precision
+policy, threads, determinism and logical devices). `fit` builds, compiles and trains the
+model under the configured `tf.distribute` strategy and reports each epoch to a plain
+Python hook, so this module knows nothing about MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import models
+from .config import ModelConfig, OptimizerConfig, RuntimeConfig, TrainConfig
+from .data import NUM_CLASSES, Split
+from .errors import TrainingError
+from .files import atomic_path, write_json
+
+# Called after each epoch with its logs; returning True stops training after that epoch.
+EpochHook = Callable[[int, dict[str, float]], bool | None]
+
+
+@dataclass
+class Runtime:
+    """What `configure_runtime` decided, for logging and for `fit`."""
+
+    precision: str
+    jit_compile: bool
+    device: str
+    strategy: Any
+    replicas: int
+    deterministic: bool
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime.resolved_precision": self.precision,
+                "runtime.resolved_jit_compile": self.jit_compile,
+                "runtime.device": self.device, "runtime.replicas": self.replicas}
+
+
+# --- runtime -------------------------------------------------------------------------------
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bfloat16 matmuls (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def gpu_precision() -> str | None:
+    """mixed_bfloat16 on Ampere or newer, mixed_float16 on Volta/Turing, None without a GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+    if capability and capability >= (8, 0):
+        return "mixed_bfloat16"
+    if capability and capability >= (7, 0):
+        return "mixed_float16"
+    return "float32"
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    on_gpu = gpu_precision()
+    if on_gpu is not None:
+        return on_gpu
+    return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
+
+
+# Threads and logical devices can be set only before TensorFlow's runtime starts, so only
+# the first configuration in a process applies them (sweep workers train many trials).
+_devices_configured = False
+
+
+def _configure_devices(cfg: RuntimeConfig) -> None:
+    global _devices_configured
+    if _devices_configured:
+        return
+    _devices_configured = True
+    if cfg.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.intra_op_threads)
+    if cfg.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_threads)
+    gpus = tf.config.list_physical_devices("GPU")
+    if cfg.logical_devices > 1 and not gpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_devices)
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def configure_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
+    """Apply the runtime config. Device settings take effect on the first call in a process."""
+    _configure_devices(cfg)
+    gpus = tf.config.list_physical_devices("GPU")
+
+    keras.utils.set_random_seed(seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    precision = resolve_precision(cfg.precision)
+    keras.mixed_precision.set_global_policy(precision)
+
+    jit = str(cfg.jit_compile).lower()
+    # XLA fuses the small ops around each matmul; it is known-good on CPU and GPU here.
+    jit_compile = jit == "true" or (jit == "auto" and not cfg.deterministic)
+
+    if cfg.distribute == "mirrored":
+        devices = None
+        if not gpus and cfg.logical_devices > 1:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif cfg.distribute == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    if cfg.distribute != "default":
+        jit_compile = jit == "true"  # XLA across replicas only when asked for explicitly
+    device = f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"
+    return Runtime(precision=precision, jit_compile=jit_compile, device=device,
+                   strategy=strategy, replicas=strategy.num_replicas_in_sync,
+                   deterministic=cfg.deterministic)
+
+
+# --- input pipeline ------------------------------------------------------------------------
+
+def dataset(split: Split, *, batch_size: int, shuffle: bool = False, seed: int = 0,
+            augment: bool = False) -> tf.data.Dataset:
+    """Batches of (uint8 images, one-hot float32 labels) straight from the arrays."""
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    if shuffle:
+        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment:
+        ds = ds.map(_augmenter(seed), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), NUM_CLASSES)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _augmenter(seed: int) -> Callable:
+    """Small random shifts, rotations and zooms; images stay uint8."""
+    pipeline = keras.Sequential([
+        keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
+        keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed + 1),
+        keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+    ], name="augment")
+
+    def apply(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x = tf.cast(images, tf.float32)[..., None]
+        x = pipeline(x, training=True)[..., 0]
+        return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8), labels
+
+    return apply
+
+
+# --- callbacks -----------------------------------------------------------------------------
+
+def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Learning-rate multiplier for `epoch` (0-based) under `train.lr_schedule`."""
+    sched = cfg.lr_schedule
+    if sched.warmup_epochs and epoch < sched.warmup_epochs:
+        return (epoch + 1) / (sched.warmup_epochs + 1)
+    if sched.name == "cosine":
+        span = max(cfg.epochs - sched.warmup_epochs, 1)
+        progress = (epoch - sched.warmup_epochs) / span
+        return sched.min_factor + (1 - sched.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if sched.name == "step":
+        return sched.factor ** ((epoch - sched.warmup_epochs) // sched.step_epochs)
+    return 1.0
+
+
+class LearningRate(keras.callbacks.Callback):
+    """Sets the epoch's learning rate from the schedule and records it in the logs."""
+
+    def __init__(self, cfg: TrainConfig, base_lr: float) -> None:
+        super().__init__()
+        self.cfg, self.base_lr = cfg, base_lr
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.cfg.lr_schedule.name != "plateau" or epoch < self.cfg.lr_schedule.warmup_epochs:
+            self.model.optimizer.learning_rate.assign(self.base_lr * schedule_factor(self.cfg, epoch))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate))
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first non-finite loss and remembers where it happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+        self.diverged_at: tuple[int, int] | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged_at = (self.epoch, batch)
+            self.model.stop_training = True
+
+
+class EpochReport(keras.callbacks.Callback):
+    """Hands each epoch's logs, plus its wall time (`epoch_time_s`), to a plain hook."""
+
+    def __init__(self, hook: EpochHook) -> None:
+        super().__init__()
+        self.hook = hook
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        logs["epoch_time_s"] = time.perf_counter() - self.started  # also lands in the history
+        if self.hook(epoch, {k: float(v) for k, v in logs.items()}):
+            self.model.stop_training = True
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Saves the model with its optimizer state, then a small JSON saying which epoch."""
+
+    def __init__(self, folder: Path, every: int, meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.folder, self.every, self.meta = folder, every, meta
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if (epoch + 1) % self.every:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / "last.keras", suffix=".keras") as tmp:
+            self.model.save(tmp)
+        write_json(self.folder / "state.json", {**self.meta, "epoch": epoch + 1})
+
+
+@dataclass
+class Resume:
+    model_path: Path
+    epoch: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def find_checkpoint(folder: str | os.PathLike[str], config_digest: str) -> Resume | None:
+    """The last checkpoint of an interrupted run with the same config, if there is one."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("config_digest") != config_digest or not (folder / "last.keras").is_file():
+        return None
+    return Resume(folder / "last.keras", int(meta["epoch"]), meta)
+
+
+# --- fit -----------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    model: keras.Model
+    history: dict[str, list[float]]
+    epochs_run: int
+    initial_epoch: int
+
+
+def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig,
+        runtime: Runtime, train: Split, val: Split, *, steps_per_execution: int,
+        on_epoch_end: EpochHook | None = None, checkpoint_dir: Path | None = None,
+        checkpoint_meta: dict[str, Any] | None = None, resume: Resume | None = None,
+        extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Result:
+    """Build, compile and train the configured model; raise `TrainingError` on divergence."""
+    global_batch = cfg.batch_size
+    train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
+                       augment=cfg.augment)
+    val_ds = dataset(val, batch_size=max(global_batch, 1000))
+
+    with runtime.strategy.scope():
+        if resume is not None:
+            # The checkpoint carries the weights and the optimizer's state (moments, step).
+            model = keras.saving.load_model(resume.model_path, safe_mode=True)
+            optimizer, initial_epoch = model.optimizer, resume.epoch
+        else:
+            model = models.build(model_cfg)
+            optimizer, initial_epoch = models.build_optimizer(optimizer_cfg), 0
+        models.compile_model(model, optimizer, cfg.loss, steps_per_execution=steps_per_execution,
+                             jit_compile=runtime.jit_compile)
+
+    nan_guard = StopOnNaN()
+    callbacks: list[keras.callbacks.Callback] = [
+        LearningRate(cfg, optimizer_cfg.learning_rate), nan_guard]
+    if cfg.lr_schedule.name == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=cfg.lr_schedule.factor, patience=cfg.lr_schedule.patience))
+    if cfg.early_stopping.enabled:
+        es = cfg.early_stopping
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
+            restore_best_weights=es.restore_best_weights))
+    if checkpoint_dir is not None and cfg.checkpoint.enabled:
+        callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
+                                    dict(checkpoint_meta or {})))
+    callbacks.extend(extra_callbacks or [])
+    if on_epoch_end is not None:
+        callbacks.append(EpochReport(on_epoch_end))
+
+    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
+                        initial_epoch=initial_epoch, callbacks=callbacks, verbose=cfg.verbose,
+                        shuffle=False)  # the dataset shuffles itself, seeded
+    if nan_guard.diverged_at is not None:
+        epoch, batch = nan_guard.diverged_at
+        raise TrainingError(
+            f"loss became NaN/inf at epoch {epoch + 1} (batch {batch + 1}); training stopped. "
+            "Lower optimizer.learning_rate or check the data")
+    values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    return Result(model=model, history=values, epochs_run=len(values.get("loss", [])),
+                  initial_epoch=initial_epoch)
+
+
+def clear_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Forget the checkpoint of a run that completed."""
+    for name in ("state.json", "last.keras"):
+        (Path(folder) / name).unlink(missing_ok=True)
+
+
+def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities (N, 10) float32 for raw uint8 images."""
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def weights_digest(model: keras.Model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()
