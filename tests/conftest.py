@@ -25,3 +25,10 @@ def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         row = 3 + 2 * int(label)
         images[i, row:row + 2, 4:24] = 255
     return images, labels
+
+
+@pytest.fixture(autouse=True)
+def _no_outside_tracking(monkeypatch):
+    """Tests never write to a tracking server or store they did not create."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)

@@ -78,8 +78,12 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
           runtime_cfg: RuntimeConfig, tracking_cfg: TrackingConfig, processed_dir: str,
           checkpoint_dir: str | None = None, run_name: str | None = None,
           parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-          epoch_hook: training.EpochHook | None = None) -> Outcome:
-    """Train the configured model on `processed_dir`'s train/val splits inside an MLflow run."""
+          epoch_hook: training.EpochHook | None = None, log_model: bool = True) -> Outcome:
+    """Train the configured model on `processed_dir`'s train/val splits inside an MLflow run.
+
+    `log_model=False` (sweep trials) skips the model artifact and its summary; the returned
+    `model_uri` is then empty.
+    """
     runtime = training.configure_runtime(runtime_cfg, train_cfg.seed)
     splits = {name: data.load_split(processed_dir, name) for name in ("train", "val", "test")}
     data_sha256 = data.digest(splits)
@@ -93,6 +97,9 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
         if resume is None:
             print(f"train: no checkpoint of this config in {checkpoint_dir}; starting from epoch 1")
 
+    # Keras 3 cannot run several steps per call across replicas (its multi-step loop fails
+    # to feed MirroredStrategy's placeholders), so distributed training steps one at a time.
+    steps_per_execution = runtime_cfg.steps_per_execution if runtime.replicas == 1 else 1
     experiment_id = tracking.connect(tracking_cfg)
     run_tags = {**lineage.git_state(), **lineage.dvc_experiment(),
                 **lineage.dvc_lock_hashes("dvc.lock", [processed_dir]),
@@ -105,6 +112,7 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
             resume_run_id=resume.meta.get("run_id") if resume else None) as run_id:
         if resume is None:
             tracking.log_params({**params, **runtime.describe(),
+                                 "runtime.resolved_steps_per_execution": steps_per_execution,
                                  "tracking.experiment_name": tracking_cfg.experiment_name})
             for name in ("train", "val"):
                 tracking.log_dataset(splits[name].images, splits[name].labels,
@@ -123,20 +131,23 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
         started = time.perf_counter()
         result = training.fit(
             model_cfg, optimizer_cfg, train_cfg, runtime, splits["train"], splits["val"],
-            steps_per_execution=runtime_cfg.steps_per_execution, on_epoch_end=on_epoch_end,
+            steps_per_execution=steps_per_execution, on_epoch_end=on_epoch_end,
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
             checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume)
         wall = time.perf_counter() - started
         metrics = final_metrics(result, wall)
         tracking.log_metrics(metrics)
         model = models.as_float32(result.model, model_cfg)
-        tracking.log_text(models.summary(model), "model_summary.txt")
+        if log_model:
+            tracking.log_text(models.summary(model), "model_summary.txt")
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / "training_curves.png"
             curves.plot_history_png(png, result.history, title=run_name or "")
             tracking.log_artifact(png)
-        model_uri = tracking.log_keras_model(model, tags={"data.sha256": data_sha256})
-        tracking.set_tags({"model_uri": model_uri})
+        model_uri = ""
+        if log_model:
+            model_uri = tracking.log_keras_model(model, tags={"data.sha256": data_sha256})
+            tracking.set_tags({"model_uri": model_uri})
 
     if checkpoint_dir:
         training.clear_checkpoint(checkpoint_dir)

@@ -316,12 +316,13 @@ def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
             restore_best_weights=es.restore_best_weights))
-    if checkpoint_dir is not None and cfg.checkpoint.enabled:
-        callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
-                                    dict(checkpoint_meta or {})))
     callbacks.extend(extra_callbacks or [])
     if on_epoch_end is not None:
         callbacks.append(EpochReport(on_epoch_end))
+    if checkpoint_dir is not None and cfg.checkpoint.enabled:
+        # After the report: a checkpoint never gets ahead of the epochs the run has logged.
+        callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
+                                    dict(checkpoint_meta or {})))
 
     history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
                         initial_epoch=initial_epoch, callbacks=callbacks, verbose=cfg.verbose,
