@@ -74,7 +74,10 @@ def make(path: Path, *, epochs: int = 2, val_size: int = 100, gate: dict | None 
     fetch["files"] = digests
     _dump(path / "conf/fetch/default.yaml", fetch)
     _update(path / "conf/preprocess/default.yaml", {"val_size": val_size})
-    _update(path / "conf/train/default.yaml", {"epochs": epochs, "verbose": 0, **(train or {})})
+    # Small batches and a brisker learning rate: the synthetic digits are learnt in 2 epochs.
+    _update(path / "conf/train/default.yaml",
+            {"epochs": epochs, "verbose": 0, "batch_size": 32, **(train or {})})
+    _update(path / "conf/optimizer/sgd.yaml", {"learning_rate": 0.05})
     _update(path / "conf/gate/default.yaml",
             {"min_accuracy": 0.5, "min_class_recall": 0.0, **(gate or {})})
     params.write(path / "conf", path / "params.yaml")
