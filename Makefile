@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-offline system-deps lock params ui serve predict bench clean-store
+.PHONY: setup repro test test-offline system-deps lock params ui serve predict sweep bench
 
 setup: $(STAMP)
 
@@ -29,10 +29,10 @@ repro: setup
 	dvc repro
 
 test: setup system-deps
-	pytest -n 2 --dist loadgroup
+	pytest -n 2 --dist loadfile
 
 test-offline: setup
-	pytest -n 2 --dist loadgroup -m "not network"
+	pytest -n 2 --dist loadfile -m "not network"
 
 # Regenerate the lock after editing requirements.in.
 lock:
@@ -42,3 +42,21 @@ lock:
 # Recompose params.yaml from conf/ exactly as `dvc exp run` does.
 params: setup
 	python -m mnist_pipeline.params
+
+# The MLflow UI on this repository's tracking store: make ui [ARGS="--port 5050"]
+ui: setup
+	python -m mnist_pipeline.ui $(ARGS)
+
+# The champion over REST on 127.0.0.1:5001: make serve [ARGS="--model-uri models:/mnist-classifier/3"]
+serve: setup
+	python -m mnist_pipeline.serving $(ARGS)
+
+# The champion's digit for each picture: make predict ARGS="three.png photo.jpg"
+predict: setup
+	mnist-predict $(ARGS)
+
+# Bayesian search over conf/sweep/$(SPACE).yaml; writes conf/experiment/<sweep.name>.yaml.
+#   make sweep SPACE=cnn ARGS="sweep.n_trials=30"
+SPACE ?= mlp
+sweep: setup
+	python pipelines/sweep.py +sweep=$(SPACE) $(ARGS)

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ bann
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from mnist_pipeline import config, promotion, tracking  # noqa: E402
+from mnist_pipeline import config  # noqa: E402
 from mnist_pipeline.errors import PipelineError, reported  # noqa: E402
 
 
@@ -20,10 +20,12 @@ from mnist_pipeline.errors import PipelineError, reported  # noqa: E402
 def main(cfg: DictConfig) -> None:
     with reported("evaluate"):
         paths = config.section(cfg, "paths")
-        gate_cfg = config.section(cfg, "gate")
+        eval_cfg, gate_cfg, tracking_cfg = (config.section(cfg, name)
+                                            for name in ("evaluate", "gate", "tracking"))
+        from mnist_pipeline import promotion, tracking  # TensorFlow loads once config is valid
+
         tracking.silence()
-        decision = promotion.evaluate(paths, config.section(cfg, "evaluate"), gate_cfg,
-                                      config.section(cfg, "tracking"))
+        decision = promotion.evaluate(paths, eval_cfg, gate_cfg, tracking_cfg)
         s = decision.scores
         print(f"evaluate: test accuracy {s.accuracy:.4f}, loss {s.loss:.4f}, "
               f"macro F1 {s.macro_f1:.4f} (wrote {paths.eval_metrics}, {paths.gate})")

@@ -14,7 +14,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from mnist_pipeline import config, job, tracking  # noqa: E402
+from mnist_pipeline import config  # noqa: E402
 from mnist_pipeline.errors import reported  # noqa: E402
 
 
@@ -24,6 +24,8 @@ def main(cfg: DictConfig) -> None:
         paths = config.section(cfg, "paths")
         sections = {name: config.section(cfg, name)
                     for name in ("model", "optimizer", "train", "runtime", "tracking")}
+        from mnist_pipeline import job, tracking  # TensorFlow loads only once config is valid
+
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         tracking.silence()

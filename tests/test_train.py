@@ -38,6 +38,8 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
         processed_dir=str(processed), checkpoint_dir=str(tmp_path / "ckpt"))
     run = MlflowClient().get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri()), \
+        "artifacts live beside the store, not under the current directory"
     assert run.data.params["model.hidden_units"] == "[32, 16]"
     assert run.data.params["optimizer.learning_rate"] == "0.01"
     assert run.data.params["train.batch_size"] == "64"

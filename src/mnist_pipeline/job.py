@@ -101,6 +101,8 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
     # to feed MirroredStrategy's placeholders), so distributed training steps one at a time.
     steps_per_execution = runtime_cfg.steps_per_execution if runtime.replicas == 1 else 1
     experiment_id = tracking.connect(tracking_cfg)
+    for run_id in tracking.reap_orphans(experiment_id):
+        print(f"train: run {run_id} had lost its process (killed); marked KILLED")
     run_tags = {**lineage.git_state(), **lineage.dvc_experiment(),
                 **lineage.dvc_lock_hashes("dvc.lock", [processed_dir]),
                 "data.sha256": data_sha256, "data.test_sha256": test_sha256,

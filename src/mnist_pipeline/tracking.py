@@ -13,8 +13,11 @@ import logging
 import math
 import os
 import random
+import socket
+import sqlite3
 import time
 import warnings
+from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -23,7 +26,7 @@ from filelock import FileLock
 
 from . import project
 from .config import TrackingConfig
-from .errors import ModelError
+from .errors import ModelError, PipelineError
 
 T = TypeVar("T")
 
@@ -54,11 +57,15 @@ def is_local_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:///")
 
 
-def artifact_location(cfg: TrackingConfig) -> str | None:
-    """Artifacts of the default local store go to `<repo root>/<artifact_dir>`."""
-    if os.environ.get("MLFLOW_TRACKING_URI") or cfg.uri:
-        return None  # a server or an explicit store decides its own artifact root
-    return (project.root() / cfg.artifact_dir).as_uri()
+def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
+    """Artifacts of a local SQLite store go beside it, in `<store folder>/<artifact_dir>`.
+
+    (MLflow's own default is `./mlruns` under the current directory, which inside a queued
+    DVC experiment is a temporary copy.) A server decides its own artifact root.
+    """
+    if not is_local_sqlite(uri):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / cfg.artifact_dir).as_uri()
 
 
 def lock(name: str, timeout: float = 600) -> FileLock:
@@ -75,17 +82,37 @@ def connect(cfg: TrackingConfig) -> str:
     exists`, so creation is serialised; after that, SQLite handles concurrent writers.
     """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(cfg)
+    artifacts = artifact_location(uri, cfg)
     mlflow.set_tracking_uri(uri)
-    if is_local_sqlite(uri):
-        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
-        with lock("mlflow-store"):
-            return _get_or_create_experiment(cfg)
-    return retry(lambda: _get_or_create_experiment(cfg))
+    try:
+        if is_local_sqlite(uri):
+            os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            with lock("mlflow-store"):
+                experiment_id = _get_or_create_experiment(cfg, artifacts)
+                _use_wal(uri[len("sqlite:///"):])
+            return experiment_id
+        return retry(lambda: _get_or_create_experiment(cfg, artifacts))
+    except (MlflowException, OSError, sqlite3.Error) as err:
+        raise TrackingError(
+            f"tracking store {uri} is not usable: {str(err).splitlines()[0][:300]} "
+            "(check MLFLOW_TRACKING_URI / tracking.uri, and that the server is up)") from None
 
 
-def _get_or_create_experiment(cfg: TrackingConfig) -> str:
+def _use_wal(db_path: str) -> None:
+    """Write-ahead logging: readers (the UI) never block writers, writers queue briefly.
+
+    The mode is stored in the database file, so this runs once per store in effect.
+    """
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as conn:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _get_or_create_experiment(cfg: TrackingConfig, artifacts: str | None) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -93,8 +120,7 @@ def _get_or_create_experiment(cfg: TrackingConfig) -> str:
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return mlflow.create_experiment(cfg.experiment_name,
-                                        artifact_location=artifact_location(cfg))
+        return mlflow.create_experiment(cfg.experiment_name, artifact_location=artifacts)
     except MlflowException:
         # Created by another process between our lookup and create (remote store).
         experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
@@ -121,6 +147,10 @@ def retry(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2) -> T:
 
 # --- runs ----------------------------------------------------------------------------------
 
+class TrackingError(PipelineError):
+    """The tracking store cannot be reached or opened."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM turned into an exception, so the run ends KILLED instead of staying RUNNING."""
 
@@ -133,7 +163,7 @@ def run(experiment_id: str, *, run_name: str | None = None, tags: Mapping[str, s
 
     active = retry(lambda: mlflow.start_run(
         run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
-        run_name=None if resume_run_id else run_name, tags=dict(tags or {}),
+        run_name=None if resume_run_id else run_name, tags={**(tags or {}), **owner_tags()},
         parent_run_id=parent_run_id, nested=parent_run_id is not None))
     run_id = active.info.run_id
     try:
@@ -146,6 +176,45 @@ def run(experiment_id: str, *, run_name: str | None = None, tags: Mapping[str, s
         raise
     else:
         retry(lambda: mlflow.end_run("FINISHED"))
+
+
+def owner_tags() -> dict[str, str]:
+    """Which process owns a run, so a run whose process was SIGKILLed can be reaped."""
+    return {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
+
+
+def reap_orphans(experiment_id: str) -> list[str]:
+    """End as KILLED the RUNNING runs of this host whose process no longer exists.
+
+    SIGKILL (or a power cut) cannot be caught, so such a run would stay RUNNING forever;
+    the next training job on the same host closes it. Returns the run ids it ended.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    host = socket.gethostname()
+    running = retry(lambda: client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+        max_results=1000))
+    reaped = []
+    for stale in running:
+        pid = stale.data.tags.get("process.pid", "")
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        retry(lambda r=stale: client.set_tag(r.info.run_id, "ended_by", "orphan reaper"))
+        retry(lambda r=stale: client.set_terminated(r.info.run_id, "KILLED"))
+        reaped.append(stale.info.run_id)
+    return reaped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def end_run_status(run_id: str) -> str:
@@ -353,3 +422,62 @@ def silence() -> None:
     for name in ("mlflow", "alembic", "mlflow.store", "mlflow.tracking"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
+
+
+# --- sweeps --------------------------------------------------------------------------------
+
+def log_figure(figure: Any, artifact_file: str, run_id: str) -> None:
+    """A matplotlib figure as a PNG artifact of `run_id`."""
+    from mlflow import MlflowClient
+
+    retry(lambda: MlflowClient().log_figure(run_id, figure, artifact_file))
+
+
+def live_run_exists(run_id: str) -> bool:
+    """Whether `run_id` is in the store and not deleted."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = retry(lambda: MlflowClient().get_run(run_id))
+    except MlflowException as err:
+        if getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return run.info.lifecycle_stage != "deleted"
+
+
+def child_runs(parent_run_id: str) -> list[Any]:
+    """Every run nested under `parent_run_id` (tag `mlflow.parentRunId`), all pages."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = retry(lambda: client.get_run(parent_run_id)).info.experiment_id
+    runs: list[Any] = []
+    token: str | None = None
+    while True:
+        page = retry(lambda: client.search_runs(
+            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+            max_results=1000, page_token=token))
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def end_run(run_id: str, status: str) -> None:
+    """Set the status of a run whose own process can no longer end it (a killed worker's)."""
+    from mlflow import MlflowClient
+
+    retry(lambda: MlflowClient().set_terminated(run_id, status))
+
+
+# --- serving and UI ---
+
+def use_store(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store to read from it (creates nothing); return the store's URI."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    return uri
