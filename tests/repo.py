@@ -56,7 +56,7 @@ def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[st
 
 
 def make(path: Path, *, epochs: int = 2, val_size: int = 100, gate: dict | None = None,
-         train: dict | None = None, commit: bool = True) -> Path:
+         train: dict | None = None, commit: bool = True, n_train: int = 600) -> Path:
     """A git + DVC repository at `path` whose pipeline runs on synthetic data."""
     path.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
@@ -66,7 +66,7 @@ def make(path: Path, *, epochs: int = 2, val_size: int = 100, gate: dict | None 
                             ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(source, path / name)
-    digests = write_mirror(path.parent / f"{path.name}-mirror")
+    digests = write_mirror(path.parent / f"{path.name}-mirror", n_train=n_train)
     fetch = yaml.safe_load((path / "conf/fetch/default.yaml").read_text())
     fetch["mirrors"] = [{"name": "local", "kind": "http",
                          "url": (path.parent / f"{path.name}-mirror").as_uri() + "/",
