@@ -4,7 +4,6 @@ modules' tests.)"""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys

@@ -12,7 +12,7 @@ import pytest
 
 import tiny_store
 from conftest import synthetic_digits
-from mnist_pipeline import data, serving, tracking
+from mnist_pipeline import serving, tracking
 
 pytestmark = pytest.mark.xdist_group("serving")
 
@@ -83,9 +83,7 @@ def test_serving_before_the_first_champion_says_what_to_do(tmp_path, monkeypatch
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tiny_store.Store:
-    splits = {name: data.Split(*synthetic_digits(n, seed))
-              for name, n, seed in (("train", 300, 1), ("val", 100, 2), ("test", 100, 3))}
-    return tiny_store.build(tmp_path_factory.mktemp("serving-repo"), splits)
+    return tiny_store.build(tmp_path_factory.mktemp("serving-repo"), tiny_store.synthetic_splits())
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 import tiny_store
-from conftest import synthetic_digits
-from mnist_pipeline import data, serving, ui
+from mnist_pipeline import serving, ui
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -84,9 +83,7 @@ def test_a_remote_tracking_server_is_not_wrapped(monkeypatch):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tiny_store.Store:
-    splits = {name: data.Split(*synthetic_digits(n, seed))
-              for name, n, seed in (("train", 300, 1), ("val", 100, 2), ("test", 100, 3))}
-    return tiny_store.build(tmp_path_factory.mktemp("ui-repo"), splits)
+    return tiny_store.build(tmp_path_factory.mktemp("ui-repo"), tiny_store.synthetic_splits())
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,14 @@ def section(key: str, /, **values: Any) -> Any:
     return config.section({key: values}, key)
 
 
+def synthetic_splits() -> dict[str, data.Split]:
+    """300 / 100 / 100 synthetic digits: enough for a tiny model to be champion."""
+    from conftest import synthetic_digits
+
+    return {name: data.Split(*synthetic_digits(n, seed))
+            for name, n, seed in (("train", 300, 1), ("val", 100, 2), ("test", 100, 3))}
+
+
 def build(root: Path, splits: dict[str, data.Split], *, epochs: int = 3,
           hidden_units: tuple[int, ...] = (32,), learning_rate: float = 0.01,
           run_name: str = "tiny-mlp") -> Store:

@@ -37,6 +37,11 @@ def _non_negative(key: str, value: float) -> None:
         raise ConfigError(key, value, "a finite number >= 0")
 
 
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(key, value, f"an integer >= {low}")
+
+
 def _fraction(key: str, value: float, *, closed: bool = True) -> None:
     ok = 0 <= value <= 1 if closed else 0 <= value < 1
     if not ok:
@@ -181,11 +186,9 @@ class CNNConfig:
         if len(self.filters) > 3:
             raise ConfigError("model.filters", self.filters,
                               "at most 3 blocks (each halves the 28x28 image)")
-        if self.convs_per_block < 1:
-            raise ConfigError("model.convs_per_block", self.convs_per_block, "an integer >= 1")
+        _at_least("model.convs_per_block", self.convs_per_block, 1)
         _one_of("model.kernel_size", self.kernel_size, (3, 5))  # type: ignore[arg-type]
-        if self.dense_units < 1:
-            raise ConfigError("model.dense_units", self.dense_units, "an integer >= 1")
+        _at_least("model.dense_units", self.dense_units, 1)
         _fraction("model.dropout", self.dropout, closed=False)
         _one_of("model.activation", self.activation, ACTIVATIONS)
 
@@ -202,8 +205,7 @@ class RNNConfig:
 
     def __post_init__(self) -> None:
         _one_of("model.cell", self.cell, ("lstm", "gru", "simple"))
-        if self.units < 1:
-            raise ConfigError("model.units", self.units, "an integer >= 1")
+        _at_least("model.units", self.units, 1)
         _fraction("model.dropout", self.dropout, closed=False)
 
 
@@ -276,8 +278,7 @@ class EarlyStoppingConfig:
     def __post_init__(self) -> None:
         _one_of("train.early_stopping.monitor", self.monitor,
                 ("val_loss", "val_accuracy", "loss", "accuracy"))
-        if self.patience < 1:
-            raise ConfigError("train.early_stopping.patience", self.patience, "an integer >= 1")
+        _at_least("train.early_stopping.patience", self.patience, 1)
         _non_negative("train.early_stopping.min_delta", self.min_delta)
 
 
@@ -295,17 +296,12 @@ class LRScheduleConfig:
 
     def __post_init__(self) -> None:
         _one_of("train.lr_schedule.name", self.name, ("constant", "cosine", "step", "plateau"))
-        if self.warmup_epochs < 0:
-            raise ConfigError("train.lr_schedule.warmup_epochs", self.warmup_epochs,
-                              "an integer >= 0")
+        _at_least("train.lr_schedule.warmup_epochs", self.warmup_epochs, 0)
         _fraction("train.lr_schedule.min_factor", self.min_factor)
         if not 0 < self.factor < 1:
             raise ConfigError("train.lr_schedule.factor", self.factor, "a number in (0, 1)")
-        if self.step_epochs < 1:
-            raise ConfigError("train.lr_schedule.step_epochs", self.step_epochs,
-                              "an integer >= 1")
-        if self.patience < 1:
-            raise ConfigError("train.lr_schedule.patience", self.patience, "an integer >= 1")
+        _at_least("train.lr_schedule.step_epochs", self.step_epochs, 1)
+        _at_least("train.lr_schedule.patience", self.patience, 1)
 
 
 @dataclass
@@ -317,9 +313,7 @@ class CheckpointConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.every_epochs < 1:
-            raise ConfigError("train.checkpoint.every_epochs", self.every_epochs,
-                              "an integer >= 1")
+        _at_least("train.checkpoint.every_epochs", self.every_epochs, 1)
 
 
 @dataclass
@@ -341,8 +335,7 @@ class TrainConfig:
             raise ConfigError("train.batch_size", self.batch_size, "an integer in [1, 65536]")
         if not 1 <= self.epochs <= 10000:
             raise ConfigError("train.epochs", self.epochs, "an integer in [1, 10000]")
-        if self.seed < 0:
-            raise ConfigError("train.seed", self.seed, "an integer >= 0")
+        _at_least("train.seed", self.seed, 0)
         _one_of("train.loss", self.loss, ("categorical_crossentropy", "mean_squared_error"))
         _one_of("train.verbose", self.verbose, (0, 1, 2))  # type: ignore[arg-type]
 
@@ -356,7 +349,7 @@ class RuntimeConfig:
     precision: str = "auto"
     # Batches per compiled call: amortises Keras' per-step overhead on small models.
     steps_per_execution: int = 32
-    # XLA compilation of the train step: auto = on where it is known to help (CPU, GPU).
+    # XLA compilation of the train step: auto = on GPUs, where it helps (slower on CPUs).
     jit_compile: str = "auto"
     # Bitwise-reproducible kernels (slower); runs with the same seed give equal weights.
     deterministic: bool = False
@@ -377,8 +370,7 @@ class RuntimeConfig:
         _one_of("runtime.jit_compile", str(self.jit_compile).lower(), ("auto", "true", "false"))
         _one_of("runtime.distribute", self.distribute, ("default", "mirrored", "multi_worker"))
         for key in ("logical_devices", "intra_op_threads", "inter_op_threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"runtime.{key}", getattr(self, key), "an integer >= 0")
+            _at_least(f"runtime.{key}", getattr(self, key), 0)
 
 
 # --- tracking ------------------------------------------------------------------------------
@@ -411,8 +403,7 @@ class EvaluateConfig:
     misclassified_grid: int = 36
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError("evaluate.batch_size", self.batch_size, "an integer >= 1")
+        _at_least("evaluate.batch_size", self.batch_size, 1)
         if not 1 <= self.misclassified_grid <= 400:
             raise ConfigError("evaluate.misclassified_grid", self.misclassified_grid,
                               "an integer in [1, 400]")
@@ -574,11 +565,8 @@ class SweepSamplerConfig:
 
     def __post_init__(self) -> None:
         _one_of("sweep.sampler.name", self.name, ("tpe", "random"))
-        if self.seed < 0:
-            raise ConfigError("sweep.sampler.seed", self.seed, "an integer >= 0")
-        if self.n_startup_trials < 0:
-            raise ConfigError("sweep.sampler.n_startup_trials", self.n_startup_trials,
-                              "an integer >= 0")
+        _at_least("sweep.sampler.seed", self.seed, 0)
+        _at_least("sweep.sampler.n_startup_trials", self.n_startup_trials, 0)
 
 
 @dataclass
@@ -603,14 +591,10 @@ class SweepPrunerConfig:
         _one_of("sweep.pruner.name", self.name,
                 ("median", "successive_halving", "threshold", "none"))
         for key in ("n_startup_trials", "n_warmup_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"sweep.pruner.{key}", getattr(self, key), "an integer >= 0")
+            _at_least(f"sweep.pruner.{key}", getattr(self, key), 0)
         for key in ("interval_steps", "min_resource"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"sweep.pruner.{key}", getattr(self, key), "an integer >= 1")
-        if self.reduction_factor < 2:
-            raise ConfigError("sweep.pruner.reduction_factor", self.reduction_factor,
-                              "an integer >= 2")
+            _at_least(f"sweep.pruner.{key}", getattr(self, key), 1)
+        _at_least("sweep.pruner.reduction_factor", self.reduction_factor, 2)
         if self.name == "threshold" and (self.threshold is None
                                          or not math.isfinite(self.threshold)):
             raise ConfigError("sweep.pruner.threshold", self.threshold,
@@ -657,8 +641,7 @@ class SweepConfig:
         if self.storage is not None and "://" not in self.storage:
             raise ConfigError("sweep.storage", self.storage,
                               "null or a database URL such as sqlite:///sweeps/optuna.db")
-        if self.heartbeat_s < 1:
-            raise ConfigError("sweep.heartbeat_s", self.heartbeat_s, "an integer >= 1")
+        _at_least("sweep.heartbeat_s", self.heartbeat_s, 1)
         if self.grace_s <= self.heartbeat_s:
             raise ConfigError("sweep.grace_s", self.grace_s,
                               f"an integer > sweep.heartbeat_s ({self.heartbeat_s})")
