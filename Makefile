@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
-	$(VENV)/bin/uv pip sync --quiet --python $(VENV)/bin/python --require-hashes requirements.lock
+	$(VENV)/bin/uv pip sync --quiet --compile-bytecode --python $(VENV)/bin/python --require-hashes requirements.lock
 	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python --no-deps -e .
 	touch $@
 
@@ -60,3 +60,8 @@ predict: setup
 SPACE ?= mlp
 sweep: setup
 	python pipelines/sweep.py +sweep=$(SPACE) $(ARGS)
+
+# Train speed of the train stage vs the tutorial script, and a cold `dvc repro` (~5 min).
+# A quick look: make bench ARGS="--epochs 2 --skip-repro"
+bench: setup
+	python benchmarks/train_speed.py $(ARGS)

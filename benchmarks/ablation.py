@@ -1,0 +1,150 @@
+"""What each way of running the tutorial MLP contributes to its speed, one change at a time.
+
+Every variant trains the same model (784-512-256-10, SGD 0.01, batch 128, categorical
+cross-entropy) on the same processed arrays; only *how* it runs changes. All variants live
+in one process and take turns, one epoch each per round, so a burst of load from other
+processes hits them alike; the first round (tracing, compilation) is left out.
+
+    python benchmarks/ablation.py --rounds 5
+    python benchmarks/ablation.py --rounds 5 --intra-op-threads 2 --inter-op-threads 1
+
+Prints, per variant: median wall seconds per epoch, the process CPU seconds per epoch (less
+sensitive to other processes' load than wall time) and the training loss after the last
+round (the maths is unchanged, so losses agree up to bfloat16 rounding and shuffle order).
+Thread counts apply to a whole process, so compare them across separate runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    precision: str = "float32"       # float32 | mixed (bfloat16/float16 where supported)
+    steps_per_execution: int = 1
+    jit_compile: bool = False
+    pipeline: str = "legacy"         # legacy | legacy-fixed | gather
+
+
+def ablation_steps() -> list[Variant]:
+    """Cumulative steps from plain Keras to the stage's defaults, then alternatives."""
+    base = Variant("plain Keras: float32, 1 step/call, per-image shuffle + autotune")
+    bf16 = replace(base, label="+ mixed precision (bfloat16 compute, float32 weights)",
+                   precision="mixed")
+    spe = replace(bf16, label="+ steps_per_execution 32", steps_per_execution=32)
+    fixed = replace(spe, label="+ tf.data autotuner off, fixed prefetch", pipeline="legacy-fixed")
+    gather = replace(fixed, label="+ per-epoch permutation, one gather per batch (= stage)",
+                     pipeline="gather")
+    return [
+        base, bf16, spe, fixed, gather,
+        replace(gather, label="  alt: + XLA jit_compile (previous default)", jit_compile=True),
+        replace(gather, label="  alt: steps_per_execution 1", steps_per_execution=1),
+        replace(gather, label="  alt: steps_per_execution 512 (1 call/epoch)",
+                steps_per_execution=512),
+        replace(gather, label="  alt: float32", precision="float32"),
+        replace(gather, label="  alt: float32 + XLA", precision="float32", jit_compile=True),
+        replace(spe, label="  alt: previous stage (bf16, spe 32, XLA, per-image shuffle)",
+                jit_compile=True),
+    ]
+
+
+def legacy_dataset(split, batch_size: int, shuffle: bool, seed: int, autotune: bool):
+    """The stage's previous input pipeline: per-image slices, shuffle buffer, one-hot map."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+    if shuffle:
+        ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), 10)),
+                num_parallel_calls=tf.data.AUTOTUNE if autotune else 1)
+    if autotune:
+        return ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.prefetch(2).with_options(options)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processed", default=str(ROOT / "data/processed"))
+    parser.add_argument("--rounds", type=int, default=5, help="timed epochs per variant")
+    parser.add_argument("--only", type=int, nargs="*", help="variant numbers to run (1-based)")
+    parser.add_argument("--intra-op-threads", type=int, default=0)
+    parser.add_argument("--inter-op-threads", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import keras
+
+    from mnist_pipeline import data, models, training
+    from mnist_pipeline.config import MLPConfig, RuntimeConfig, SGDConfig
+
+    # The stage's runtime set-up (threads, allocators); each variant then sets its own
+    # precision and XLA.
+    training.configure_runtime(RuntimeConfig(intra_op_threads=args.intra_op_threads,
+                                             inter_op_threads=args.inter_op_threads), seed=42)
+    mixed = training.resolve_precision("auto")
+    train = data.load_split(args.processed, "train")
+    val = data.load_split(args.processed, "val")
+
+    variants = ablation_steps()
+    chosen = [(i, v) for i, v in enumerate(variants, 1) if not args.only or i in args.only]
+    runs = []
+    for number, variant in chosen:
+        keras.utils.set_random_seed(42)
+        keras.mixed_precision.set_global_policy(mixed if variant.precision == "mixed"
+                                                else variant.precision)
+        if variant.pipeline == "gather":
+            train_ds = training.dataset(train, batch_size=128, shuffle=True, seed=42)
+            val_ds = training.dataset(val, batch_size=1000)
+        else:
+            autotune = variant.pipeline == "legacy"
+            train_ds = legacy_dataset(train, 128, True, 42, autotune)
+            val_ds = legacy_dataset(val, 1000, False, 42, autotune)
+        model = models.build(MLPConfig())
+        models.compile_model(model, models.build_optimizer(SGDConfig()),
+                             "categorical_crossentropy",
+                             steps_per_execution=variant.steps_per_execution,
+                             jit_compile=variant.jit_compile)
+        runs.append((number, variant, model, train_ds, val_ds, []))
+    keras.mixed_precision.set_global_policy("float32")
+
+    for epoch in range(args.rounds + 1):
+        for number, variant, model, train_ds, val_ds, times in runs:
+            wall, cpu = time.perf_counter(), time.process_time()
+            history = model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch,
+                                epochs=epoch + 1, verbose=0)
+            times.append((time.perf_counter() - wall, time.process_time() - cpu,
+                          history.history["loss"][-1]))
+        print(f"round {epoch + 1}/{args.rounds + 1} done", file=sys.stderr, flush=True)
+
+    print(f"ablation: {len(train)} training images/epoch + {len(val)} validated, batch 128; "
+          f"mixed precision here = {mixed}; threads intra {args.intra_op_threads or 'auto'}, "
+          f"inter {args.inter_op_threads or 'auto'}; {args.rounds} timed epochs each "
+          f"(first left out); load average {os.getloadavg()[0]:.1f}")
+    baseline = None
+    print(f"{'#':>2} {'variant':64s} {'s/epoch':>8s} {'min':>6s} {'cpu s':>6s} "
+          f"{'speed-up':>8s} {'loss':>8s}")
+    for number, variant, _, _, _, times in runs:
+        walls = [t[0] for t in times[1:]]
+        cpus = [t[1] for t in times[1:]]
+        median = statistics.median(walls)
+        baseline = baseline or median
+        print(f"{number:>2} {variant.label:64s} {median:8.3f} {min(walls):6.3f} "
+              f"{statistics.median(cpus):6.3f} {baseline / median:7.2f}x {times[-1][2]:8.5f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,633 @@
+"""Train speed and pipeline wall time: the train stage against the tutorial script.
+
+    python benchmarks/train_speed.py --epochs 20 --repeats 1        # the full comparison
+    python benchmarks/train_speed.py --epochs 2 --skip-repro        # a quick look (~1 min)
+
+In one run, on the same data, it measures (see benchmarks/README.md):
+
+1. the tutorial script (benchmarks/tutorial_mlp.py) in its own process, unchanged: a
+   bootstrap replaces `keras.datasets.mnist.load_data` with a reader of an mnist.npz built
+   from data/raw (nothing is downloaded) and wraps `keras.Model.fit`/`evaluate` to time
+   each epoch with a callback and keep the test score;
+2. the train stage, `python pipelines/train.py` with the default (tutorial) config, in its
+   own process, writing into a temporary folder and a temporary MLflow store; its epoch
+   times come from the store, its test accuracy from its saved model.
+
+Tutorial and stage alternate (`--repeats`), so load from other processes hits both alike;
+the ratios are the result. Peak RSS is each process's own (`os.wait4`). A probe process then
+measures a large fp32 and bf16 matmul on the same device to put the achieved training
+FLOP/s in proportion. Unless `--skip-repro`, it also times a cold `dvc repro` of the whole
+pipeline in a throwaway copy of the repository with a fresh tracking store: once with the
+raw files already fetched (fetch excluded) and, unless `--skip-fetch`, once from scratch
+(the fetch stage downloads from its mirrors). Numbers are printed, never asserted.
+
+This process imports no TensorFlow: everything measured runs in child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TUTORIAL = ROOT / "benchmarks" / "tutorial_mlp.py"
+STAGE = ROOT / "pipelines" / "train.py"
+VENV_BIN = Path(sys.executable).parent
+# The tutorial MLP and the stage's default model: 784 -> 512 -> 256 -> 10.
+LAYERS = (784, 512, 256, 10)
+TUTORIAL_VALIDATION_SPLIT = 0.2  # as in benchmarks/tutorial_mlp.py
+RAW_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+# What a throwaway copy of the repository needs for `dvc repro`.
+REPO_FILES = ("conf", "pipelines", "src", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
+
+
+# --- arguments -----------------------------------------------------------------------------
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train speed of the train stage vs the tutorial script, and the wall time "
+                    "of a cold `dvc repro`.")
+    parser.add_argument("--epochs", type=int, default=20,
+                        help="epochs for both the tutorial and the stage (default 20)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="tutorial/stage pairs, alternating (default 1)")
+    parser.add_argument("--skip-repro", action="store_true",
+                        help="skip the cold `dvc repro` measurements")
+    parser.add_argument("--skip-fetch", action="store_true",
+                        help="skip the `dvc repro` that fetches the raw files from scratch")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="learnable synthetic digits instead of data/ (smoke tests)")
+    parser.add_argument("--raw", type=Path, default=ROOT / "data" / "raw",
+                        help="folder of the four MNIST IDX files")
+    parser.add_argument("--processed", type=Path, default=ROOT / "data" / "processed",
+                        help="folder of the train/val/test .npz splits the stage reads")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--timeout", type=float, default=1800,
+                        help="seconds allowed to each measured process (default 1800)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.epochs <= 1000:
+        parser.error(f"--epochs: got {args.epochs}, expected an integer in [1, 1000]")
+    if not 1 <= args.repeats <= 20:
+        parser.error(f"--repeats: got {args.repeats}, expected an integer in [1, 20]")
+    if args.synthetic:
+        args.skip_repro = True  # the pipeline runs on the real files only
+    return args
+
+
+# --- arithmetic and formatting (pure; tested) -----------------------------------------------
+
+def mlp_flops_per_sample(layers: Sequence[int] = LAYERS) -> tuple[int, int]:
+    """(forward, training) multiply-add FLOPs per sample of a dense stack, biases ignored.
+
+    Training = forward + weight gradients + input gradients of every layer but the first
+    (nothing needs the gradient of the images).
+    """
+    products = [a * b for a, b in zip(layers[:-1], layers[1:])]
+    forward = 2 * sum(products)
+    return forward, forward + 2 * sum(products) + 2 * sum(products[1:])
+
+
+def epoch_flops(train_samples: int, val_samples: int, layers: Sequence[int] = LAYERS) -> int:
+    forward, training = mlp_flops_per_sample(layers)
+    return train_samples * training + val_samples * forward
+
+
+def steady_epoch_time(times: Sequence[float]) -> float:
+    """Median seconds per epoch over the epochs after the first (which traces/compiles)."""
+    if not times:
+        return float("nan")
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    if not denominator or denominator != denominator or numerator != numerator:
+        return float("nan")
+    return numerator / denominator
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Left-aligned first column, right-aligned others."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = []
+    for row in [header, *rows]:
+        cells = [str(row[0]).ljust(widths[0])]
+        cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def stage_times(output: str) -> tuple[float, dict[str, float]]:
+    """Per-stage seconds from `dvc repro` output lines prefixed by `<seconds> ` timestamps.
+
+    A stage runs from its "Running stage 'x':" line to the next stage's line or the end of
+    the output (so it includes DVC hashing its outputs and updating dvc.lock). Returns the
+    seconds before the first stage starts and `{stage: seconds}`.
+    """
+    marks: list[tuple[float, str]] = []
+    last = 0.0
+    for line in output.splitlines():
+        match = re.match(r"^\s*(\d+\.\d+) (.*)$", line)
+        if not match:
+            continue
+        stamp, text = float(match.group(1)), match.group(2)
+        last = stamp
+        started = re.match(r"Running stage '([^']+)'", text)
+        if started:
+            marks.append((stamp, started.group(1)))
+    times = {name: (marks[i + 1][0] if i + 1 < len(marks) else last) - stamp
+             for i, (stamp, name) in enumerate(marks)}
+    return (marks[0][0] if marks else last), times
+
+
+# --- processes -----------------------------------------------------------------------------
+
+@dataclass
+class Finished:
+    command: list[str]
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    cpu_s: float
+    output: str
+
+    def check(self, what: str) -> Finished:
+        if self.returncode != 0:
+            raise SystemExit(f"train_speed: {what} failed (exit {self.returncode}):\n"
+                             f"{self.output[-4000:]}")
+        return self
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The venv first on PATH, no outside tracking store or DVC experiment settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_measured(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float,
+                 stamp_lines: bool = False) -> Finished:
+    """Run `command` to completion; its wall time, own peak RSS and CPU seconds.
+
+    `os.wait4` returns the rusage of this one child (and the grandchildren it waited for),
+    unlike `RUSAGE_CHILDREN`, whose peak RSS is the largest of every child ever waited for.
+    With `stamp_lines`, each output line is prefixed with the seconds since the start.
+    """
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+    timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    timer.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(f"{time.perf_counter() - start:8.2f} {line}" if stamp_lines else line)
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Finished(command=command, returncode=proc.returncode, wall_s=wall,
+                    peak_rss_mb=usage.ru_maxrss / 1024, cpu_s=usage.ru_utime + usage.ru_stime,
+                    output="".join(lines))
+
+
+# --- data ----------------------------------------------------------------------------------
+
+def synthetic_arrays(n_train: int = 60000, n_test: int = 10000) -> dict[str, Any]:
+    """Learnable digits in MNIST's shapes: a bright bar at a class-specific row."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        rng.shuffle(labels)
+        images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+        rows = 3 + 2 * labels.astype(np.int64)
+        for offset in (0, 1):
+            images[np.arange(n), rows + offset, 4:24] = 255
+        out[f"x_{name}"], out[f"y_{name}"] = images, labels
+    return out
+
+
+def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """An mnist.npz for the tutorial and the processed splits for the stage, same images."""
+    import numpy as np
+
+    from mnist_pipeline import data, idx
+
+    npz = work / "keras_home" / "datasets" / "mnist.npz"
+    npz.parent.mkdir(parents=True)
+    if args.synthetic:
+        arrays = synthetic_arrays()
+        processed = work / "processed"
+        train_idx, val_idx = data.stratified_split(arrays["y_train"], 5000, seed=42)
+        splits = {"train": (arrays["x_train"][train_idx], arrays["y_train"][train_idx]),
+                  "val": (arrays["x_train"][val_idx], arrays["y_train"][val_idx]),
+                  "test": (arrays["x_test"], arrays["y_test"])}
+        for name, (images, labels) in splits.items():
+            data.save_split(processed, name, data.Split(images, labels))
+    else:
+        arrays = {key: (idx.read_images if key.startswith("x") else idx.read_labels)(
+            args.raw / name) for key, name in RAW_FILES.items()}
+        processed = args.processed
+    np.savez(npz, **arrays)  # the layout of Keras' own mnist.npz
+    return npz, processed
+
+
+def split_sizes(processed: Path) -> dict[str, int]:
+    import numpy as np
+
+    sizes = {}
+    for name in ("train", "val", "test"):
+        with np.load(processed / f"{name}.npz") as npz:
+            sizes[name] = int(npz["labels"].shape[0])
+    return sizes
+
+
+# --- the tutorial --------------------------------------------------------------------------
+
+def tutorial_child(script: Path, npz: Path, report: Path) -> None:
+    """Run the tutorial script unchanged, with local data and an epoch timer (child mode)."""
+    import atexit
+    import runpy
+
+    import keras
+    import numpy as np
+
+    record: dict[str, Any] = {"epoch_time_s": [], "epoch_cpu_s": [], "fit": []}
+
+    def load_data(path: str = "mnist.npz") -> tuple:
+        """Keras' loader, reading the benchmark's mnist.npz instead of downloading."""
+        with np.load(npz, allow_pickle=False) as f:
+            return (f["x_train"], f["y_train"]), (f["x_test"], f["y_test"])
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            record["epoch_time_s"].append(time.perf_counter() - self.wall)
+            record["epoch_cpu_s"].append(time.process_time() - self.cpu)
+
+    original_fit, original_evaluate = keras.Model.fit, keras.Model.evaluate
+    fitting: list[bool] = []
+
+    def fit(self: keras.Model, *args: Any, **kwargs: Any) -> Any:
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochTimer()]
+        x = args[0] if args else kwargs.get("x")
+        record["fit"].append({"samples": int(getattr(x, "shape", [0])[0]),
+                              "validation_split": float(kwargs.get("validation_split", 0.0))})
+        fitting.append(True)
+        try:
+            return original_fit(self, *args, **kwargs)
+        finally:
+            fitting.pop()
+
+    def evaluate(self: keras.Model, *args: Any, **kwargs: Any) -> Any:
+        score = original_evaluate(self, *args, **kwargs)
+        if not fitting:  # fit() validates through evaluate(); keep the script's own call
+            record["test_loss"], record["test_accuracy"] = (float(v) for v in score[:2])
+        return score
+
+    def write() -> None:
+        report.write_text(json.dumps(record))
+
+    keras.datasets.mnist.load_data = load_data
+    keras.Model.fit, keras.Model.evaluate = fit, evaluate
+    atexit.register(write)
+    sys.argv = [str(script)]
+    runpy.run_path(str(script), run_name="__main__")
+
+
+@dataclass
+class Measured:
+    """One training process: the tutorial script or the train stage."""
+
+    name: str
+    epoch_times: list[float]
+    train_samples: int
+    val_samples: int
+    test_accuracy: float
+    process: Finished
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def s_per_epoch(self) -> float:
+        return steady_epoch_time(self.epoch_times)
+
+    @property
+    def samples_per_s(self) -> float:
+        return ratio(self.train_samples, self.s_per_epoch)
+
+    @property
+    def flops_per_s(self) -> float:
+        return ratio(epoch_flops(self.train_samples, self.val_samples), self.s_per_epoch)
+
+
+def run_tutorial(npz: Path, work: Path, epochs: int, timeout: float) -> Measured:
+    script = TUTORIAL
+    if epochs != 20:  # the published script fixes 20 epochs; a copy with fewer for quick runs
+        script = work / "tutorial_mlp.py"
+        text = TUTORIAL.read_text(encoding="utf-8")
+        script.write_text(text.replace("NB_EPOCH = 20", f"NB_EPOCH = {epochs}"), encoding="utf-8")
+    report = work / "tutorial.json"
+    report.unlink(missing_ok=True)
+    keras_home = npz.parent.parent
+    done = run_measured(
+        [sys.executable, str(Path(__file__).resolve()), "--tutorial-child", str(script),
+         str(npz), str(report)],
+        cwd=work, env=child_env(KERAS_HOME=str(keras_home)),
+        timeout=timeout).check("the tutorial script")
+    record = json.loads(report.read_text())
+    fitted = record["fit"][0]
+    train = round(fitted["samples"] * (1 - fitted["validation_split"]))
+    return Measured("tutorial script", record["epoch_time_s"], train,
+                    fitted["samples"] - train, record.get("test_accuracy", float("nan")), done,
+                    {"epoch_cpu_s": record["epoch_cpu_s"]})
+
+
+# --- the train stage -----------------------------------------------------------------------
+
+def run_stage(processed: Path, sizes: dict[str, int], work: Path, run: int, epochs: int,
+              timeout: float) -> Measured:
+    folder = work / f"stage{run}"
+    folder.mkdir()
+    store = folder / "mlflow.db"
+    overrides = [f"paths.processed={processed.resolve()}", f"paths.model={folder}/model.keras",
+                 f"paths.run={folder}/run.json", f"paths.train_metrics={folder}/train.json",
+                 f"paths.train_history={folder}/history.csv",
+                 f"paths.checkpoints={folder}/checkpoints", f"train.epochs={epochs}"]
+    # cwd is the temporary folder: MLflow's default artifact root (./mlruns) lands there.
+    done = run_measured([sys.executable, str(STAGE), *overrides], cwd=folder,
+                        env=child_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}"),
+                        timeout=timeout).check("the train stage")
+    with sqlite3.connect(store) as db:
+        times = [v for _, v in db.execute(
+            "select step, value from metrics where key = 'epoch_time_s' order by step")]
+        params = dict(db.execute("select key, value from params where key like 'runtime.%'"))
+    return Measured("train stage", times, sizes["train"], sizes["val"], float("nan"), done,
+                    {"model": folder / "model.keras", "params": params})
+
+
+# --- the probe: device, matmul peaks, the stage model's test accuracy ------------------------
+
+def probe_child(report: Path, processed: Path, models_json: str) -> None:
+    """Device name, large fp32/bf16 matmul FLOP/s, and test accuracy of saved models."""
+    import numpy as np
+    import tensorflow as tf
+
+    from mnist_pipeline import data, models, training
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
+    else:
+        device = f"CPU: {cpu_model()} ({os.cpu_count()} cores)"
+    n = 8192 if gpus else 4096
+    peaks = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        a = tf.cast(tf.random.uniform((n, n)), dtype)
+        b = tf.cast(tf.random.uniform((n, n)), dtype)
+        matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1],
+                                                                 tf.float32)))
+        float(matmul(a, b))  # trace and warm up
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            float(matmul(a, b))
+            best = min(best, time.perf_counter() - start)
+        peaks[dtype.name] = 2 * n ** 3 / best
+    test = data.load_split(processed, "test")
+    accuracy = {}
+    for path in json.loads(models_json):
+        probabilities = training.predict(models.load(path), test.images)
+        accuracy[path] = float(np.mean(probabilities.argmax(1) == test.labels))
+    report.write_text(json.dumps({"device": device, "matmul_flops": peaks, "matmul_n": n,
+                                  "test_accuracy": accuracy}))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_probe(work: Path, processed: Path, model_paths: list[Path], timeout: float) -> dict:
+    report = work / "probe.json"
+    run_measured([sys.executable, str(Path(__file__).resolve()), "--probe-child", str(report),
+                  str(processed.resolve()), json.dumps([str(p) for p in model_paths])],
+                 cwd=work, env=child_env(), timeout=timeout).check("the probe")
+    return json.loads(report.read_text())
+
+
+# --- cold `dvc repro` ----------------------------------------------------------------------
+
+def make_repo(path: Path, raw: Path | None) -> None:
+    """A git + DVC copy of the project; with `raw`, the fetch stage is already done."""
+    path.mkdir(parents=True)
+    for name in REPO_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, path / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, path / name)
+    env = child_env(GIT_AUTHOR_NAME="bench", GIT_COMMITTER_NAME="bench",
+                    GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_EMAIL="bench@localhost")
+    commands = [["git", "init", "-q"], ["dvc", "init", "-q"],
+                ["dvc", "config", "core.analytics", "false"],
+                ["dvc", "config", "hydra.enabled", "True"]]
+    if raw is not None:
+        shutil.copytree(raw, path / "data" / "raw")
+        # `dvc repro` deletes a stage's outputs before running it, so "already fetched"
+        # means recorded in dvc.lock, as after an earlier `dvc repro fetch`.
+        commands.append(["dvc", "commit", "--force", "fetch"])
+    commands += [["git", "add", "-A"], ["git", "commit", "-qm", "benchmark copy"]]
+    for command in commands:
+        done = subprocess.run(command, cwd=path, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"train_speed: {' '.join(command)} failed: {done.stderr[-2000:]}")
+
+
+def cold_repro(work: Path, name: str, raw: Path | None, timeout: float) -> dict[str, Any]:
+    repo = work / name
+    make_repo(repo, raw)
+    done = run_measured(["dvc", "repro"], cwd=repo, env=child_env(), timeout=timeout,
+                        stamp_lines=True).check(f"dvc repro ({name})")
+    before, stages = stage_times(done.output)
+    served = re.findall(r"fetch: \d+ files verified in \S+ \((.*)\)", done.output)
+    return {"wall_s": done.wall_s, "dvc_startup_s": before, "stages": stages,
+            "fetch": served[0] if served else None, "peak_rss_mb": done.peak_rss_mb}
+
+
+# --- report --------------------------------------------------------------------------------
+
+def environment_lines() -> list[str]:
+    site = Path(shutil.which("python", path=str(VENV_BIN)) or sys.executable).parent.parent
+    cached = any((site / "lib").glob("python3*/site-packages/tensorflow/__pycache__/*.pyc"))
+    lines = [f"python {platform.python_version()}; bytecode cache of site-packages: "
+             f"{'present' if cached else 'MISSING (every process compiles TF/Keras/MLflow)'}"
+             f"; PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"]
+    return lines
+
+
+def report_training(tutorials: list[Measured], stages: list[Measured], probe: dict) -> tuple[
+        list[str], dict[str, float]]:
+    peaks = probe["matmul_flops"]
+    rows = []
+    for number, pair in enumerate(zip(tutorials, stages), 1):
+        for m in pair:
+            rows.append([f"{m.name} #{number}",
+                         f"{m.s_per_epoch:.3f}", f"{m.epoch_times[0]:.2f}",
+                         f"{m.samples_per_s:,.0f}", f"{m.test_accuracy:.4f}",
+                         f"{m.process.peak_rss_mb:,.0f}", f"{m.process.wall_s:.1f}",
+                         f"{m.flops_per_s / 1e9:.0f}",
+                         f"{m.train_samples}+{m.val_samples}"])
+    lines = [table(rows, ["", "s/epoch", "1st", "samples/s", "test acc", "peak MB", "wall s",
+                          "GFLOP/s", "train+val"])]
+    med = {k: statistics.median(v) for k, v in {
+        "tutorial_s_per_epoch": [m.s_per_epoch for m in tutorials],
+        "stage_s_per_epoch": [m.s_per_epoch for m in stages],
+        "tutorial_samples_per_s": [m.samples_per_s for m in tutorials],
+        "stage_samples_per_s": [m.samples_per_s for m in stages],
+        "tutorial_rss_mb": [m.process.peak_rss_mb for m in tutorials],
+        "stage_rss_mb": [m.process.peak_rss_mb for m in stages],
+        "tutorial_wall_s": [m.process.wall_s for m in tutorials],
+        "stage_wall_s": [m.process.wall_s for m in stages],
+        "tutorial_accuracy": [m.test_accuracy for m in tutorials],
+        "stage_accuracy": [m.test_accuracy for m in stages],
+        "tutorial_flops": [m.flops_per_s for m in tutorials],
+        "stage_flops": [m.flops_per_s for m in stages],
+    }.items()}
+    med["epoch_ratio"] = ratio(med["stage_s_per_epoch"], med["tutorial_s_per_epoch"])
+    med["sample_time_ratio"] = ratio(med["tutorial_samples_per_s"], med["stage_samples_per_s"])
+    med["rss_ratio"] = ratio(med["stage_rss_mb"], med["tutorial_rss_mb"])
+    med["accuracy_points"] = 100 * (med["stage_accuracy"] - med["tutorial_accuracy"])
+    params = stages[-1].extra["params"]
+    lines += [
+        "",
+        f"stage ran {params.get('runtime.resolved_precision')}, XLA "
+        f"{params.get('runtime.resolved_jit_compile')}, on {params.get('runtime.device')}",
+        f"ratios, stage / tutorial (medians of {len(stages)} pair(s)):",
+        f"  time per epoch     {med['epoch_ratio']:.2f}x   (target <= 0.40)",
+        f"  time per sample    {med['sample_time_ratio']:.2f}x   (the stage's epoch has "
+        f"{stages[0].train_samples} images, the tutorial's {tutorials[0].train_samples})",
+        f"  peak RSS           {med['rss_ratio']:.2f}x   (target <= 0.75)",
+        f"  test accuracy      {med['accuracy_points']:+.2f} points   (target within +-0.3)",
+        f"  process wall time  {ratio(med['stage_wall_s'], med['tutorial_wall_s']):.2f}x",
+        f"matmul peak here ({probe['matmul_n']}^3): fp32 {peaks['float32'] / 1e9:,.0f} GFLOP/s, "
+        f"bf16 {peaks['bfloat16'] / 1e9:,.0f} GFLOP/s",
+        f"training achieves: tutorial {med['tutorial_flops'] / 1e9:.0f} GFLOP/s = "
+        f"{med['tutorial_flops'] / peaks['float32']:.0%} of the fp32 peak; stage "
+        f"{med['stage_flops'] / 1e9:.0f} GFLOP/s = {med['stage_flops'] / peaks['float32']:.0%} "
+        f"of the fp32 peak, {med['stage_flops'] / peaks['bfloat16']:.0%} of the bf16 peak",
+        f"  (FLOPs/epoch = train images x {mlp_flops_per_sample()[1]:,} + validation images x "
+        f"{mlp_flops_per_sample()[0]:,}: forward, weight and input gradients, biases ignored)",
+    ]
+    return lines, med
+
+
+def report_repro(name: str, result: dict[str, Any], tutorial_wall: float) -> list[str]:
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stages"].items())
+    line = (f"{name}: {result['wall_s']:.1f} s = {ratio(result['wall_s'], tutorial_wall):.2f}x "
+            f"the tutorial script's {tutorial_wall:.1f} s (dvc start-up "
+            f"{result['dvc_startup_s']:.1f} s; stages, s: {stages})")
+    if result.get("fetch"):
+        line += f"; fetch served: {result['fetch']}"
+    return [line]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--tutorial-child"]:
+        tutorial_child(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+        return
+    if argv[:1] == ["--probe-child"]:
+        probe_child(Path(argv[1]), Path(argv[2]), argv[3])
+        return
+    args = parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="train-speed-"))
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    try:
+        print(f"train_speed: {args.epochs} epochs, {args.repeats} repeat(s), "
+              f"{'synthetic data' if args.synthetic else 'data/'}; load average "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start", flush=True)
+        npz, processed = prepare_data(args, work)
+        sizes = split_sizes(processed)
+        tutorials: list[Measured] = []
+        stages: list[Measured] = []
+        for run in range(args.repeats):
+            order = ("tutorial", "stage") if run % 2 == 0 else ("stage", "tutorial")
+            for which in order:
+                print(f"  run {run + 1}: {which} ...", flush=True)
+                if which == "tutorial":
+                    tutorials.append(run_tutorial(npz, work, args.epochs, args.timeout))
+                else:
+                    stages.append(run_stage(processed, sizes, work, run, args.epochs,
+                                            args.timeout))
+        probe = run_probe(work, processed, [m.extra["model"] for m in stages], args.timeout)
+        for m in stages:
+            m.test_accuracy = probe["test_accuracy"][str(m.extra["model"])]
+        lines, med = report_training(tutorials, stages, probe)
+        results.update(device=probe["device"], matmul_flops=probe["matmul_flops"], **med)
+        results["runs"] = [{"name": m.name, "epoch_time_s": m.epoch_times,
+                            "wall_s": m.process.wall_s, "peak_rss_mb": m.process.peak_rss_mb,
+                            "test_accuracy": m.test_accuracy, "train_samples": m.train_samples}
+                           for pair in zip(tutorials, stages) for m in pair]
+        print()
+        print(f"device: {probe['device']}; {environment_lines()[0]}")
+        print("\n".join(lines))
+        if not args.skip_repro:
+            tutorial_wall = med["tutorial_wall_s"]
+            print("\ncold dvc repro of the whole pipeline (fresh repo copy and tracking store):",
+                  flush=True)
+            warm = cold_repro(work, "repro-fetched", args.raw, args.timeout)
+            results["repro_fetch_excluded"] = warm
+            print("\n".join(report_repro("  raw files already fetched", warm, tutorial_wall)),
+                  flush=True)
+            if not args.skip_fetch:
+                scratch = cold_repro(work, "repro-scratch", None, args.timeout)
+                results["repro_from_scratch"] = scratch
+                print("\n".join(report_repro("  fetch from scratch", scratch, tutorial_wall)))
+        print(f"\nload average {os.getloadavg()[0]:.1f} at the end "
+              "(other processes' load inflates wall times; compare the ratios)")
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2, default=str))
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
