@@ -6,9 +6,10 @@ stage succeeds and records it in gate.json) unless `gate.fail_on_reject` is set.
 """
 
 import gc
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+from mnist_pipeline import startup
+
+startup.prepare()  # before TensorFlow loads
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

@@ -11,11 +11,12 @@ study (`sweep.n_trials` is its total); run it on several machines with one share
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+from mnist_pipeline import startup
+
+startup.prepare()  # before TensorFlow loads
 
 from mnist_pipeline import sweep  # noqa: E402
 from mnist_pipeline.errors import reported  # noqa: E402

@@ -5,9 +5,9 @@ it takes Hydra overrides (`python pipelines/train.py model=cnn optimizer=adam`) 
 multirun (`-m`); multirun jobs only log to MLflow and never touch the DVC outputs.
 """
 
-import os
+from mnist_pipeline import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ banner quiet
+startup.prepare()  # before TensorFlow loads
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402

@@ -50,7 +50,7 @@ from optuna.distributions import (BaseDistribution, CategoricalDistribution, Flo
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
-from . import config, params, project, tracking
+from . import config, params, project, startup, tracking
 from .config import SweepConfig, SweepPrunerConfig, SweepSamplerConfig
 from .errors import ConfigError, DataError, PipelineError, TrainingError
 from .files import write_text
@@ -388,6 +388,7 @@ def work(plan: Plan) -> None:
     signal.signal(signal.SIGTERM, _raise_interrupted)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own line
     tracking.silence()
+    startup.prepare()
     from . import job  # TensorFlow: imported by worker processes only
 
     cfg = plan.sweep
