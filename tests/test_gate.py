@@ -102,6 +102,10 @@ def test_worse_model_fails_beats_champion():
     beat = rule(verdict, "beats_champion")
     assert beat.value == pytest.approx(-0.01) and beat.threshold == 0.0
     assert "champion v2" in beat.detail
+    # 10 images broken, none fixed: significantly different, but not in the candidate's favour
+    sig = rule(verdict, "significant")
+    assert not sig.passed and sig.value == pytest.approx(2 * 0.5 ** 10)
+    assert "in the champion's favour" in sig.detail
 
 
 def test_tie_never_replaces_champion():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 
 import numpy as np
@@ -38,6 +39,7 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
         processed_dir=str(processed), checkpoint_dir=str(tmp_path / "ckpt"))
     run = MlflowClient().get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
+    assert re.fullmatch(r"mlp-sgd-\d{8}-\d{6}", run.info.run_name), run.info.run_name
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri()), \
         "artifacts live beside the store, not under the current directory"
     assert run.data.params["model.hidden_units"] == "[32, 16]"
@@ -205,3 +207,4 @@ def test_dvc_exp_run_set_values_reach_the_model(prepared_repo):
     assert run.data.params["optimizer.learning_rate"] == "0.05"
     assert run.data.params["train.epochs"] == "1"
     assert run.data.tags.get("dvc.experiment"), "the DVC experiment name is recorded"
+    assert run.info.run_name == run.data.tags["dvc.experiment"], "runs are named as in dvc exp show"

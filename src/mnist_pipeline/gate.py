@@ -250,12 +250,15 @@ def _significant(candidate: Candidate, champion: Champion, cfg: GateConfig,
     if mismatch:
         return Rule("significant", False, None, cfg.alpha, mismatch)
     gains, losses, p = mcnemar_exact(candidate.correct, champion.correct)
-    ok = p < cfg.alpha
+    # Significant *in the candidate's favour*: a clearly worse model differs significantly
+    # too, and must not read as passing this rule.
+    ok = p < cfg.alpha and gains > losses
     counts = (f"{gains} images only the candidate gets right, {losses} only champion "
               f"{_label(champion.version)} does")
-    sign = "<" if ok else ">="
+    sign = "<" if p < cfg.alpha else ">="
+    favour = "" if ok or p >= cfg.alpha else ", in the champion's favour"
     return Rule("significant", ok, p, cfg.alpha,
-                f"McNemar exact p={_fmt_p(p)} {sign} alpha {cfg.alpha:g} ({counts})")
+                f"McNemar exact p={_fmt_p(p)} {sign} alpha {cfg.alpha:g}{favour} ({counts})")
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -107,6 +107,11 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
                 **lineage.dvc_lock_hashes("dvc.lock", [processed_dir]),
                 "data.sha256": data_sha256, "data.test_sha256": test_sha256,
                 "config.digest": digest, **(tags or {})}
+    if run_name is None:
+        # Not MLflow's generated name: it comes from Python's `random`, which the seeded
+        # runtime has just reset, so every run with the same seed would get the same one.
+        run_name = run_tags.get("dvc.experiment") or (
+            f"{model_cfg.name}-{optimizer_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     stopped_by_hook = False
 
     with interruptible(), tracking.run(
