@@ -14,7 +14,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,20 +58,38 @@ def config_digest(params: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[None]:
-    """SIGTERM raises `tracking.Interrupted` (like Ctrl-C) so runs end KILLED, not RUNNING."""
+def interruptible() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM raise `tracking.Interrupted`, so runs end KILLED, not RUNNING.
+
+    Yields `raise_pending`, which raises again for a signal already received. A signal can
+    land while Python runs a finaliser (TensorFlow tears down each epoch's input iterator in
+    one, at the epoch boundary); an exception raised there is printed and dropped and
+    training would go on, so training calls `raise_pending` after every group of steps.
+    SIGINT is left alone where it is ignored (sweep workers, `nohup`).
+    """
+    received: list[int] = []
+
+    def raise_pending() -> None:
+        if received:
+            raise tracking.Interrupted(f"received signal {received[0]}")
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield raise_pending
         return
 
     def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
         raise tracking.Interrupted(f"received signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in handled}
     try:
-        yield
+        yield raise_pending
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
@@ -114,7 +132,7 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
             f"{model_cfg.name}-{optimizer_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     stopped_by_hook = False
 
-    with interruptible(), tracking.run(
+    with interruptible() as raise_pending, tracking.run(
             experiment_id, run_name=run_name, tags=run_tags, parent_run_id=parent_run_id,
             resume_run_id=resume.meta.get("run_id") if resume else None) as run_id:
         if resume is None:
@@ -140,7 +158,8 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
             model_cfg, optimizer_cfg, train_cfg, runtime, splits["train"], splits["val"],
             steps_per_execution=steps_per_execution, on_epoch_end=on_epoch_end,
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-            checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume)
+            checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume,
+            extra_callbacks=[training.Calls(raise_pending)])
         wall = time.perf_counter() - started
         metrics = final_metrics(result, wall)
         tracking.log_metrics(metrics)

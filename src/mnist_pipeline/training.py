@@ -281,6 +281,27 @@ class StopOnNaN(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class Calls(keras.callbacks.Callback):
+    """Calls `check` after every group of steps and at each epoch's edges; it stops training
+    by raising (e.g. for a signal whose exception was dropped in a finaliser)."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        super().__init__()
+        self.check = check
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.check()
+
+
 class EpochReport(keras.callbacks.Callback):
     """Hands each epoch's logs, plus its wall time (`epoch_time_s`), to a plain hook."""
 
