@@ -102,8 +102,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600,
 
 
 def start(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen:
-    return subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """Start `cmd` in its own session with SIGINT at its default, as a terminal would, even
+    when the tests run in the background of a non-interactive shell: such a shell starts
+    them with SIGINT ignored, and every child would inherit that."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def python(script: str, *args: str) -> list[str]:
