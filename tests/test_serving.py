@@ -89,13 +89,9 @@ def store(tmp_path_factory) -> tiny_store.Store:
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
     """`models:/mnist-classifier@champion` served as `make serve` serves it."""
-    port = tiny_store.free_port()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DVC_ROOT", str(store.root))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        command = serving.model_server_command(serving.tracking_config(store.root), port=port)
     log = tmp_path_factory.mktemp("serving-log") / "server.log"
-    with tiny_store.running(command, log):
+    with tiny_store.server(store, lambda cfg, port: serving.model_server_command(cfg, port=port),
+                           log) as (_, port):
         yield port
 
 

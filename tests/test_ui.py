@@ -89,14 +89,10 @@ def store(tmp_path_factory) -> tiny_store.Store:
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
     """The UI server started through `ui`, as `make ui` starts it."""
-    port = tiny_store.free_port()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("DVC_ROOT", str(store.root))
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        command = ui.server_command(serving.tracking_config(store.root), port=port)
-        log = tmp_path_factory.mktemp("ui-log") / "server.log"
-        with tiny_store.running(command, log):
-            yield command.url, port
+    log = tmp_path_factory.mktemp("ui-log") / "server.log"
+    with tiny_store.server(store, lambda cfg, port: ui.server_command(cfg, port=port),
+                           log) as (command, port):
+        yield command.url, port
 
 
 def get(port: int, path: str, host: str) -> tuple[int, bytes]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,6 +111,20 @@ def running(command: ServerCommand, log_path: Path, timeout_s: float = 300) -> I
             yield elapsed
         finally:
             serving.stop(process)
+
+
+@contextlib.contextmanager
+def server(store: Store, command_for: Callable[[config.TrackingConfig, int], ServerCommand],
+            log_path: Path) -> Iterator[tuple[ServerCommand, int]]:
+    """The server `command_for(tracking config, free port)` builds for `store`'s repository,
+    run as `make ui` / `make serve` run it there; yields the command and its port."""
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DVC_ROOT", str(store.root))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        command = command_for(serving.tracking_config(store.root), port)
+        with running(command, log_path):
+            yield command, port
 
 
 def free_port() -> int:

@@ -43,6 +43,7 @@ DEFAULT_WORKERS = 1
 REQUEST_TIMEOUT_S = 60
 READY_TIMEOUT_S = 300       # loading TensorFlow and the model takes ~30 s on 2 busy cores
 PARAMS_FILE = "params.yaml"
+WILDCARDS = ("0.0.0.0", "::", "[::]")  # bind addresses meaning "every interface"
 
 
 class ServerError(PipelineError):
@@ -125,7 +126,7 @@ def authority(host: str, port: int) -> str:
 
 def url_for(host: str, port: int) -> str:
     """The URL a local client uses: a wildcard bind is reached through loopback."""
-    if host in ("0.0.0.0", "::", "[::]"):
+    if host in WILDCARDS:
         host = "127.0.0.1"
     return f"http://{authority(host, port)}"
 
@@ -134,7 +135,8 @@ def require_store(tracking_cfg: TrackingConfig) -> str:
     """The store's URI; for the default SQLite store, fail if the pipeline has not made it yet
     (opening a missing SQLite store would create an empty one)."""
     uri = tracking.tracking_uri(tracking_cfg)
-    if tracking.is_local_sqlite(uri) and not Path(uri[len("sqlite:///"):]).is_file():
+    database = tracking.sqlite_file(uri)
+    if database is not None and not database.is_file():
         raise ServerError(f"no tracking store at {uri}: run the pipeline first (dvc repro)")
     return uri
 

@@ -272,11 +272,11 @@ def open_study(cfg: SweepConfig, *, sampler: optuna.samplers.BaseSampler | None 
     url = storage_url(cfg)
     engine_kwargs: dict[str, Any] = {}
     lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if url.startswith("sqlite:///"):
+    database = tracking.sqlite_file(url)
+    if database is not None:
         # Writers wait for each other instead of failing with "database is locked"; two
         # processes creating a new database at once are serialised by a lock beside it.
         engine_kwargs = {"connect_args": {"timeout": 60}}
-        database = Path(url.removeprefix("sqlite:///"))
         database.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(database) + ".lock", timeout=600)
     with lock, warnings.catch_warnings():

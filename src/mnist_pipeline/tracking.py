@@ -17,8 +17,8 @@ import socket
 import sqlite3
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -53,8 +53,9 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{project.root() / 'mlflow.db'}"
 
 
-def is_local_sqlite(uri: str) -> bool:
-    return uri.startswith("sqlite:///")
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local `sqlite:///` URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
 def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
@@ -63,9 +64,10 @@ def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
     (MLflow's own default is `./mlruns` under the current directory, which inside a queued
     DVC experiment is a temporary copy.) A server decides its own artifact root.
     """
-    if not is_local_sqlite(uri):
+    database = sqlite_file(uri)
+    if database is None:
         return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / cfg.artifact_dir).as_uri()
+    return (database.resolve().parent / cfg.artifact_dir).as_uri()
 
 
 def lock(name: str, timeout: float = 600) -> FileLock:
@@ -81,19 +83,18 @@ def connect(cfg: TrackingConfig) -> str:
     Two processes creating a brand-new SQLite store at once crash on `table already
     exists`, so creation is serialised; after that, SQLite handles concurrent writers.
     """
-    import mlflow
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri(cfg)
+    uri = use_store(cfg)
     artifacts = artifact_location(uri, cfg)
-    mlflow.set_tracking_uri(uri)
+    database = sqlite_file(uri)
     try:
-        if is_local_sqlite(uri):
+        if database is not None:
             os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+            database.parent.mkdir(parents=True, exist_ok=True)
             with lock("mlflow-store"):
                 experiment_id = _get_or_create_experiment(cfg, artifacts)
-                _use_wal(uri[len("sqlite:///"):])
+                _use_wal(database)
             return experiment_id
         return retry(lambda: _get_or_create_experiment(cfg, artifacts))
     except (MlflowException, OSError, sqlite3.Error) as err:
@@ -102,7 +103,7 @@ def connect(cfg: TrackingConfig) -> str:
             "(check MLFLOW_TRACKING_URI / tracking.uri, and that the server is up)") from None
 
 
-def _use_wal(db_path: str) -> None:
+def _use_wal(db_path: Path) -> None:
     """Write-ahead logging: readers (the UI) never block writers, writers queue briefly.
 
     The mode is stored in the database file, so this runs once per store in effect.
@@ -202,7 +203,7 @@ def reap_orphans(experiment_id: str) -> list[str]:
         if not pid.isdigit() or _alive(int(pid)):
             continue
         retry(lambda r=stale: client.set_tag(r.info.run_id, "ended_by", "orphan reaper"))
-        retry(lambda r=stale: client.set_terminated(r.info.run_id, "KILLED"))
+        end_run(stale.info.run_id, "KILLED")
         reaped.append(stale.info.run_id)
     return reaped
 

@@ -16,13 +16,12 @@ import sys
 from . import project, tracking
 from .config import TrackingConfig
 from .errors import reported
-from .serving import (DEFAULT_WORKERS, ServerCommand, ServerError, authority, check_address,
-                      run_foreground, server_path, tracking_config, url_for)
+from .serving import (DEFAULT_WORKERS, WILDCARDS, ServerCommand, ServerError, authority,
+                      check_address, run_foreground, server_path, tracking_config, url_for)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
-WILDCARDS = ("0.0.0.0", "::", "[::]")
 REMOTE_STORES = ("http://", "https://", "databricks")
 
 
