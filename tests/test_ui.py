@@ -51,6 +51,8 @@ def test_tracking_uri_override_is_the_store_served(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'team.db'}")
     argv = ui.server_command(tiny_store.section("tracking")).argv
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'team.db'}"
+    # runs logged through the UI server keep their artifacts where the pipeline puts them
+    assert argv[argv.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
 
 
 def test_binding_beyond_loopback_is_explicit_and_warned():

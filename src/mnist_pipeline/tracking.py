@@ -58,16 +58,20 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
+def artifact_dir(uri: str, cfg: TrackingConfig) -> Path | None:
     """Artifacts of a local SQLite store go beside it, in `<store folder>/<artifact_dir>`.
 
     (MLflow's own default is `./mlruns` under the current directory, which inside a queued
-    DVC experiment is a temporary copy.) A server decides its own artifact root.
+    DVC experiment is a temporary copy.) A server decides its own artifact root: None.
     """
     database = sqlite_file(uri)
-    if database is None:
-        return None
-    return (database.resolve().parent / cfg.artifact_dir).as_uri()
+    return None if database is None else database.resolve().parent / cfg.artifact_dir
+
+
+def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
+    """`artifact_dir` as the URI an experiment records."""
+    folder = artifact_dir(uri, cfg)
+    return None if folder is None else folder.as_uri()
 
 
 def lock(name: str, timeout: float = 600) -> FileLock:

@@ -2,10 +2,11 @@
 
 `server_command` builds the exact `mlflow server` command line from the tracking config
 and the project root: the store the pipeline writes (`mlflow.db` at the root, or
-`MLFLOW_TRACKING_URI` / `tracking.uri`), artifacts proxied to `<root>/<artifact_dir>`,
-one uvicorn worker, bound to 127.0.0.1, and an explicit Host-header allow-list (MLflow's
-DNS-rebinding protection), so a request naming any other host gets 403. `python -m
-mnist_pipeline.ui` (`make ui`) runs it and prints the URL once it answers.
+`MLFLOW_TRACKING_URI` / `tracking.uri`), artifacts proxied to the folder the pipeline
+writes them to (`<artifact_dir>` beside a SQLite store), one uvicorn worker, bound to
+127.0.0.1, and an explicit Host-header allow-list (MLflow's DNS-rebinding protection), so a
+request naming any other host gets 403. `python -m mnist_pipeline.ui` (`make ui`) runs it
+and prints the URL once it answers.
 """
 
 from __future__ import annotations
@@ -54,7 +55,10 @@ def server_command(tracking_cfg: TrackingConfig, *, host: str = DEFAULT_HOST,
         warnings.append(f"only Host headers {', '.join(hosts)} are accepted; add the names "
                         "remote clients use with --allowed-hosts")
     origins = [f"http://{name}" for name in hosts if "*" not in name]
-    artifacts = project.root() / tracking_cfg.artifact_dir
+    # Where the pipeline puts the artifacts of this store (beside a SQLite file); for
+    # another database, `<repository root>/<artifact_dir>`.
+    artifacts = (tracking.artifact_dir(store, tracking_cfg)
+                 or project.root() / tracking_cfg.artifact_dir)
     argv = [sys.executable, "-m", "mlflow", "server",
             "--backend-store-uri", store,
             # Runs logged through this server (MLFLOW_TRACKING_URI=<url>) store artifacts
