@@ -82,4 +82,5 @@ def test_one_epoch_on_synthetic_data_reports_both_sides():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "tutorial script #1" in out and "train stage #1" in out
+    assert "stage, tutorial's split #1" in out and "48000+12000" in out
     assert "time per epoch" in out and "peak RSS" in out and "device:" in out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import struct
+import zipfile
 
 import numpy as np
 import pytest
@@ -99,6 +101,40 @@ def test_corrupt_processed_split_is_reported(tmp_path):
     (tmp_path / "val.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="val.npz: not a valid processed split"):
         data.load_split(tmp_path, "val")
+
+
+def test_loaded_arrays_start_on_a_64_byte_boundary(tmp_path):
+    # training.resident shares such arrays with TensorFlow instead of copying them.
+    images, labels = synthetic_digits(33)
+    data.save_split(tmp_path, "train", data.Split(images, labels))
+    loaded = data.load_split(tmp_path, "train")
+    for array in (loaded.images, loaded.labels):
+        assert array.ctypes.data % data.ALIGNMENT == 0
+        assert array.flags.c_contiguous and array.flags.writeable
+    np.testing.assert_array_equal(loaded.images, images)
+    np.testing.assert_array_equal(loaded.labels, labels)
+
+
+def test_truncated_split_is_reported(tmp_path):
+    images, labels = synthetic_digits(30)
+    with zipfile.ZipFile(tmp_path / "train.npz", "w") as archive:
+        buffer = io.BytesIO()
+        np.save(buffer, images)
+        archive.writestr("images.npy", buffer.getvalue()[:-100])  # 100 bytes short
+        buffer = io.BytesIO()
+        np.save(buffer, labels)
+        archive.writestr("labels.npy", buffer.getvalue())
+    with pytest.raises(DataError, match=r"train.npz: not a valid processed split \(images: truncated"):
+        data.load_split(tmp_path, "train")
+
+
+def test_pickled_arrays_are_refused_without_unpickling(tmp_path):
+    with zipfile.ZipFile(tmp_path / "train.npz", "w") as archive:
+        buffer = io.BytesIO()
+        np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+        archive.writestr("images.npy", buffer.getvalue())
+    with pytest.raises(DataError, match="images: expected a C-ordered array of numbers, got object"):
+        data.load_split(tmp_path, "train")
 
 
 def test_report_counts_stats_and_hashes():

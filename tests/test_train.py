@@ -129,7 +129,7 @@ def test_signal_ends_the_run_killed(prepared_repo, sig):
     assert code != 0, f"the stage ignored {sig.name}; its stderr ends:\n{err[-3000:]}"
     client = MlflowClient(tracking_uri=repo.store(prepared_repo))
     runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    assert [r.info.status for r in runs] == ["KILLED"]
+    assert [r.info.status for r in runs] == ["KILLED"], f"stderr ends:\n{err[-3000:]}"
     assert not (prepared_repo / "models/model.keras").exists()
 
 

@@ -347,7 +347,8 @@ class RuntimeConfig:
     # auto: bfloat16 compute where the CPU (AVX-512 BF16 / AMX) or GPU supports it,
     # float32 elsewhere. Variables always stay float32.
     precision: str = "auto"
-    # Batches per compiled call: amortises Keras' per-step overhead on small models.
+    # Training steps per compiled call; callbacks' batch hooks (signal checks, NaN stop)
+    # run between calls.
     steps_per_execution: int = 32
     # XLA compilation of the train step: auto = on GPUs, where it helps (slower on CPUs).
     jit_compile: str = "auto"

@@ -1,13 +1,16 @@
-"""How a Keras model is trained: runtime set-up, the input pipeline, callbacks and `fit`.
+"""How a Keras model is trained: runtime set-up, the training loop, callbacks and `fit`.
 
 `configure_runtime` must run before TensorFlow builds anything (it sets the precision
 policy, threads, determinism and logical devices). `fit` builds, compiles and trains the
-model under the configured `tf.distribute` strategy and reports each epoch to a plain
-Python hook, so this module knows nothing about MLflow.
+model and reports each epoch to a plain Python hook, so this module knows nothing about
+MLflow. On one device it trains with `EpochLoop`: Keras' own train step (forward pass,
+compiled loss, loss scaling, optimizer) and Keras callbacks, with none of the per-step
+machinery of `Model.fit` around it. Across replicas it uses `Model.fit` under the
+configured `tf.distribute` strategy.
 
 How it runs fast without changing the maths: bfloat16 compute with float32 weights where
-the hardware has it, many steps per compiled call, XLA on GPUs only, and an input pipeline
-that does no per-image work (see `dataset`). benchmarks/ measures each of these.
+the hardware has it, many steps per compiled call, batches gathered inside the graph from
+the arrays' own memory, XLA on GPUs only. benchmarks/ measures each of these.
 """
 
 from __future__ import annotations
@@ -355,6 +358,161 @@ def find_checkpoint(folder: str | os.PathLike[str], config_digest: str) -> Resum
     return Resume(folder / "last.keras", int(meta["epoch"]), meta)
 
 
+# --- the training loop ---------------------------------------------------------------------
+
+def resident(array: np.ndarray) -> tf.Tensor:
+    """The array as a tensor on the device that trains, without a second copy in host memory.
+
+    On a CPU a 64-byte-aligned array (as `data.load_split` allocates them) is shared through
+    DLPack; TensorFlow would otherwise copy it (+43 MB for the training images, held for the
+    whole run). Unaligned arrays are copied; on a GPU the tensor lives in device memory.
+    """
+    if tf.config.list_logical_devices("GPU"):
+        with tf.device("/GPU:0"):
+            return tf.identity(tf.convert_to_tensor(array))
+    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % 64 == 0:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    return tf.convert_to_tensor(array)
+
+
+class EpochLoop:
+    """Trains a compiled model epoch by epoch, driving the same Keras callbacks as `fit`.
+
+    Each call of one compiled function runs `steps_per_call` training steps in a graph loop:
+    the batch is gathered in-graph from the arrays held as tensors (a seeded permutation per
+    epoch, as `dataset` does, with no tf.data pipeline or Python call per batch), then the
+    same forward pass, loss (`model.compute_loss`), loss scaling and optimizer update as
+    Keras' `train_step`. Loss and accuracy are summed in the loop rather than kept in metric
+    objects. Between calls it runs the callbacks' batch hooks (signal checks, NaN stop); at
+    each epoch's end it validates in one call and runs the epoch hooks, so `History`,
+    learning-rate schedules, early stopping, checkpoints and reports see the same logs
+    (`loss`, `accuracy`, `val_loss`, `val_accuracy`) as under `fit`. A non-finite loss stops
+    the loop at that step; the epoch is then neither validated nor reported.
+
+    Single-replica only: across replicas `fit` drives the `tf.distribute` strategy.
+    """
+
+    def __init__(self, model: keras.Model, train: Split, val: Split, *, batch_size: int,
+                 shuffle: bool, seed: int, augment: bool, steps_per_call: int,
+                 jit_compile: bool) -> None:
+        if len(train) == 0 or len(val) == 0:
+            raise ValueError("training loop: got an empty train or validation split, "
+                             "expected at least one image in each")
+        self.model, self.batch_size, self.shuffle, self.seed = model, batch_size, shuffle, seed
+        self.steps = math.ceil(len(train) / batch_size)
+        self.steps_per_call = max(1, min(steps_per_call, self.steps))
+        self.val_batch = max(batch_size, 1000)
+        self.train_x, self.train_y = resident(train.images), resident(train.labels)
+        self.val_x, self.val_y = resident(val.images), resident(val.labels)
+        self.augment = _augmenter(seed) if augment else None
+        optimizer = model.optimizer
+        if not optimizer.built:  # variables must exist before tracing
+            optimizer.build(model.trainable_variables)
+        # As in Keras: one step compiled with XLA where asked, the loop around it not.
+        self._step = tf.function(self._train_step, jit_compile=jit_compile)
+        self._train = tf.function(self._train_steps)
+        self._validate = tf.function(self._validation)
+
+    def order(self, epoch: int) -> tf.Tensor:
+        """The epoch's permutation of the training images: fixed by (seed, epoch)."""
+        n = int(self.train_y.shape[0])
+        if not self.shuffle:
+            return tf.range(n)
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(n), seed=tf.constant([self.seed, epoch], tf.int64))
+
+    def _train_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        model = self.model
+        with tf.GradientTape() as tape:
+            predicted = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=predicted, training=True)
+            scaled = model.optimizer.scale_loss(loss)
+        weights = model.trainable_variables
+        model.optimizer.apply(tape.gradient(scaled, weights), weights)
+        return loss, predicted
+
+    def _train_steps(self, images: tf.Tensor, labels: tf.Tensor, order: tf.Tensor,
+                     first: tf.Tensor, last: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        n = tf.shape(order)[0]
+        loss_sum, correct, seen = tf.constant(0.0), tf.constant(0, tf.int32), tf.constant(0)
+        diverged_at = tf.constant(-1)
+        for step in tf.range(first, last):
+            index = order[step * self.batch_size:tf.minimum((step + 1) * self.batch_size, n)]
+            x, y = tf.gather(images, index), tf.gather(labels, index)
+            if self.augment is not None:
+                x, _ = self.augment(x, y)
+            loss, predicted = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
+            size = tf.shape(index)[0]
+            loss_sum += tf.cast(loss, tf.float32) * tf.cast(size, tf.float32)
+            correct += _correct(predicted, y)
+            seen += size
+            if not tf.math.is_finite(loss):
+                diverged_at = step
+                break
+        return loss_sum, correct, seen, diverged_at
+
+    def _validation(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        n = tf.shape(labels)[0]
+        loss_sum, correct = tf.constant(0.0), tf.constant(0, tf.int32)
+        for start in tf.range(0, n, self.val_batch):
+            x = images[start:start + self.val_batch]
+            y = labels[start:start + self.val_batch]
+            predicted = self.model(x, training=False)
+            loss = self.model.compute_loss(x=x, y=tf.one_hot(y, NUM_CLASSES, dtype=tf.float32),
+                                           y_pred=predicted, training=False)
+            loss_sum += tf.cast(loss, tf.float32) * tf.cast(tf.shape(y)[0], tf.float32)
+            correct += _correct(predicted, y)
+        total = tf.cast(n, tf.float32)
+        return loss_sum / total, tf.cast(correct, tf.float32) / total
+
+    def run(self, callbacks: list[keras.callbacks.Callback], *, epochs: int,
+            initial_epoch: int = 0, verbose: int = 0) -> keras.callbacks.History:
+        model = self.model
+        hooks = keras.callbacks.CallbackList(
+            callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
+            epochs=epochs, steps=self.steps, model=model)
+        model.stop_training = False
+        hooks.on_train_begin()
+        logs: dict[str, float] | None = None
+        for epoch in range(initial_epoch, epochs):
+            hooks.on_epoch_begin(epoch)
+            order = self.order(epoch)
+            loss_sum, correct, seen = 0.0, 0, 0
+            diverged = False
+            for first in range(0, self.steps, self.steps_per_call):
+                last = min(first + self.steps_per_call, self.steps)
+                hooks.on_train_batch_begin(first)
+                out = self._train(self.train_x, self.train_y, order,
+                                  tf.constant(first), tf.constant(last))
+                loss_sum += float(out[0])
+                correct += int(out[1])
+                seen += int(out[2])
+                diverged_at = int(out[3])
+                diverged = diverged_at >= 0
+                batch_logs = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1)}
+                hooks.on_train_batch_end(diverged_at if diverged else last - 1, batch_logs)
+                if model.stop_training or diverged:
+                    break
+            if diverged:
+                break
+            val_loss, val_accuracy = self._validate(self.val_x, self.val_y)
+            logs = {**batch_logs, "val_loss": float(val_loss),
+                    "val_accuracy": float(val_accuracy)}
+            hooks.on_epoch_end(epoch, logs)
+            if model.stop_training:
+                break
+        if epochs > 0:
+            model.optimizer.finalize_variable_values(model.trainable_weights)
+        hooks.on_train_end(logs=logs)
+        return model.history
+
+
+def _correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """How many rows of `predicted` put their highest score on the (integer) label."""
+    hits = tf.equal(tf.argmax(predicted, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32))
+    return tf.reduce_sum(tf.cast(hits, tf.int32))
+
+
 # --- fit -----------------------------------------------------------------------------------
 
 @dataclass
@@ -372,10 +530,6 @@ def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig
         extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Result:
     """Build, compile and train the configured model; raise `TrainingError` on divergence."""
     global_batch = cfg.batch_size
-    train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
-                       augment=cfg.augment)
-    val_ds = dataset(val, batch_size=max(global_batch, 1000))
-
     with runtime.strategy.scope():
         if resume is not None:
             # The checkpoint carries the weights and the optimizer's state (moments, step).
@@ -406,9 +560,20 @@ def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig
         callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
                                     dict(checkpoint_meta or {})))
 
-    history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                        initial_epoch=initial_epoch, callbacks=callbacks, verbose=cfg.verbose,
-                        shuffle=False)  # the dataset shuffles itself, seeded
+    if runtime.replicas == 1:
+        loop = EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
+                         seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
+                         jit_compile=runtime.jit_compile)
+        history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                           verbose=cfg.verbose)
+    else:
+        # Across replicas, Keras' own loop feeds the strategy (and its all-reduce).
+        train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
+                           augment=cfg.augment)
+        val_ds = dataset(val, batch_size=max(global_batch, 1000))
+        history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
+                            initial_epoch=initial_epoch, callbacks=callbacks,
+                            verbose=cfg.verbose, shuffle=False)  # the dataset shuffles, seeded
     if nan_guard.diverged_at is not None:
         epoch, batch = nan_guard.diverged_at
         raise TrainingError(

@@ -1,0 +1,125 @@
+"""The training loop: the same maths and callbacks as Keras' `fit`, batches from shared memory."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import synthetic_digits
+from mnist_pipeline import data, models, training
+from mnist_pipeline.config import MLPConfig, SGDConfig
+
+
+@pytest.fixture()
+def splits(tmp_path):
+    # 330 images in batches of 64: five full batches and a partial one of 10.
+    for name, n, seed in (("train", 330, 1), ("val", 70, 2)):
+        data.save_split(tmp_path, name, data.Split(*synthetic_digits(n, seed)))
+    return data.load_split(tmp_path, "train"), data.load_split(tmp_path, "val")
+
+
+def _model(learning_rate: float = 0.05, seed: int = 3) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = models.build(MLPConfig(hidden_units=[16]))
+    models.compile_model(model, models.build_optimizer(SGDConfig(learning_rate=learning_rate)),
+                         "categorical_crossentropy")
+    return model
+
+
+def _loop(model, train, val, **options):
+    settings = dict(batch_size=64, shuffle=False, seed=5, augment=False, steps_per_call=2,
+                    jit_compile=False)
+    return training.EpochLoop(model, train, val, **{**settings, **options})
+
+
+def test_the_loop_trains_exactly_as_keras_fit(splits):
+    train, val = splits
+    ours, theirs = _model(), _model()
+    np.testing.assert_array_equal(ours.get_weights()[0], theirs.get_weights()[0])
+    history = _loop(ours, train, val).run([], epochs=3)
+    keras_history = theirs.fit(training.dataset(train, batch_size=64),
+                               validation_data=training.dataset(val, batch_size=1000),
+                               epochs=3, verbose=0, shuffle=False)
+    for mine, reference in zip(ours.get_weights(), theirs.get_weights()):
+        np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
+    assert sorted(history.history) == sorted(keras_history.history)
+    for key, values in keras_history.history.items():
+        np.testing.assert_allclose(history.history[key], values, rtol=1e-5, err_msg=key)
+    assert int(ours.optimizer.iterations) == int(theirs.optimizer.iterations) == 3 * 6
+
+
+def test_each_epoch_is_a_seeded_permutation_of_every_image(splits):
+    train, val = splits
+    loop = _loop(_model(), train, val, shuffle=True)
+    first, second = loop.order(0).numpy(), loop.order(1).numpy()
+    assert sorted(first) == list(range(len(train))) == sorted(second)
+    assert list(first) != list(second), "a new order every epoch"
+    again = _loop(_model(), train, val, shuffle=True).order(1).numpy()
+    np.testing.assert_array_equal(again, second)  # fixed by (seed, epoch): resumes see the same
+
+
+def test_a_nan_loss_stops_at_its_step_and_reports_no_epoch(splits):
+    train, val = splits
+    nan_guard, reported = training.StopOnNaN(), []
+    report = training.EpochReport(lambda epoch, logs: reported.append(epoch))
+    _loop(_model(learning_rate=1e12), train, val).run([nan_guard, report], epochs=4)
+    assert nan_guard.diverged_at is not None
+    epoch, batch = nan_guard.diverged_at
+    assert epoch == 0 and 0 <= batch < 6
+    assert reported == [], "a diverged epoch is neither validated nor reported"
+
+
+def test_early_stopping_and_plateau_act_through_the_loop(splits):
+    train, val = splits
+    model = _model(learning_rate=0.08)
+    impossible = 1e9  # no epoch improves by this much
+    callbacks = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", min_delta=impossible,
+                                                   patience=0, factor=0.5, min_lr=0),
+                 keras.callbacks.EarlyStopping(monitor="val_loss", min_delta=impossible,
+                                               patience=2)]
+    history = _loop(model, train, val).run(callbacks, epochs=10)
+    # The first epoch improves on nothing; the next two do not improve.
+    assert len(history.history["loss"]) == 3, "stopped after patience + 1 epochs"
+    assert math.isclose(float(model.optimizer.learning_rate), 0.08 * 0.5 ** 2, rel_tol=1e-6)
+
+
+def test_training_images_are_shared_not_copied(splits):
+    train, _ = splits
+    images = train.images.copy() if train.images.ctypes.data % 64 else train.images
+    shared = training.resident(images)
+    images[0, 0, 0] = 201
+    assert int(shared[0, 0, 0]) == 201, "the tensor reads the array's own memory"
+    unaligned = np.frombuffer(b"\0" + images.tobytes(), np.uint8, offset=1).reshape(images.shape)
+    copied = training.resident(unaligned)  # read-only and unaligned: copied, still correct
+    np.testing.assert_array_equal(copied.numpy(), images)
+
+
+def test_an_empty_split_is_refused(splits):
+    train, _ = splits
+    empty = data.Split(np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8))
+    with pytest.raises(ValueError, match="empty train or validation split"):
+        _loop(_model(), train, empty)
+
+
+def test_the_loop_learns(splits):
+    train, val = splits
+    history = _loop(_model(learning_rate=0.1), train, val, shuffle=True).run([], epochs=8)
+    assert history.history["val_accuracy"][-1] > 0.9
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert isinstance(history.history["loss"][0], float)
+    assert tf.config.list_logical_devices("CPU")
+
+
+def test_augmentation_runs_inside_the_loop(splits):
+    train, val = splits
+    model = _model(learning_rate=0.1)
+    history = _loop(model, train, val, shuffle=True, augment=True).run([], epochs=2)
+    assert all(math.isfinite(v) for v in history.history["loss"])
+    plain = _model(learning_rate=0.1)
+    _loop(plain, train, val, shuffle=True).run([], epochs=2)
+    assert not np.allclose(model.get_weights()[0], plain.get_weights()[0]), \
+        "augmented batches differ from the raw ones"
