@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import keras
+    import tensorflow as tf
+
+    # Every variant traces its own functions once; TensorFlow would warn of "retracing".
+    tf.get_logger().setLevel("ERROR")
 
     from mnist_pipeline import data, models, training
     from mnist_pipeline.config import MLPConfig, RuntimeConfig, SGDConfig
