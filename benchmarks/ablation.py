@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
             def one_epoch(epoch: int, model=model, train_ds=train_ds,
                           val_ds=val_ds) -> keras.callbacks.History:
                 return model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch,
-                                 epochs=epoch + 1, verbose=0)
+                                 epochs=epoch + 1, verbose=0, shuffle=False)  # data shuffled
         runs.append((number, variant, one_epoch, []))
     keras.mixed_precision.set_global_policy("float32")
 
