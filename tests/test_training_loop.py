@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -123,3 +124,16 @@ def test_augmentation_runs_inside_the_loop(splits):
     _loop(plain, train, val, shuffle=True).run([], epochs=2)
     assert not np.allclose(model.get_weights()[0], plain.get_weights()[0]), \
         "augmented batches differ from the raw ones"
+
+
+def test_a_closed_loop_lets_go_of_the_images(splits, tmp_path):
+    # Its compiled functions hold the loop in a reference cycle; closing it must not wait
+    # for a garbage collection to free the images (a sweep worker trains many models).
+    train = data.load_split(tmp_path, "train")
+    images = weakref.ref(train.images)
+    with _loop(_model(), train, splits[1]) as loop:
+        loop.run([], epochs=1)
+        assert images() is not None
+    del train
+    assert images() is None, "the images outlived the closed loop"
+    assert loop.train_x is None

@@ -413,6 +413,19 @@ class EpochLoop:
         self._train = tf.function(self._train_steps)
         self._validate = tf.function(self._validation)
 
+    def __enter__(self) -> EpochLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the data and the compiled functions now, not at the next full garbage
+        collection (the functions hold this object in a reference cycle): a process that
+        trains many models (a sweep worker) would otherwise keep each one's images."""
+        self.train_x = self.train_y = self.val_x = self.val_y = None
+        self._step = self._train = self._validate = None
+
     def order(self, epoch: int) -> tf.Tensor:
         """The epoch's permutation of the training images: fixed by (seed, epoch)."""
         n = int(self.train_y.shape[0])
@@ -561,11 +574,11 @@ def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig
                                     dict(checkpoint_meta or {})))
 
     if runtime.replicas == 1:
-        loop = EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
-                         seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
-                         jit_compile=runtime.jit_compile)
-        history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                           verbose=cfg.verbose)
+        with EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
+                       seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
+                       jit_compile=runtime.jit_compile) as loop:
+            history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                               verbose=cfg.verbose)
     else:
         # Across replicas, Keras' own loop feeds the strategy (and its all-reduce).
         train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
