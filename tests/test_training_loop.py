@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from conftest import synthetic_digits
 from mnist_pipeline import data, models, training
-from mnist_pipeline.config import MLPConfig, SGDConfig
+from mnist_pipeline.config import AdamConfig, CNNConfig, MLPConfig, RNNConfig, SGDConfig
 
 
 @pytest.fixture()
@@ -137,3 +137,21 @@ def test_a_closed_loop_lets_go_of_the_images(splits, tmp_path):
     del train
     assert images() is None, "the images outlived the closed loop"
     assert loop.train_x is None
+
+
+@pytest.mark.parametrize("model_cfg", [
+    CNNConfig(filters=[4], convs_per_block=1, dense_units=8),  # batch norm: moving statistics
+    RNNConfig(cell="gru", units=8),
+], ids=["cnn", "rnn"])
+def test_every_model_family_trains_through_the_loop(splits, model_cfg):
+    train, val = splits
+    keras.utils.set_random_seed(3)
+    model = models.build(model_cfg)
+    models.compile_model(model, models.build_optimizer(AdamConfig(weight_decay=1e-4)),
+                         "categorical_crossentropy")
+    before = [w.copy() for w in model.get_weights()]
+    history = _loop(model, train, val, shuffle=True).run([], epochs=2)
+    assert all(math.isfinite(v) for v in history.history["val_loss"])
+    changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights())]
+    assert all(changed), "every weight (and batch-norm statistic) is updated"
+    assert int(model.optimizer.iterations) == 2 * 6
