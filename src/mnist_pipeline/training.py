@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from . import models
 from .config import ModelConfig, OptimizerConfig, RuntimeConfig, TrainConfig
-from .data import NUM_CLASSES, Split
+from .data import ALIGNMENT, NUM_CLASSES, Split
 from .errors import TrainingError
 from .files import atomic_path, write_json
 
@@ -370,7 +370,7 @@ def resident(array: np.ndarray) -> tf.Tensor:
     if tf.config.list_logical_devices("GPU"):
         with tf.device("/GPU:0"):
             return tf.identity(tf.convert_to_tensor(array))
-    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % 64 == 0:
+    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0:
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
     return tf.convert_to_tensor(array)
 
