@@ -155,3 +155,18 @@ def test_every_model_family_trains_through_the_loop(splits, model_cfg):
     changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights())]
     assert all(changed), "every weight (and batch-norm statistic) is updated"
     assert int(model.optimizer.iterations) == 2 * 6
+
+
+def test_float16_training_scales_the_loss_through_the_loop(splits):
+    # The mixed_float16 policy (GPUs before Ampere) needs Keras' LossScaleOptimizer.
+    train, val = splits
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _model(learning_rate=0.1)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    history = _loop(model, train, val, shuffle=True).run([], epochs=3)
+    assert all(math.isfinite(v) for v in history.history["loss"])
+    assert history.history["val_accuracy"][-1] > 0.5
+    assert int(model.optimizer.iterations) == 3 * 6
