@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import synthetic_digits
-from mnist_pipeline import data, models, training
+from mnist_pipeline import config, data, models, training
 from mnist_pipeline.config import AdamConfig, CNNConfig, MLPConfig, RNNConfig, SGDConfig
 
 
@@ -170,3 +170,25 @@ def test_float16_training_scales_the_loss_through_the_loop(splits):
     assert all(math.isfinite(v) for v in history.history["loss"])
     assert history.history["val_accuracy"][-1] > 0.5
     assert int(model.optimizer.iterations) == 3 * 6
+
+
+def test_under_a_tf_distribute_strategy_keras_fit_trains(splits):
+    # Even with a single replica, a strategy's variables are fed by Keras' own loop.
+    train, val = splits
+    runtime = training.Runtime(precision="float32", jit_compile=False, device="CPU",
+                               strategy=tf.distribute.MirroredStrategy(["/cpu:0"]), replicas=1,
+                               deterministic=False)
+    result = training.fit(MLPConfig(hidden_units=[8]), SGDConfig(),
+                          config.section({"train": {"epochs": 2, "verbose": 0,
+                                                    "batch_size": 64}}, "train"),
+                          runtime, train, val, steps_per_execution=1)
+    assert result.epochs_run == 2 and math.isfinite(result.history["val_loss"][-1])
+    assert result.model.train_function is not None, "trained by Model.fit"
+    default = training.Runtime(precision="float32", jit_compile=False, device="CPU",
+                               strategy=tf.distribute.get_strategy(), replicas=1,
+                               deterministic=False)
+    result = training.fit(MLPConfig(hidden_units=[8]), SGDConfig(),
+                          config.section({"train": {"epochs": 2, "verbose": 0,
+                                                    "batch_size": 64}}, "train"),
+                          default, train, val, steps_per_execution=2)
+    assert result.epochs_run == 2 and result.model.train_function is None, "trained by EpochLoop"

@@ -3,10 +3,9 @@
 `configure_runtime` must run before TensorFlow builds anything (it sets the precision
 policy, threads, determinism and logical devices). `fit` builds, compiles and trains the
 model and reports each epoch to a plain Python hook, so this module knows nothing about
-MLflow. On one device it trains with `EpochLoop`: Keras' own train step (forward pass,
-compiled loss, loss scaling, optimizer) and Keras callbacks, with none of the per-step
-machinery of `Model.fit` around it. Across replicas it uses `Model.fit` under the
-configured `tf.distribute` strategy.
+MLflow. It trains with `EpochLoop`: Keras' own train step (forward pass, compiled loss,
+loss scaling, optimizer) and Keras callbacks, with none of the per-step machinery of
+`Model.fit` around it; under a configured `tf.distribute` strategy it uses `Model.fit`.
 
 How it runs fast without changing the maths: bfloat16 compute with float32 weights where
 the hardware has it, many steps per compiled call, batches gathered inside the graph from
@@ -389,7 +388,7 @@ class EpochLoop:
     (`loss`, `accuracy`, `val_loss`, `val_accuracy`) as under `fit`. A non-finite loss stops
     the loop at that step; the epoch is then neither validated nor reported.
 
-    Single-replica only: across replicas `fit` drives the `tf.distribute` strategy.
+    Without tf.distribute only: under a strategy, `Model.fit` drives it.
     """
 
     def __init__(self, model: keras.Model, train: Split, val: Split, *, batch_size: int,
@@ -573,14 +572,14 @@ def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig
         callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
                                     dict(checkpoint_meta or {})))
 
-    if runtime.replicas == 1:
+    if runtime.strategy is tf.distribute.get_strategy():  # the default: no tf.distribute
         with EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
                        seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
                        jit_compile=runtime.jit_compile) as loop:
             history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
                                verbose=cfg.verbose)
     else:
-        # Across replicas, Keras' own loop feeds the strategy (and its all-reduce).
+        # Under a tf.distribute strategy (even with one replica), Keras' own loop feeds it.
         train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
                            augment=cfg.augment)
         val_ds = dataset(val, batch_size=max(global_batch, 1000))
