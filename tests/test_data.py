@@ -124,7 +124,20 @@ def test_truncated_split_is_reported(tmp_path):
         buffer = io.BytesIO()
         np.save(buffer, labels)
         archive.writestr("labels.npy", buffer.getvalue())
-    with pytest.raises(DataError, match=r"train.npz: not a valid processed split \(images: truncated"):
+    with pytest.raises(DataError, match=r"train.npz: not a valid processed split \(images: "
+                                         r"\d+ data bytes for shape \(30, 28, 28\) of uint8, "
+                                         r"expected 23520 \(truncated\)"):
+        data.load_split(tmp_path, "train")
+
+
+@pytest.mark.parametrize("shape", [(-1,), (2 ** 40, 28, 28)], ids=["negative", "huge"])
+def test_a_header_that_lies_about_the_shape_is_refused(tmp_path, shape):
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(tmp_path / "train.npz", "w") as archive:
+        archive.writestr("images.npy", buffer.getvalue() + bytes(62))
+    with pytest.raises(DataError, match="train.npz: not a valid processed split"):
         data.load_split(tmp_path, "train")
 
 

@@ -192,3 +192,22 @@ def test_under_a_tf_distribute_strategy_keras_fit_trains(splits):
                                                     "batch_size": 64}}, "train"),
                           default, train, val, steps_per_execution=2)
     assert result.epochs_run == 2 and result.model.train_function is None, "trained by EpochLoop"
+
+
+def test_validation_runs_the_test_hooks_as_fit_does(splits):
+    # Calls (the signal check) and progress bars hook into validation as under Model.fit.
+    train, val = splits
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            seen.append("begin")
+
+        def on_test_batch_end(self, batch, logs=None):
+            seen.append("batch")
+
+        def on_test_end(self, logs=None):
+            seen.append(("end", sorted(logs)))
+
+    _loop(_model(), train, val).run([Record()], epochs=2)
+    assert seen == ["begin", "batch", ("end", ["accuracy", "loss"])] * 2

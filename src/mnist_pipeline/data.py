@@ -8,6 +8,7 @@ model rescales), so the processed data is as small as the raw data.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import zipfile
 from dataclasses import dataclass
@@ -100,7 +101,8 @@ def load_split(processed_dir: str | os.PathLike[str], name: str) -> Split:
     try:
         with zipfile.ZipFile(path) as archive:
             return Split(_read_aligned(archive, "images"), _read_aligned(archive, "labels"))
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+    except (KeyError, ValueError, OSError, EOFError, MemoryError, OverflowError,
+            zipfile.BadZipFile) as err:
         raise DataError(f"{path}: not a valid processed split ({err}); rerun: dvc repro preprocess") from None
 
 
@@ -111,15 +113,24 @@ ALIGNMENT = 64
 
 def _read_aligned(archive: zipfile.ZipFile, key: str) -> np.ndarray:
     """Array `key` of an .npz archive (no pickles), read straight into aligned memory."""
-    with archive.open(f"{key}.npy") as fh:
+    member = archive.getinfo(f"{key}.npy")
+    with archive.open(member) as fh:
         version = np.lib.format.read_magic(fh)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"{key}: unknown .npy format version {version}")
         header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                   else np.lib.format.read_array_header_2_0)
         shape, fortran_order, dtype = header(fh)
         if dtype.hasobject or fortran_order:
             raise ValueError(f"{key}: expected a C-ordered array of numbers, got {dtype}"
                              + (" in Fortran order" if fortran_order else ""))
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not all(isinstance(n, int) and n >= 0 for n in shape):
+            raise ValueError(f"{key}: invalid shape {shape}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        stored = member.file_size - fh.tell()
+        if stored != nbytes:
+            raise ValueError(f"{key}: {stored} data bytes for shape {shape} of {dtype}, "
+                             f"expected {nbytes}" + (" (truncated)" if stored < nbytes else ""))
         buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
         start = -buffer.ctypes.data % ALIGNMENT
         raw = buffer[start:start + nbytes]

@@ -360,18 +360,18 @@ def find_checkpoint(folder: str | os.PathLike[str], config_digest: str) -> Resum
 # --- the training loop ---------------------------------------------------------------------
 
 def resident(array: np.ndarray) -> tf.Tensor:
-    """The array as a tensor on the device that trains, without a second copy in host memory.
+    """The array as a host tensor, without a second copy in memory where it can be shared.
 
-    On a CPU a 64-byte-aligned array (as `data.load_split` allocates them) is shared through
-    DLPack; TensorFlow would otherwise copy it (+43 MB for the training images, held for the
-    whole run). Unaligned arrays are copied; on a GPU the tensor lives in device memory.
+    A 64-byte-aligned array (as `data.load_split` allocates them) is shared through DLPack;
+    TensorFlow would otherwise copy it (+43 MB for the training images, held for the whole
+    run). Unaligned or read-only arrays are copied. The arrays stay in host memory even with
+    a GPU: batches are gathered there (TensorFlow has no GPU gather for uint8) and only each
+    batch moves to the device.
     """
-    if tf.config.list_logical_devices("GPU"):
-        with tf.device("/GPU:0"):
-            return tf.identity(tf.convert_to_tensor(array))
     if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0:
         return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
-    return tf.convert_to_tensor(array)
+    with tf.device("/CPU:0"):
+        return tf.convert_to_tensor(array)
 
 
 class EpochLoop:
@@ -449,8 +449,10 @@ class EpochLoop:
         loss_sum, correct, seen = tf.constant(0.0), tf.constant(0, tf.int32), tf.constant(0)
         diverged_at = tf.constant(-1)
         for step in tf.range(first, last):
-            index = order[step * self.batch_size:tf.minimum((step + 1) * self.batch_size, n)]
-            x, y = tf.gather(images, index), tf.gather(labels, index)
+            with tf.device("/CPU:0"):  # where the arrays are
+                index = order[step * self.batch_size:
+                              tf.minimum((step + 1) * self.batch_size, n)]
+                x, y = tf.gather(images, index), tf.gather(labels, index)
             if self.augment is not None:
                 x, _ = self.augment(x, y)
             loss, predicted = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
@@ -467,8 +469,9 @@ class EpochLoop:
         n = tf.shape(labels)[0]
         loss_sum, correct = tf.constant(0.0), tf.constant(0, tf.int32)
         for start in tf.range(0, n, self.val_batch):
-            x = images[start:start + self.val_batch]
-            y = labels[start:start + self.val_batch]
+            with tf.device("/CPU:0"):  # where the arrays are
+                x = images[start:start + self.val_batch]
+                y = labels[start:start + self.val_batch]
             predicted = self.model(x, training=False)
             loss = self.model.compute_loss(x=x, y=tf.one_hot(y, NUM_CLASSES, dtype=tf.float32),
                                            y_pred=predicted, training=False)
@@ -507,9 +510,14 @@ class EpochLoop:
                     break
             if diverged:
                 break
-            val_loss, val_accuracy = self._validate(self.val_x, self.val_y)
-            logs = {**batch_logs, "val_loss": float(val_loss),
-                    "val_accuracy": float(val_accuracy)}
+            # Validation in one call, framed by the test hooks `Model.fit` runs around it.
+            hooks.on_test_begin()
+            hooks.on_test_batch_begin(0)
+            val_loss, val_accuracy = (float(v) for v in self._validate(self.val_x, self.val_y))
+            val_logs = {"loss": val_loss, "accuracy": val_accuracy}
+            hooks.on_test_batch_end(0, val_logs)
+            hooks.on_test_end(val_logs)
+            logs = {**batch_logs, "val_loss": val_loss, "val_accuracy": val_accuracy}
             hooks.on_epoch_end(epoch, logs)
             if model.stop_training:
                 break
@@ -573,9 +581,11 @@ def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig
                                     dict(checkpoint_meta or {})))
 
     if runtime.strategy is tf.distribute.get_strategy():  # the default: no tf.distribute
+        # model.jit_compile: what compile() kept of the request (Keras turns XLA off under op
+        # determinism and for layers that do not support it).
         with EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
                        seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
-                       jit_compile=runtime.jit_compile) as loop:
+                       jit_compile=bool(model.jit_compile)) as loop:
             history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
                                verbose=cfg.verbose)
     else:
