@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         keras.utils.set_random_seed(42)
         keras.mixed_precision.set_global_policy(mixed if variant.precision == "mixed"
                                                 else variant.precision)
-        if variant.pipeline in ("gather", "loop"):
+        if variant.pipeline == "loop":
+            train_ds = val_ds = None  # the loop gathers its batches itself
+        elif variant.pipeline == "gather":
             train_ds = training.dataset(train, batch_size=128, shuffle=True, seed=42)
             val_ds = training.dataset(val, batch_size=1000)
         else:

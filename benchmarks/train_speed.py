@@ -539,18 +539,15 @@ def report_training(tutorials: list[Measured], stages: list[Measured], probe: di
     for prefix, runs, label in variants:
         ours = medians(prefix, runs)
         med.update(ours)
-        ratios = {
-            f"{prefix}_epoch_ratio": ratio(ours[f"{prefix}_s_per_epoch"],
-                                           med["tutorial_s_per_epoch"]),
-            f"{prefix}_sample_time_ratio": ratio(med["tutorial_samples_per_s"],
-                                                 ours[f"{prefix}_samples_per_s"]),
-            f"{prefix}_rss_ratio": ratio(ours[f"{prefix}_rss_mb"], med["tutorial_rss_mb"]),
-            f"{prefix}_accuracy_points": 100 * (ours[f"{prefix}_accuracy"]
-                                                - med["tutorial_accuracy"]),
-            f"{prefix}_wall_ratio": ratio(ours[f"{prefix}_wall_s"], med["tutorial_wall_s"]),
+        r = {
+            "epoch_ratio": ratio(ours[f"{prefix}_s_per_epoch"], med["tutorial_s_per_epoch"]),
+            "sample_time_ratio": ratio(med["tutorial_samples_per_s"],
+                                       ours[f"{prefix}_samples_per_s"]),
+            "rss_ratio": ratio(ours[f"{prefix}_rss_mb"], med["tutorial_rss_mb"]),
+            "accuracy_points": 100 * (ours[f"{prefix}_accuracy"] - med["tutorial_accuracy"]),
+            "wall_ratio": ratio(ours[f"{prefix}_wall_s"], med["tutorial_wall_s"]),
         }
-        med.update(ratios)
-        r = {key[len(prefix) + 1:]: value for key, value in ratios.items()}
+        med.update({f"{prefix}_{key}": value for key, value in r.items()})
         lines += [
             f"stage / tutorial, the stage on {label} ({runs[0].train_samples} + "
             f"{runs[0].val_samples} images per epoch; the tutorial: {tutorials[0].train_samples}"
