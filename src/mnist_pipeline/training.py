@@ -441,7 +441,7 @@ class EpochLoop:
             scaled = model.optimizer.scale_loss(loss)
         weights = model.trainable_variables
         model.optimizer.apply(tape.gradient(scaled, weights), weights)
-        return loss, predicted
+        return loss, _scores(predicted)
 
     def _train_steps(self, images: tf.Tensor, labels: tf.Tensor, order: tf.Tensor,
                      first: tf.Tensor, last: tf.Tensor) -> tuple[tf.Tensor, ...]:
@@ -455,10 +455,10 @@ class EpochLoop:
                 x, y = tf.gather(images, index), tf.gather(labels, index)
             if self.augment is not None:
                 x, _ = self.augment(x, y)
-            loss, predicted = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
+            loss, scores = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
             size = tf.shape(index)[0]
             loss_sum += tf.cast(loss, tf.float32) * tf.cast(size, tf.float32)
-            correct += _correct(predicted, y)
+            correct += _correct(scores, y)
             seen += size
             if not tf.math.is_finite(loss):
                 diverged_at = step
@@ -527,9 +527,18 @@ class EpochLoop:
         return model.history
 
 
+def _scores(predicted: tf.Tensor) -> tf.Tensor:
+    """What to take the argmax of: a softmax's input where Keras kept it (`_keras_logits`,
+    which its losses compute from), else `predicted`. Same argmax, and then no training step
+    computes the softmax itself, which nothing else there needs. Only in the function that
+    called the model: the attribute does not cross a function's boundary."""
+    return getattr(predicted, "_keras_logits", predicted)
+
+
 def _correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """How many rows of `predicted` put their highest score on the (integer) label."""
-    hits = tf.equal(tf.argmax(predicted, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32))
+    hits = tf.equal(tf.argmax(_scores(predicted), axis=-1, output_type=tf.int32),
+                    tf.cast(labels, tf.int32))
     return tf.reduce_sum(tf.cast(hits, tf.int32))
 
 
