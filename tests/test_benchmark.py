@@ -84,3 +84,22 @@ def test_one_epoch_on_synthetic_data_reports_both_sides():
     assert "tutorial script #1" in out and "train stage #1" in out
     assert "stage, tutorial's split #1" in out and "48000+12000" in out
     assert "time per epoch" in out and "peak RSS" in out and "device:" in out
+
+
+@pytest.mark.slow
+def test_ablation_runs_its_variants_and_the_maths_stays_the_same(tmp_path):
+    from conftest import synthetic_digits
+    from mnist_pipeline import data
+
+    for name, n, seed in (("train", 600, 1), ("val", 200, 2)):
+        data.save_split(tmp_path, name, data.Split(*synthetic_digits(n, seed)))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"),
+                           "--processed", str(tmp_path), "--rounds", "1", "--only", "6", "10"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
+            if line.strip() and line.split()[0] in {"6", "10"}}
+    assert sorted(rows) == ["10", "6"]
+    assert "(= stage)" in " ".join(rows["6"]) and "softmax" in " ".join(rows["10"])
+    # Scoring accuracy on the softmax changes no weight: the losses agree exactly.
+    assert rows["6"][-1] == rows["10"][-1]
