@@ -66,6 +66,17 @@ def test_a_training_step_scores_with_the_logits_not_the_softmax(splits):
     np.testing.assert_array_equal(scores.argmax(axis=1), probabilities.argmax(axis=1))
 
 
+def test_every_traced_step_has_a_static_batch_size(splits):
+    # 330 images in batches of 64: full batches in one trace, the partial 10 in another.
+    train, val = splits
+    loop = _loop(_model(), train, val, steps_per_call=4)
+    assert loop.calls == [(0, 4, 64), (4, 5, 64), (5, 6, 10)]
+    loop.run([], epochs=1)
+    shapes = sorted(tuple(arg.shape) for f in loop._step._list_all_concrete_functions()
+                    for arg in f.structured_input_signature[0][:1])
+    assert shapes == [(10, 28, 28), (64, 28, 28)]
+
+
 def test_each_epoch_is_a_seeded_permutation_of_every_image(splits):
     train, val = splits
     loop = _loop(_model(), train, val, shuffle=True)

@@ -377,7 +377,9 @@ def resident(array: np.ndarray) -> tf.Tensor:
 class EpochLoop:
     """Trains a compiled model epoch by epoch, driving the same Keras callbacks as `fit`.
 
-    Each call of one compiled function runs `steps_per_call` training steps in a graph loop:
+    Each call of one compiled function runs `steps_per_call` training steps in a graph loop
+    (the partial last batch, if any, in a call of its own, so that every traced step has a
+    static batch size and TensorFlow folds its shape arithmetic away at graph optimisation):
     the batch is gathered in-graph from the arrays held as tensors (a seeded permutation per
     epoch, as `dataset` does, with no tf.data pipeline or Python call per batch), then the
     same forward pass, loss (`model.compute_loss`), loss scaling and optimizer update as
@@ -400,6 +402,13 @@ class EpochLoop:
         self.model, self.batch_size, self.shuffle, self.seed = model, batch_size, shuffle, seed
         self.steps = math.ceil(len(train) / batch_size)
         self.steps_per_call = max(1, min(steps_per_call, self.steps))
+        # Each call's batches have one static size, so the graph's shape arithmetic folds
+        # away: full batches in calls of `steps_per_call` steps, a partial last one on its own.
+        full, rest = divmod(len(train), batch_size)
+        self.calls = [(first, min(first + self.steps_per_call, full), batch_size)
+                      for first in range(0, full, self.steps_per_call)]
+        if rest:
+            self.calls.append((full, full + 1, rest))
         self.val_batch = max(batch_size, 1000)
         self.train_x, self.train_y = resident(train.images), resident(train.labels)
         self.val_x, self.val_y = resident(val.images), resident(val.labels)
@@ -444,20 +453,20 @@ class EpochLoop:
         return loss, _scores(predicted)
 
     def _train_steps(self, images: tf.Tensor, labels: tf.Tensor, order: tf.Tensor,
-                     first: tf.Tensor, last: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        n = tf.shape(order)[0]
+                     first: tf.Tensor, last: tf.Tensor, size: int) -> tuple[tf.Tensor, ...]:
+        """Steps `first` to `last` - 1, each on `size` images (a Python int: one trace per
+        batch size, with static shapes)."""
         loss_sum, correct, seen = tf.constant(0.0), tf.constant(0, tf.int32), tf.constant(0)
         diverged_at = tf.constant(-1)
         for step in tf.range(first, last):
             with tf.device("/CPU:0"):  # where the arrays are
-                index = order[step * self.batch_size:
-                              tf.minimum((step + 1) * self.batch_size, n)]
+                start = step * self.batch_size
+                index = tf.reshape(order[start:start + size], [size])
                 x, y = tf.gather(images, index), tf.gather(labels, index)
             if self.augment is not None:
                 x, _ = self.augment(x, y)
             loss, scores = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
-            size = tf.shape(index)[0]
-            loss_sum += tf.cast(loss, tf.float32) * tf.cast(size, tf.float32)
+            loss_sum += tf.cast(loss, tf.float32) * size
             correct += _correct(scores, y)
             seen += size
             if not tf.math.is_finite(loss):
@@ -494,11 +503,10 @@ class EpochLoop:
             order = self.order(epoch)
             loss_sum, correct, seen = 0.0, 0, 0
             diverged = False
-            for first in range(0, self.steps, self.steps_per_call):
-                last = min(first + self.steps_per_call, self.steps)
+            for first, last, size in self.calls:
                 hooks.on_train_batch_begin(first)
                 out = self._train(self.train_x, self.train_y, order,
-                                  tf.constant(first), tf.constant(last))
+                                  tf.constant(first), tf.constant(last), size)
                 loss_sum += float(out[0])
                 correct += int(out[1])
                 seen += int(out[2])
