@@ -401,12 +401,12 @@ class EpochLoop:
                              "expected at least one image in each")
         self.model, self.batch_size, self.shuffle, self.seed = model, batch_size, shuffle, seed
         self.steps = math.ceil(len(train) / batch_size)
-        self.steps_per_call = max(1, min(steps_per_call, self.steps))
         # Each call's batches have one static size, so the graph's shape arithmetic folds
         # away: full batches in calls of `steps_per_call` steps, a partial last one on its own.
         full, rest = divmod(len(train), batch_size)
-        self.calls = [(first, min(first + self.steps_per_call, full), batch_size)
-                      for first in range(0, full, self.steps_per_call)]
+        per_call = max(1, steps_per_call)
+        self.calls = [(first, min(first + per_call, full), batch_size)
+                      for first in range(0, full, per_call)]
         if rest:
             self.calls.append((full, full + 1, rest))
         self.val_batch = max(batch_size, 1000)
