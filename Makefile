@@ -41,15 +41,15 @@ lock:
 
 # Recompose params.yaml from conf/ exactly as `dvc exp run` does.
 params: setup
-	python -m mnist_pipeline.params
+	python -m mnist_pipeline.config.compose
 
 # The MLflow UI on this repository's tracking store: make ui [ARGS="--port 5050"]
 ui: setup
-	python -m mnist_pipeline.ui $(ARGS)
+	python -m mnist_pipeline.serve.ui $(ARGS)
 
 # The champion over REST on 127.0.0.1:5001: make serve [ARGS="--model-uri models:/mnist-classifier/3"]
 serve: setup
-	python -m mnist_pipeline.serving $(ARGS)
+	python -m mnist_pipeline.serve.model_server $(ARGS)
 
 # The champion's digit for each picture: make predict ARGS="three.png photo.jpg"
 predict: setup

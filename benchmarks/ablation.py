@@ -23,6 +23,10 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from mnist_pipeline.data.splits import load_split
+from mnist_pipeline.training.inputs import dataset
+from mnist_pipeline.training.loop import EpochLoop
+from mnist_pipeline.training.runtime import configure_runtime, resolve_precision
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -86,9 +90,9 @@ def softmax_accuracy_loop():
     """The stage's loop scoring accuracy on the softmax output, as Keras' metric does."""
     import tensorflow as tf
 
-    from mnist_pipeline import training
+    pass
 
-    class SoftmaxAccuracyLoop(training.EpochLoop):
+    class SoftmaxAccuracyLoop(EpochLoop):
         def _train_step(self, x, y):
             loss, logits = super()._train_step(x, y)
             return loss, tf.nn.softmax(logits)
@@ -111,16 +115,16 @@ def main(argv: list[str] | None = None) -> None:
     # Every variant traces its own functions once; TensorFlow would warn of "retracing".
     tf.get_logger().setLevel("ERROR")
 
-    from mnist_pipeline import data, models, training
+    from mnist_pipeline.training import models
     from mnist_pipeline.config import MLPConfig, RuntimeConfig, SGDConfig
 
     # The stage's runtime set-up (threads, allocators); each variant then sets its own
     # precision and XLA.
-    training.configure_runtime(RuntimeConfig(intra_op_threads=args.intra_op_threads,
+    configure_runtime(RuntimeConfig(intra_op_threads=args.intra_op_threads,
                                              inter_op_threads=args.inter_op_threads), seed=42)
-    mixed = training.resolve_precision("auto")
-    train = data.load_split(args.processed, "train")
-    val = data.load_split(args.processed, "val")
+    mixed = resolve_precision("auto")
+    train = load_split(args.processed, "train")
+    val = load_split(args.processed, "val")
 
     SoftmaxAccuracyLoop = softmax_accuracy_loop()
     variants = ablation_steps()
@@ -133,8 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         if variant.pipeline == "loop":
             train_ds = val_ds = None  # the loop gathers its batches itself
         elif variant.pipeline == "gather":
-            train_ds = training.dataset(train, batch_size=128, shuffle=True, seed=42)
-            val_ds = training.dataset(val, batch_size=1000)
+            train_ds = dataset(train, batch_size=128, shuffle=True, seed=42)
+            val_ds = dataset(val, batch_size=1000)
         else:
             autotune = variant.pipeline == "legacy"
             train_ds = legacy_dataset(train, 128, True, 42, autotune)
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
                              steps_per_execution=variant.steps_per_execution,
                              jit_compile=variant.jit_compile)
         if variant.pipeline == "loop":
-            kind = SoftmaxAccuracyLoop if variant.softmax_accuracy else training.EpochLoop
+            kind = SoftmaxAccuracyLoop if variant.softmax_accuracy else EpochLoop
             loop = kind(model, train, val, batch_size=128, shuffle=True, seed=42,
                         augment=False, steps_per_call=variant.steps_per_execution,
                         jit_compile=variant.jit_compile)

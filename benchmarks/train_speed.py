@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from mnist_pipeline.data.splits import Split, load_split, save_split, stratified_split
+from mnist_pipeline.training.fit import predict as predict_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "benchmarks" / "tutorial_mlp.py"
@@ -243,19 +245,19 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
     55,000 + 5,000. On the tutorial's split the stage does exactly the tutorial's work."""
     import numpy as np
 
-    from mnist_pipeline import data, idx
+    from mnist_pipeline.data import idx
 
     npz = work / "keras_home" / "datasets" / "mnist.npz"
     npz.parent.mkdir(parents=True)
     if args.synthetic:
         arrays = synthetic_arrays()
         processed = work / "processed"
-        train_idx, val_idx = data.stratified_split(arrays["y_train"], 5000, seed=42)
+        train_idx, val_idx = stratified_split(arrays["y_train"], 5000, seed=42)
         splits = {"train": (arrays["x_train"][train_idx], arrays["y_train"][train_idx]),
                   "val": (arrays["x_train"][val_idx], arrays["y_train"][val_idx]),
                   "test": (arrays["x_test"], arrays["y_test"])}
         for name, (images, labels) in splits.items():
-            data.save_split(processed, name, data.Split(images, labels))
+            save_split(processed, name, Split(images, labels))
     else:
         arrays = {key: (idx.read_images if key.startswith("x") else idx.read_labels)(
             args.raw / name) for key, name in RAW_FILES.items()}
@@ -267,7 +269,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
             ("train", arrays["x_train"][:cut], arrays["y_train"][:cut]),
             ("val", arrays["x_train"][cut:], arrays["y_train"][cut:]),
             ("test", arrays["x_test"], arrays["y_test"])):
-        data.save_split(same, name, data.Split(images, labels))
+        save_split(same, name, Split(images, labels))
     return npz, processed, same
 
 
@@ -413,7 +415,7 @@ def probe_child(report: Path, processed: Path, models_json: str) -> None:
     import numpy as np
     import tensorflow as tf
 
-    from mnist_pipeline import data, models, training
+    from mnist_pipeline.training import models
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
@@ -435,10 +437,10 @@ def probe_child(report: Path, processed: Path, models_json: str) -> None:
             float(matmul(a, b))
             best = min(best, time.perf_counter() - start)
         peaks[dtype.name] = 2 * n ** 3 / best
-    test = data.load_split(processed, "test")
+    test = load_split(processed, "test")
     accuracy = {}
     for path in json.loads(models_json):
-        probabilities = training.predict(models.load(path), test.images)
+        probabilities = predict_probabilities(models.load(path), test.images)
         accuracy[path] = float(np.mean(probabilities.argmax(1) == test.labels))
     report.write_text(json.dumps({"device": device, "matmul_flops": peaks, "matmul_n": n,
                                   "test_accuracy": accuracy}))

@@ -24,10 +24,11 @@ def main(cfg: DictConfig) -> None:
         paths = config.section(cfg, "paths")
         eval_cfg, gate_cfg, tracking_cfg = (config.section(cfg, name)
                                             for name in ("evaluate", "gate", "tracking"))
-        from mnist_pipeline import promotion, tracking  # TensorFlow loads once config is valid
+        from mnist_pipeline.evaluation import promotion
+        from mnist_pipeline.tracking import store  # TensorFlow loads once config is valid
 
         gc.freeze()  # the ~600k objects TensorFlow creates at import: out of every collection
-        tracking.silence()
+        store.silence()
         decision = promotion.evaluate(paths, eval_cfg, gate_cfg, tracking_cfg)
         s = decision.scores
         print(f"evaluate: test accuracy {s.accuracy:.4f}, loss {s.loss:.4f}, "

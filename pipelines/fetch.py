@@ -6,7 +6,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mnist_pipeline import config, fetch
+from mnist_pipeline import config
+from mnist_pipeline.data import fetch
 from mnist_pipeline.errors import reported
 
 

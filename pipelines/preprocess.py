@@ -5,7 +5,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from mnist_pipeline import config, data
+from mnist_pipeline import config
+from mnist_pipeline.data.splits import Split, load_raw, report, save_split, stratified_split
 from mnist_pipeline.errors import reported
 from mnist_pipeline.files import write_json
 
@@ -16,17 +17,17 @@ def main(cfg: DictConfig) -> None:
         prep = config.section(cfg, "preprocess")
         paths = config.section(cfg, "paths")
         raw = Path(paths.raw)
-        source = {"train": data.load_raw(raw, prep.train_images, prep.train_labels),
-                  "test": data.load_raw(raw, prep.test_images, prep.test_labels)}
-        train_idx, val_idx = data.stratified_split(source["train"].labels, prep.val_size, prep.seed)
+        source = {"train": load_raw(raw, prep.train_images, prep.train_labels),
+                  "test": load_raw(raw, prep.test_images, prep.test_labels)}
+        train_idx, val_idx = stratified_split(source["train"].labels, prep.val_size, prep.seed)
         splits = {
-            "train": data.Split(source["train"].images[train_idx], source["train"].labels[train_idx]),
-            "val": data.Split(source["train"].images[val_idx], source["train"].labels[val_idx]),
+            "train": Split(source["train"].images[train_idx], source["train"].labels[train_idx]),
+            "val": Split(source["train"].images[val_idx], source["train"].labels[val_idx]),
             "test": source["test"],  # the official test set, untouched
         }
         for name, split in splits.items():
-            data.save_split(paths.processed, name, split)
-        write_json(paths.data_report, data.report(splits, source))
+            save_split(paths.processed, name, split)
+        write_json(paths.data_report, report(splits, source))
         sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
         print(f"preprocess: wrote {sizes} images to {paths.processed}/ "
               f"(report: {paths.data_report})")

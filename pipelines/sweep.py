@@ -18,8 +18,8 @@ from mnist_pipeline import startup
 
 startup.prepare()  # before TensorFlow loads
 
-from mnist_pipeline import sweep  # noqa: E402
 from mnist_pipeline.errors import reported  # noqa: E402
+from mnist_pipeline.sweep import coordinator  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     with reported("sweep"):
         try:
-            summary = sweep.run(args.conf, args.overrides)
+            summary = coordinator.run(args.conf, args.overrides)
         except KeyboardInterrupt:
             print("sweep: interrupted; rerun the same command to continue the study",
                   file=sys.stderr)

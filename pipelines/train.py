@@ -24,11 +24,12 @@ def main(cfg: DictConfig) -> None:
         paths = config.section(cfg, "paths")
         sections = {name: config.section(cfg, name)
                     for name in ("model", "optimizer", "train", "runtime", "tracking")}
-        from mnist_pipeline import job, tracking  # TensorFlow loads only once config is valid
+        from mnist_pipeline.tracking import store
+        from mnist_pipeline.training import job  # TensorFlow loads only once config is valid
 
         hydra_cfg = HydraConfig.get()
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
-        tracking.silence()
+        store.silence()
         outcome = job.train(
             model_cfg=sections["model"], optimizer_cfg=sections["optimizer"],
             train_cfg=sections["train"], runtime_cfg=sections["runtime"],

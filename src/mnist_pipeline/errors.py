@@ -40,8 +40,28 @@ class ModelError(PipelineError):
     """A model file is refused or cannot be loaded."""
 
 
+class MirrorError(FetchError):
+    """One mirror could not deliver one file; the message is the short reason why."""
+
+
 class TrainingError(PipelineError):
     """Training diverged or was stopped."""
+
+
+class TrackingError(PipelineError):
+    """The tracking store cannot be reached or opened."""
+
+
+class ServerError(PipelineError):
+    """A server could not be configured, started, or did not become ready."""
+
+
+class ImageError(PipelineError):
+    """A file is not a readable picture of a digit."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM turned into an exception, so the run ends KILLED instead of staying RUNNING."""
 
 
 @contextlib.contextmanager
@@ -58,3 +78,14 @@ def reported(stage: str) -> Iterator[None]:
         print(f"{stage}: error: {err}", file=sys.stderr)
         print(f"{stage}: (set {DEBUG_ENV}=1 for a traceback)", file=sys.stderr)
         raise SystemExit(1) from None
+
+def describe_error(err: object) -> str:
+    """A short, one-line description of an exception or URLError reason."""
+    if isinstance(err, OSError) and err.strerror:
+        text = f"[Errno {err.errno}] {err.strerror}" if err.errno is not None else err.strerror
+        if err.filename:
+            text += f": {err.filename}"
+    else:
+        text = str(err) or type(err).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,146 @@
+"""The evaluate stage's plots and plot data (confusion matrix, misclassified digits, recall
+per class), from plain arrays.
+
+Plots use Matplotlib's object-oriented `Figure` directly (never `pyplot`): saving a `Figure`
+to PNG renders with Agg without selecting a global backend or keeping figures alive, so the
+library changes no process-wide state and needs no display.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from ..files import atomic_open
+from .scores import rounded
+
+DPI = 100  # small, fast PNGs: these are glanced at in the DVC/MLflow UIs, not printed
+
+
+# --- plots and plot data -------------------------------------------------------------------
+
+def write_confusion_csv(path: str | os.PathLike[str], labels: np.ndarray,
+                        predictions: np.ndarray) -> None:
+    """`actual,predicted`, one row per test image: what `dvc plots` `template: confusion` reads."""
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    if labels.ndim != 1 or labels.shape != predictions.shape:
+        raise ValueError(f"labels {labels.shape} and predictions {predictions.shape}: "
+                         "expected two 1-D arrays of the same length")
+    with atomic_open(path, "w") as fh:
+        fh.write("actual,predicted\n")
+        fh.writelines(f"{int(a)},{int(p)}\n" for a, p in zip(labels, predictions))
+
+
+def write_class_recall_csv(path: str | os.PathLike[str], recall: list[float]) -> None:
+    """`class,recall`, one row per class, for a `dvc plots` bar or linear template."""
+    with atomic_open(path, "w") as fh:
+        fh.write("class,recall\n")
+        fh.writelines(f"{cls},{rounded(value)}\n" for cls, value in enumerate(recall))
+
+
+def plot_confusion_png(path: str | os.PathLike[str], confusion: np.ndarray) -> None:
+    """A labelled heatmap of the confusion matrix with the count in every cell."""
+    confusion = np.asarray(confusion)
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"confusion: got shape {confusion.shape}, expected a square matrix")
+    k = confusion.shape[0]
+    fig = _figure(6.4, 5.6)
+    ax = fig.add_subplot()
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix ({int(confusion.sum())} test images)")
+    high = confusion.max() / 2 if confusion.size else 0
+    for row in range(k):
+        for col in range(k):
+            value = int(confusion[row, col])
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > high else "black")
+    _save(fig, path)
+
+
+def plot_misclassified_grid(path: str | os.PathLike[str], images: np.ndarray,
+                            labels: np.ndarray, predictions: np.ndarray,
+                            probabilities: np.ndarray, limit: int) -> None:
+    """Up to `limit` misclassified digits, most confident mistakes first.
+
+    Each cell is titled `true 7 / pred 2 (0.83)`, the number being the probability the model
+    gave its (wrong) prediction. With no mistakes the image says so.
+    """
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    probabilities = np.asarray(probabilities)
+    n = labels.shape[0] if labels.ndim == 1 else -1
+    if (n < 0 or images.shape[:1] != (n,) or images.ndim != 3 or predictions.shape != (n,)
+            or probabilities.ndim != 2 or probabilities.shape[0] != n):
+        raise ValueError(f"images {images.shape}, labels {labels.shape}, predictions "
+                         f"{predictions.shape}, probabilities {probabilities.shape}: expected "
+                         "(N, H, W), (N,), (N,) and (N, classes) for the same N")
+    if limit < 1:
+        raise ValueError(f"limit: got {limit}, expected an integer >= 1")
+
+    wrong = np.flatnonzero(labels != predictions)
+    if wrong.size == 0:
+        fig = _figure(4.0, 1.5)
+        fig.text(0.5, 0.5, f"no misclassified images\n({n} of {n} correct)",
+                 ha="center", va="center", fontsize=12)
+        _save(fig, path)
+        return
+
+    confidence = probabilities[wrong, predictions[wrong].astype(np.int64)]
+    # Most confident mistakes first; NaN confidences sort last; ties keep test-set order.
+    order = np.argsort(-np.nan_to_num(confidence, nan=-np.inf), kind="stable")
+    shown = wrong[order[:limit]]
+    cols = math.ceil(math.sqrt(shown.size))
+    rows = math.ceil(shown.size / cols)
+    fig = _figure(1.3 * cols, 1.45 * rows + 0.4)
+    fig.suptitle(f"{shown.size} of {wrong.size} misclassified (of {n})", fontsize=10)
+    for slot, index in enumerate(shown):
+        ax = fig.add_subplot(rows, cols, slot + 1)
+        ax.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
+        ax.set_axis_off()
+        prob = probabilities[index, int(predictions[index])]
+        ax.set_title(f"true {int(labels[index])} / pred {int(predictions[index])} ({prob:.2f})",
+                     fontsize=7)
+    _save(fig, path)
+
+
+def plot_class_recall_png(path: str | os.PathLike[str], recall: list[float],
+                          threshold: float | None = None) -> None:
+    """Recall per class as bars; `threshold` (the gate's min_class_recall) as a dashed line."""
+    values = np.asarray(recall, dtype=np.float64)
+    fig = _figure(6.4, 3.6)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(values.size), np.nan_to_num(values, nan=0.0), color="tab:blue")
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{value:.3f}",
+                ha="center", va="bottom", fontsize=7)
+    if threshold is not None:
+        ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xticks(range(values.size))
+    ax.set_xlabel("class")
+    ax.set_ylabel("recall")
+    ax.set_ylim(0, 1.08)
+    ax.set_title("test recall per class" if threshold is None
+                 else f"test recall per class (dashed: min_class_recall {threshold:g})")
+    _save(fig, path)
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="tight")
+
+
+def _save(fig: Any, path: str | os.PathLike[str]) -> None:
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=DPI)
+    fig.clear()  # free the artists now; the Figure is never registered with pyplot

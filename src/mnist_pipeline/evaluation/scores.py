@@ -1,0 +1,172 @@
+"""Scores, per-image correctness and the evaluate stage's plots, from plain arrays.
+
+Everything here works on labels and predicted probabilities that the model code has already
+produced: no Keras, no MLflow. Bad model outputs (NaN probabilities, an empty test set) do
+not raise; they give NaN metrics, so that the gate is the one place that refuses them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from ..data.splits import NUM_CLASSES
+from ..files import write_json
+
+# Keras' backend epsilon: probabilities are clipped to [EPSILON, 1 - EPSILON] before the
+# log, exactly as `keras.losses.categorical_crossentropy` does, so a confident mistake
+# costs -log(1e-7) ~= 16.1 instead of infinity and our loss matches Keras' own.
+EPSILON = 1e-7
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: the array fields make == ambiguous
+class Scores:
+    accuracy: float
+    loss: float
+    macro_f1: float
+    precision: list[float]   # per class 0..9; 0.0 for a class never predicted
+    recall: list[float]      # per class 0..9; 0.0 for a class absent from the labels
+    f1: list[float]          # per class 0..9; 0.0 where precision + recall == 0
+    support: list[int]       # per class 0..9: how many test images have that label
+    confusion: np.ndarray    # (10, 10) int64, rows = true class, columns = predicted class
+    predictions: np.ndarray  # (N,) uint8 argmax of the probabilities
+    correct: np.ndarray      # (N,) bool, prediction == label
+
+
+def score(labels: np.ndarray, probabilities: np.ndarray) -> Scores:
+    """Accuracy, cross-entropy loss, per-class precision/recall/F1 and the confusion matrix.
+
+    `labels` is (N,) integers in 0..9; `probabilities` is (N, 10), one softmax row per image.
+    Shapes that do not fit raise `ValueError`. Non-finite probabilities do not: the loss
+    becomes NaN (accuracy and the per-class scores still follow the argmax). N = 0 gives NaN
+    accuracy, loss and macro F1.
+    """
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels: got {labels.dtype} {labels.shape}, expected integers (N,)")
+    if probabilities.shape != (labels.shape[0], NUM_CLASSES):
+        raise ValueError(f"probabilities: got shape {probabilities.shape}, expected "
+                         f"({labels.shape[0]}, {NUM_CLASSES}): one row per label, "
+                         "one column per class")
+    if not np.issubdtype(probabilities.dtype, np.number) or np.iscomplexobj(probabilities):
+        raise ValueError(f"probabilities: got dtype {probabilities.dtype}, expected real numbers")
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"labels: got values in [{labels.min()}, {labels.max()}], "
+                         f"expected classes 0..{NUM_CLASSES - 1}")
+
+    n = labels.shape[0]
+    probabilities = probabilities.astype(np.float64)
+    labels = labels.astype(np.int64)
+    predictions = np.argmax(probabilities, axis=1).astype(np.uint8)  # NaN rows: first NaN
+    correct = predictions == labels
+    confusion = np.bincount(labels * NUM_CLASSES + predictions,
+                            minlength=NUM_CLASSES * NUM_CLASSES).reshape(NUM_CLASSES, NUM_CLASSES)
+
+    true_pos = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    precision = _ratio(true_pos, predicted)
+    recall = _ratio(true_pos, support)
+    f1 = _ratio(2 * precision * recall, precision + recall)
+
+    if n == 0:
+        accuracy = loss = macro_f1 = math.nan
+    else:
+        accuracy = float(correct.mean())
+        macro_f1 = float(f1.mean())
+        loss = _cross_entropy(labels, probabilities)
+
+    return Scores(
+        accuracy=accuracy,
+        loss=loss,
+        macro_f1=macro_f1,
+        precision=precision.tolist(),
+        recall=recall.tolist(),
+        f1=f1.tolist(),
+        support=support.astype(int).tolist(),
+        confusion=confusion.astype(np.int64),
+        predictions=predictions,
+        correct=correct,
+    )
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """numerator / denominator element-wise, 0.0 where the denominator is 0."""
+    out = np.zeros(numerator.shape, dtype=np.float64)
+    np.divide(numerator, denominator, out=out, where=denominator != 0)
+    return out
+
+
+def _cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
+    """Mean categorical cross-entropy as Keras computes it; NaN if any input is not finite."""
+    if not np.isfinite(probabilities).all():
+        return math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Keras renormalises each row before clipping; an all-zero row becomes NaN.
+        rows = probabilities / probabilities.sum(axis=1, keepdims=True)
+        picked = np.clip(rows[np.arange(labels.shape[0]), labels], EPSILON, 1 - EPSILON)
+        return float(-np.mean(np.log(picked)))
+
+
+# --- reports -------------------------------------------------------------------------------
+
+def metrics_dict(scores: Scores) -> dict[str, Any]:
+    """Headline and per-class metrics, floats rounded to 6 digits (NaN stays NaN).
+
+    `files.write_json` turns NaN into null when writing JSON.
+    """
+    per_class = {
+        str(cls): {
+            "precision": rounded(scores.precision[cls]),
+            "recall": rounded(scores.recall[cls]),
+            "f1": rounded(scores.f1[cls]),
+            "support": int(scores.support[cls]),
+        }
+        for cls in range(NUM_CLASSES)
+    }
+    return {
+        "test_accuracy": rounded(scores.accuracy),
+        "test_loss": rounded(scores.loss),
+        "test_macro_f1": rounded(scores.macro_f1),
+        "per_class": per_class,
+    }
+
+
+def write_metrics(path: str | os.PathLike[str], scores: Scores) -> dict[str, Any]:
+    """Write `metrics_dict(scores)` as strict JSON (NaN -> null) atomically; return the dict."""
+    metrics = metrics_dict(scores)
+    write_json(path, metrics)
+    return metrics
+
+
+def rounded(value: float) -> float:
+    return round(float(value), 6) if math.isfinite(value) else math.nan
+
+
+# --- paired comparison ---------------------------------------------------------------------
+
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
+    """McNemar's exact test on two models' per-image correctness over the same images.
+
+    Returns (b, c, p): b = images A gets right and B gets wrong, c = the reverse, and the
+    two-sided exact binomial p-value of b against Binomial(b + c, 1/2). p = 1.0 when the
+    models never disagree.
+    """
+    a = np.asarray(correct_a)
+    b_arr = np.asarray(correct_b)
+    if a.ndim != 1 or b_arr.ndim != 1 or a.shape != b_arr.shape:
+        raise ValueError(f"correct arrays: got shapes {a.shape} and {b_arr.shape}, expected two "
+                         "1-D arrays of the same length (one entry per test image)")
+    a = a.astype(bool)
+    b_arr = b_arr.astype(bool)
+    b = int(np.count_nonzero(a & ~b_arr))
+    c = int(np.count_nonzero(~a & b_arr))
+    if b + c == 0:
+        return b, c, 1.0
+    return b, c, float(stats.binomtest(min(b, c), b + c, 0.5).pvalue)

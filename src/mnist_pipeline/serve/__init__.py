@@ -1,0 +1,1 @@
+"""Serving: the model server, the tracking UI, `mnist-predict` and picture-to-MNIST conversion."""

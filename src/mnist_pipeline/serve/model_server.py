@@ -1,0 +1,126 @@
+"""Serve the champion over REST with MLflow's model server, on loopback by default.
+
+`model_server_command` builds the exact `mlflow models serve` command line for
+`models:/<registered_model>@champion` of this repository's store; `python -m
+mnist_pipeline.serve.model_server` (`make serve`) runs it in the foreground and prints the URL once the
+model answers `/ping`. The same small process helpers (start, wait until ready, stop)
+run the tracking UI (`ui`). Nothing here imports MLflow: the server is a subprocess.
+
+Send digits as uint8 pixel values (integers 0..255), shape (N, 28, 28):
+
+    curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
+         -d '{"inputs": [[[0, 0, ...], ...]]}'      ->  {"predictions": [[p0, ..., p9]]}
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import TrackingConfig
+from ..config.loading import tracking_config
+from ..errors import ServerError, reported
+from ..tracking import registry, store
+from .process import (
+    DEFAULT_WORKERS,
+    ServerCommand,
+    check_address,
+    run_foreground,
+    server_path,
+    url_for,
+)
+
+DEFAULT_HOST = "127.0.0.1"  # loopback: nothing outside this machine can reach the server
+DEFAULT_PORT = 5001         # the tracking UI takes MLflow's usual 5000
+
+
+REQUEST_TIMEOUT_S = 60
+
+
+
+
+def require_store(tracking_cfg: TrackingConfig) -> str:
+    """The store's URI; for the default SQLite store, fail if the pipeline has not made it yet
+    (opening a missing SQLite store would create an empty one)."""
+    uri = store.tracking_uri(tracking_cfg)
+    database = store.sqlite_file(uri)
+    if database is not None and not database.is_file():
+        raise ServerError(f"no tracking store at {uri}: run the pipeline first (dvc repro)")
+    return uri
+
+
+def require_champion(tracking_cfg: TrackingConfig) -> None:
+    """Fail with what to do when no version holds the `champion` alias yet."""
+    require_store(tracking_cfg)
+    store.use_store(tracking_cfg)
+    name = tracking_cfg.registered_model
+    if registry.champion(name) is None:
+        raise ServerError(f"no version of '{name}' is '{registry.CHAMPION}' yet: the evaluate "
+                          "stage moves the alias when a model passes the gate (dvc repro); "
+                          f"or serve a version: --model-uri models:/{name}/<version>")
+
+
+# --- the model server ----------------------------------------------------------------------
+
+def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None = None,
+                         host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                         workers: int = DEFAULT_WORKERS,
+                         timeout_s: int = REQUEST_TIMEOUT_S) -> ServerCommand:
+    """`mlflow models serve` for `model_uri` (default: the champion) from this repo's store.
+
+    `--env-manager local`: the model runs in this virtual environment, which holds exactly
+    the versions it was logged with (no network, no new environment to build).
+    """
+    warnings = check_address(host, port, workers)
+    uri = model_uri or registry.champion_uri(tracking_cfg.registered_model)
+    argv = [sys.executable, "-m", "mlflow", "models", "serve",
+            "--model-uri", uri, "--host", host, "--port", str(port),
+            "--workers", str(workers), "--timeout", str(timeout_s), "--env-manager", "local"]
+    base = url_for(host, port)
+    return ServerCommand(
+        argv=argv,
+        # `models:/` URIs resolve in the registry of this store.
+        env_overrides={"MLFLOW_TRACKING_URI": store.tracking_uri(tracking_cfg),
+                       "PATH": server_path()},
+        url=f"{base}/invocations", ready_url=f"{base}/ping", warnings=warnings)
+
+
+# --- entrypoint ----------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_pipeline.serve.model_server",
+        description="Serve the champion model (or --model-uri) over REST with MLflow's "
+                    "model server.")
+    parser.add_argument("--model-uri", help="default: models:/<tracking.registered_model>"
+                                            "@champion from params.yaml")
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--print-command", action="store_true",
+                        help="print the command line and exit")
+    args = parser.parse_args(argv)
+    with reported("serve"):
+        cfg = tracking_config()
+        command = model_server_command(cfg, model_uri=args.model_uri, host=args.host,
+                                       port=args.port, workers=args.workers)
+        for warning in command.warnings:
+            print(f"serve: WARNING: {warning}", file=sys.stderr)
+        if args.print_command:
+            print(command.shell())
+            return 0
+        if args.model_uri is None:
+            require_champion(cfg)
+        else:
+            require_store(cfg)
+        model = command.argv[command.argv.index("--model-uri") + 1]
+        print(f"serve: starting MLflow's model server for {model} "
+              f"(store {store.tracking_uri(cfg)})", flush=True)
+        return run_foreground(command, "serve",
+                              f"{model} answers POST {command.url}")
+    return 1  # unreachable: `reported` exits on failure
+
+
+if __name__ == "__main__":
+    sys.exit(main())

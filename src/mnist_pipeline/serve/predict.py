@@ -1,0 +1,89 @@
+"""`mnist-predict`: the digit in each picture, by the champion model (or --model-uri).
+
+    mnist-predict three.png photo-of-a-seven.jpg
+    three.png: 3 (0.998)
+    photo-of-a-seven.jpg: 7 (0.941)
+
+Each file is converted to MNIST format (`imaging`); the model is loaded once, through
+MLflow's pyfunc flavour, and predicts all pictures in one batch. A file that cannot be read
+as a picture of a digit is reported on stderr by name and the others are still predicted;
+the exit status is 1 if any file failed (2 for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+
+import numpy as np
+
+from ..config.loading import tracking_config
+from ..errors import reported
+from ..tracking import logged_models, registry, store
+from . import imaging
+from .model_server import require_store
+
+PROG = "mnist-predict"
+
+
+def convert_all(paths: list[str]) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """The files that converted, their uint8 (N, 28, 28) images, and why the others failed."""
+    names: list[str] = []
+    images: list[np.ndarray] = []
+    failed: dict[str, str] = {}
+    for path in paths:
+        try:
+            images.append(imaging.convert(path))
+            names.append(path)
+        except imaging.ImageError as err:
+            failed[path] = str(err)
+    batch = np.stack(images) if images else np.zeros((0, 28, 28), dtype=np.uint8)
+    return names, batch, failed
+
+
+def predict(model_uri: str, images: np.ndarray) -> np.ndarray:
+    """Class probabilities (N, 10) for uint8 images (N, 28, 28), from one model load."""
+    model = logged_models.load_pyfunc(model_uri)
+    with contextlib.redirect_stdout(io.StringIO()):  # Keras' progress bar; stdout is for results
+        return np.asarray(model.predict(images), dtype=np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", metavar="FILE",
+                        help="PNG, JPEG, ... pictures of one digit each")
+    parser.add_argument("--model-uri",
+                        help="default: models:/<tracking.registered_model>@champion from "
+                             "params.yaml")
+    args = parser.parse_args(argv)
+    # Keep TensorFlow's and MLflow's start-up chatter off a command people read.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+    with reported(PROG):
+        names, images, failed = convert_all(args.files)
+        for path, reason in failed.items():
+            print(f"{PROG}: {reason if reason.startswith(path) else f'{path}: {reason}'}",
+                  file=sys.stderr)
+        if names:
+            cfg = tracking_config()
+            require_store(cfg)
+            store.use_store(cfg)
+            store.silence()
+            model_uri = args.model_uri or registry.champion_uri(cfg.registered_model)
+            probabilities = predict(model_uri, images)
+            for name, row in zip(names, probabilities):
+                digit = int(np.argmax(row))
+                print(f"{name}: {digit} ({row[digit]:.3f})")
+        if failed:
+            print(f"{PROG}: {len(failed)} of {len(args.files)} files failed", file=sys.stderr)
+            return 1
+        return 0
+    return 1  # not reached: `reported` exits on a PipelineError
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The MLflow tracking store: which one, creating it once, retrying transient errors, and the
+file locks shared by every process working on it.
+
+The default store is a SQLite database at the repository root with artifacts in a repo-root
+folder; `MLFLOW_TRACKING_URI` (or `tracking.uri`) points the same code at a team's server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from filelock import FileLock
+
+from .. import project
+from ..config import TrackingConfig
+from ..errors import TrackingError
+
+T = TypeVar("T")
+
+
+LOCK_DIR = ".locks"
+
+
+# --- the store -----------------------------------------------------------------------------
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else `tracking.uri`, else SQLite at the repository root."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if cfg.uri:
+        return cfg.uri
+    return f"sqlite:///{project.root() / 'mlflow.db'}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local `sqlite:///` URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def artifact_dir(uri: str, cfg: TrackingConfig) -> Path | None:
+    """Artifacts of a local SQLite store go beside it, in `<store folder>/<artifact_dir>`.
+
+    (MLflow's own default is `./mlruns` under the current directory, which inside a queued
+    DVC experiment is a temporary copy.) A server decides its own artifact root: None.
+    """
+    database = sqlite_file(uri)
+    return None if database is None else database.resolve().parent / cfg.artifact_dir
+
+
+def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
+    """`artifact_dir` as the URI an experiment records."""
+    folder = artifact_dir(uri, cfg)
+    return None if folder is None else folder.as_uri()
+
+
+def lock(name: str, timeout: float = 600) -> FileLock:
+    """A file lock shared by every process working on this repository's store."""
+    folder = project.root() / LOCK_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(folder / f"{name}.lock"), timeout=timeout)
+
+
+def connect(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store, create it once (under a lock), return the experiment id.
+
+    Two processes creating a brand-new SQLite store at once crash on `table already
+    exists`, so creation is serialised; after that, SQLite handles concurrent writers.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = use_store(cfg)
+    artifacts = artifact_location(uri, cfg)
+    database = sqlite_file(uri)
+    try:
+        if database is not None:
+            os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+            database.parent.mkdir(parents=True, exist_ok=True)
+            with lock("mlflow-store"):
+                experiment_id = _get_or_create_experiment(cfg, artifacts)
+                _use_wal(database)
+            return experiment_id
+        return retry(lambda: _get_or_create_experiment(cfg, artifacts))
+    except (MlflowException, OSError, sqlite3.Error) as err:
+        raise TrackingError(
+            f"tracking store {uri} is not usable: {str(err).splitlines()[0][:300]} "
+            "(check MLFLOW_TRACKING_URI / tracking.uri, and that the server is up)") from None
+
+
+def _use_wal(db_path: Path) -> None:
+    """Write-ahead logging: readers (the UI) never block writers, writers queue briefly.
+
+    The mode is stored in the database file, so this runs once per store in effect.
+    """
+    with contextlib.closing(sqlite3.connect(db_path, timeout=30)) as conn:
+        if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            conn.execute("PRAGMA journal_mode=WAL")
+
+
+def _get_or_create_experiment(cfg: TrackingConfig, artifacts: str | None) -> str:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow.create_experiment(cfg.experiment_name, artifact_location=artifacts)
+    except MlflowException:
+        # Created by another process between our lookup and create (remote store).
+        experiment = mlflow.get_experiment_by_name(cfg.experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def retry(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2) -> T:
+    """Retry `fn` on transient store errors ("database is locked", connection resets)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OSError) as err:
+            transient = any(s in str(err).lower() for s in
+                            ("database is locked", "busy", "connection", "timed out", "503", "502"))
+            if not transient or attempt == attempts - 1:
+                raise
+            time.sleep(base_delay * (2 ** attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def silence() -> None:
+    """Quiet MLflow's informational chatter on stage output."""
+    for name in ("mlflow", "alembic", "mlflow.store", "mlflow.tracking"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def use_store(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store to read from it (creates nothing); return the store's URI."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    return uri

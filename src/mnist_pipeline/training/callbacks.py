@@ -1,0 +1,153 @@
+"""Keras callbacks of a training job: learning-rate schedule, NaN stop, signal checks, the
+per-epoch report hook and resumable checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from ..config import TrainConfig
+from ..files import atomic_path, write_json
+
+# Called after each epoch with its logs; returning True stops training after that epoch.
+EpochHook = Callable[[int, dict[str, float]], bool | None]
+
+
+# --- callbacks -----------------------------------------------------------------------------
+
+def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Learning-rate multiplier for `epoch` (0-based) under `train.lr_schedule`."""
+    sched = cfg.lr_schedule
+    if sched.warmup_epochs and epoch < sched.warmup_epochs:
+        return (epoch + 1) / (sched.warmup_epochs + 1)
+    if sched.name == "cosine":
+        span = max(cfg.epochs - sched.warmup_epochs, 1)
+        progress = (epoch - sched.warmup_epochs) / span
+        return sched.min_factor + (1 - sched.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if sched.name == "step":
+        return sched.factor ** ((epoch - sched.warmup_epochs) // sched.step_epochs)
+    return 1.0
+
+
+class LearningRate(keras.callbacks.Callback):
+    """Sets the epoch's learning rate from the schedule and records it in the logs."""
+
+    def __init__(self, cfg: TrainConfig, base_lr: float) -> None:
+        super().__init__()
+        self.cfg, self.base_lr = cfg, base_lr
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self.cfg.lr_schedule.name != "plateau" or epoch < self.cfg.lr_schedule.warmup_epochs:
+            self.model.optimizer.learning_rate.assign(self.base_lr * schedule_factor(self.cfg, epoch))
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
+                self.model.optimizer.learning_rate))
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops at the first non-finite loss and remembers where it happened."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch = 0
+        self.diverged_at: tuple[int, int] | None = None
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged_at = (self.epoch, batch)
+            self.model.stop_training = True
+
+
+class Calls(keras.callbacks.Callback):
+    """Calls `check` after every group of steps and at each epoch's edges; it stops training
+    by raising (e.g. for a signal whose exception was dropped in a finaliser)."""
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        super().__init__()
+        self.check = check
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.check()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.check()
+
+
+class EpochReport(keras.callbacks.Callback):
+    """Hands each epoch's logs, plus its wall time (`epoch_time_s`), to a plain hook."""
+
+    def __init__(self, hook: EpochHook) -> None:
+        super().__init__()
+        self.hook = hook
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        logs["epoch_time_s"] = time.perf_counter() - self.started  # also lands in the history
+        if self.hook(epoch, {k: float(v) for k, v in logs.items()}):
+            self.model.stop_training = True
+
+
+class Checkpoint(keras.callbacks.Callback):
+    """Saves the model with its optimizer state, then a small JSON saying which epoch."""
+
+    def __init__(self, folder: Path, every: int, meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.folder, self.every, self.meta = folder, every, meta
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if (epoch + 1) % self.every:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / "last.keras", suffix=".keras") as tmp:
+            self.model.save(tmp)
+        write_json(self.folder / "state.json", {**self.meta, "epoch": epoch + 1})
+
+
+@dataclass
+class Resume:
+    model_path: Path
+    epoch: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def find_checkpoint(folder: str | os.PathLike[str], config_digest: str) -> Resume | None:
+    """The last checkpoint of an interrupted run with the same config, if there is one."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("config_digest") != config_digest or not (folder / "last.keras").is_file():
+        return None
+    return Resume(folder / "last.keras", int(meta["epoch"]), meta)
+
+
+def clear_checkpoint(folder: str | os.PathLike[str]) -> None:
+    """Forget the checkpoint of a run that completed."""
+    for name in ("state.json", "last.keras"):
+        (Path(folder) / name).unlink(missing_ok=True)

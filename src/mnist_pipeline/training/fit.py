@@ -1,0 +1,117 @@
+"""How a Keras model is trained: runtime set-up, the training loop, callbacks and `fit`.
+
+`configure_runtime` must run before TensorFlow builds anything (it sets the precision
+policy, threads, determinism and logical devices). `fit` builds, compiles and trains the
+model and reports each epoch to a plain Python hook, so this module knows nothing about
+MLflow. It trains with `EpochLoop`: Keras' own train step (forward pass, compiled loss,
+loss scaling, optimizer) and Keras callbacks, with none of the per-step machinery of
+`Model.fit` around it; under a configured `tf.distribute` strategy it uses `Model.fit`.
+
+How it runs fast without changing the maths: bfloat16 compute with float32 weights where
+the hardware has it, many steps per compiled call, batches gathered inside the graph from
+the arrays' own memory, XLA on GPUs only. benchmarks/ measures each of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..config import ModelConfig, OptimizerConfig, TrainConfig
+from ..data.splits import Split
+from ..errors import TrainingError
+from . import models
+from .callbacks import Checkpoint, EpochHook, EpochReport, LearningRate, Resume, StopOnNaN
+from .inputs import dataset
+from .loop import EpochLoop
+from .runtime import Runtime
+
+
+@dataclass
+class Result:
+    model: keras.Model
+    history: dict[str, list[float]]
+    epochs_run: int
+    initial_epoch: int
+
+
+def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig,
+        runtime: Runtime, train: Split, val: Split, *, steps_per_execution: int,
+        on_epoch_end: EpochHook | None = None, checkpoint_dir: Path | None = None,
+        checkpoint_meta: dict[str, Any] | None = None, resume: Resume | None = None,
+        extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Result:
+    """Build, compile and train the configured model; raise `TrainingError` on divergence."""
+    global_batch = cfg.batch_size
+    with runtime.strategy.scope():
+        if resume is not None:
+            # The checkpoint carries the weights and the optimizer's state (moments, step).
+            model = keras.saving.load_model(resume.model_path, safe_mode=True)
+            optimizer, initial_epoch = model.optimizer, resume.epoch
+        else:
+            model = models.build(model_cfg)
+            optimizer, initial_epoch = models.build_optimizer(optimizer_cfg), 0
+        models.compile_model(model, optimizer, cfg.loss, steps_per_execution=steps_per_execution,
+                             jit_compile=runtime.jit_compile)
+
+    nan_guard = StopOnNaN()
+    callbacks: list[keras.callbacks.Callback] = [
+        LearningRate(cfg, optimizer_cfg.learning_rate), nan_guard]
+    if cfg.lr_schedule.name == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=cfg.lr_schedule.factor, patience=cfg.lr_schedule.patience))
+    if cfg.early_stopping.enabled:
+        es = cfg.early_stopping
+        callbacks.append(keras.callbacks.EarlyStopping(
+            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
+            restore_best_weights=es.restore_best_weights))
+    callbacks.extend(extra_callbacks or [])
+    if on_epoch_end is not None:
+        callbacks.append(EpochReport(on_epoch_end))
+    if checkpoint_dir is not None and cfg.checkpoint.enabled:
+        # After the report: a checkpoint never gets ahead of the epochs the run has logged.
+        callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
+                                    dict(checkpoint_meta or {})))
+
+    if runtime.strategy is tf.distribute.get_strategy():  # the default: no tf.distribute
+        # model.jit_compile: what compile() kept of the request (Keras turns XLA off under op
+        # determinism and for layers that do not support it).
+        with EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
+                       seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
+                       jit_compile=bool(model.jit_compile)) as loop:
+            history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                               verbose=cfg.verbose)
+    else:
+        # Under a tf.distribute strategy (even with one replica), Keras' own loop feeds it.
+        train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
+                           augment=cfg.augment)
+        val_ds = dataset(val, batch_size=max(global_batch, 1000))
+        history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
+                            initial_epoch=initial_epoch, callbacks=callbacks,
+                            verbose=cfg.verbose, shuffle=False)  # the dataset shuffles, seeded
+    if nan_guard.diverged_at is not None:
+        epoch, batch = nan_guard.diverged_at
+        raise TrainingError(
+            f"loss became NaN/inf at epoch {epoch + 1} (batch {batch + 1}); training stopped. "
+            "Lower optimizer.learning_rate or check the data")
+    values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    return Result(model=model, history=values, epochs_run=len(values.get("loss", [])),
+                  initial_epoch=initial_epoch)
+
+
+def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities (N, 10) float32 for raw uint8 images."""
+    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+
+
+def weights_digest(model: keras.Model) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(np.ascontiguousarray(weight).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,224 @@
+"""One training job: train a configured model and record everything in MLflow.
+
+Used by the `train` stage (which also writes the DVC outputs) and by each sweep trial
+(which writes nothing but its MLflow run). Wires `training` (Keras) to `tracking` (MLflow).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import config
+from ..config import (
+    ModelConfig,
+    OptimizerConfig,
+    PathsConfig,
+    RuntimeConfig,
+    TrackingConfig,
+    TrainConfig,
+)
+from ..data.splits import digest as data_digest
+from ..data.splits import load_split
+from ..errors import Interrupted
+from ..files import write_json
+from ..tracking import lineage, logged_models, runs, store
+from . import callbacks, curves, models
+from .fit import fit
+from .runtime import Runtime, configure_runtime
+
+# Keys that change how a run is resumed, not what it computes.
+NOT_IN_DIGEST = ("train.checkpoint.resume", "train.verbose")
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    experiment_id: str
+    model_uri: str
+    model: Any
+    history: dict[str, list[float]]
+    metrics: dict[str, float]
+    runtime: Runtime
+    data_sha256: str
+    test_sha256: str
+    stopped_by_hook: bool
+    initial_epoch: int
+
+
+def run_params(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
+               runtime_cfg: RuntimeConfig) -> dict[str, Any]:
+    """Every resolved config value a run depends on, as flat `section.key` params."""
+    params: dict[str, Any] = {}
+    for name, section in (("model", model_cfg), ("optimizer", optimizer_cfg),
+                          ("train", train_cfg), ("runtime", runtime_cfg)):
+        params.update({f"{name}.{k}": v for k, v in config.flatten(section).items()})
+    return params
+
+
+def config_digest(params: dict[str, Any]) -> str:
+    kept = {k: v for k, v in params.items() if k not in NOT_IN_DIGEST}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM raise `Interrupted`, so runs end KILLED, not RUNNING.
+
+    Yields `raise_pending`, which raises again for a signal already received. A signal can
+    land while Python runs a finaliser (TensorFlow tears down each epoch's input iterator in
+    one, at the epoch boundary); an exception raised there is printed and dropped and
+    training would go on, so training calls `raise_pending` after every group of steps.
+    SIGINT is left alone where it is ignored (sweep workers, `nohup`).
+    """
+    received: list[int] = []
+
+    def raise_pending() -> None:
+        if received:
+            raise Interrupted(f"received signal {received[0]}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield raise_pending
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise Interrupted(f"received signal {signum}")
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in handled}
+    try:
+        yield raise_pending
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
+          runtime_cfg: RuntimeConfig, tracking_cfg: TrackingConfig, processed_dir: str,
+          checkpoint_dir: str | None = None, run_name: str | None = None,
+          parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+          epoch_hook: callbacks.EpochHook | None = None, log_model: bool = True) -> Outcome:
+    """Train the configured model on `processed_dir`'s train/val splits inside an MLflow run.
+
+    `log_model=False` (sweep trials) skips the model artifact and its summary; the returned
+    `model_uri` is then empty.
+    """
+    runtime = configure_runtime(runtime_cfg, train_cfg.seed)
+    splits = {name: load_split(processed_dir, name) for name in ("train", "val", "test")}
+    data_sha256 = data_digest(splits)
+    test_sha256 = splits["test"].sha256()
+    params = run_params(model_cfg, optimizer_cfg, train_cfg, runtime_cfg)
+    digest = config_digest(params)
+
+    resume = None
+    if checkpoint_dir and train_cfg.checkpoint.resume:
+        resume = callbacks.find_checkpoint(checkpoint_dir, digest)
+        if resume is None:
+            print(f"train: no checkpoint of this config in {checkpoint_dir}; starting from epoch 1")
+
+    # Keras 3 cannot run several steps per call across replicas (its multi-step loop fails
+    # to feed MirroredStrategy's placeholders), so distributed training steps one at a time.
+    steps_per_execution = runtime_cfg.steps_per_execution if runtime.replicas == 1 else 1
+    experiment_id = store.connect(tracking_cfg)
+    for run_id in runs.reap_orphans(experiment_id):
+        print(f"train: run {run_id} had lost its process (killed); marked KILLED")
+    run_tags = {**lineage.git_state(), **lineage.dvc_experiment(),
+                **lineage.dvc_lock_hashes("dvc.lock", [processed_dir]),
+                "data.sha256": data_sha256, "data.test_sha256": test_sha256,
+                "config.digest": digest, **(tags or {})}
+    if run_name is None:
+        # Not MLflow's generated name: it comes from Python's `random`, which the seeded
+        # runtime has just reset, so every run with the same seed would get the same one.
+        run_name = run_tags.get("dvc.experiment") or (
+            f"{model_cfg.name}-{optimizer_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stopped_by_hook = False
+
+    with interruptible() as raise_pending, runs.run(
+            experiment_id, run_name=run_name, tags=run_tags, parent_run_id=parent_run_id,
+            resume_run_id=resume.meta.get("run_id") if resume else None) as run_id:
+        if resume is None:
+            runs.log_params({**params, **runtime.describe(),
+                                 "runtime.resolved_steps_per_execution": steps_per_execution,
+                                 "tracking.experiment_name": tracking_cfg.experiment_name})
+            for name in ("train", "val"):
+                runs.log_dataset(splits[name].images, splits[name].labels,
+                                     name=f"mnist-{name}", sha256=data_sha256,
+                                     source=str(Path(processed_dir) / f"{name}.npz"),
+                                     context="training" if name == "train" else "validation")
+        else:
+            runs.set_tags({"resumed_from_epoch": resume.epoch})
+
+        def on_epoch_end(epoch: int, logs: dict[str, float]) -> bool:
+            nonlocal stopped_by_hook
+            runs.log_metrics(logs, step=epoch + 1)
+            stopped_by_hook = bool(epoch_hook and epoch_hook(epoch, logs))
+            return stopped_by_hook
+
+        started = time.perf_counter()
+        result = fit(
+            model_cfg, optimizer_cfg, train_cfg, runtime, splits["train"], splits["val"],
+            steps_per_execution=steps_per_execution, on_epoch_end=on_epoch_end,
+            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+            checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume,
+            extra_callbacks=[callbacks.Calls(raise_pending)])
+        wall = time.perf_counter() - started
+        metrics = final_metrics(result, wall)
+        runs.log_metrics(metrics)
+        model = models.as_float32(result.model, model_cfg)
+        if log_model:
+            runs.log_text(models.summary(model), "model_summary.txt")
+        with tempfile.TemporaryDirectory() as tmp:
+            png = Path(tmp) / "training_curves.png"
+            curves.plot_history_png(png, result.history, title=run_name or "")
+            runs.log_artifact(png)
+        model_uri = ""
+        if log_model:
+            model_uri = logged_models.log_keras_model(model, tags={"data.sha256": data_sha256})
+            runs.set_tags({"model_uri": model_uri})
+
+    if checkpoint_dir:
+        callbacks.clear_checkpoint(checkpoint_dir)
+    return Outcome(run_id=run_id, experiment_id=experiment_id, model_uri=model_uri,
+                   model=model, history=result.history, metrics=metrics,
+                   runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
+                   stopped_by_hook=stopped_by_hook, initial_epoch=result.initial_epoch)
+
+
+def final_metrics(result: fit.Result, wall_s: float) -> dict[str, float]:
+    history = result.history
+    metrics: dict[str, float] = {"epochs_run": float(result.epochs_run), "train_time_s": wall_s}
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if history.get(key):
+            metrics[f"final_{key}"] = history[key][-1]
+    if history.get("val_accuracy"):
+        metrics["best_val_accuracy"] = max(history["val_accuracy"])
+    times = history.get("epoch_time_s") or []
+    if len(times) > 1:
+        metrics["epoch_time_s_median"] = statistics.median(times[1:])
+    elif times:
+        metrics["epoch_time_s_median"] = times[0]
+    return metrics
+
+
+def write_outputs(outcome: Outcome, paths: PathsConfig) -> None:
+    """The train stage's DVC outputs: model, run id, metrics and per-epoch history."""
+    models.save(outcome.model, paths.model)
+    write_json(paths.run, {"run_id": outcome.run_id, "experiment_id": outcome.experiment_id,
+                           "model_uri": outcome.model_uri, "data_sha256": outcome.data_sha256,
+                           "test_sha256": outcome.test_sha256})
+    write_json(paths.train_metrics, {k: round(v, 6) for k, v in outcome.metrics.items()})
+    curves.write_history_csv(paths.train_history, outcome.history,
+                             first_epoch=outcome.initial_epoch + 1)

@@ -1,0 +1,205 @@
+"""The epoch loop that trains a compiled model on one device without `Model.fit`'s per-step
+machinery around Keras' own train step and callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..data.splits import ALIGNMENT, NUM_CLASSES, Split
+from .inputs import _augmenter
+
+
+def resident(array: np.ndarray) -> tf.Tensor:
+    """The array as a host tensor, without a second copy in memory where it can be shared.
+
+    A 64-byte-aligned array (as `data.splits.load_split` allocates them) is shared through DLPack;
+    TensorFlow would otherwise copy it (+43 MB for the training images, held for the whole
+    run). Unaligned or read-only arrays are copied. The arrays stay in host memory even with
+    a GPU: batches are gathered there (TensorFlow has no GPU gather for uint8) and only each
+    batch moves to the device.
+    """
+    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0:
+        return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+    with tf.device("/CPU:0"):
+        return tf.convert_to_tensor(array)
+
+
+class EpochLoop:
+    """Trains a compiled model epoch by epoch, driving the same Keras callbacks as `fit`.
+
+    Each call of one compiled function runs `steps_per_call` training steps in a graph loop
+    (the partial last batch, if any, in a call of its own, so that every traced step has a
+    static batch size and TensorFlow folds its shape arithmetic away at graph optimisation):
+    the batch is gathered in-graph from the arrays held as tensors (a seeded permutation per
+    epoch, as `dataset` does, with no tf.data pipeline or Python call per batch), then the
+    same forward pass, loss (`model.compute_loss`), loss scaling and optimizer update as
+    Keras' `train_step`. Loss and accuracy are summed in the loop rather than kept in metric
+    objects. Between calls it runs the callbacks' batch hooks (signal checks, NaN stop); at
+    each epoch's end it validates in one call and runs the epoch hooks, so `History`,
+    learning-rate schedules, early stopping, checkpoints and reports see the same logs
+    (`loss`, `accuracy`, `val_loss`, `val_accuracy`) as under `fit`. A non-finite loss stops
+    the loop at that step; the epoch is then neither validated nor reported.
+
+    Without tf.distribute only: under a strategy, `Model.fit` drives it.
+    """
+
+    def __init__(self, model: keras.Model, train: Split, val: Split, *, batch_size: int,
+                 shuffle: bool, seed: int, augment: bool, steps_per_call: int,
+                 jit_compile: bool) -> None:
+        if len(train) == 0 or len(val) == 0:
+            raise ValueError("training loop: got an empty train or validation split, "
+                             "expected at least one image in each")
+        self.model, self.batch_size, self.shuffle, self.seed = model, batch_size, shuffle, seed
+        self.steps = math.ceil(len(train) / batch_size)
+        # Each call's batches have one static size, so the graph's shape arithmetic folds
+        # away: full batches in calls of `steps_per_call` steps, a partial last one on its own.
+        full, rest = divmod(len(train), batch_size)
+        per_call = max(1, steps_per_call)
+        self.calls = [(first, min(first + per_call, full), batch_size)
+                      for first in range(0, full, per_call)]
+        if rest:
+            self.calls.append((full, full + 1, rest))
+        self.val_batch = max(batch_size, 1000)
+        self.train_x, self.train_y = resident(train.images), resident(train.labels)
+        self.val_x, self.val_y = resident(val.images), resident(val.labels)
+        self.augment = _augmenter(seed) if augment else None
+        optimizer = model.optimizer
+        if not optimizer.built:  # variables must exist before tracing
+            optimizer.build(model.trainable_variables)
+        # As in Keras: one step compiled with XLA where asked, the loop around it not.
+        self._step = tf.function(self._train_step, jit_compile=jit_compile)
+        self._train = tf.function(self._train_steps)
+        self._validate = tf.function(self._validation)
+
+    def __enter__(self) -> EpochLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let go of the data and the compiled functions now, not at the next full garbage
+        collection (the functions hold this object in a reference cycle): a process that
+        trains many models (a sweep worker) would otherwise keep each one's images."""
+        self.train_x = self.train_y = self.val_x = self.val_y = None
+        self._step = self._train = self._validate = None
+
+    def order(self, epoch: int) -> tf.Tensor:
+        """The epoch's permutation of the training images: fixed by (seed, epoch)."""
+        n = int(self.train_y.shape[0])
+        if not self.shuffle:
+            return tf.range(n)
+        return tf.random.experimental.stateless_shuffle(
+            tf.range(n), seed=tf.constant([self.seed, epoch], tf.int64))
+
+    def _train_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        model = self.model
+        with tf.GradientTape() as tape:
+            predicted = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=predicted, training=True)
+            scaled = model.optimizer.scale_loss(loss)
+        weights = model.trainable_variables
+        model.optimizer.apply(tape.gradient(scaled, weights), weights)
+        return loss, _scores(predicted)
+
+    def _train_steps(self, images: tf.Tensor, labels: tf.Tensor, order: tf.Tensor,
+                     first: tf.Tensor, last: tf.Tensor, size: int) -> tuple[tf.Tensor, ...]:
+        """Steps `first` to `last` - 1, each on `size` images (a Python int: one trace per
+        batch size, with static shapes)."""
+        loss_sum, correct, seen = tf.constant(0.0), tf.constant(0, tf.int32), tf.constant(0)
+        diverged_at = tf.constant(-1)
+        for step in tf.range(first, last):
+            with tf.device("/CPU:0"):  # where the arrays are
+                start = step * self.batch_size
+                index = tf.reshape(order[start:start + size], [size])
+                x, y = tf.gather(images, index), tf.gather(labels, index)
+            if self.augment is not None:
+                x, _ = self.augment(x, y)
+            loss, scores = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
+            loss_sum += tf.cast(loss, tf.float32) * size
+            correct += _correct(scores, y)
+            seen += size
+            if not tf.math.is_finite(loss):
+                diverged_at = step
+                break
+        return loss_sum, correct, seen, diverged_at
+
+    def _validation(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        n = tf.shape(labels)[0]
+        loss_sum, correct = tf.constant(0.0), tf.constant(0, tf.int32)
+        for start in tf.range(0, n, self.val_batch):
+            with tf.device("/CPU:0"):  # where the arrays are
+                x = images[start:start + self.val_batch]
+                y = labels[start:start + self.val_batch]
+            predicted = self.model(x, training=False)
+            loss = self.model.compute_loss(x=x, y=tf.one_hot(y, NUM_CLASSES, dtype=tf.float32),
+                                           y_pred=predicted, training=False)
+            loss_sum += tf.cast(loss, tf.float32) * tf.cast(tf.shape(y)[0], tf.float32)
+            correct += _correct(predicted, y)
+        total = tf.cast(n, tf.float32)
+        return loss_sum / total, tf.cast(correct, tf.float32) / total
+
+    def run(self, callbacks: list[keras.callbacks.Callback], *, epochs: int,
+            initial_epoch: int = 0, verbose: int = 0) -> keras.callbacks.History:
+        model = self.model
+        hooks = keras.callbacks.CallbackList(
+            callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
+            epochs=epochs, steps=self.steps, model=model)
+        model.stop_training = False
+        hooks.on_train_begin()
+        logs: dict[str, float] | None = None
+        for epoch in range(initial_epoch, epochs):
+            hooks.on_epoch_begin(epoch)
+            order = self.order(epoch)
+            loss_sum, correct, seen = 0.0, 0, 0
+            diverged = False
+            for first, last, size in self.calls:
+                hooks.on_train_batch_begin(first)
+                out = self._train(self.train_x, self.train_y, order,
+                                  tf.constant(first), tf.constant(last), size)
+                loss_sum += float(out[0])
+                correct += int(out[1])
+                seen += int(out[2])
+                diverged_at = int(out[3])
+                diverged = diverged_at >= 0
+                batch_logs = {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1)}
+                hooks.on_train_batch_end(diverged_at if diverged else last - 1, batch_logs)
+                if model.stop_training or diverged:
+                    break
+            if diverged:
+                break
+            # Validation in one call, framed by the test hooks `Model.fit` runs around it.
+            hooks.on_test_begin()
+            hooks.on_test_batch_begin(0)
+            val_loss, val_accuracy = (float(v) for v in self._validate(self.val_x, self.val_y))
+            val_logs = {"loss": val_loss, "accuracy": val_accuracy}
+            hooks.on_test_batch_end(0, val_logs)
+            hooks.on_test_end(val_logs)
+            logs = {**batch_logs, "val_loss": val_loss, "val_accuracy": val_accuracy}
+            hooks.on_epoch_end(epoch, logs)
+            if model.stop_training:
+                break
+        if epochs > 0:
+            model.optimizer.finalize_variable_values(model.trainable_weights)
+        hooks.on_train_end(logs=logs)
+        return model.history
+
+
+def _scores(predicted: tf.Tensor) -> tf.Tensor:
+    """What to take the argmax of: a softmax's input where Keras kept it (`_keras_logits`,
+    which its losses compute from), else `predicted`. Same argmax, and then no training step
+    computes the softmax itself, which nothing else there needs. Only in the function that
+    called the model: the attribute does not cross a function's boundary."""
+    return getattr(predicted, "_keras_logits", predicted)
+
+
+def _correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """How many rows of `predicted` put their highest score on the (integer) label."""
+    hits = tf.equal(tf.argmax(_scores(predicted), axis=-1, output_type=tf.int32),
+                    tf.cast(labels, tf.int32))
+    return tf.reduce_sum(tf.cast(hits, tf.int32))

@@ -1,0 +1,132 @@
+"""Runtime set-up for a training process: precision policy, threads, determinism, devices and
+the `tf.distribute` strategy.
+
+`configure_runtime` must run before TensorFlow builds anything.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from ..config import RuntimeConfig
+
+
+@dataclass
+class Runtime:
+    """What `configure_runtime` decided, for logging and for `fit`."""
+
+    precision: str
+    jit_compile: bool
+    device: str
+    strategy: Any
+    replicas: int
+    deterministic: bool
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime.resolved_precision": self.precision,
+                "runtime.resolved_jit_compile": self.jit_compile,
+                "runtime.device": self.device, "runtime.replicas": self.replicas}
+
+
+# --- runtime -------------------------------------------------------------------------------
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bfloat16 matmuls (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def gpu_precision() -> str | None:
+    """mixed_bfloat16 on Ampere or newer, mixed_float16 on Volta/Turing, None without a GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return None
+    capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+    if capability and capability >= (8, 0):
+        return "mixed_bfloat16"
+    if capability and capability >= (7, 0):
+        return "mixed_float16"
+    return "float32"
+
+
+def resolve_precision(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    on_gpu = gpu_precision()
+    if on_gpu is not None:
+        return on_gpu
+    return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
+
+
+# Threads, logical devices and the other process-wide settings apply only before
+# TensorFlow's runtime starts, so only the first configuration in a process applies them
+# (sweep workers train many trials).
+_devices_configured = False
+
+
+def _configure_devices(cfg: RuntimeConfig) -> None:
+    global _devices_configured
+    if _devices_configured:
+        return
+    _devices_configured = True
+    # The ~600k objects importing TensorFlow and Keras created live as long as the process;
+    # every full garbage collection walked them all (~0.3 s each, during the run and twice
+    # at exit). Frozen, they are skipped: a training process ends 2-4 s sooner. Objects made
+    # from here on are collected as usual.
+    gc.freeze()
+    if cfg.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.intra_op_threads)
+    if cfg.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_threads)
+    gpus = tf.config.list_physical_devices("GPU")
+    if cfg.logical_devices > 1 and not gpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_devices)
+    for gpu in gpus:
+        tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def configure_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
+    """Apply the runtime config. Device settings take effect on the first call in a process."""
+    _configure_devices(cfg)
+    gpus = tf.config.list_physical_devices("GPU")
+
+    keras.utils.set_random_seed(seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+    precision = resolve_precision(cfg.precision)
+    keras.mixed_precision.set_global_policy(precision)
+
+    jit = str(cfg.jit_compile).lower()
+    # XLA fuses the small ops around each matmul: a clear win on GPUs. On CPUs it measured
+    # ~20% slower per epoch (its matmuls are slower than the oneDNN bfloat16 kernels the
+    # graph executor runs) and its compilation costs seconds and ~100 MB: GPUs only.
+    jit_compile = jit == "true" or (jit == "auto" and bool(gpus) and not cfg.deterministic)
+
+    if cfg.distribute == "mirrored":
+        devices = None
+        if not gpus and cfg.logical_devices > 1:
+            devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+        strategy = tf.distribute.MirroredStrategy(devices=devices)
+    elif cfg.distribute == "multi_worker":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    if cfg.distribute != "default":
+        jit_compile = jit == "true"  # XLA across replicas only when asked for explicitly
+    device = f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"
+    return Runtime(precision=precision, jit_compile=jit_compile, device=device,
+                   strategy=strategy, replicas=strategy.num_replicas_in_sync,
+                   deterministic=cfg.deterministic)

@@ -1,0 +1,154 @@
+"""The evaluate stage end to end: measure, register, gate, and move `champion` safely."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from helpers import repo
+from helpers.digits import ROOT, synthetic_digits
+
+from mnist_pipeline import config
+from mnist_pipeline.data.splits import Split, save_split
+from mnist_pipeline.evaluation import promotion
+from mnist_pipeline.files import sha256_file
+from mnist_pipeline.tracking.registry import champion, find_version
+from mnist_pipeline.training import job
+
+
+def _section(section: str, **values):
+    return config.section({section: values}, section)
+
+
+@pytest.fixture()
+def workspace(tmp_path, monkeypatch):
+    """Processed synthetic splits, a private store, and the repo root at tmp_path."""
+    for name, n, seed in (("train", 400, 1), ("val", 100, 2), ("test", 300, 3)):
+        save_split(tmp_path / "processed", name, Split(*synthetic_digits(n, seed)))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+def _paths(root, name: str):
+    return _section("paths", processed=str(root / "processed"),
+                    model=str(root / name / "model.keras"), run=str(root / name / "run.json"),
+                    train_metrics=str(root / name / "train.json"),
+                    train_history=str(root / name / "history.csv"),
+                    eval_metrics=str(root / name / "evaluate.json"),
+                    eval_plots=str(root / name / "plots"), gate=str(root / name / "gate.json"))
+
+
+def _train(root, name: str, *, epochs: int, optimizer: dict, seed: int = 1):
+    outcome = job.train(
+        model_cfg=_section("model", name="mlp", hidden_units=[32]),
+        optimizer_cfg=_section("optimizer", **optimizer),
+        train_cfg=_section("train", epochs=epochs, verbose=0, seed=seed),
+        runtime_cfg=_section("runtime"), tracking_cfg=_section("tracking"),
+        processed_dir=str(root / "processed"))
+    paths = _paths(root, name)
+    job.write_outputs(outcome, paths)
+    return paths
+
+
+GOOD = {"epochs": 4, "optimizer": {"name": "adam", "learning_rate": 0.003}}
+WEAK = {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.0005}}
+LENIENT = {"min_accuracy": 0.0, "min_class_recall": 0.0}
+
+
+def _evaluate(paths, **gate):
+    return promotion.evaluate(paths, _section("evaluate"), _section("gate", **{**LENIENT, **gate}),
+                              _section("tracking"))
+
+
+@pytest.mark.slow
+def test_first_candidate_becomes_champion_then_a_worse_one_is_rejected(workspace):
+    good = _train(workspace, "good", **GOOD)
+    first = _evaluate(good)
+    assert first.verdict.passed and first.version == "1" and first.champion_after == "1"
+    report = json.loads((workspace / "good/gate.json").read_text())
+    assert report["passed"] is True and report["champion_version_before"] is None
+    assert {r["name"] for r in report["rules"]} == {
+        "test_set_nonempty", "metrics_present", "test_data_matches_training", "min_accuracy",
+        "min_class_recall", "pyfunc_smoke_test"}
+    assert str(champion("mnist-classifier").version) == "1"
+    for name in ("confusion.csv", "class_recall.csv", "confusion.png", "misclassified.png"):
+        assert (workspace / "good/plots" / name).stat().st_size > 0
+    metrics = json.loads((workspace / "good/evaluate.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(first.scores.accuracy, abs=1e-6)
+
+    weak = _train(workspace, "weak", **WEAK)
+    second = _evaluate(weak)
+    assert not second.verdict.passed and second.version == "2"
+    assert second.champion_before == "1" and second.champion_after == "1"
+    assert str(champion("mnist-classifier").version) == "1", "champion unchanged"
+    failed = {r.name for r in second.verdict.failed()}
+    assert "beats_champion" in failed
+    version = find_version("mnist-classifier", "model_sha256", sha256_file(weak.model))
+    assert version.tags["gate.passed"] == "false"
+
+
+@pytest.mark.slow
+def test_evaluating_the_same_model_twice_registers_one_version(workspace):
+    good = _train(workspace, "good", **GOOD)
+    first = _evaluate(good)
+    again = _evaluate(good)
+    assert first.version == again.version == "1"
+    assert json.loads((workspace / "good/gate.json").read_text())["registered_now"] is False
+    from mlflow import MlflowClient
+    assert len(MlflowClient().search_model_versions("name = 'mnist-classifier'")) == 1
+
+
+@pytest.mark.slow
+def test_test_data_differing_from_training_is_refused(workspace):
+    good = _train(workspace, "good", **GOOD)
+    images, labels = synthetic_digits(300, seed=99)
+    save_split(workspace / "processed", "test", Split(images, labels))
+    decision = _evaluate(good)
+    assert not decision.verdict.passed
+    assert decision.verdict.failed()[0].name == "test_data_matches_training"
+    assert champion("mnist-classifier") is None
+
+
+@pytest.mark.slow
+def test_fail_on_reject_exits_non_zero_with_one_line(workspace):
+    weak = _train(workspace, "weak", **WEAK)
+    done = subprocess.run(
+        repo.python(str(ROOT / "pipelines/evaluate.py"), *_overrides(weak),
+                    "gate.min_accuracy=0.999", "gate.fail_on_reject=true"),
+        cwd=workspace, env=repo.env(MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}",
+                                    DVC_ROOT=str(workspace)),
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "gate: REJECTED" in done.stdout
+    assert "evaluate: error: candidate rejected" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert json.loads(open(weak.gate).read())["passed"] is False
+
+
+def _overrides(paths) -> list[str]:
+    return [f"paths.{key}={value}" for key, value in vars(paths).items()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(2))
+def test_parallel_evaluations_leave_the_better_model_champion(workspace, round_):
+    good = _train(workspace, "good", **GOOD)
+    weak = _train(workspace, "weak", **WEAK)
+    env = repo.env(MLFLOW_TRACKING_URI=f"sqlite:///{workspace / 'mlflow.db'}",
+                   DVC_ROOT=str(workspace))
+    lenient = [f"gate.{k}={v}" for k, v in LENIENT.items()]
+    order = [good, weak] if round_ == 0 else [weak, good]
+    procs = [subprocess.Popen(repo.python(str(ROOT / "pipelines/evaluate.py"), *_overrides(p),
+                                          *lenient),
+                              cwd=workspace, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for p in order]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    good_version = json.loads(open(good.gate).read())["candidate_version"]
+    assert str(champion("mnist-classifier").version) == good_version
+    from mlflow import MlflowClient
+    versions = MlflowClient().search_model_versions("name = 'mnist-classifier'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"], "unique versions"

@@ -1,0 +1,156 @@
+"""A throwaway copy of the project as a git + DVC repository, on small synthetic data.
+
+The copy has the real `dvc.yaml`, `conf/` and stage scripts; only the fetch mirror (a
+local `file://` folder of synthetic IDX files), the split size, the epochs and the gate
+thresholds are changed, so whole pipelines run in seconds without the internet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from helpers.digits import ROOT, synthetic_digits
+from mnist_pipeline.config.compose import write as write_params
+from mnist_pipeline.data import idx
+
+VENV_BIN = Path(sys.executable).parent
+COPIED = ("conf", "pipelines", "src", "dvc.yaml", ".dvcignore", ".gitignore")
+RAW_NAMES = {"train-images-idx3-ubyte": ("train", "images"),
+             "train-labels-idx1-ubyte": ("train", "labels"),
+             "t10k-images-idx3-ubyte": ("test", "images"),
+             "t10k-labels-idx1-ubyte": ("test", "labels")}
+
+
+def env(**extra: str) -> dict[str, str]:
+    """The environment stages run with: the venv first on PATH, no outside tracking URI."""
+    out = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_"))}
+    out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
+    out["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    out["PYTHONUNBUFFERED"] = "1"
+    out["GIT_AUTHOR_NAME"] = out["GIT_COMMITTER_NAME"] = "test"
+    out["GIT_AUTHOR_EMAIL"] = out["GIT_COMMITTER_EMAIL"] = "test@localhost"
+    out.update(extra)
+    return out
+
+
+def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[str, str]:
+    """Synthetic IDX files in `folder`; returns their SHA-256 by file name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train": synthetic_digits(n_train, seed=1), "test": synthetic_digits(n_test, seed=2)}
+    digests = {}
+    for name, (split, kind) in RAW_NAMES.items():
+        images, labels = arrays[split]
+        idx.write(folder / name, images if kind == "images" else labels)
+        digests[name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    return digests
+
+
+def make(path: Path, *, epochs: int = 2, val_size: int = 100, gate: dict | None = None,
+         train: dict | None = None, commit: bool = True, n_train: int = 600) -> Path:
+    """A git + DVC repository at `path` whose pipeline runs on synthetic data."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, path / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(source, path / name)
+    digests = write_mirror(path.parent / f"{path.name}-mirror", n_train=n_train)
+    fetch = yaml.safe_load((path / "conf/fetch/default.yaml").read_text())
+    fetch["mirrors"] = [{"name": "local", "kind": "http",
+                         "url": (path.parent / f"{path.name}-mirror").as_uri() + "/",
+                         "suffix": ""}]
+    fetch["files"] = digests
+    _dump(path / "conf/fetch/default.yaml", fetch)
+    _update(path / "conf/preprocess/default.yaml", {"val_size": val_size})
+    # Small batches and a brisker learning rate: the synthetic digits are learnt in 2 epochs.
+    _update(path / "conf/train/default.yaml",
+            {"epochs": epochs, "verbose": 0, "batch_size": 32, **(train or {})})
+    _update(path / "conf/optimizer/sgd.yaml", {"learning_rate": 0.05})
+    _update(path / "conf/gate/default.yaml",
+            {"min_accuracy": 0.5, "min_class_recall": 0.0, **(gate or {})})
+    write_params(path / "conf", path / "params.yaml")
+    run(["git", "init", "-q", "-b", "main"], path)
+    run(["dvc", "init", "-q"], path)
+    run(["dvc", "config", "hydra.enabled", "True"], path)
+    run(["dvc", "config", "core.analytics", "false"], path)
+    if commit:
+        run(["git", "add", "-A"], path)
+        run(["git", "commit", "-qm", "pipeline"], path)
+    return path
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600,
+        **extra_env: str) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                             f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+def start(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen:
+    """Start `cmd` in its own session with SIGINT at its default, as a terminal would, even
+    when the tests run in the background of a non-interactive shell: such a shell starts
+    them with SIGINT ignored, and every child would inherit that."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def python(script: str, *args: str) -> list[str]:
+    return [str(VENV_BIN / "python"), script, *args]
+
+
+def store(path: Path) -> str:
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Block until some run in the SQLite store has logged metrics for `epoch`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if db.exists():
+            try:
+                with sqlite3.connect(db, timeout=5) as conn:
+                    row = conn.execute("select max(step) from metrics where key='loss'").fetchone()
+                if row and row[0] is not None and row[0] >= epoch:
+                    return
+            except sqlite3.OperationalError:
+                pass  # tables not created yet
+        time.sleep(0.2)
+    raise AssertionError(f"no epoch {epoch} logged within {timeout} s")
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 120) -> tuple[int, str]:
+    os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+def _dump(path: Path, data: dict) -> None:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _update(path: Path, values: dict) -> None:
+    data = yaml.safe_load(path.read_text()) or {}
+    data.update(values)
+    _dump(path, data)

@@ -1,0 +1,106 @@
+"""benchmarks/train_speed.py: its arithmetic and report helpers, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+from helpers.digits import ROOT
+
+from mnist_pipeline.data.splits import Split, save_split
+
+SCRIPT = ROOT / "benchmarks" / "train_speed.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_mlp_flops_count_forward_and_both_gradients(bench):
+    forward, training = bench.mlp_flops_per_sample((784, 512, 256, 10))
+    products = 784 * 512 + 512 * 256 + 256 * 10
+    assert forward == 2 * products
+    # weight gradients of every layer, input gradients of all but the first
+    assert training == 4 * products + 2 * (512 * 256 + 256 * 10)
+    assert bench.epoch_flops(10, 2) == 10 * training + 2 * forward
+
+
+def test_steady_epoch_time_leaves_out_the_first_epoch(bench):
+    assert bench.steady_epoch_time([9.0, 1.0, 3.0, 2.0]) == 2.0
+    assert bench.steady_epoch_time([4.0]) == 4.0
+    assert bench.steady_epoch_time([]) != bench.steady_epoch_time([])  # NaN
+
+
+def test_ratio_is_nan_when_undefined(bench):
+    assert bench.ratio(1.0, 4.0) == 0.25
+    for args in ((1.0, 0.0), (float("nan"), 1.0)):
+        value = bench.ratio(*args)
+        assert value != value
+
+
+def test_stage_times_split_dvc_output_at_each_stage(bench):
+    output = "\n".join([
+        "    0.50 Stage 'fetch' didn't change, skipping",
+        "    0.60 Running stage 'preprocess':",
+        "    2.00 Updating lock file 'dvc.lock'",
+        "    2.10 Running stage 'train':",
+        "    9.00 train: done",
+        "   12.10 Running stage 'evaluate':",
+        "   20.00 Use `dvc push` to send your updates to remote storage.",
+    ])
+    before, stages = bench.stage_times(output)
+    assert before == pytest.approx(0.6)
+    assert stages == pytest.approx({"preprocess": 1.5, "train": 10.0, "evaluate": 7.9})
+
+
+def test_arguments_are_validated(bench, capsys):
+    args = bench.parse_args(["--epochs", "2", "--synthetic"])
+    assert (args.epochs, args.repeats, args.skip_repro) == (2, 1, True)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--epochs", "0"])
+    assert "--epochs: got 0" in capsys.readouterr().err
+
+
+def test_table_aligns_columns(bench):
+    text = bench.table([["a", "1.0"], ["bbb", "22.5"]], ["", "s"])
+    assert text.splitlines() == ["        s", "a     1.0", "bbb  22.5"]
+
+
+@pytest.mark.slow
+def test_one_epoch_on_synthetic_data_reports_both_sides():
+    done = subprocess.run([sys.executable, str(SCRIPT), "--epochs", "1", "--skip-repro",
+                           "--synthetic"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "tutorial script #1" in out and "train stage #1" in out
+    assert "stage, tutorial's split #1" in out and "48000+12000" in out
+    assert "time per epoch" in out and "peak RSS" in out and "device:" in out
+
+
+@pytest.mark.slow
+def test_ablation_runs_its_variants_and_the_maths_stays_the_same(tmp_path):
+    from helpers.digits import synthetic_digits
+    pass
+
+    for name, n, seed in (("train", 600, 1), ("val", 200, 2)):
+        save_split(tmp_path, name, Split(*synthetic_digits(n, seed)))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"),
+                           "--processed", str(tmp_path), "--rounds", "1", "--only", "6", "10"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
+            if line.strip() and line.split()[0] in {"6", "10"}}
+    assert sorted(rows) == ["10", "6"]
+    assert "(= stage)" in " ".join(rows["6"]) and "softmax" in " ".join(rows["10"])
+    # Scoring accuracy on the softmax changes no weight: the losses agree exactly.
+    assert rows["6"][-1] == rows["10"][-1]

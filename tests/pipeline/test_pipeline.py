@@ -1,0 +1,81 @@
+"""The whole pipeline through DVC in a throwaway repository: repro, metrics, queued grids."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import yaml
+from helpers import repo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture()
+def pipeline(tmp_path):
+    return repo.make(tmp_path / "repo")
+
+
+def _client(path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=repo.store(path))
+
+
+def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
+    done = repo.run(["dvc", "repro"], pipeline)
+    for stage in ("fetch", "preprocess", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in done.stdout
+    assert "gate: PASSED" in done.stdout
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"fetch", "preprocess", "train", "evaluate"}
+    assert json.loads((pipeline / "gate.json").read_text())["champion_version"] == "1"
+    report = json.loads((pipeline / "metrics/data.json").read_text())
+    assert (report["train"]["count"], report["val"]["count"], report["test"]["count"]) == (500, 100, 200)
+
+    metrics = json.loads(repo.run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
+    shown = json.dumps(metrics)
+    for key in ("test_accuracy", "final_val_accuracy", "class_counts", "passed"):
+        assert key in shown
+    # Hydra never leaves its folders in the repository.
+    assert not (pipeline / "outputs").exists() and not list(pipeline.rglob(".hydra"))
+    client = _client(pipeline)
+    assert str(client.get_model_version_by_alias("mnist-classifier", "champion").version) == "1"
+
+    # Nothing changed: DVC skips everything but the gate, which re-checks the same version.
+    again = repo.run(["dvc", "repro"], pipeline)
+    assert "Running stage 'train'" not in again.stdout
+    assert len(client.search_model_versions("name = 'mnist-classifier'")) == 1
+
+
+def test_queued_grid_runs_every_experiment_into_the_root_store(pipeline):
+    repo.run(["dvc", "exp", "run", "--queue", "-S", "optimizer=sgd,adam",
+              "-S", "train.epochs=1"], pipeline)
+    repo.run(["dvc", "queue", "start", "-j", "2"], pipeline)
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = repo.run(["dvc", "queue", "status"], pipeline).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    else:
+        pytest.fail(f"queue did not finish:\n{status}")
+    assert status.count("Success") == 2, status + repo.run(["dvc", "queue", "logs", "-h"], pipeline, check=False).stdout
+
+    shown = json.loads(repo.run(["dvc", "exp", "show", "--json"], pipeline).stdout)
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    assert len(experiments) == 2
+    optimizers = set()
+    for exp in experiments:
+        rev = exp["revs"][0]["data"]
+        optimizers.add(rev["params"]["params.yaml"]["data"]["optimizer"]["name"])
+        assert "test_accuracy" in json.dumps(rev["metrics"])
+    assert optimizers == {"sgd", "adam"}
+
+    client = _client(pipeline)
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    names = {r.data.tags.get("dvc.experiment") for r in runs}
+    assert len(runs) == 2 and None not in names and len(names) == 2
+    assert {r.data.params["optimizer.name"] for r in runs} == {"sgd", "adam"}
+    assert not list((pipeline / ".dvc/tmp/exps").rglob("mlflow.db")), "no store in the temp copies"

@@ -1,0 +1,191 @@
+"""Faults from shared/RELIABILITY.md that cut across stages: kills, bad config, NaN,
+concurrent writers. (Mirror, archive, IDX, gate and loader faults live beside their
+modules' tests.)"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+from helpers import repo
+
+from mnist_pipeline.data.splits import load_split
+from mnist_pipeline.files import sha256_file
+
+pytestmark = pytest.mark.slow
+
+
+def _lock(path):
+    file = path / "dvc.lock"
+    return file.read_text() if file.exists() else None
+
+
+def _out_hashes(path) -> dict[str, str]:
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in ("fetch", "preprocess")
+            for out in lock["stages"][stage]["outs"]}
+
+
+# --- row 6: a stage killed ------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
+    clean = repo.make(tmp_path / "clean")
+    repo.run(["dvc", "repro", "preprocess"], clean)
+    clean_hashes = _out_hashes(clean)
+
+    path = repo.make(tmp_path / "repo", epochs=400)
+    repo.run(["dvc", "repro", "preprocess"], path)
+    before = _lock(path)
+    proc = repo.start(["dvc", "repro"], path)
+    repo.wait_for_epoch(path / "mlflow.db", 1, proc)  # the train stage is mid-run
+    if sig == signal.SIGKILL:
+        repo.stop(proc, signal.SIGKILL)  # the whole process group, DVC and the stage
+    else:
+        import os
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C / a scheduler's TERM would
+        proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert _lock(path) == before, "dvc.lock records only completed stages"
+    assert not (path / "models/model.keras").exists(), "no half-written model"
+    assert not list((path / "models").glob(".*tmp*")) if (path / "models").exists() else True
+
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=repo.store(path))
+    experiment = client.get_experiment_by_name("mnist").experiment_id
+    killed = client.search_runs([experiment])
+    # SIGKILL cannot be caught: that run is left RUNNING until the next train stage reaps it.
+    assert {r.info.status for r in killed} == ({"RUNNING"} if sig == signal.SIGKILL else {"KILLED"})
+
+    # The rerun completes, and the data stages' outputs match a clean run exactly.
+    done = repo.run(["dvc", "exp", "run", "-S", "train.epochs=1"], path)
+    assert "gate:" in done.stdout
+    assert _out_hashes(path) == clean_hashes
+    assert set(yaml.safe_load((path / "dvc.lock").read_text())["stages"]) == {
+        "fetch", "preprocess", "train", "evaluate"}
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
+    assert statuses[killed[0].info.run_id] == "KILLED", "no run is left RUNNING"
+    assert "RUNNING" not in statuses.values()
+
+
+def test_killed_preprocess_never_leaves_a_trusted_partial_split(tmp_path):
+    """Kill preprocess at moments spread over its run; a rerun always rebuilds the same arrays."""
+    pass
+
+    path = repo.make(tmp_path / "repo", n_train=60000)  # big enough to kill mid-write
+    repo.run(["dvc", "repro", "fetch"], path)
+
+    def preprocess() -> float:
+        """A whole run; its duration times the next kill (the other tests' load varies)."""
+        started = time.monotonic()
+        repo.run(repo.python("pipelines/preprocess.py"), path)
+        return time.monotonic() - started
+
+    duration = preprocess()
+    splits = ("train", "val", "test")
+    reference = {s: sha256_file(path / f"data/processed/{s}.npz") for s in splits}
+    interrupted = 0
+    for fraction in (0.5, 0.65, 0.75, 0.85, 0.9, 0.95):
+        proc = repo.start(repo.python("pipelines/preprocess.py"), path)
+        time.sleep(duration * fraction)
+        if proc.poll() is None:
+            repo.stop(proc, signal.SIGKILL)
+            interrupted += 1
+        for split in splits:  # whatever is at a final path is a whole, valid file
+            if (path / f"data/processed/{split}.npz").exists():
+                load_split(path / "data/processed", split)
+        duration = preprocess()
+        assert {s: sha256_file(path / f"data/processed/{s}.npz") for s in splits} == reference
+    assert interrupted >= 2, "the kills must land while preprocess is working"
+
+
+# --- row 8: NaN loss ------------------------------------------------------------------------
+
+def test_nan_loss_stops_the_pipeline_and_registers_nothing(tmp_path):
+    path = repo.make(tmp_path / "repo")
+    done = repo.run(["dvc", "exp", "run", "-S", "optimizer.learning_rate=1e12"], path, check=False)
+    assert done.returncode != 0
+    assert "loss became NaN" in done.stderr + done.stdout
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=repo.store(path))
+    assert client.search_registered_models() == []
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+# --- row 9: invalid config ------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, needle", [
+    ("optimizer.learning_rate=-0.5", "config 'optimizer.learning_rate': got -0.5, expected a finite number > 0"),
+    ("train.batch_size=lots", "config 'train.batch_size': got 'lots', expected a value of type integer"),
+    ("optimizer=adagrad", "Could not find 'optimizer/adagrad'"),
+    ("train.epocs=3", "Could not override 'train.epocs'"),
+    ("+train.epocs=3", "config 'train.epocs': got 3, expected one of the known keys: batch_size"),
+])
+def test_invalid_config_fails_before_any_work(tmp_path, override, needle):
+    path = repo.make(tmp_path / "repo")
+    done = repo.run(repo.python("pipelines/train.py", override), path, check=False)
+    assert done.returncode != 0
+    assert needle in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (path / "mlflow.db").exists(), "no tracking store touched"
+    assert not (path / "models").exists()
+
+
+def test_bad_params_yaml_fails_dvc_repro_naming_the_key(tmp_path):
+    path = repo.make(tmp_path / "repo")
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params["fetch"]["read_timeout_s"] = -1
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    done = repo.run(["dvc", "repro", "fetch"], path, check=False)
+    assert done.returncode != 0
+    assert "config 'fetch.read_timeout_s': got -1" in done.stderr
+    assert not (path / "data/raw").exists()
+
+
+# --- row 10: several writers on one SQLite store --------------------------------------------
+
+WRITER = textwrap.dedent('''
+    import sys, time
+    from mnist_pipeline import config
+    from mnist_pipeline.tracking.runs import log_metrics, log_params, run, set_tags
+    from mnist_pipeline.tracking.store import connect
+    rounds, start = int(sys.argv[1]), float(sys.argv[2])
+    cfg = config.section({"tracking": {}}, "tracking")
+    while time.time() < start:
+        time.sleep(0.005)
+    experiment = connect(cfg)
+    for i in range(rounds):
+        with run(experiment, run_name=f"w{sys.argv[3]}-{i}"):
+            log_params({"round": i, "writer": sys.argv[3]})
+            for step in range(3):
+                log_metrics({"loss": 1.0 / (step + 1), "acc": step / 3}, step=step)
+            set_tags({"writer": sys.argv[3]})
+    print("done", sys.argv[3])
+''')
+
+
+def test_parallel_writers_on_one_sqlite_store(tmp_path):
+    """4 writer processes start together on a brand-new store; 20 runs each, all recorded."""
+    writers, rounds = 4, 20
+    start = time.time() + 6  # every process imported and waiting before the first write
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(rounds), str(start), str(w)],
+                              cwd=tmp_path, env=repo.env(DVC_ROOT=str(tmp_path)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in range(writers)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    errors = "\n".join(err for _, err in outputs)
+    assert [p.returncode for p in procs] == [0] * writers, errors[-3000:]
+    assert "database is locked" not in errors
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id],
+                              max_results=1000)
+    assert len(runs) == writers * rounds
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 3 for r in runs[:10])

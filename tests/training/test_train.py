@@ -1,0 +1,238 @@
+"""The train stage: a real run logged to MLflow, statuses on failure, determinism, `-S`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import numpy as np
+import pytest
+from helpers import repo
+from helpers.digits import synthetic_digits
+
+from mnist_pipeline import config
+from mnist_pipeline.data.splits import Split, save_split
+from mnist_pipeline.errors import Interrupted
+from mnist_pipeline.training import job, models
+from mnist_pipeline.training.callbacks import schedule_factor
+from mnist_pipeline.training.fit import weights_digest
+
+
+def _section(section: str, **values):
+    return config.section({section: values}, section)
+
+
+@pytest.fixture()
+def processed(tmp_path):
+    for name, n, seed in (("train", 300, 1), ("val", 100, 2), ("test", 100, 3)):
+        save_split(tmp_path / "processed", name, Split(*synthetic_digits(n, seed)))
+    return tmp_path / "processed"
+
+
+def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    outcome = job.train(
+        model_cfg=_section("model", name="mlp", hidden_units=[32, 16]),
+        optimizer_cfg=_section("optimizer", name="sgd"),
+        train_cfg=_section("train", epochs=1, verbose=0, batch_size=64),
+        runtime_cfg=_section("runtime"), tracking_cfg=_section("tracking"),
+        processed_dir=str(processed), checkpoint_dir=str(tmp_path / "ckpt"))
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert re.fullmatch(r"mlp-sgd-\d{8}-\d{6}", run.info.run_name), run.info.run_name
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri()), \
+        "artifacts live beside the store, not under the current directory"
+    assert run.data.params["model.hidden_units"] == "[32, 16]"
+    assert run.data.params["optimizer.learning_rate"] == "0.01"
+    assert run.data.params["train.batch_size"] == "64"
+    assert run.data.params["runtime.resolved_precision"] in ("float32", "mixed_bfloat16")
+    for key in ("final_loss", "final_val_accuracy", "epochs_run", "epoch_time_s_median"):
+        assert key in run.data.metrics
+    history = MlflowClient().get_metric_history(outcome.run_id, "learning_rate")
+    assert [m.value for m in history] == [pytest.approx(0.01)]
+    assert run.data.tags["data.sha256"] == outcome.data_sha256
+    inputs = run.inputs.dataset_inputs
+    assert {i.dataset.digest for i in inputs} == {outcome.data_sha256[:36]}
+    artifacts = {a.path for a in MlflowClient().list_artifacts(outcome.run_id)}
+    assert {"training_curves.png", "model_summary.txt"} <= artifacts
+
+    images = synthetic_digits(5, seed=9)[0]
+    keras_model = mlflow.keras.load_model(outcome.model_uri)
+    pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
+    np.testing.assert_allclose(pyfunc.predict(images), keras_model.predict(images, verbose=0),
+                               atol=1e-6)
+    spec = pyfunc.metadata.get_input_schema().inputs[0]
+    assert spec.type == np.dtype("uint8") and spec.shape == (-1, 28, 28)
+    assert not (tmp_path / "ckpt" / "state.json").exists(), "checkpoint cleared after success"
+
+
+def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    outcome = job.train(
+        model_cfg=_section("model", name="mlp", hidden_units=[8]),
+        optimizer_cfg=_section("optimizer", name="adam"),
+        train_cfg=_section("train", epochs=2, verbose=0),
+        runtime_cfg=_section("runtime"), tracking_cfg=_section("tracking"),
+        processed_dir=str(processed))
+    paths = _section("paths", model=str(tmp_path / "out/model.keras"),
+                     run=str(tmp_path / "out/run.json"),
+                     train_metrics=str(tmp_path / "out/train.json"),
+                     train_history=str(tmp_path / "out/history.csv"))
+    job.write_outputs(outcome, paths)
+    assert json.loads((tmp_path / "out/run.json").read_text())["run_id"] == outcome.run_id
+    assert json.loads((tmp_path / "out/train.json").read_text())["epochs_run"] == 2
+    rows = (tmp_path / "out/history.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate")
+    assert len(rows) == 3
+    loaded = models.load(tmp_path / "out/model.keras")
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}, \
+        "saved models serve in float32"
+    assert weights_digest(loaded) == weights_digest(outcome.model)
+
+
+@pytest.mark.parametrize("name, epoch, expected", [
+    ("constant", 5, 1.0), ("cosine", 0, 1.0), ("cosine", 10, 0.0), ("step", 10, 0.5),
+])
+def test_schedule_factors(name, epoch, expected):
+    cfg = _section("train", epochs=10, lr_schedule={"name": name, "step_epochs": 10})
+    assert schedule_factor(cfg, epoch) == pytest.approx(expected, abs=1e-9)
+
+
+def test_warmup_ramps_up():
+    cfg = _section("train", epochs=10, lr_schedule={"name": "cosine", "warmup_epochs": 2})
+    assert [round(schedule_factor(cfg, e), 3) for e in range(3)] == [0.333, 0.667, 1.0]
+
+
+# --- subprocess runs in a throwaway repository ---------------------------------------------
+
+@pytest.fixture()
+def prepared_repo(tmp_path):
+    path = repo.make(tmp_path / "repo")
+    repo.run(["dvc", "repro", "preprocess"], path)
+    return path
+
+
+TRAIN = "pipelines/train.py"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_the_run_killed(prepared_repo, sig):
+    from mlflow import MlflowClient
+
+    proc = repo.start(repo.python(TRAIN, "train.epochs=500", "train.checkpoint.enabled=false"),
+                      prepared_repo)
+    repo.wait_for_epoch(prepared_repo / "mlflow.db", 1, proc)
+    code, err = repo.stop(proc, sig)
+    assert code != 0, f"the stage ignored {sig.name}; its stderr ends:\n{err[-3000:]}"
+    client = MlflowClient(tracking_uri=repo.store(prepared_repo))
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"], f"stderr ends:\n{err[-3000:]}"
+    assert not (prepared_repo / "models/model.keras").exists()
+
+
+@pytest.mark.slow
+def test_nan_loss_fails_the_run_and_writes_no_model(prepared_repo):
+    from mlflow import MlflowClient
+
+    done = repo.run(repo.python(TRAIN, "optimizer.learning_rate=1e12", "train.epochs=3"),
+                    prepared_repo, check=False)
+    assert done.returncode == 1
+    assert "NaN" in done.stderr and "Traceback" not in done.stderr
+    client = MlflowClient(tracking_uri=repo.store(prepared_repo))
+    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not (prepared_repo / "models/model.keras").exists()
+
+
+@pytest.mark.slow
+def test_seeded_deterministic_runs_give_identical_weights(prepared_repo):
+    digests, metrics = [], []
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        repo.run(repo.python(TRAIN, "runtime.deterministic=true", "train.epochs=1",
+                             f"train.seed={seed}", f"paths.model=models/{name}.keras",
+                             f"paths.train_metrics=metrics/{name}.json"),
+                 prepared_repo)
+        digests.append(weights_digest(models.load(prepared_repo / f"models/{name}.keras")))
+        values = json.loads((prepared_repo / f"metrics/{name}.json").read_text())
+        metrics.append({k: v for k, v in values.items() if "time" not in k})
+    assert digests[0] == digests[1]
+    assert metrics[0] == metrics[1] and "final_val_accuracy" in metrics[0]
+    assert digests[0] != digests[2], "a different seed must give different weights"
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(prepared_repo):
+    from mlflow import MlflowClient
+
+    done = repo.run(repo.python(TRAIN, "runtime.distribute=mirrored", "runtime.logical_devices=2",
+                                "train.epochs=1"), prepared_repo)
+    run_id = json.loads((prepared_repo / "models/run.json").read_text())["run_id"]
+    params = MlflowClient(tracking_uri=repo.store(prepared_repo)).get_run(run_id).data.params
+    assert params["runtime.replicas"] == "2", done.stdout
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(prepared_repo):
+    from mlflow import MlflowClient
+
+    proc = repo.start(repo.python(TRAIN, "train.epochs=6"), prepared_repo)
+    repo.wait_for_epoch(prepared_repo / "mlflow.db", 2, proc)
+    import time
+    time.sleep(0.5)  # let the epoch's checkpoint land (written before the metrics hook)
+    repo.stop(proc, signal.SIGKILL)
+    state = json.loads((prepared_repo / ".checkpoints/train/state.json").read_text())
+    assert state["epoch"] >= 2
+    repo.run(repo.python(TRAIN, "train.epochs=6", "train.checkpoint.resume=true"), prepared_repo)
+    run_id = json.loads((prepared_repo / "models/run.json").read_text())["run_id"]
+    assert run_id == state["run_id"], "the interrupted run is continued, not a new one"
+    client = MlflowClient(tracking_uri=repo.store(prepared_repo))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resumed_from_epoch"] == str(state["epoch"])
+    steps = sorted({m.step for m in client.get_metric_history(run_id, "loss")})
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_set_values_reach_the_model(prepared_repo):
+    from mlflow import MlflowClient
+
+    repo.run(["git", "add", "-A"], prepared_repo)
+    repo.run(["git", "commit", "-qm", "lock"], prepared_repo)
+    repo.run(["dvc", "exp", "run", "-S", "model.hidden_units=[24,12]",
+              "-S", "optimizer.learning_rate=0.05", "-S", "train.epochs=1"], prepared_repo)
+    model = models.load(prepared_repo / "models/model.keras")
+    import keras
+    assert [layer.units for layer in model.layers if isinstance(layer, keras.layers.Dense)] == [24, 12, 10]
+    run_id = json.loads((prepared_repo / "models/run.json").read_text())["run_id"]
+    run = MlflowClient(tracking_uri=repo.store(prepared_repo)).get_run(run_id)
+    assert run.data.params["optimizer.learning_rate"] == "0.05"
+    assert run.data.params["train.epochs"] == "1"
+    assert run.data.tags.get("dvc.experiment"), "the DVC experiment name is recorded"
+    assert run.info.run_name == run.data.tags["dvc.experiment"], "runs are named as in dvc exp show"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_signal_dropped_in_a_finaliser_still_stops_training():
+    # TensorFlow tears down each epoch's input iterator in a finaliser, right when a test (or
+    # a user) sends a signal after an epoch; an exception raised there is dropped.
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10_000):  # the handler runs in here; its exception is dropped
+                pass
+
+    with job.interruptible() as raise_pending:
+        Finaliser()
+        survived = True  # execution went on past the signal
+        with pytest.raises(Interrupted, match=f"signal {int(signal.SIGTERM)}"):
+            raise_pending()
+    assert survived
