@@ -378,6 +378,10 @@ class TrackingConfig:
     artifact_dir: str = "mlartifacts"
     experiment_name: str = "mnist"
     registered_model: str = "mnist-classifier"
+    # The lock around the gate's read-decide-move of `champion`. null: a file lock in this
+    # checkout; postgresql://...: an advisory lock on the team's database, which every machine
+    # sees. MNIST_PIPELINE_LOCK_URL, when set, wins.
+    lock_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.experiment_name.strip():
@@ -386,6 +390,10 @@ class TrackingConfig:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.registered_model):
             raise ConfigError("tracking.registered_model", self.registered_model,
                               "letters, digits, '.', '_' or '-'")
+        if self.lock_url is not None and not re.match(r"^postgres(ql)?(\+psycopg)?://",
+                                                      self.lock_url):
+            raise ConfigError("tracking.lock_url", self.lock_url,
+                              "null (a file lock) or a postgresql://user@host:port/db URL")
 
 
 # --- evaluate / gate -----------------------------------------------------------------------

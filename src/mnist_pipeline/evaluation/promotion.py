@@ -21,7 +21,7 @@ from ..config import EvaluateConfig, GateConfig, PathsConfig, TrackingConfig
 from ..data.splits import Split, load_split
 from ..errors import DataError, PipelineError
 from ..files import sha256_file, write_json
-from ..tracking import logged_models, registry, runs, store
+from ..tracking import locks, logged_models, registry, runs, store
 from ..training import models
 from ..training.fit import predict
 from . import gate, plots
@@ -139,7 +139,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
 
     name = tracking_cfg.registered_model
     model_sha = sha256_file(paths.model)
-    with store.lock("registry"):
+    with locks.held("registry", locks.lock_url(tracking_cfg.lock_url)) as lock:
         existing = registry.find_version(name, "model_sha256", model_sha)
         version = existing or registry.register(run["model_uri"], name, tags={
             "model_sha256": model_sha, "run_id": run["run_id"],
@@ -160,6 +160,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
             "test_accuracy": f"{scores.accuracy:.6f}", "test_loss": f"{scores.loss:.6f}",
             "test_macro_f1": f"{scores.macro_f1:.6f}"})
         if verdict.passed and champion_before != version_id:
+            lock.check()  # the decision stands only while no one else can move the alias
             registry.promote(name, version_id)
         champion_after = version_id if verdict.passed else champion_before
 

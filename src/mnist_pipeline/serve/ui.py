@@ -12,6 +12,7 @@ and prints the URL once it answers.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import project
@@ -55,28 +56,37 @@ def server_command(tracking_cfg: TrackingConfig, *, host: str = DEFAULT_HOST,
                    port: int = DEFAULT_PORT, workers: int = DEFAULT_WORKERS,
                    extra_hosts: tuple[str, ...] = ()) -> ServerCommand:
     """`mlflow server` on the repository's store; see the module docstring."""
-    warnings = check_address(host, port, workers)
     store_uri = store.tracking_uri(tracking_cfg)
     if store_uri.startswith(REMOTE_STORES):
         raise ServerError(f"the tracking store is already a server ({store_uri}): open it in a "
                           "browser instead of starting another one")
+    # Where the pipeline puts the artifacts of this store (beside a SQLite file); for
+    # another database, `<repository root>/<artifact_dir>`.
+    artifacts = (store.artifact_dir(store_uri, tracking_cfg)
+                 or project.root() / tracking_cfg.artifact_dir)
+    return tracking_server_command(store_uri, artifacts, host=host, port=port, workers=workers,
+                                   extra_hosts=extra_hosts)
+
+
+def tracking_server_command(backend_uri: str, artifacts: str | os.PathLike[str], *, host: str,
+                            port: int, workers: int = DEFAULT_WORKERS,
+                            extra_hosts: tuple[str, ...] = ()) -> ServerCommand:
+    """`mlflow server` on the database `backend_uri`, storing the artifacts clients upload
+    through it in the folder `artifacts` (proxied: clients need no access to that folder)."""
+    warnings = check_address(host, port, workers)
     hosts = allowed_hosts(host, port, extra_hosts)
     if host in WILDCARDS and not extra_hosts:
         warnings.append(f"only Host headers {', '.join(hosts)} are accepted; add the names "
                         "remote clients use with --allowed-hosts")
     origins = [f"http://{name}" for name in hosts if "*" not in name]
-    # Where the pipeline puts the artifacts of this store (beside a SQLite file); for
-    # another database, `<repository root>/<artifact_dir>`.
-    artifacts = (store.artifact_dir(store_uri, tracking_cfg)
-                 or project.root() / tracking_cfg.artifact_dir)
     argv = [sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", store_uri,
+            "--backend-store-uri", backend_uri,
             # Runs logged through this server (MLFLOW_TRACKING_URI=<url>) store artifacts
-            # beside the pipeline's; existing runs keep the locations they were logged with.
+            # here; existing runs keep the locations they were logged with.
             "--artifacts-destination", str(artifacts),
             "--host", host, "--port", str(port),
             # uvicorn (MLflow's default server, the only one that applies --allowed-hosts),
-            # with one worker instead of MLflow's four: a small machine, one user.
+            # with few workers instead of MLflow's four: a small machine.
             "--workers", str(workers),
             "--allowed-hosts", ",".join(hosts),
             "--cors-allowed-origins", ",".join(origins)]

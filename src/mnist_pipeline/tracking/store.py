@@ -1,5 +1,4 @@
-"""The MLflow tracking store: which one, creating it once, retrying transient errors, and the
-file locks shared by every process working on it.
+"""The MLflow tracking store: which one, creating it once, and retrying transient errors.
 
 The default store is a SQLite database at the repository root with artifacts in a repo-root
 folder; `MLFLOW_TRACKING_URI` (or `tracking.uri`) points the same code at a team's server.
@@ -17,16 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from filelock import FileLock
 
 from .. import project
 from ..config import TrackingConfig
 from ..errors import TrackingError
+from . import locks
 
 T = TypeVar("T")
 
 
-LOCK_DIR = ".locks"
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -62,12 +60,6 @@ def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
     return None if folder is None else folder.as_uri()
 
 
-def lock(name: str, timeout: float = 600) -> FileLock:
-    """A file lock shared by every process working on this repository's store."""
-    folder = project.root() / LOCK_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(folder / f"{name}.lock"), timeout=timeout)
-
 
 def connect(cfg: TrackingConfig) -> str:
     """Point MLflow at the store, create it once (under a lock), return the experiment id.
@@ -84,7 +76,7 @@ def connect(cfg: TrackingConfig) -> str:
         if database is not None:
             os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
             database.parent.mkdir(parents=True, exist_ok=True)
-            with lock("mlflow-store"):
+            with locks.held("mlflow-store", None):
                 experiment_id = _get_or_create_experiment(cfg, artifacts)
                 _use_wal(database)
             return experiment_id

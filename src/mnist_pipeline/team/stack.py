@@ -1,0 +1,227 @@
+"""The team stack on one machine: PostgreSQL, an MLflow tracking server on it, a DVC remote.
+
+    python -m mnist_pipeline.team up      # make team-up: start (or restart) everything
+    python -m mnist_pipeline.team env     # the exports a checkout needs, for eval "$(...)"
+    python -m mnist_pipeline.team status
+    python -m mnist_pipeline.team down    # make team-down: stop the servers, keep the data
+
+Everything lives in one folder (`.team/` at the repository root by default): the PostgreSQL
+cluster (databases `mlflow` for runs and the registry, `optuna` for shared studies), the
+artifacts the MLflow server stores for its clients (`--artifacts-destination`: clients
+upload through the server, `mlflow-artifacts:` URIs, no shared disk), a folder that serves as
+the DVC remote, the server log, and `stack.json` (ports and process ids). The servers bind
+127.0.0.1: nothing outside this machine can reach them. To serve a team across machines,
+put authentication in front first (docs/team.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import project
+from ..errors import ServerError, reported
+from ..files import write_json
+from ..serve import process
+from ..serve.ui import tracking_server_command
+from .postgres import Cluster
+
+DEFAULT_DIR = ".team"
+DEFAULT_PORT = 5050           # the MLflow server (the local UI takes 5000, serving 5001)
+DEFAULT_POSTGRES_PORT = 5433  # beside a system PostgreSQL on 5432
+DATABASES = ("mlflow", "optuna")
+# Two uvicorn workers: parallel sweep workers and evaluations call the server at once.
+SERVER_WORKERS = 2
+LOCK_ENV = "MNIST_PIPELINE_LOCK_URL"
+
+
+@dataclass
+class Stack:
+    """Where the stack's parts are; saved as `stack.json` in its folder."""
+
+    folder: str
+    port: int
+    postgres_port: int
+    server_pid: int | None = None
+
+    @property
+    def root(self) -> Path:
+        return Path(self.folder)
+
+    @property
+    def cluster(self) -> Cluster:
+        return Cluster(self.root / "postgres", self.postgres_port)
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def lock_url(self) -> str:
+        return self.cluster.url("mlflow")
+
+    @property
+    def optuna_storage(self) -> str:
+        return self.cluster.url("optuna")
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def dvc_remote(self) -> Path:
+        return self.root / "dvc-remote"
+
+    @property
+    def server_log(self) -> Path:
+        return self.root / "mlflow-server.log"
+
+    def save(self) -> None:
+        write_json(self.root / "stack.json", asdict(self))
+
+    def exports(self) -> str:
+        return (f"export MLFLOW_TRACKING_URI={self.tracking_uri}\n"
+                f"export {LOCK_ENV}={self.lock_url}\n")
+
+
+def load(folder: Path) -> Stack | None:
+    try:
+        saved = json.loads((folder / "stack.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as err:
+        raise ServerError(f"{folder / 'stack.json'}: unreadable ({err}); remove it and run "
+                          "up again (the data stays)") from None
+    return Stack(**saved)
+
+
+def server_alive(stack: Stack) -> bool:
+    if not stack.server_pid:
+        return False
+    try:
+        os.kill(stack.server_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def up(folder: Path, port: int, postgres_port: int) -> tuple[Stack, float]:
+    """Start PostgreSQL and the MLflow server (each only if not running); return the stack and
+    the seconds it took."""
+    started = time.monotonic()
+    folder = folder.resolve()
+    stack = load(folder) or Stack(str(folder), port, postgres_port)
+    stack.folder = str(folder)
+    for directory in (stack.artifacts, stack.dvc_remote):
+        directory.mkdir(parents=True, exist_ok=True)
+    cluster = stack.cluster
+    if not cluster.running():
+        _check_free(stack.postgres_port, "--postgres-port")
+    cluster.init()
+    cluster.start()
+    cluster.create_databases(DATABASES)
+    if not server_alive(stack):
+        _check_free(stack.port, "--port")
+        command = tracking_server_command(
+            cluster.url("mlflow"), stack.artifacts, host="127.0.0.1", port=stack.port,
+            workers=SERVER_WORKERS)
+        with open(stack.server_log, "ab") as log:
+            server = process.start(command, log=log)
+        stack.server_pid = server.pid
+        stack.save()
+        try:
+            process.wait_until_ready(server, command.ready_url)
+        except ServerError as err:
+            raise ServerError(f"{err}; see {stack.server_log}") from None
+    stack.save()
+    return stack, time.monotonic() - started
+
+
+def down(folder: Path) -> Stack | None:
+    """Stop the MLflow server and PostgreSQL; the data, artifacts and remote stay."""
+    stack = load(folder.resolve())
+    if stack is None:
+        return None
+    if server_alive(stack):
+        try:
+            os.killpg(stack.server_pid, signal.SIGTERM)  # the group `process.start` made
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 20
+        while server_alive(stack) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if server_alive(stack):
+            os.killpg(stack.server_pid, signal.SIGKILL)
+    stack.server_pid = None
+    stack.cluster.stop()
+    stack.save()
+    return stack
+
+
+def _check_free(port: int, option: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise ServerError(f"port {port} on 127.0.0.1 is in use; pick another with "
+                              f"{option} <port>") from None
+
+
+def describe(stack: Stack) -> str:
+    return (f"  MLflow server  {stack.tracking_uri}  (runs and registry in PostgreSQL; "
+            f"artifacts uploaded through it to {stack.artifacts})\n"
+            f"  PostgreSQL     {stack.cluster.url('')}  (databases {', '.join(DATABASES)}; "
+            f"data in {stack.cluster.data})\n"
+            f"  DVC remote     {stack.dvc_remote}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mnist_pipeline.team",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("up", "down", "status", "env"))
+    parser.add_argument("--dir", help=f"the stack's folder (default: <repository root>/"
+                                      f"{DEFAULT_DIR})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="the MLflow server's port (first start only)")
+    parser.add_argument("--postgres-port", type=int, default=DEFAULT_POSTGRES_PORT,
+                        help="PostgreSQL's port (first start only)")
+    args = parser.parse_args(argv)
+    folder = Path(args.dir) if args.dir else project.root() / DEFAULT_DIR
+    with reported("team"):
+        if args.action == "up":
+            stack, seconds = up(folder, args.port, args.postgres_port)
+            print(f"team: up in {seconds:.1f} s\n{describe(stack)}"
+                  "Point each checkout at it (every clone, every shell):\n"
+                  + "".join(f"  {line}\n" for line in stack.exports().splitlines())
+                  + f"  dvc remote add --local -f -d team {stack.dvc_remote}\n"
+                  "One Bayesian study shared by every machine:\n"
+                  f"  python pipelines/sweep.py +sweep=mlp sweep.storage={stack.optuna_storage}")
+        elif args.action == "down":
+            stack = down(folder)
+            print("team: nothing to stop" if stack is None
+                  else f"team: stopped (data kept in {stack.folder})")
+        else:
+            stack = load(folder.resolve())
+            if stack is None:
+                raise ServerError(f"no team stack in {folder}: start one with "
+                                  "python -m mnist_pipeline.team up (make team-up)")
+            if args.action == "env":
+                print(stack.exports(), end="")
+            else:
+                state = ("running" if server_alive(stack) and stack.cluster.running()
+                         else "stopped")
+                print(f"team: {state}\n{describe(stack)}", end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""A real team stack (PostgreSQL + MLflow server + DVC remote) for tests, and checkouts that
+use it as separate machines would.
+
+The stack lives in a folder under the system temp dir, not under pytest's own (which only
+root can enter: PostgreSQL runs as the `postgres` user when the tests run as root), on free
+loopback ports, and is stopped and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mnist_pipeline.team import stack as team_stack
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_stack() -> Iterator[team_stack.Stack]:
+    folder = Path(tempfile.mkdtemp(prefix="mnist-team-"))
+    os.chmod(folder, 0o755)
+    try:
+        stack, _ = team_stack.up(folder / "stack", free_port(), free_port())
+        try:
+            yield stack
+        finally:
+            team_stack.down(folder / "stack")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def client_env(stack: team_stack.Stack) -> dict[str, str]:
+    """What a checkout exports to work against the stack (as `team env` prints it)."""
+    return {"MLFLOW_TRACKING_URI": stack.tracking_uri,
+            team_stack.LOCK_ENV: stack.lock_url}

@@ -1,0 +1,139 @@
+"""Two machines promote at once (docs/reliability.md row 18): two checkouts of the project,
+each with its own working tree and DVC cache, evaluate candidates against one team server at
+the same moment, round after round. Each round has a champion and two candidates that both
+beat it, one better than the other: only the lock both checkouts see (an advisory lock on
+the team's PostgreSQL) keeps the worse one from being promoted over the better one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import repo
+from helpers.digits import synthetic_digits
+from helpers.team import client_env
+
+from mnist_pipeline import config
+from mnist_pipeline.data.splits import Split, save_split
+from mnist_pipeline.files import write_json
+
+pytestmark = [pytest.mark.slow, pytest.mark.team]
+
+ROUNDS = 20
+WORKER = Path(__file__).with_name("race_worker.py")
+TEST_IMAGES = 200  # 20 per class: a model that misreads k classes scores 1 - k/10
+
+
+def graded_model(broken: tuple[int, ...]):
+    """A linear model that reads each synthetic digit's bar, except that it sends the classes
+    in `broken` to the next class: exactly their images are wrong (accuracy 1 - k/10)."""
+    import keras
+
+    weights = np.zeros((28 * 28, 10), np.float32)
+    for cls in range(10):
+        mask = np.zeros((28, 28), np.float32)
+        row = 3 + 2 * cls
+        mask[row:row + 2, 4:24] = 10.0 / 40  # ~10 for the class's own bar, ~1 for noise
+        target = (cls + 1) % 10 if cls in broken else cls
+        weights[:, target] += mask.ravel()
+    model = keras.Sequential([
+        keras.Input((28, 28), dtype="uint8", name="image"),
+        keras.layers.Rescaling(1.0 / 255), keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax", name="probabilities")])
+    model.layers[-1].set_weights([weights, np.zeros(10, np.float32)])
+    return model
+
+
+def logged(model, test: Split, name: str, experiment: str) -> dict:
+    """A training run as the train stage leaves it: the model logged, the test set's hash."""
+    from mnist_pipeline.tracking import logged_models, runs
+
+    with runs.run(experiment, run_name=name,
+                  tags={"data.test_sha256": test.sha256(), "data.sha256": "synthetic"}) as run_id:
+        uri = logged_models.log_keras_model(model)
+    return {"run_id": run_id, "model_uri": uri}
+
+
+def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_stack,
+                                                                 monkeypatch):
+    from mnist_pipeline.tracking import registry, store
+    from mnist_pipeline.training import models
+
+    env = client_env(team_stack)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    checkouts = [repo.make(tmp_path / "a", gate={"min_class_recall": 0.0})]
+    repo.run(["git", "clone", "-q", str(checkouts[0]), str(tmp_path / "b")], tmp_path)
+    checkouts.append(tmp_path / "b")
+    test = Split(*synthetic_digits(TEST_IMAGES, seed=3))
+    for checkout in checkouts:
+        save_split(checkout / "data/processed", "test", test)
+    params = yaml.safe_load((checkouts[0] / "params.yaml").read_text())
+    experiment = store.connect(config.section(
+        {"tracking": {**params["tracking"], "experiment_name": "race"}}, "tracking"))
+
+    rng = np.random.default_rng(7)
+    expected = []
+    for index in range(ROUNDS):
+        name = f"race-{index}"
+        # The champion misreads 6 classes; the candidates fewer: both would pass alone.
+        champion = logged(graded_model(tuple(range(6))), test, f"{name}-champion", experiment)
+        version = registry.register(champion["model_uri"], name, tags={
+            "model_sha256": f"champion-{index}", "data.test_sha256": test.sha256()})
+        registry.promote(name, str(version.version))
+        better = int(rng.integers(0, 3))
+        worse = int(rng.integers(better + 1, 6))
+        order = [better, worse] if rng.random() < 0.5 else [worse, better]
+        for checkout, broken in zip(checkouts, order):
+            folder = checkout / "race" / str(index)
+            folder.mkdir(parents=True)
+            model = graded_model(tuple(range(broken)))
+            models.save(model, folder / "model.keras")
+            write_json(folder / "run.json",
+                       logged(model, test, f"{name}-{checkout.name}", experiment))
+        expected.append((name, 1 - better / 10))
+
+    workers = [subprocess.Popen([sys.executable, str(WORKER), str(ROUNDS)], cwd=checkout,
+                                env=repo.env(**env, DVC_ROOT=str(checkout)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for checkout in checkouts]
+    versions = []
+    try:
+        for index, (name, accuracy) in enumerate(expected):
+            for checkout in checkouts:
+                (checkout / "race" / f"go-{index}").touch()
+            outcomes = [_wait_for(checkout / "race" / f"done-{index}", workers)
+                        for checkout in checkouts]
+            for outcome in outcomes:
+                assert "error" not in outcome, outcome.get("error")
+            held = registry.champion(name)
+            tags = held.tags
+            assert float(tags["test_accuracy"]) == pytest.approx(accuracy), (index, outcomes)
+            passed = [o for o in outcomes if o["passed"]]
+            assert passed and held.version in {o["version"] for o in passed}, outcomes
+            versions.append(sorted(o["version"] for o in outcomes))
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.communicate()
+    # Every candidate got a version of its own (the champion was v1), and nothing crashed.
+    assert all(v == ["2", "3"] for v in versions), versions
+
+
+def _wait_for(path: Path, workers: list[subprocess.Popen], timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        for worker in workers:
+            if worker.poll() is not None:
+                pytest.fail(f"a worker stopped ({worker.returncode}): "
+                            f"{worker.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+    return json.loads(path.read_text())
