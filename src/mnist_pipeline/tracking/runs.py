@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import TrackingError
 from .store import retry
 
 # MLflow's dataset digest column holds 36 characters: the first 36 hex digits of the
@@ -36,13 +37,25 @@ def run(experiment_id: str, *, run_name: str | None = None, tags: Mapping[str, s
     try:
         yield run_id
     except KeyboardInterrupt:
-        retry(lambda: mlflow.end_run("KILLED"))
+        _end_after_failure(mlflow, "KILLED")
         raise
     except BaseException:
-        retry(lambda: mlflow.end_run("FAILED"))
+        _end_after_failure(mlflow, "FAILED")
         raise
     else:
         retry(lambda: mlflow.end_run("FINISHED"))
+
+
+# Ending a run that failed must not hide why it failed: a store that is away gets this long,
+# then the run is left to the orphan reaper (`reap_orphans`) and the original error stands.
+END_AFTER_FAILURE_S = 10.0
+
+
+def _end_after_failure(mlflow: Any, status: str) -> None:
+    try:
+        retry(lambda: mlflow.end_run(status), within_s=END_AFTER_FAILURE_S)
+    except TrackingError:
+        pass
 
 
 def owner_tags() -> dict[str, str]:

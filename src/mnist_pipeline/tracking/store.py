@@ -7,6 +7,7 @@ folder; `MLFLOW_TRACKING_URI` (or `tracking.uri`) points the same code at a team
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import random
@@ -114,20 +115,57 @@ def _get_or_create_experiment(cfg: TrackingConfig, artifacts: str | None) -> str
         return experiment.experiment_id
 
 
-def retry(fn: Callable[[], T], attempts: int = 8, base_delay: float = 0.2) -> T:
-    """Retry `fn` on transient store errors ("database is locked", connection resets)."""
+# Signs of a store that is busy or away for a while, not of a wrong request.
+TRANSIENT = ("database is locked", "busy", "connection", "timed out", "timeout",
+             "max retries exceeded", "503", "502", "504")
+# How long a call keeps retrying a store that does not answer before the stage gives up with
+# one line: long enough for a server restart, short enough that nothing seems to hang.
+RETRY_S = 60.0
+RETRY_ENV = "MNIST_PIPELINE_RETRY_S"
+# MLflow's own HTTP retries for a tracking server, per call (its defaults add up to minutes).
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def retry(fn: Callable[[], T], *, within_s: float | None = None, base_delay: float = 0.2) -> T:
+    """Call `fn`, retrying transient store errors ("database is locked", a server that does not
+    answer) for up to `within_s` seconds (default: `$MNIST_PIPELINE_RETRY_S`, else 60); then
+    raise `TrackingError` with one line."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(attempts):
+    if within_s is None:
+        within_s = float(os.environ.get(RETRY_ENV) or RETRY_S)
+    deadline = time.monotonic() + within_s
+    for attempt in itertools.count():
         try:
             return fn()
         except (MlflowException, OSError) as err:
-            transient = any(s in str(err).lower() for s in
-                            ("database is locked", "busy", "connection", "timed out", "503", "502"))
-            if not transient or attempt == attempts - 1:
+            if not is_transient(err):
                 raise
-            time.sleep(base_delay * (2 ** attempt) * (0.5 + random.random()))
+            if time.monotonic() >= deadline:
+                raise TrackingError(
+                    f"the tracking store {_current_uri()} did not answer within "
+                    f"{within_s:.0f} s ({_first_line(err)}); nothing more was recorded: "
+                    "rerun once it is back") from None
+            pause = min(base_delay * (2 ** attempt), 5.0) * (0.5 + random.random())
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
     raise AssertionError("unreachable")
+
+
+def is_transient(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(sign in text for sign in TRANSIENT)
+
+
+def _current_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__
 
 
 def silence() -> None:
@@ -141,5 +179,8 @@ def use_store(cfg: TrackingConfig) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
+    if uri.startswith(("http://", "https://")):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
     return uri
