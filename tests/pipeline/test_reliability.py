@@ -1,4 +1,4 @@
-"""Faults from shared/RELIABILITY.md that cut across stages: kills, bad config, NaN,
+"""Faults from docs/reliability.md that cut across stages: kills, bad config, NaN,
 concurrent writers. (Mirror, archive, IDX, gate and loader faults live beside their
 modules' tests.)"""
 
