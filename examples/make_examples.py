@@ -1,6 +1,7 @@
 """Draw the sample pictures in examples/: digits as a camera or a paint program gives them.
 
-    python examples/make_examples.py            # rewrites examples/*.png and *.jpg
+    python examples/make_examples.py                 # rewrites examples/*.png and *.jpg
+    python examples/make_examples.py --out /tmp/x    # elsewhere
 
 Each picture is made from a fixed seed with Pillow's built-in font or pen strokes, so a rerun
 gives the same pictures. They are what `mnist-predict` is for, not MNIST images: dark ink on
@@ -11,6 +12,7 @@ pencil line, scanned in grayscale. `mnist-predict examples/*` should name the di
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +99,23 @@ PICTURES = {"three.png": three, "seven.jpg": seven, "four-drawn.png": four_drawn
             "five-inverted.jpg": five_inverted, "two-pencil.png": two_pencil}
 
 
-def main() -> None:
+def write_all(folder: Path) -> list[Path]:
+    """Draw every picture into `folder`; the same files on every run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
     for seed, (name, draw) in enumerate(PICTURES.items()):
         picture = draw(np.random.default_rng(seed))
         options = {"quality": 85} if name.endswith(".jpg") else {"optimize": True}
-        picture.save(HERE / name, **options)
-        print(f"wrote {HERE / name}")
+        picture.save(folder / name, **options)
+        written.append(folder / name)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="default: examples/")
+    for path in write_all(parser.parse_args().out):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
