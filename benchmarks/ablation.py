@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+
 from mnist_pipeline.data.splits import load_split
 from mnist_pipeline.training.inputs import dataset
 from mnist_pipeline.training.loop import EpochLoop
@@ -115,13 +116,16 @@ def main(argv: list[str] | None = None) -> None:
     # Every variant traces its own functions once; TensorFlow would warn of "retracing".
     tf.get_logger().setLevel("ERROR")
 
+    from mnist_pipeline.config import TrainJob
+    from mnist_pipeline.config.compose import compose
     from mnist_pipeline.training import models
-    from mnist_pipeline.config import MLPConfig, RuntimeConfig, SGDConfig
 
-    # The stage's runtime set-up (threads, allocators); each variant then sets its own
-    # precision and XLA.
-    configure_runtime(RuntimeConfig(intra_op_threads=args.intra_op_threads,
-                                             inter_op_threads=args.inter_op_threads), seed=42)
+    # The tutorial model and optimizer as conf/ composes them for the stage, and the stage's
+    # runtime set-up (threads, allocators); each variant then sets its own precision and XLA.
+    tutorial = TrainJob.from_config(compose(ROOT / "conf", [
+        f"runtime.intra_op_threads={args.intra_op_threads}",
+        f"runtime.inter_op_threads={args.inter_op_threads}"]))
+    configure_runtime(tutorial.runtime, seed=42)
     mixed = resolve_precision("auto")
     train = load_split(args.processed, "train")
     val = load_split(args.processed, "val")
@@ -143,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             autotune = variant.pipeline == "legacy"
             train_ds = legacy_dataset(train, 128, True, 42, autotune)
             val_ds = legacy_dataset(val, 1000, False, 42, autotune)
-        model = models.build(MLPConfig())
-        models.compile_model(model, models.build_optimizer(SGDConfig()),
+        model = models.build(tutorial.model)
+        models.compile_model(model, models.build_optimizer(tutorial.optimizer),
                              "categorical_crossentropy",
                              steps_per_execution=variant.steps_per_execution,
                              jit_compile=variant.jit_compile)

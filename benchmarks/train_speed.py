@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from mnist_pipeline.data.splits import Split, load_split, save_split, stratified_split
 from mnist_pipeline.training.fit import predict as predict_probabilities
 

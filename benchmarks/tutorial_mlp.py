@@ -14,8 +14,8 @@ from __future__ import print_function
 
 import numpy as np
 from keras.datasets import mnist
-from keras.models import Sequential
 from keras.layers import Dense
+from keras.models import Sequential
 from keras.optimizers import SGD
 from keras.utils import to_categorical
 

@@ -21,9 +21,8 @@ from mnist_pipeline.errors import reported  # noqa: E402
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with reported("train"):
-        paths = config.section(cfg, "paths")
-        sections = {name: config.section(cfg, name)
-                    for name in ("model", "optimizer", "train", "runtime", "tracking")}
+        train_job = config.TrainJob.from_config(cfg)
+        paths = train_job.paths
         from mnist_pipeline.tracking import store
         from mnist_pipeline.training import job  # TensorFlow loads only once config is valid
 
@@ -31,16 +30,13 @@ def main(cfg: DictConfig) -> None:
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         store.silence()
         outcome = job.train(
-            model_cfg=sections["model"], optimizer_cfg=sections["optimizer"],
-            train_cfg=sections["train"], runtime_cfg=sections["runtime"],
-            tracking_cfg=sections["tracking"], processed_dir=paths.processed,
-            checkpoint_dir=None if multirun else paths.checkpoints,
+            train_job, checkpoint_dir=None if multirun else paths.checkpoints,
             run_name=f"multirun-{hydra_cfg.job.num}" if multirun else None,
             tags={"hydra.overrides": " ".join(hydra_cfg.overrides.task)})
         if not multirun:
             job.write_outputs(outcome, paths)
         m = outcome.metrics
-        print(f"train: {sections['model'].name} {int(m['epochs_run'])} epochs, "
+        print(f"train: {train_job.model.name} {int(m['epochs_run'])} epochs, "
               f"val_accuracy {m.get('final_val_accuracy', float('nan')):.4f}, "
               f"{m.get('epoch_time_s_median', float('nan')):.2f} s/epoch "
               f"({outcome.runtime.precision}, {outcome.runtime.device}); "

@@ -26,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import config as test_config
 from omegaconf import OmegaConf
 
 from mnist_pipeline import config
@@ -375,8 +376,7 @@ def test_a_gzip_bomb_is_stopped_by_the_bound(server, tmp_path):
 
 
 def test_file_names_must_be_plain(tmp_path):
-    cfg = make_cfg(http_mirror("m", "http://127.0.0.1:9/"))
-    cfg.files = {"../escape": sha(b"x")}
+    cfg = make_cfg(http_mirror("m", "http://127.0.0.1:9/"), files={"../escape": b"x"})
     with pytest.raises(ConfigError, match="plain file name"):
         run_fetch(cfg, tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
@@ -411,9 +411,9 @@ def test_sigkill_mid_download_leaves_only_a_part_file_and_a_rerun_completes(serv
 
     server.routes["slow"] = trickle
     out = tmp_path / "raw"
-    raw_cfg = {"mirrors": [http_mirror("slow", server.url("slow"), suffix="")],
-               "files": {"big-file": sha(big["big-file"])},
-               "read_timeout_s": 5.0, "connect_timeout_s": 2.0}
+    raw_cfg = test_config.values(
+        "fetch", mirrors=[http_mirror("slow", server.url("slow"), suffix="")],
+        files={"big-file": sha(big["big-file"])}, read_timeout_s=5.0, connect_timeout_s=2.0)
     child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(raw_cfg), str(out)])
     part, final = out / "big-file.part", out / "big-file"
     try:
@@ -612,9 +612,10 @@ def test_stage_runs_as_dvc_does_and_fails_with_one_line(tmp_path, repo_root):
     mirror.mkdir()
     for name, data in FILES.items():
         (mirror / name).write_bytes(data)
-    params = {"paths": {"raw": "data/raw"},
-              "fetch": {"mirrors": [http_mirror("local", mirror.as_uri() + "/", suffix="")],
-                        "files": {name: sha(data) for name, data in FILES.items()}}}
+    params = {"paths": test_config.values("paths", raw="data/raw"),
+              "fetch": test_config.values(
+                  "fetch", mirrors=[http_mirror("local", mirror.as_uri() + "/", suffix="")],
+                  files={name: sha(data) for name, data in FILES.items()})}
     (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(params))
     command = [sys.executable, str(repo_root / "pipelines" / "fetch.py"), "--config-dir", ".",
                "--config-name", "params", "hydra.run.dir=.", "hydra.output_subdir=null",

@@ -8,15 +8,16 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from helpers import config as test_config
 
-from mnist_pipeline.config import GateConfig
 from mnist_pipeline.evaluation.gate import Candidate, Champion, decide, summary_line
 
 N = 1000
 SHA = "a" * 64
 OTHER_SHA = "b" * 64
-CFG = GateConfig(min_accuracy=0.95, min_class_recall=0.90, min_improvement=0.0,
-                 require_significance=True, alpha=0.05)
+GATE = dict(min_accuracy=0.95, min_class_recall=0.90, min_improvement=0.0,
+            require_significance=True, alpha=0.05)
+CFG = test_config.section("gate", **GATE)
 
 
 def correct_with(n_wrong: int, n: int = N) -> np.ndarray:
@@ -148,7 +149,8 @@ def test_significance_uses_per_image_disagreements_not_just_accuracy():
 
 
 def test_min_improvement_is_enforced_with_float_tolerance():
-    cfg = replace(CFG, min_accuracy=0.9, min_improvement=0.003, require_significance=False)
+    cfg = test_config.section("gate", **{**GATE, "min_accuracy": 0.9, "min_improvement": 0.003,
+                                         "require_significance": False})
     exact = decide(candidate(n_wrong=62), champion(n_wrong=65), cfg)
     assert rule(exact, "beats_champion").value < 0.003  # 0.938 - 0.935 in binary floats...
     assert exact.passed                                 # ...still meets min_improvement
@@ -158,7 +160,7 @@ def test_min_improvement_is_enforced_with_float_tolerance():
 
 
 def test_require_significance_false_skips_rule_but_keeps_p_value():
-    cfg = replace(CFG, require_significance=False)
+    cfg = test_config.section("gate", **{**GATE, "require_significance": False})
     verdict = decide(candidate(n_wrong=28), champion(n_wrong=30), cfg)
     assert verdict.passed
     assert "significant" not in [r.name for r in verdict.rules]

@@ -6,19 +6,15 @@ import json
 import subprocess
 
 import pytest
+from helpers import config as test_config
 from helpers import repo
 from helpers.digits import ROOT, synthetic_digits
 
-from mnist_pipeline import config
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.evaluation import promotion
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.tracking.registry import champion, find_version
 from mnist_pipeline.training import job
-
-
-def _section(section: str, **values):
-    return config.section({section: values}, section)
 
 
 @pytest.fixture()
@@ -33,24 +29,20 @@ def workspace(tmp_path, monkeypatch):
 
 
 def _paths(root, name: str):
-    return _section("paths", processed=str(root / "processed"),
-                    model=str(root / name / "model.keras"), run=str(root / name / "run.json"),
-                    train_metrics=str(root / name / "train.json"),
-                    train_history=str(root / name / "history.csv"),
-                    eval_metrics=str(root / name / "evaluate.json"),
-                    eval_plots=str(root / name / "plots"), gate=str(root / name / "gate.json"))
+    return test_config.values(
+        "paths", processed=str(root / "processed"), model=str(root / name / "model.keras"),
+        run=str(root / name / "run.json"), train_metrics=str(root / name / "train.json"),
+        train_history=str(root / name / "history.csv"),
+        eval_metrics=str(root / name / "evaluate.json"), eval_plots=str(root / name / "plots"),
+        gate=str(root / name / "gate.json"))
 
 
 def _train(root, name: str, *, epochs: int, optimizer: dict, seed: int = 1):
-    outcome = job.train(
-        model_cfg=_section("model", name="mlp", hidden_units=[32]),
-        optimizer_cfg=_section("optimizer", **optimizer),
-        train_cfg=_section("train", epochs=epochs, verbose=0, seed=seed),
-        runtime_cfg=_section("runtime"), tracking_cfg=_section("tracking"),
-        processed_dir=str(root / "processed"))
-    paths = _paths(root, name)
-    job.write_outputs(outcome, paths)
-    return paths
+    train_job = test_config.train_job(
+        model={"name": "mlp", "hidden_units": [32]}, optimizer=optimizer,
+        train={"epochs": epochs, "verbose": 0, "seed": seed}, paths=_paths(root, name))
+    job.write_outputs(job.train(train_job), train_job.paths)
+    return train_job.paths
 
 
 GOOD = {"epochs": 4, "optimizer": {"name": "adam", "learning_rate": 0.003}}
@@ -59,8 +51,9 @@ LENIENT = {"min_accuracy": 0.0, "min_class_recall": 0.0}
 
 
 def _evaluate(paths, **gate):
-    return promotion.evaluate(paths, _section("evaluate"), _section("gate", **{**LENIENT, **gate}),
-                              _section("tracking"))
+    return promotion.evaluate(paths, test_config.section("evaluate"),
+                              test_config.section("gate", **{**LENIENT, **gate}),
+                              test_config.section("tracking"))
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@
 `build` saves the splits with `save_split`, trains a small MLP with `job.train`,
 writes the train stage's outputs, runs `promotion.evaluate` with a lenient gate (so the
 model becomes `champion`), and logs a sweep: a parent run with two nested trials. The
-store lives in `root` exactly as the pipeline lays it out (`root` plays the repository
-root through DVC_ROOT). Also: digits rendered from a font, for the picture-to-MNIST path.
+store lives in `root` exactly as the pipeline lays it out, beside the composed params.yaml
+(`root` plays the repository root through DVC_ROOT). Also: digits rendered from a font, for the picture-to-MNIST path.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
+from helpers import config as test_config
 from mnist_pipeline import config
 from mnist_pipeline.config.loading import tracking_config
 from mnist_pipeline.data.splits import Split, save_split
@@ -45,11 +46,6 @@ class Store:
     test: Split
 
 
-def section(key: str, /, **values: Any) -> Any:
-    """A validated config section, e.g. `section("model", name="mlp")`."""
-    return config.section({key: values}, key)
-
-
 def synthetic_splits() -> dict[str, Split]:
     """300 / 100 / 100 synthetic digits: enough for a tiny model to be champion."""
     from helpers.digits import synthetic_digits
@@ -69,25 +65,24 @@ def build(root: Path, splits: dict[str, Split], *, epochs: int = 3,
         patch.setenv("DVC_ROOT", str(root))
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # also undoes MLflow's own export
         patch.chdir(root)
+        test_config.write_params(root)
         processed = root / "data" / "processed"
         for name, split in splits.items():
             save_split(processed, name, split)
-        paths = config.PathsConfig(**{key: str(root / value)
-                                      for key, value in vars(config.PathsConfig()).items()})
-        tracking_cfg = section("tracking")
-        outcome = job.train(
-            model_cfg=section("model", name="mlp", hidden_units=list(hidden_units)),
-            optimizer_cfg=section("optimizer", name="adam", learning_rate=learning_rate),
-            train_cfg=section("train", epochs=epochs, batch_size=32, verbose=0,
-                              checkpoint={"enabled": False}),
-            runtime_cfg=section("runtime", precision="float32", jit_compile="false",
-                                steps_per_execution=1),
-            tracking_cfg=tracking_cfg, processed_dir=paths.processed, run_name=run_name)
+        train_job = test_config.train_job(
+            paths={key: str(root / value) for key, value in test_config.values("paths").items()},
+            model={"name": "mlp", "hidden_units": list(hidden_units)},
+            optimizer={"name": "adam", "learning_rate": learning_rate},
+            train={"epochs": epochs, "batch_size": 32, "verbose": 0,
+                   "checkpoint": {"enabled": False}},
+            runtime={"precision": "float32", "jit_compile": "false", "steps_per_execution": 1})
+        paths, tracking_cfg = train_job.paths, train_job.tracking
+        outcome = job.train(train_job, run_name=run_name)
         job.write_outputs(outcome, paths)
-        lenient = section("gate", min_accuracy=0.0, min_class_recall=0.0,
-                          require_significance=False)
-        decision = promotion.evaluate(paths, section("evaluate", batch_size=256,
-                                                     misclassified_grid=4),
+        lenient = test_config.section("gate", min_accuracy=0.0, min_class_recall=0.0,
+                                      require_significance=False)
+        decision = promotion.evaluate(paths, test_config.section("evaluate", batch_size=256,
+                                                                 misclassified_grid=4),
                                       lenient, tracking_cfg)
         assert decision.champion_after == decision.version, decision.line
         experiment_id = connect(tracking_cfg)

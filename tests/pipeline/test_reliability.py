@@ -1,9 +1,10 @@
-"""Faults from shared/RELIABILITY.md that cut across stages: kills, bad config, NaN,
+"""Faults from docs/reliability.md that cut across stages: kills, bad config, NaN,
 concurrent writers. (Mirror, archive, IDX, gate and loader faults live beside their
 modules' tests.)"""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 
 import pytest
 import yaml
+from helpers import config as test_config
 from helpers import repo
 
 from mnist_pipeline.data.splits import load_split
@@ -151,12 +153,12 @@ def test_bad_params_yaml_fails_dvc_repro_naming_the_key(tmp_path):
 # --- row 10: several writers on one SQLite store --------------------------------------------
 
 WRITER = textwrap.dedent('''
-    import sys, time
+    import json, sys, time
     from mnist_pipeline import config
     from mnist_pipeline.tracking.runs import log_metrics, log_params, run, set_tags
     from mnist_pipeline.tracking.store import connect
     rounds, start = int(sys.argv[1]), float(sys.argv[2])
-    cfg = config.section({"tracking": {}}, "tracking")
+    cfg = config.section({"tracking": json.loads(sys.argv[4])}, "tracking")
     while time.time() < start:
         time.sleep(0.005)
     experiment = connect(cfg)
@@ -174,7 +176,9 @@ def test_parallel_writers_on_one_sqlite_store(tmp_path):
     """4 writer processes start together on a brand-new store; 20 runs each, all recorded."""
     writers, rounds = 4, 20
     start = time.time() + 6  # every process imported and waiting before the first write
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(rounds), str(start), str(w)],
+    tracking = json.dumps(test_config.values("tracking"))
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(rounds), str(start), str(w),
+                               tracking],
                               cwd=tmp_path, env=repo.env(DVC_ROOT=str(tmp_path)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for w in range(writers)]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import config as test_config
 from helpers import tiny_store
 from PIL import Image
 
@@ -145,6 +146,7 @@ def test_console_script_end_to_end(in_repo, pictures, tmp_path):
 
 
 def test_no_store_is_an_error_not_a_new_empty_store(tmp_path, monkeypatch, pictures, capsys):
+    test_config.write_params(tmp_path)  # a checkout whose pipeline has not run yet
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         predict.main([next(iter(pictures))])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import config as test_config
 from helpers import tiny_store
 from helpers.digits import synthetic_digits
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.xdist_group("serving")
 
 def test_command_serves_the_champion_on_loopback(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    command = model_server_command(tiny_store.section("tracking"), port=5124)
+    command = model_server_command(test_config.section("tracking"), port=5124)
     argv = command.argv
     assert argv[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
 
@@ -46,15 +47,14 @@ def test_command_serves_the_champion_on_loopback(tmp_path, monkeypatch):
 
 
 def test_registered_model_name_comes_from_params_yaml(tmp_path):
-    (tmp_path / "params.yaml").write_text("tracking:\n  registered_model: digits-v2\n")
+    test_config.write_params(tmp_path, tracking={"registered_model": "digits-v2"})
     cfg = tracking_config(tmp_path)
     command = model_server_command(cfg)
     assert "models:/digits-v2@champion" in command.argv
-    assert tracking_config(tmp_path / "nowhere").registered_model == "mnist-classifier"
 
 
 def test_other_model_and_explicit_wide_bind():
-    command = model_server_command(tiny_store.section("tracking"),
+    command = model_server_command(test_config.section("tracking"),
                                            model_uri="models:/mnist-classifier/3",
                                            host="0.0.0.0")
     assert "models:/mnist-classifier/3" in command.argv
@@ -63,6 +63,7 @@ def test_other_model_and_explicit_wide_bind():
 
 
 def test_serving_without_a_store_says_what_to_do(tmp_path, monkeypatch, capsys):
+    test_config.write_params(tmp_path)  # a checkout whose pipeline has not run yet
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
         main(["--port", str(tiny_store.free_port())])
@@ -72,9 +73,10 @@ def test_serving_without_a_store_says_what_to_do(tmp_path, monkeypatch, capsys):
 
 
 def test_serving_before_the_first_champion_says_what_to_do(tmp_path, monkeypatch, capsys):
+    test_config.write_params(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    connect(tiny_store.section("tracking"))  # a store with no registered model yet
+    connect(test_config.section("tracking"))  # a store with no registered model yet
     with pytest.raises(SystemExit) as exit_info:
         main(["--port", str(tiny_store.free_port())])
     assert exit_info.value.code == 1

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import config as test_config
 from helpers import tiny_store
 
 from mnist_pipeline.errors import ServerError
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.xdist_group("ui")
 
 def test_command_serves_the_repository_store_on_loopback_with_one_worker(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    command = ui.server_command(tiny_store.section("tracking"), port=5123)
+    command = ui.server_command(test_config.section("tracking"), port=5123)
     argv = command.argv
     assert argv[:4] == [sys.executable, "-m", "mlflow", "server"]
 
@@ -50,14 +51,14 @@ def test_command_serves_the_repository_store_on_loopback_with_one_worker(tmp_pat
 
 def test_tracking_uri_override_is_the_store_served(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'team.db'}")
-    argv = ui.server_command(tiny_store.section("tracking")).argv
+    argv = ui.server_command(test_config.section("tracking")).argv
     assert argv[argv.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'team.db'}"
     # runs logged through the UI server keep their artifacts where the pipeline puts them
     assert argv[argv.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
 
 
 def test_binding_beyond_loopback_is_explicit_and_warned():
-    command = ui.server_command(tiny_store.section("tracking"), host="0.0.0.0", port=5000,
+    command = ui.server_command(test_config.section("tracking"), host="0.0.0.0", port=5000,
                                 extra_hosts=("mlflow.lan:5000",))
     assert command.argv[command.argv.index("--host") + 1] == "0.0.0.0"
     assert command.argv[command.argv.index("--allowed-hosts") + 1] == \
@@ -73,13 +74,13 @@ def test_binding_beyond_loopback_is_explicit_and_warned():
 ])
 def test_unsafe_or_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ServerError, match=message):
-        ui.server_command(tiny_store.section("tracking"), **kwargs)
+        ui.server_command(test_config.section("tracking"), **kwargs)
 
 
 def test_a_remote_tracking_server_is_not_wrapped(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example.com")
     with pytest.raises(ServerError, match="already a server"):
-        ui.server_command(tiny_store.section("tracking"))
+        ui.server_command(test_config.section("tracking"))
 
 
 # --- the real server -----------------------------------------------------------------------

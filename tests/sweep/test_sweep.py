@@ -7,12 +7,12 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from helpers import config as test_config
 from helpers.digits import ROOT, synthetic_digits
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -32,9 +32,9 @@ from mnist_pipeline.sweep.study import (
     open_study,
     progress,
 )
-from mnist_pipeline.sweep.workers import trial_sections
 
-# A space small enough to train in seconds, with every kind of dimension.
+# A space small enough to train in seconds, with every kind of dimension (the rest of the
+# sweep section is conf/sweep/mlp.yaml's).
 TINY_SPACE = {
     "name": "tiny",
     "n_trials": 2,
@@ -105,8 +105,8 @@ def test_shipped_spaces_compose_and_validate_as_trials(name):
         for value in values:
             overrides = [*sweep_cfg.overrides, *(d.probe() for d in space if d is not dimension),
                          dimension.override(value)]
-            sections = trial_sections(compose_with_choices(ROOT / "conf", overrides)[0])
-            assert sections["train"].verbose == 0
+            job = config.TrainJob.from_config(compose_with_choices(ROOT / "conf", overrides)[0])
+            assert job.train.verbose == 0
 
 
 def test_sweep_group_stays_out_of_params_yaml():
@@ -123,20 +123,20 @@ def test_sweep_group_stays_out_of_params_yaml():
 ])
 def test_bad_sweep_settings_fail_naming_key_value_and_allowed(key, value, expected):
     with pytest.raises(ConfigError) as info:
-        config.section({"sweep": {**TINY_SPACE, key: value}}, "sweep")
+        test_config.section("sweep", **{**TINY_SPACE, key: value})
     assert f"'sweep.{key}'" in str(info.value) and expected in str(info.value)
 
 
 def test_threshold_pruner_needs_a_threshold():
     with pytest.raises(ConfigError, match="sweep.pruner.threshold"):
-        config.section({"sweep": {**TINY_SPACE, "pruner": {"name": "threshold"}}}, "sweep")
+        test_config.section("sweep", **{**TINY_SPACE, "pruner": {"name": "threshold"}})
 
 
 # --- the budget ----------------------------------------------------------------------------
 
 def _sweep_cfg(tmp_path, **values) -> config.SweepConfig:
-    return config.section({"sweep": {**TINY_SPACE, "storage": f"sqlite:///{tmp_path / 'o.db'}",
-                                     **values}}, "sweep")
+    return test_config.section("sweep", **{**TINY_SPACE,
+                                           "storage": f"sqlite:///{tmp_path / 'o.db'}", **values})
 
 
 def test_only_trials_that_ran_their_objective_use_up_the_budget(tmp_path):
@@ -201,7 +201,8 @@ def test_parallel_sweep_resumes_prunes_and_writes_an_experiment(tmp_path, monkey
     from mlflow import MlflowClient
 
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
-    (tmp_path / "conf" / "sweep" / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPACE))
+    (tmp_path / "conf" / "sweep" / "tiny.yaml").write_text(
+        yaml.safe_dump(test_config.values("sweep", **TINY_SPACE)))
     for name, n, seed in (("train", 300, 1), ("val", 100, 2), ("test", 100, 3)):
         save_split(tmp_path / "data" / "processed", name,
                         Split(*synthetic_digits(n, seed)))
@@ -268,9 +269,9 @@ def test_parallel_sweep_resumes_prunes_and_writes_an_experiment(tmp_path, monkey
     assert composed["train"]["epochs"] == 2 and composed["train"]["verbose"] == 2
 
     # No DVC output, no model logged or registered; only the study, the store and the file.
-    for f in fields(config.PathsConfig):
-        if f.name not in ("raw", "processed"):
-            assert not (tmp_path / f.default).exists(), f.default
+    for name, path in test_config.values("paths").items():
+        if name not in ("raw", "processed"):
+            assert not (tmp_path / path).exists(), path
     created = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} - before
     tops = {p.parts[0] for p in created if not p.parts[0].startswith("store.db")}  # -wal, -shm
     assert tops <= {"sweeps", "mlartifacts", "mlruns", ".locks", "conf"}

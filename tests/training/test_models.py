@@ -8,14 +8,14 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from helpers import config as test_config
 
-from mnist_pipeline import config
 from mnist_pipeline.errors import ModelError
 from mnist_pipeline.training import models
 
 
 def _model(name: str, **overrides) -> keras.Model:
-    return models.build(config.section({"model": {"name": name, **overrides}}, "model"))
+    return models.build(test_config.section("model", name=name, **overrides))
 
 
 def test_tutorial_mlp_is_sequential_with_535818_params():
@@ -65,7 +65,7 @@ def test_rnn_cell_choice():
                                        ("rmsprop", keras.optimizers.RMSprop),
                                        ("adam", keras.optimizers.Adam)])
 def test_optimizers_take_config_arguments(name, cls):
-    opt_cfg = config.section({"optimizer": {"name": name, "learning_rate": 0.123}}, "optimizer")
+    opt_cfg = test_config.section("optimizer", name=name, learning_rate=0.123)
     optimizer = models.build_optimizer(opt_cfg)
     assert isinstance(optimizer, cls)
     assert float(optimizer.learning_rate) == pytest.approx(0.123)

@@ -9,6 +9,7 @@ import signal
 
 import numpy as np
 import pytest
+from helpers import config as test_config
 from helpers import repo
 from helpers.digits import synthetic_digits
 
@@ -18,10 +19,6 @@ from mnist_pipeline.errors import Interrupted
 from mnist_pipeline.training import job, models
 from mnist_pipeline.training.callbacks import schedule_factor
 from mnist_pipeline.training.fit import weights_digest
-
-
-def _section(section: str, **values):
-    return config.section({section: values}, section)
 
 
 @pytest.fixture()
@@ -37,12 +34,11 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
-    outcome = job.train(
-        model_cfg=_section("model", name="mlp", hidden_units=[32, 16]),
-        optimizer_cfg=_section("optimizer", name="sgd"),
-        train_cfg=_section("train", epochs=1, verbose=0, batch_size=64),
-        runtime_cfg=_section("runtime"), tracking_cfg=_section("tracking"),
-        processed_dir=str(processed), checkpoint_dir=str(tmp_path / "ckpt"))
+    train_job = test_config.train_job(
+        model={"name": "mlp", "hidden_units": [32, 16]}, optimizer={"name": "sgd"},
+        train={"epochs": 1, "verbose": 0, "batch_size": 64},
+        paths={"processed": str(processed)})
+    outcome = job.train(train_job, checkpoint_dir=str(tmp_path / "ckpt"))
     run = MlflowClient().get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert re.fullmatch(r"mlp-sgd-\d{8}-\d{6}", run.info.run_name), run.info.run_name
@@ -75,16 +71,13 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
 def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
-    outcome = job.train(
-        model_cfg=_section("model", name="mlp", hidden_units=[8]),
-        optimizer_cfg=_section("optimizer", name="adam"),
-        train_cfg=_section("train", epochs=2, verbose=0),
-        runtime_cfg=_section("runtime"), tracking_cfg=_section("tracking"),
-        processed_dir=str(processed))
-    paths = _section("paths", model=str(tmp_path / "out/model.keras"),
-                     run=str(tmp_path / "out/run.json"),
-                     train_metrics=str(tmp_path / "out/train.json"),
-                     train_history=str(tmp_path / "out/history.csv"))
+    outcome = job.train(test_config.train_job(
+        model={"name": "mlp", "hidden_units": [8]}, optimizer={"name": "adam"},
+        train={"epochs": 2, "verbose": 0}, paths={"processed": str(processed)}))
+    paths = test_config.section("paths", model=str(tmp_path / "out/model.keras"),
+                                run=str(tmp_path / "out/run.json"),
+                                train_metrics=str(tmp_path / "out/train.json"),
+                                train_history=str(tmp_path / "out/history.csv"))
     job.write_outputs(outcome, paths)
     assert json.loads((tmp_path / "out/run.json").read_text())["run_id"] == outcome.run_id
     assert json.loads((tmp_path / "out/train.json").read_text())["epochs_run"] == 2
@@ -97,16 +90,32 @@ def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
     assert weights_digest(loaded) == weights_digest(outcome.model)
 
 
+@pytest.mark.parametrize("overrides, digest", [
+    ((), "c62732bbd8669e14afa203a761c1ffe77d604007641aa1beca97d39aff5e4738"),
+    (("runtime.jit_compile=false", "optimizer.learning_rate=1"),
+     "bb3b20e4613b8c39a9f71a7b69691b59a4baa9fbdfb57b46d2f49f3abe5f496a"),
+])
+def test_run_params_and_config_digest_are_unchanged(overrides, digest):
+    # Digests of the same configs under the earlier (dataclass) schema: a run resumes from
+    # its checkpoints, and compares with earlier runs, only while these stay the same.
+    train_job = config.TrainJob.from_config(test_config.composed(*overrides))
+    params = job.run_params(train_job)
+    assert {key.split(".")[0] for key in params} == set(config.RUN_SECTIONS)
+    assert params["model.hidden_units"] == [512, 256]
+    assert job.config_digest(params) == digest
+
+
 @pytest.mark.parametrize("name, epoch, expected", [
     ("constant", 5, 1.0), ("cosine", 0, 1.0), ("cosine", 10, 0.0), ("step", 10, 0.5),
 ])
 def test_schedule_factors(name, epoch, expected):
-    cfg = _section("train", epochs=10, lr_schedule={"name": name, "step_epochs": 10})
+    cfg = test_config.section("train", epochs=10, lr_schedule={"name": name, "step_epochs": 10})
     assert schedule_factor(cfg, epoch) == pytest.approx(expected, abs=1e-9)
 
 
 def test_warmup_ramps_up():
-    cfg = _section("train", epochs=10, lr_schedule={"name": "cosine", "warmup_epochs": 2})
+    cfg = test_config.section("train", epochs=10,
+                              lr_schedule={"name": "cosine", "warmup_epochs": 2})
     assert [round(schedule_factor(cfg, e), 3) for e in range(3)] == [0.333, 0.667, 1.0]
 
 

@@ -9,10 +9,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import config as test_config
 from helpers.digits import synthetic_digits
 
-from mnist_pipeline import config
-from mnist_pipeline.config import AdamConfig, CNNConfig, MLPConfig, RNNConfig, SGDConfig
 from mnist_pipeline.data.splits import Split, load_split, save_split
 from mnist_pipeline.training import models
 from mnist_pipeline.training.callbacks import EpochReport, StopOnNaN
@@ -32,8 +31,9 @@ def splits(tmp_path):
 
 def _model(learning_rate: float = 0.05, seed: int = 3) -> keras.Model:
     keras.utils.set_random_seed(seed)
-    model = models.build(MLPConfig(hidden_units=[16]))
-    models.compile_model(model, models.build_optimizer(SGDConfig(learning_rate=learning_rate)),
+    model = models.build(test_config.section("model", name="mlp", hidden_units=[16]))
+    optimizer = test_config.section("optimizer", name="sgd", learning_rate=learning_rate)
+    models.compile_model(model, models.build_optimizer(optimizer),
                          "categorical_crossentropy")
     return model
 
@@ -170,15 +170,17 @@ def test_a_closed_loop_lets_go_of_the_images(splits, tmp_path):
     assert loop.train_x is None
 
 
-@pytest.mark.parametrize("model_cfg", [
-    CNNConfig(filters=[4], convs_per_block=1, dense_units=8),  # batch norm: moving statistics
-    RNNConfig(cell="gru", units=8),
+@pytest.mark.parametrize("model_changes", [
+    {"name": "cnn", "filters": [4], "convs_per_block": 1, "dense_units": 8,
+     "batch_norm": True},  # batch norm: moving statistics
+    {"name": "rnn", "cell": "gru", "units": 8},
 ], ids=["cnn", "rnn"])
-def test_every_model_family_trains_through_the_loop(splits, model_cfg):
+def test_every_model_family_trains_through_the_loop(splits, model_changes):
     train, val = splits
     keras.utils.set_random_seed(3)
-    model = models.build(model_cfg)
-    models.compile_model(model, models.build_optimizer(AdamConfig(weight_decay=1e-4)),
+    model = models.build(test_config.section("model", **model_changes))
+    adamw = test_config.section("optimizer", name="adam", weight_decay=1e-4)
+    models.compile_model(model, models.build_optimizer(adamw),
                          "categorical_crossentropy")
     before = [w.copy() for w in model.get_weights()]
     history = _loop(model, train, val, shuffle=True).run([], epochs=2)
@@ -209,19 +211,15 @@ def test_under_a_tf_distribute_strategy_keras_fit_trains(splits):
     runtime = Runtime(precision="float32", jit_compile=False, device="CPU",
                                strategy=tf.distribute.MirroredStrategy(["/cpu:0"]), replicas=1,
                                deterministic=False)
-    result = fit(MLPConfig(hidden_units=[8]), SGDConfig(),
-                          config.section({"train": {"epochs": 2, "verbose": 0,
-                                                    "batch_size": 64}}, "train"),
-                          runtime, train, val, steps_per_execution=1)
+    tiny = test_config.train_job(model={"hidden_units": [8]},
+                                 train={"epochs": 2, "verbose": 0, "batch_size": 64})
+    result = fit(tiny, runtime, train, val, steps_per_execution=1)
     assert result.epochs_run == 2 and math.isfinite(result.history["val_loss"][-1])
     assert result.model.train_function is not None, "trained by Model.fit"
     default = Runtime(precision="float32", jit_compile=False, device="CPU",
                                strategy=tf.distribute.get_strategy(), replicas=1,
                                deterministic=False)
-    result = fit(MLPConfig(hidden_units=[8]), SGDConfig(),
-                          config.section({"train": {"epochs": 2, "verbose": 0,
-                                                    "batch_size": 64}}, "train"),
-                          default, train, val, steps_per_execution=2)
+    result = fit(tiny, default, train, val, steps_per_execution=2)
     assert result.epochs_run == 2 and result.model.train_function is None, "trained by EpochLoop"
 
 

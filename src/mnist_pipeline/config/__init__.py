@@ -1,15 +1,37 @@
 """Typed, validated configuration: the schema of each `params.yaml` section, how a composed
 section is loaded into it, and how `conf/` composes into `params.yaml`."""
 
+from .job import JOB_SECTIONS, RUN_SECTIONS, TrainJob  # noqa: F401
 from .loading import (  # noqa: F401
-                      SECTION_SCHEMAS,
-                      VARIANT_SCHEMAS,
-                      build,
-                      flatten,
-                      section,
-                      to_dict,
-                      tracking_config,
+    SECTION_SCHEMAS,
+    build,
+    flatten,
+    section,
+    to_dict,
+    tracking_config,
 )
-from .schema import *  # noqa: F403
+from .schema import (  # noqa: F401
+    AdamConfig,
+    CheckpointConfig,
+    CNNConfig,
+    EarlyStoppingConfig,
+    EvaluateConfig,
+    FetchConfig,
+    GateConfig,
+    HttpMirror,
+    LRScheduleConfig,
+    MirrorConfig,
+    MLPConfig,
+    ModelConfig,
+    NpmMirror,
+    OptimizerConfig,
+    PathsConfig,
+    PreprocessConfig,
+    RMSpropConfig,
+    RNNConfig,
+    RuntimeConfig,
+    SGDConfig,
+    TrackingConfig,
+    TrainConfig,
+)
 from .sweep import SweepConfig, SweepPrunerConfig, SweepSamplerConfig  # noqa: F401
-

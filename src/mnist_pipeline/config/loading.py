@@ -4,24 +4,27 @@
 from __future__ import annotations
 
 import os
-import re
+import types
 from collections.abc import Mapping
-from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from .. import project
 from ..errors import ConfigError, ServerError
 from .schema import (
-    MODEL_SCHEMAS,
-    OPTIMIZER_SCHEMAS,
+    EXPECTED,
+    TYPE_ERRORS,
     EvaluateConfig,
+    Expect,
     FetchConfig,
     GateConfig,
+    ModelConfig,
+    OptimizerConfig,
     PathsConfig,
     PreprocessConfig,
     RuntimeConfig,
@@ -30,15 +33,14 @@ from .schema import (
 )
 from .sweep import SweepConfig
 
-T = TypeVar("T")
-
-
 # --- loading -------------------------------------------------------------------------------
 
-SECTION_SCHEMAS: dict[str, type] = {
+SECTION_SCHEMAS: dict[str, Any] = {
     "paths": PathsConfig,
     "fetch": FetchConfig,
     "preprocess": PreprocessConfig,
+    "model": ModelConfig,          # one of MLPConfig, CNNConfig, RNNConfig, by `name`
+    "optimizer": OptimizerConfig,  # one of SGDConfig, RMSpropConfig, AdamConfig, by `name`
     "train": TrainConfig,
     "runtime": RuntimeConfig,
     "tracking": TrackingConfig,
@@ -46,12 +48,12 @@ SECTION_SCHEMAS: dict[str, type] = {
     "gate": GateConfig,
     "sweep": SweepConfig,  # not in params.yaml: `pipelines/sweep.py +sweep=<space>` adds it
 }
-VARIANT_SCHEMAS: dict[str, dict[str, type]] = {"model": MODEL_SCHEMAS,
-                                               "optimizer": OPTIMIZER_SCHEMAS}
 
 
 def section(cfg: Mapping[str, Any] | DictConfig, name: str) -> Any:
-    """Validate section `name` of a composed config and return it as its dataclass."""
+    """Validate section `name` of a composed config and return it as its schema model."""
+    if name not in SECTION_SCHEMAS:
+        raise ConfigError(name, None, "one of the sections " + ", ".join(SECTION_SCHEMAS))
     if name not in cfg:
         raise ConfigError(name, None, f"a '{name}' section in the composed config")
     raw = cfg[name]
@@ -59,42 +61,97 @@ def section(cfg: Mapping[str, Any] | DictConfig, name: str) -> Any:
         raw = OmegaConf.to_container(raw, resolve=True)
     if not isinstance(raw, Mapping):
         raise ConfigError(name, raw, "a mapping")
-    if name in VARIANT_SCHEMAS:
-        choices = VARIANT_SCHEMAS[name]
-        variant = raw.get("name")
-        if variant not in choices:
-            raise ConfigError(f"{name}.name", variant, "one of " + ", ".join(map(repr, choices)))
-        schema = choices[variant]
-    elif name in SECTION_SCHEMAS:
-        schema = SECTION_SCHEMAS[name]
-    else:
-        raise ConfigError(name, None, "one of the sections " + ", ".join(
-            list(SECTION_SCHEMAS) + list(VARIANT_SCHEMAS)))
-    return build(schema, raw, prefix=name)
+    return build(SECTION_SCHEMAS[name], raw, prefix=name)
 
 
-def build(schema: type[T], raw: Mapping[str, Any], prefix: str) -> T:
-    """Merge `raw` onto `schema`'s defaults and instantiate it, naming the key on failure."""
+def build(schema: Any, raw: Mapping[str, Any], prefix: str) -> Any:
+    """Validate `raw` against `schema`; the first failure is a `ConfigError` under `prefix`."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
-        return OmegaConf.to_object(merged)  # type: ignore[return-value]
-    except ConfigKeyError as err:
-        key = f"{prefix}.{err.full_key}"
-        allowed = _field_names(schema, str(err.full_key))
-        raise ConfigError(key, _lookup(raw, str(err.full_key)),
-                          f"one of the known keys: {allowed}") from None
+        return TypeAdapter(schema).validate_python(raw)
     except ValidationError as err:
-        key = f"{prefix}.{err.full_key}"
-        raise ConfigError(key, _lookup(raw, str(err.full_key)),
-                          _expected_type(err.msg)) from None
-    except OmegaConfBaseException as err:
-        raise ConfigError(prefix, raw, f"a valid '{prefix}' section ({err.msg})") from None
+        raise config_error(err, schema, raw, prefix) from None
+
+
+def config_error(err: ValidationError, schema: Any, raw: Any, prefix: str) -> ConfigError:
+    """The first failure of `err` as the one line a user sees: key, value, what is allowed."""
+    first = err.errors()[0]
+    kind, loc, ctx = first["type"], first["loc"], first.get("ctx", {})
+    if isinstance(ctx.get("error"), ConfigError):  # a cross-field rule names its own key
+        return ctx["error"]
+    key, annotation, field = _locate(schema, raw, loc, prefix)
+    value = first.get("input")
+    if kind == EXPECTED:
+        allowed = ctx[EXPECTED]
+    elif kind in TYPE_ERRORS:
+        allowed = f"a value of type {TYPE_ERRORS[kind]}"
+    elif kind == "extra_forbidden":
+        parent = _locate(schema, raw, loc[:-1], prefix)[1]
+        allowed = "one of the known keys: " + ", ".join(parent.model_fields)
+    elif kind == "literal_error":
+        allowed = "one of " + ", ".join(map(repr, get_args(_strip(annotation)[0])))
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        members, tag = _strip(annotation)
+        key, value = f"{key}.{tag}", value.get(tag) if isinstance(value, Mapping) else None
+        allowed = "one of " + ", ".join(map(repr, _variants(members, tag)))
+    elif kind == "missing":
+        expect = [m.text for m in (field.metadata if field else []) if isinstance(m, Expect)]
+        value, allowed = None, f"{(expect or ['a value'])[0]} (the key is missing)"
+    else:
+        allowed = first["msg"]
+    return ConfigError(key, value, allowed)
+
+
+def _locate(schema: Any, raw: Any, loc: tuple[int | str, ...], prefix: str
+            ) -> tuple[str, Any, FieldInfo | None]:
+    """The dotted key of pydantic's error location `loc`, its annotation and its field.
+
+    pydantic names the chosen member of a tagged union (`model` -> `mlp`) in the location;
+    users never wrote it, so the key leaves it out. A list item is named by its `name` key
+    when it has one: `fetch.mirrors[cvdf-gcs].url`.
+    """
+    key, annotation, field, node = prefix, schema, None, raw
+    for part in loc:
+        members, tag = _strip(annotation)
+        if tag and part in _variants(members, tag):
+            annotation = _variants(members, tag)[part]
+            continue
+        if isinstance(part, int):
+            item = node[part] if isinstance(node, list) and part < len(node) else None
+            name = item.get("name") if isinstance(item, Mapping) else None
+            key += f"[{part if name is None else name}]"
+            annotation, node = (get_args(members) or [Any])[0], item
+            continue
+        key += f".{part}"
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(members, type) and issubclass(members, BaseModel):
+            field = members.model_fields.get(part)
+            annotation = field.annotation if field else Any
+        else:  # a free-form mapping: its values' annotation
+            annotation = (get_args(members) or [Any, Any])[-1]
+    return key, annotation, field
+
+
+def _strip(annotation: Any) -> tuple[Any, str | None]:
+    """`Annotated[X, ...]` -> X, and the discriminator of a tagged union (else None)."""
+    tag = None
+    while get_origin(annotation) is Annotated:
+        annotation, *metadata = get_args(annotation)
+        tag = next((m.discriminator for m in metadata
+                    if isinstance(m, FieldInfo) and m.discriminator), tag)
+    return annotation, tag
+
+
+def _variants(union: Any, tag: str) -> dict[Any, type[BaseModel]]:
+    """A tagged union's members by their tag value: {'mlp': MLPConfig, ...}."""
+    if get_origin(union) not in (Union, types.UnionType):
+        return {}
+    return {get_args(m.model_fields[tag].annotation)[0]: m for m in get_args(union)}
 
 
 def to_dict(obj: Any) -> Any:
-    """A validated dataclass as plain, YAML/JSON-ready data."""
-    if is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    """A validated section as plain, YAML/JSON-ready data, in field order."""
+    if isinstance(obj, BaseModel):
+        return {name: to_dict(getattr(obj, name)) for name in type(obj).model_fields}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -117,56 +174,31 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _lookup(raw: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = raw
-    for part in dotted.split("."):
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.strip("[]").isdigit():
-            node = node[int(part.strip("[]"))]
-        else:
-            return None
-    return node
-
-
-def _field_names(schema: type, dotted: str) -> str:
-    """Names of the fields at the level where an unknown key `dotted` was found."""
-    current: Any = schema
-    for part in dotted.split(".")[:-1]:
-        nested = {f.name: f for f in fields(current)}.get(part) if is_dataclass(current) else None
-        if nested is None:
-            break
-        default = nested.default_factory() if callable(nested.default_factory) else None  # type: ignore[misc]
-        if not is_dataclass(default):
-            break
-        current = type(default)
-    return ", ".join(f.name for f in fields(current)) if is_dataclass(current) else "?"
-
-
-def _expected_type(msg: str) -> str:
-    match = re.search(r"could not be converted to (\w+)", msg)
-    if match:
-        return f"a value of type {match.group(1).lower()}"
-    return msg.splitlines()[0]
-
-
 PARAMS_FILE = "params.yaml"
+CONF_DIR = "conf"
 
 
 def tracking_config(root: str | os.PathLike[str] | None = None) -> TrackingConfig:
-    """The `tracking` section of `<repo root>/params.yaml` (defaults when there is none).
+    """The `tracking` section of `<repo root>/params.yaml`, else of what `conf/` composes to.
 
     The servers and `mnist-predict` run outside DVC, so they read the composed params.yaml
-    the stages read, not `conf/`.
+    the stages read; a checkout that has not composed it yet composes `conf/` instead.
     """
     path = Path(root) if root is not None else project.root()
     params = path / PARAMS_FILE
-    if not params.is_file():
-        return TrackingConfig()
-    try:
-        raw = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ServerError(f"{params}: not valid YAML ({err}); recompose it: make params") from None
-    if "tracking" not in raw:
-        return TrackingConfig()
+    if params.is_file():
+        try:
+            raw = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ServerError(f"{params}: not valid YAML ({err}); "
+                              "recompose it: make params") from None
+    elif (path / CONF_DIR / "config.yaml").is_file():
+        from .compose import compose
+
+        raw = compose(path / CONF_DIR)
+    else:
+        raise ServerError(f"{path}: neither {PARAMS_FILE} nor {CONF_DIR}/config.yaml; run from "
+                          "the project's root or set DVC_ROOT to it")
+    if not isinstance(raw, Mapping) or "tracking" not in raw:
+        raise ServerError(f"{params}: no 'tracking' section; recompose it: make params")
     return section(raw, "tracking")

@@ -2,117 +2,101 @@
 +sweep=<space>` adds it.
 """
 
-from __future__ import annotations
-
 import math
-import re
-from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError
-from .schema import _at_least, _one_of
+from .schema import NAME_PATTERN, Expect, Section, integer
 
+# The per-epoch validation metrics a study can optimise (the test set is never used to
+# choose), and the direction each is optimised in.
 SWEEP_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
 
 
-@dataclass
-class SweepSamplerConfig:
+class SweepSamplerConfig(Section):
     # tpe: Bayesian optimisation (multivariate TPE, constant liar for parallel workers);
     # random: the baseline TPE has to beat.
-    name: str = "tpe"
+    name: Literal["tpe", "random"]
     # Each worker seeds its sampler from (seed, worker, trials already run), so parallel
     # workers and resumed studies do not draw the same points.
-    seed: int = 0
+    seed: integer(0)
     # Random trials before TPE models the space. Optuna's 10 suits long studies; for the
-    # ~16-trial sweeps one machine affords, 5 leaves more trials to the model.
-    n_startup_trials: int = 5
-
-    def __post_init__(self) -> None:
-        _one_of("sweep.sampler.name", self.name, ("tpe", "random"))
-        _at_least("sweep.sampler.seed", self.seed, 0)
-        _at_least("sweep.sampler.n_startup_trials", self.n_startup_trials, 0)
+    # ~16-trial sweeps one machine affords, fewer leaves more trials to the model.
+    n_startup_trials: integer(0)
 
 
-@dataclass
-class SweepPrunerConfig:
+class SweepPrunerConfig(Section):
     # median: stop a trial whose metric is worse than the median of earlier trials at the
     #   same epoch. successive_halving: at epochs min_resource * reduction_factor**k keep
     #   only the best 1/reduction_factor. threshold: stop a trial worse than `threshold`
     #   (a diverged run). none: every trial runs all its epochs.
-    name: str = "median"
+    name: Literal["median", "successive_halving", "threshold", "none"]
     # Complete trials before the median pruner prunes anything: a median of one or two
     # runs is noise.
-    n_startup_trials: int = 4
+    n_startup_trials: integer(0)
     # Epochs every trial trains before it may be pruned: the first epochs rank runs poorly
     # (a high learning rate leads early, a well-tuned slower one overtakes it).
-    n_warmup_steps: int = 2
-    interval_steps: int = 1
-    min_resource: int = 1
-    reduction_factor: int = 3
-    threshold: float | None = None
+    n_warmup_steps: integer(0)
+    interval_steps: integer(1)
+    min_resource: integer(1)
+    reduction_factor: integer(2)
+    threshold: float | None
 
-    def __post_init__(self) -> None:
-        _one_of("sweep.pruner.name", self.name,
-                ("median", "successive_halving", "threshold", "none"))
-        for key in ("n_startup_trials", "n_warmup_steps"):
-            _at_least(f"sweep.pruner.{key}", getattr(self, key), 0)
-        for key in ("interval_steps", "min_resource"):
-            _at_least(f"sweep.pruner.{key}", getattr(self, key), 1)
-        _at_least("sweep.pruner.reduction_factor", self.reduction_factor, 2)
+    @model_validator(mode="after")
+    def _threshold_for_threshold_pruner(self) -> "SweepPrunerConfig":
         if self.name == "threshold" and (self.threshold is None
                                          or not math.isfinite(self.threshold)):
             raise ConfigError("sweep.pruner.threshold", self.threshold,
                               "a finite number for pruner name=threshold")
+        return self
 
 
-@dataclass
-class SweepConfig:
+class SweepConfig(Section):
     """A Bayesian search: the space, its budget and where the study lives."""
 
     # The study's name in the storage and the experiment it writes:
     # conf/experiment/<name>.yaml (`dvc exp run -S experiment=<name>`).
-    name: str = ""
+    name: Annotated[str, Field(pattern=NAME_PATTERN),
+                    Expect("letters, digits, '.', '_' or '-' (it names a config file)")]
     # Total trials of the study; a resumed study runs only the missing ones.
-    n_trials: int = 20
+    n_trials: integer(1, 100000)
     # Worker processes on this machine, each with cores // n_jobs TensorFlow threads.
-    n_jobs: int = 1
+    n_jobs: integer(1, 256)
     # Optuna storage URL; null: SQLite at <repository root>/sweeps/optuna.db. Point several
     # machines at one database (e.g. postgresql://...) to share a study.
-    storage: str | None = None
+    storage: str | None
     # A running trial records a heartbeat every heartbeat_s; one silent for grace_s (its
     # worker was killed) is failed and its place in the budget given to a new trial.
-    heartbeat_s: int = 10
-    grace_s: int = 60
-    # A per-epoch validation metric (the test set is never used to choose).
-    metric: str = "val_accuracy"
-    direction: str = "maximize"
-    sampler: SweepSamplerConfig = field(default_factory=SweepSamplerConfig)
-    pruner: SweepPrunerConfig = field(default_factory=SweepPrunerConfig)
+    heartbeat_s: integer(1)
+    grace_s: int
+    metric: Literal[tuple(SWEEP_METRICS)]  # type: ignore[valid-type]
+    direction: Literal["maximize", "minimize"]
+    sampler: SweepSamplerConfig
+    pruner: SweepPrunerConfig
     # Search space: config key (or group) -> Hydra sweep syntax, e.g.
     # `optimizer.learning_rate: tag(log, interval(1e-4, 1e-1))`, `optimizer: choice(sgd, adam)`.
-    params: dict[str, str] = field(default_factory=dict)
+    params: Annotated[dict[str, str], Field(min_length=1),
+                      Expect("a search space: config key -> Hydra sweep, e.g. "
+                             "'optimizer.learning_rate: tag(log, interval(1e-4, 1e-1))'")]
     # Hydra overrides applied to every trial before its sampled values (the epoch budget).
-    overrides: list[str] = field(default_factory=list)
+    overrides: list[str]
 
-    def __post_init__(self) -> None:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", self.name):
-            raise ConfigError("sweep.name", self.name,
-                              "letters, digits, '.', '_' or '-' (it names a config file)")
-        if not 1 <= self.n_trials <= 100000:
-            raise ConfigError("sweep.n_trials", self.n_trials, "an integer in [1, 100000]")
-        if not 1 <= self.n_jobs <= 256:
-            raise ConfigError("sweep.n_jobs", self.n_jobs, "an integer in [1, 256]")
-        if self.storage is not None and "://" not in self.storage:
-            raise ConfigError("sweep.storage", self.storage,
+    @field_validator("storage")
+    @classmethod
+    def _database_url(cls, storage: str | None) -> str | None:
+        if storage is not None and "://" not in storage:
+            raise ConfigError("sweep.storage", storage,
                               "null or a database URL such as sqlite:///sweeps/optuna.db")
-        _at_least("sweep.heartbeat_s", self.heartbeat_s, 1)
+        return storage
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SweepConfig":
         if self.grace_s <= self.heartbeat_s:
             raise ConfigError("sweep.grace_s", self.grace_s,
                               f"an integer > sweep.heartbeat_s ({self.heartbeat_s})")
-        _one_of("sweep.metric", self.metric, tuple(SWEEP_METRICS))
         if self.direction != SWEEP_METRICS[self.metric]:
             raise ConfigError("sweep.direction", self.direction,
                               f"{SWEEP_METRICS[self.metric]!r} for metric {self.metric!r}")
-        if not self.params:
-            raise ConfigError("sweep.params", self.params,
-                              "a search space: config key -> Hydra sweep, e.g. "
-                              "'optimizer.learning_rate: tag(log, interval(1e-4, 1e-1))'")
+        return self

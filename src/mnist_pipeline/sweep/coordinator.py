@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 
-from ..config import SweepConfig
+from ..config import SweepConfig, TrainJob
 from ..config import loading as config
 from ..config.compose import compose_with_choices as compose
 from ..errors import ConfigError, DataError, PipelineError
@@ -28,7 +28,7 @@ from .study import (
     storage_url,
     worker_seed,
 )
-from .workers import Plan, _run_workers, _sigterm_interrupts, cores, trial_sections
+from .workers import Plan, _run_workers, _sigterm_interrupts, cores
 
 
 def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
@@ -58,9 +58,9 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
         raise ConfigError("sweep.params", cfg.params, "at least one key not fixed by an override")
 
     # Fail before any worker starts: one trial's config must compose and validate.
-    probe = trial_sections(compose(conf_dir, [*fixed, *(d.probe() for d in space)])[0])
+    probe = TrainJob.from_config(compose(conf_dir, [*fixed, *(d.probe() for d in space)])[0])
     for split in ("train", "val", "test"):
-        path = Path(probe["paths"].processed) / f"{split}.npz"
+        path = Path(probe.paths.processed) / f"{split}.npz"
         if not path.is_file():
             raise DataError(f"{path}: not found (run the preprocess stage first: "
                             "dvc repro preprocess)")

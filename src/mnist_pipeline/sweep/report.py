@@ -172,7 +172,7 @@ def write_experiment(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[s
         (copy / "experiment" / f"{name}.yaml").write_text(text, encoding="utf-8")
         composed = params.compose(copy, [f"experiment={name}"])
     for section in composed:
-        if section in config.SECTION_SCHEMAS or section in config.VARIANT_SCHEMAS:
+        if section in config.SECTION_SCHEMAS:
             config.section(composed, section)
     for section in SEARCHED_SECTIONS:
         if _trained(composed[section], section) != _trained(cfg[section], section):

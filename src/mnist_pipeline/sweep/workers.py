@@ -17,8 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import startup
-from ..config import SweepConfig
-from ..config import loading as config
+from ..config import SweepConfig, TrainJob
 from ..config.compose import compose_with_choices as compose
 from ..errors import ConfigError, Interrupted, PipelineError, TrainingError
 from ..tracking import runs, store
@@ -37,15 +36,6 @@ from .study import (
     open_study,
     progress,
 )
-
-# Sections a trial validates, exactly as the train stage does.
-TRIAL_SECTIONS = ("paths", "model", "optimizer", "train", "runtime", "tracking")
-
-
-def trial_sections(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a trial's config section by section, as the train stage does."""
-    return {name: config.section(cfg, name) for name in TRIAL_SECTIONS}
-
 
 # --- workers -------------------------------------------------------------------------------
 
@@ -118,7 +108,8 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, train: Any) 
     trial.set_user_attr(OVERRIDES_ATTR, overrides)
     shown = describe(trial.params)
     try:
-        sections = trial_sections(compose(plan.conf_dir, [*plan.overrides, *overrides])[0])
+        # Validated exactly as the train stage validates its config.
+        train_job = TrainJob.from_config(compose(plan.conf_dir, [*plan.overrides, *overrides])[0])
     except ConfigError as err:
         _fail(trial, err, shown)
         raise
@@ -130,10 +121,7 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, train: Any) 
     started = time.perf_counter()
     try:
         outcome = train(
-            model_cfg=sections["model"], optimizer_cfg=sections["optimizer"],
-            train_cfg=sections["train"], runtime_cfg=sections["runtime"],
-            tracking_cfg=sections["tracking"], processed_dir=sections["paths"].processed,
-            checkpoint_dir=None, run_name=f"{study.study_name}-trial-{trial.number}",
+            train_job, checkpoint_dir=None, run_name=f"{study.study_name}-trial-{trial.number}",
             parent_run_id=plan.parent_run_id,
             tags={STUDY_TAG: study.study_name, TRIAL_TAG: str(trial.number),
                   "sweep.worker": str(plan.worker), "sweep.overrides": " ".join(overrides)},

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..config import ModelConfig, OptimizerConfig, TrainConfig
+from ..config import TrainJob
 from ..data.splits import Split
 from ..errors import TrainingError
 from . import models
@@ -40,12 +40,16 @@ class Result:
     initial_epoch: int
 
 
-def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig,
-        runtime: Runtime, train: Split, val: Split, *, steps_per_execution: int,
+def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_execution: int,
         on_epoch_end: EpochHook | None = None, checkpoint_dir: Path | None = None,
         checkpoint_meta: dict[str, Any] | None = None, resume: Resume | None = None,
         extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Result:
-    """Build, compile and train the configured model; raise `TrainingError` on divergence."""
+    """Build, compile and train `job`'s model; raise `TrainingError` on divergence.
+
+    Reads `job.model`, `job.optimizer` and `job.train`; `runtime` is what
+    `configure_runtime(job.runtime, ...)` set up.
+    """
+    cfg = job.train
     global_batch = cfg.batch_size
     with runtime.strategy.scope():
         if resume is not None:
@@ -53,14 +57,14 @@ def fit(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, cfg: TrainConfig
             model = keras.saving.load_model(resume.model_path, safe_mode=True)
             optimizer, initial_epoch = model.optimizer, resume.epoch
         else:
-            model = models.build(model_cfg)
-            optimizer, initial_epoch = models.build_optimizer(optimizer_cfg), 0
+            model = models.build(job.model)
+            optimizer, initial_epoch = models.build_optimizer(job.optimizer), 0
         models.compile_model(model, optimizer, cfg.loss, steps_per_execution=steps_per_execution,
                              jit_compile=runtime.jit_compile)
 
     nan_guard = StopOnNaN()
     callbacks: list[keras.callbacks.Callback] = [
-        LearningRate(cfg, optimizer_cfg.learning_rate), nan_guard]
+        LearningRate(cfg, job.optimizer.learning_rate), nan_guard]
     if cfg.lr_schedule.name == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(
             monitor="val_loss", factor=cfg.lr_schedule.factor, patience=cfg.lr_schedule.patience))

@@ -20,14 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config
-from ..config import (
-    ModelConfig,
-    OptimizerConfig,
-    PathsConfig,
-    RuntimeConfig,
-    TrackingConfig,
-    TrainConfig,
-)
+from ..config import RUN_SECTIONS, PathsConfig, TrainJob
 from ..data.splits import digest as data_digest
 from ..data.splits import load_split
 from ..errors import Interrupted
@@ -56,13 +49,11 @@ class Outcome:
     initial_epoch: int
 
 
-def run_params(model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
-               runtime_cfg: RuntimeConfig) -> dict[str, Any]:
+def run_params(job: TrainJob) -> dict[str, Any]:
     """Every resolved config value a run depends on, as flat `section.key` params."""
     params: dict[str, Any] = {}
-    for name, section in (("model", model_cfg), ("optimizer", optimizer_cfg),
-                          ("train", train_cfg), ("runtime", runtime_cfg)):
-        params.update({f"{name}.{k}": v for k, v in config.flatten(section).items()})
+    for name in RUN_SECTIONS:
+        params.update({f"{name}.{k}": v for k, v in config.flatten(getattr(job, name)).items()})
     return params
 
 
@@ -106,33 +97,40 @@ def interruptible() -> Iterator[Callable[[], None]]:
             signal.signal(signum, before)
 
 
-def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: TrainConfig,
-          runtime_cfg: RuntimeConfig, tracking_cfg: TrackingConfig, processed_dir: str,
-          checkpoint_dir: str | None = None, run_name: str | None = None,
+def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | None = None,
           parent_run_id: str | None = None, tags: dict[str, str] | None = None,
           epoch_hook: callbacks.EpochHook | None = None, log_model: bool = True) -> Outcome:
-    """Train the configured model on `processed_dir`'s train/val splits inside an MLflow run.
+    """Train `job`'s model on the train/val splits in `job.paths.processed` inside an MLflow run.
 
-    `log_model=False` (sweep trials) skips the model artifact and its summary; the returned
-    `model_uri` is then empty.
+    Args:
+        job: the validated config (`TrainJob.from_config(composed)`).
+        checkpoint_dir: where to checkpoint each epoch (and resume from when
+            `train.checkpoint.resume`); None: no checkpoints (multirun jobs, sweep trials).
+        run_name: the MLflow run's name; None: the DVC experiment's, else model-optimizer-time.
+        parent_run_id: nest the run under this one (a sweep's parent run).
+        tags: extra MLflow run tags.
+        epoch_hook: called with (epoch, logs) after each epoch; True stops training.
+        log_model: False (sweep trials) skips the model artifact and its summary; the
+            returned `model_uri` is then empty.
     """
-    runtime = configure_runtime(runtime_cfg, train_cfg.seed)
+    processed_dir = job.paths.processed
+    runtime = configure_runtime(job.runtime, job.train.seed)
     splits = {name: load_split(processed_dir, name) for name in ("train", "val", "test")}
     data_sha256 = data_digest(splits)
     test_sha256 = splits["test"].sha256()
-    params = run_params(model_cfg, optimizer_cfg, train_cfg, runtime_cfg)
+    params = run_params(job)
     digest = config_digest(params)
 
     resume = None
-    if checkpoint_dir and train_cfg.checkpoint.resume:
+    if checkpoint_dir and job.train.checkpoint.resume:
         resume = callbacks.find_checkpoint(checkpoint_dir, digest)
         if resume is None:
             print(f"train: no checkpoint of this config in {checkpoint_dir}; starting from epoch 1")
 
     # Keras 3 cannot run several steps per call across replicas (its multi-step loop fails
     # to feed MirroredStrategy's placeholders), so distributed training steps one at a time.
-    steps_per_execution = runtime_cfg.steps_per_execution if runtime.replicas == 1 else 1
-    experiment_id = store.connect(tracking_cfg)
+    steps_per_execution = job.runtime.steps_per_execution if runtime.replicas == 1 else 1
+    experiment_id = store.connect(job.tracking)
     for run_id in runs.reap_orphans(experiment_id):
         print(f"train: run {run_id} had lost its process (killed); marked KILLED")
     run_tags = {**lineage.git_state(), **lineage.dvc_experiment(),
@@ -143,7 +141,7 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
         # Not MLflow's generated name: it comes from Python's `random`, which the seeded
         # runtime has just reset, so every run with the same seed would get the same one.
         run_name = run_tags.get("dvc.experiment") or (
-            f"{model_cfg.name}-{optimizer_cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            f"{job.model.name}-{job.optimizer.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     stopped_by_hook = False
 
     with interruptible() as raise_pending, runs.run(
@@ -152,7 +150,7 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
         if resume is None:
             runs.log_params({**params, **runtime.describe(),
                                  "runtime.resolved_steps_per_execution": steps_per_execution,
-                                 "tracking.experiment_name": tracking_cfg.experiment_name})
+                                 "tracking.experiment_name": job.tracking.experiment_name})
             for name in ("train", "val"):
                 runs.log_dataset(splits[name].images, splits[name].labels,
                                      name=f"mnist-{name}", sha256=data_sha256,
@@ -169,7 +167,7 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
 
         started = time.perf_counter()
         result = fit(
-            model_cfg, optimizer_cfg, train_cfg, runtime, splits["train"], splits["val"],
+            job, runtime, splits["train"], splits["val"],
             steps_per_execution=steps_per_execution, on_epoch_end=on_epoch_end,
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
             checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume,
@@ -177,7 +175,7 @@ def train(*, model_cfg: ModelConfig, optimizer_cfg: OptimizerConfig, train_cfg: 
         wall = time.perf_counter() - started
         metrics = final_metrics(result, wall)
         runs.log_metrics(metrics)
-        model = models.as_float32(result.model, model_cfg)
+        model = models.as_float32(result.model, job.model)
         if log_model:
             runs.log_text(models.summary(model), "model_summary.txt")
         with tempfile.TemporaryDirectory() as tmp:
