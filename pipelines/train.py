@@ -15,7 +15,8 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from mnist_pipeline import config  # noqa: E402
-from mnist_pipeline.errors import reported  # noqa: E402
+from mnist_pipeline.errors import ConfigError, reported  # noqa: E402
+from mnist_pipeline.training import cluster  # noqa: E402  (no TensorFlow)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
@@ -23,16 +24,27 @@ def main(cfg: DictConfig) -> None:
     with reported("train"):
         train_job = config.TrainJob.from_config(cfg)
         paths = train_job.paths
+        hydra_cfg = HydraConfig.get()
+        multirun = hydra_cfg.mode == RunMode.MULTIRUN
+        if train_job.runtime.distribute == "multi_worker" and cluster.task() is None:
+            if multirun:
+                raise ConfigError("runtime.distribute", "multi_worker",
+                                  "a single run (not -m), or TF_CONFIG set for each worker")
+            # This machine's workers, each this same command with its own TF_CONFIG.
+            cluster.run_local(cluster.this_command(), train_job.runtime.workers)
+            return
         from mnist_pipeline.tracking import store
         from mnist_pipeline.training import job  # TensorFlow loads only once config is valid
 
-        hydra_cfg = HydraConfig.get()
-        multirun = hydra_cfg.mode == RunMode.MULTIRUN
         store.silence()
         outcome = job.train(
             train_job, checkpoint_dir=None if multirun else paths.checkpoints,
             run_name=f"multirun-{hydra_cfg.job.num}" if multirun else None,
             tags={"hydra.overrides": " ".join(hydra_cfg.overrides.task)})
+        if not outcome.runtime.chief:
+            task = outcome.runtime.task
+            print(f"train: worker {task.index} of {task.workers} done")
+            return
         if not multirun:
             job.write_outputs(outcome, paths)
         m = outcome.metrics

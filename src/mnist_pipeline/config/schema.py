@@ -316,6 +316,12 @@ class RuntimeConfig(Section):
     # default: one device. mirrored: all local GPUs (or `logical_devices` CPU slices).
     # multi_worker: MultiWorkerMirroredStrategy configured by TF_CONFIG.
     distribute: Literal["default", "mirrored", "multi_worker"]
+    # multi_worker without TF_CONFIG: the train stage starts this many worker processes on
+    # this machine (loopback); with TF_CONFIG, each machine runs one and this is not used.
+    workers: integer(1, 64)
+    # How long a worker waits for the others in a step's all-reduce before it fails: a lost
+    # worker must fail the job, not hang it.
+    collective_timeout_s: PositiveNumber
     logical_devices: integer(0)
     # Threads for TF ops; 0 = TensorFlow decides.
     intra_op_threads: integer(0)

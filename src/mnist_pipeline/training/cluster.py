@@ -103,6 +103,9 @@ def run_local(argv: Sequence[str], workers: int, *, poll_s: float = 0.2) -> None
             failed = [index for index, code in enumerate(codes) if code not in (None, 0)]
             if failed:
                 index = failed[0]
+                # The others fail on their own within seconds (their all-reduce breaks), so
+                # the chief ends its run FAILED; only then are the rest stopped.
+                _wait(processes, STOP_GRACE_S)
                 _stop(processes)
                 tail = _tail(logs[index]) if index else ""
                 raise TrainingError(f"worker {index} of {workers} {_exit(codes[index])}; the "
@@ -117,6 +120,12 @@ def run_local(argv: Sequence[str], workers: int, *, poll_s: float = 0.2) -> None
     finally:
         for log in logs:
             log.close()
+
+
+def _wait(processes: list[subprocess.Popen], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _stop(processes: list[subprocess.Popen]) -> None:

@@ -28,6 +28,7 @@ from ..errors import TrainingError
 from . import models
 from .callbacks import Checkpoint, EpochHook, EpochReport, LearningRate, Resume, StopOnNaN
 from .inputs import dataset
+from .distributed import WorkerLoop
 from .loop import EpochLoop
 from .runtime import Runtime
 
@@ -81,7 +82,13 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
         callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
                                     dict(checkpoint_meta or {})))
 
-    if runtime.strategy is tf.distribute.get_strategy():  # the default: no tf.distribute
+    if runtime.task is not None:  # one worker of a multi-worker job (Model.fit cannot)
+        with WorkerLoop(model, train, val, strategy=runtime.strategy, batch_size=global_batch,
+                        shuffle=cfg.shuffle, seed=cfg.seed, augment=cfg.augment,
+                        jit_compile=bool(model.jit_compile)) as loop:
+            history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
+                               verbose=cfg.verbose if runtime.chief else 0)
+    elif runtime.strategy is tf.distribute.get_strategy():  # the default: no tf.distribute
         # model.jit_compile: what compile() kept of the request (Keras turns XLA off under op
         # determinism and for layers that do not support it).
         with EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,

@@ -130,6 +130,16 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
     # Keras 3 cannot run several steps per call across replicas (its multi-step loop fails
     # to feed MirroredStrategy's placeholders), so distributed training steps one at a time.
     steps_per_execution = job.runtime.steps_per_execution if runtime.replicas == 1 else 1
+    if not runtime.chief:
+        # Another worker of a multi-worker job: it trains its share of every batch in step
+        # with the chief, which alone records the run and writes outputs (one run per job).
+        started = time.perf_counter()
+        result = fit(job, runtime, splits["train"], splits["val"], steps_per_execution=1)
+        return Outcome(run_id="", experiment_id="", model_uri="", model=result.model,
+                       history=result.history,
+                       metrics=final_metrics(result, time.perf_counter() - started),
+                       runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
+                       stopped_by_hook=False, initial_epoch=result.initial_epoch)
     experiment_id = store.connect(job.tracking)
     for run_id in runs.reap_orphans(experiment_id):
         print(f"train: run {run_id} had lost its process (killed); marked KILLED")

@@ -16,6 +16,9 @@ import keras
 import tensorflow as tf
 
 from ..config import RuntimeConfig
+from ..errors import ConfigError
+from . import cluster
+from .cluster import Task
 
 
 @dataclass
@@ -28,11 +31,20 @@ class Runtime:
     strategy: Any
     replicas: int
     deterministic: bool
+    # In a multi-worker job: this process's place (`cluster.Task`); None in a single process.
+    task: Task | None = None
+
+    @property
+    def chief(self) -> bool:
+        """Whether this process records the run and writes outputs (always, but for the
+        non-chief workers of a multi-worker job)."""
+        return self.task is None or self.task.is_chief
 
     def describe(self) -> dict[str, Any]:
         return {"runtime.resolved_precision": self.precision,
                 "runtime.resolved_jit_compile": self.jit_compile,
-                "runtime.device": self.device, "runtime.replicas": self.replicas}
+                "runtime.device": self.device, "runtime.replicas": self.replicas,
+                "runtime.resolved_workers": self.task.workers if self.task else 1}
 
 
 # --- runtime -------------------------------------------------------------------------------
@@ -121,7 +133,14 @@ def configure_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
             devices = [d.name for d in tf.config.list_logical_devices("CPU")]
         strategy = tf.distribute.MirroredStrategy(devices=devices)
     elif cfg.distribute == "multi_worker":
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        task = cluster.task()
+        if task is None:
+            raise ConfigError("runtime.distribute", cfg.distribute,
+                              f"a {cluster.TF_CONFIG} describing this worker's cluster (the "
+                              "train stage starts runtime.workers local workers itself)")
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=cfg.collective_timeout_s)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     else:
         strategy = tf.distribute.get_strategy()
     if cfg.distribute != "default":
@@ -129,4 +148,5 @@ def configure_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
     device = f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"
     return Runtime(precision=precision, jit_compile=jit_compile, device=device,
                    strategy=strategy, replicas=strategy.num_replicas_in_sync,
-                   deterministic=cfg.deterministic)
+                   deterministic=cfg.deterministic,
+                   task=cluster.task() if cfg.distribute == "multi_worker" else None)

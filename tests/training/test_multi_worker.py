@@ -1,0 +1,90 @@
+"""Multi-worker training (docs/reliability.md row 20): `runtime.distribute=multi_worker` trains
+one model with two worker processes on loopback, started by the train stage itself; only the
+chief records the run and writes the outputs, and a lost worker fails the job, fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from helpers import repo
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+
+
+def _runs(db: Path) -> list[tuple[str, str, str]]:
+    """(run name, status, resolved workers) of every run in the store."""
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "select r.name, r.status, p.value from runs r left join params p on "
+            "p.run_uuid = r.run_uuid and p.key = 'runtime.resolved_workers'").fetchall()
+
+
+def _worker_pid(index: int) -> int | None:
+    """The pid of the process whose TF_CONFIG names it worker `index` of a loopback job."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"TF_CONFIG="):
+                spec = json.loads(item[len(b"TF_CONFIG="):])
+                if spec["task"]["index"] == index and "127.0.0.1" in spec["cluster"]["worker"][0]:
+                    return int(entry.name)
+    return None
+
+
+def test_two_workers_train_one_model_recorded_once(tmp_path):
+    path = repo.make(tmp_path / "repo", epochs=EPOCHS)
+    repo.run(["dvc", "repro"], path)
+    single = json.loads((path / "metrics/evaluate.json").read_text())["test_accuracy"]
+
+    done = repo.run(["dvc", "exp", "run", "-n", "two-workers",
+                     "-S", "runtime.distribute=multi_worker", "-S", "runtime.workers=2"], path)
+    assert "gate:" in done.stdout
+    runs = _runs(path / "mlflow.db")
+    multi = [run for run in runs if run[0] == "two-workers"]
+    assert multi == [("two-workers", "FINISHED", "2")], runs  # one run per job, by the chief
+    accuracy = _exp_metric(path, "two-workers")
+    assert abs(accuracy - single) <= 0.02, (accuracy, single)
+
+
+def _exp_metric(path: Path, name: str) -> float:
+    done = repo.run(["dvc", "exp", "show", "--json"], path)
+    for baseline in json.loads(done.stdout):
+        for exp in baseline.get("experiments") or []:
+            if exp.get("name") == name:
+                revs = exp["revs"][0]["data"]["metrics"]
+                return revs["metrics/evaluate.json"]["data"]["test_accuracy"]
+    raise AssertionError(f"experiment {name} not found: {done.stdout[:2000]}")
+
+
+def test_a_killed_worker_fails_the_job_quickly(tmp_path):
+    path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8})
+    repo.run(["dvc", "repro", "preprocess"], path)
+    proc = repo.start(repo.python("pipelines/train.py", "runtime.distribute=multi_worker",
+                                  "runtime.workers=2", "train.checkpoint.enabled=false"), path)
+    repo.wait_for_epoch(path / "mlflow.db", 1, proc, timeout=300)
+    pid = _worker_pid(1)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert time.monotonic() - killed < 60
+    errors = [line for line in stderr.splitlines() if line.startswith("train: error:")]
+    assert len(errors) == 1 and "worker 1 of 2 was killed by SIGKILL" in errors[0], stderr[-3000:]
+    runs = _runs(path / "mlflow.db")
+    assert [status for _, status, _ in runs] == ["FAILED"], runs
+    assert _worker_pid(0) is None and _worker_pid(1) is None  # nothing left behind
+    assert not (path / "models/model.keras").exists()
