@@ -25,6 +25,7 @@ from .study import (
     open_study,
     progress,
     public_url,
+    storage_lock,
     storage_url,
     worker_seed,
 )
@@ -79,17 +80,22 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
             f"new study: sweep.name=<new name>")
 
     experiment_id = store.connect(tracking_cfg)
-    parent = study.user_attrs.get(PARENT_ATTR)
-    if parent and not runs.live_run_exists(parent):
-        raise PipelineError(f"study '{cfg.name}' logs to MLflow run {parent}, which is not in "
-                            f"the tracking store {store.tracking_uri(tracking_cfg)}; point "
-                            "MLFLOW_TRACKING_URI at that store or name a new study")
+    tags = {STUDY_TAG: cfg.name, "sweep.storage": public_url(url)}
+    # One parent run per study, whichever machine starts first: the others join it.
+    with storage_lock(url, f"parent-{cfg.name}"):
+        parent = study.user_attrs.get(PARENT_ATTR)
+        if parent and not runs.live_run_exists(parent):
+            raise PipelineError(f"study '{cfg.name}' logs to MLflow run {parent}, which is not "
+                                f"in the tracking store {store.tracking_uri(tracking_cfg)}; "
+                                "point MLFLOW_TRACKING_URI at that store or name a new study")
+        created = parent is None
+        if created:
+            parent = runs.create(experiment_id, run_name=f"sweep-{cfg.name}", tags=tags)
+            study.set_user_attr(PARENT_ATTR, parent)
     started = time.perf_counter()
-    with _sigterm_interrupts(), runs.run(
-            experiment_id, run_name=f"sweep-{cfg.name}", resume_run_id=parent,
-            tags={STUDY_TAG: cfg.name, "sweep.storage": public_url(url)}) as parent_run_id:
-        if parent is None:
-            study.set_user_attr(PARENT_ATTR, parent_run_id)
+    with _sigterm_interrupts(), runs.run(experiment_id, resume_run_id=parent,
+                                         tags=tags) as parent_run_id:
+        if created:
             runs.log_params({"sweep.name": cfg.name, "sweep.metric": cfg.metric,
                                  "sweep.direction": cfg.direction,
                                  "sweep.overrides": " ".join(fixed) or "-",

@@ -15,7 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import project
 from ..config import SweepConfig, SweepPrunerConfig, SweepSamplerConfig
-from ..tracking import store
+from ..tracking import locks, store
 
 # Study user attrs.
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -56,15 +56,13 @@ def open_study(cfg: SweepConfig, *, sampler: optuna.samplers.BaseSampler | None 
     """Create the study `cfg.name` in its storage, or load it if it exists."""
     url = storage_url(cfg)
     engine_kwargs: dict[str, Any] = {}
-    lock: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     database = store.sqlite_file(url)
     if database is not None:
-        # Writers wait for each other instead of failing with "database is locked"; two
-        # processes creating a new database at once are serialised by a lock beside it.
+        # Writers wait for each other instead of failing with "database is locked".
         engine_kwargs = {"connect_args": {"timeout": 60}}
         database.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(database) + ".lock", timeout=600)
-    with lock, warnings.catch_warnings():
+    # Two processes creating a new storage's tables at once collide: one at a time.
+    with storage_lock(url, "create"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
         storage = optuna.storages.RDBStorage(
             url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_s,
@@ -72,6 +70,17 @@ def open_study(cfg: SweepConfig, *, sampler: optuna.samplers.BaseSampler | None 
         return optuna.create_study(storage=storage, study_name=cfg.name,
                                    direction=cfg.direction, sampler=sampler, pruner=pruner,
                                    load_if_exists=True)
+
+
+def storage_lock(url: str, name: str) -> contextlib.AbstractContextManager[Any]:
+    """A lock every process using the storage `url` sees: a file beside a SQLite database, an
+    advisory lock on a PostgreSQL one (any machine); none for other databases."""
+    database = store.sqlite_file(url)
+    if database is not None:
+        return FileLock(f"{database}.{name}.lock", timeout=600)
+    if url.startswith(locks.POSTGRES_SCHEMES):
+        return locks.held(f"optuna:{name}", url)
+    return contextlib.nullcontext()
 
 
 def make_sampler(cfg: SweepSamplerConfig, seed: int) -> optuna.samplers.BaseSampler:

@@ -58,6 +58,15 @@ def _end_after_failure(mlflow: Any, status: str) -> None:
         pass
 
 
+def create(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> str:
+    """A new run, RUNNING but not started in this process (`run(resume_run_id=...)` does)."""
+    from mlflow import MlflowClient
+
+    created = retry(lambda: MlflowClient().create_run(
+        experiment_id, run_name=run_name, tags={**tags, **owner_tags()}))
+    return created.info.run_id
+
+
 def owner_tags() -> dict[str, str]:
     """Which process owns a run, so a run whose process was SIGKILLed can be reaped."""
     return {"process.host": socket.gethostname(), "process.pid": str(os.getpid())}
