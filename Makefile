@@ -9,7 +9,8 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-offline system-deps lock params ui serve predict sweep bench
+.PHONY: setup repro test test-offline system-deps lock params ui serve predict sweep bench \
+        team-up team-down team-status team-env
 
 setup: $(STAMP)
 
@@ -65,3 +66,17 @@ sweep: setup
 # A quick look: make bench ARGS="--epochs 2 --skip-repro"
 bench: setup
 	python benchmarks/train_speed.py $(ARGS)
+
+# The team stack in .team/: PostgreSQL, an MLflow server on it, a DVC remote (docs/team.md).
+#   make team-up [ARGS="--port 5050 --postgres-port 5433"]; then: eval "$$(make -s team-env)"
+team-up: setup
+	python -m mnist_pipeline.team up $(ARGS)
+
+team-down: setup
+	python -m mnist_pipeline.team down $(ARGS)
+
+team-status: setup
+	python -m mnist_pipeline.team status $(ARGS)
+
+team-env: setup
+	@python -m mnist_pipeline.team env $(ARGS)

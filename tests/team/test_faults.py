@@ -102,7 +102,10 @@ def test_postgres_lost_during_the_gate(tmp_path, team_stack):
         assert done.returncode != 0
         line = _one_error_line(done.stderr, "evaluate")
         assert any(s in line for s in ("did not answer", "lock database", "not usable")), line
-        assert (path / "gate.json").read_text() == gate_before
+        # DVC removes a stage's outputs before it runs it: no verdict is left, and none
+        # half-written; dvc.lock still holds the last completed run.
+        gate = path / "gate.json"
+        assert not gate.exists() or gate.read_text() == gate_before
         assert (path / "dvc.lock").read_text() == lock_before
     finally:
         stack.cluster.start()

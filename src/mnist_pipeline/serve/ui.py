@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with reported("ui"):
         cfg = tracking_config()
+        store_uri = store.tracking_uri(cfg)
+        if store_uri.startswith(("http://", "https://")):
+            # A team's tracking server is its own UI: nothing to start here.
+            print(f"ui: the tracking store is the server {store_uri}: open {store_uri} in a "
+                  "browser")
+            return 0
         extra = tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
         command = server_command(cfg, host=args.host, port=args.port, workers=args.workers,
                                  extra_hosts=extra)
