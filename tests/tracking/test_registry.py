@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import config as test_config
 
 from mnist_pipeline.tracking.registry import find_version
+from mnist_pipeline.tracking.store import use_store
 
 NAME = "mnist-classifier"
 
@@ -15,6 +17,9 @@ def register(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # As the evaluate stage does: MLflow's process-wide URI, which an earlier test may have
+    # set, would otherwise win over the environment.
+    use_store(test_config.section("tracking"))
     client = MlflowClient()
 
     def version(name: str, **tags: str) -> str:
