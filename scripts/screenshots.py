@@ -33,9 +33,10 @@ CHROMIUM = "/usr/bin/chromium"
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
 TIMEOUT_MS = 120_000  # a React app on two busy cores
 # The runs table's columns besides the run's name, creation, duration and model: what a
-# reader checks first (how good, which model, from which commit).
+# reader checks first (how good, which model, from which commit: "Version" is MLflow's
+# `mlflow.source.git.commit` tag, hidden by default).
 HIDDEN_COLUMNS = ("Dataset", "Source")
-SHOWN_COLUMNS = ("test_accuracy", "best_val_accuracy", "model.name", "git.commit")
+SHOWN_COLUMNS = ("test_accuracy", "best_val_accuracy", "model.name", "Version")
 
 
 def experiment_id(url: str, name: str) -> str:

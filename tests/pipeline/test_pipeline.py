@@ -9,6 +9,8 @@ import pytest
 import yaml
 from helpers import repo
 
+from mnist_pipeline.tracking.runs import GIT_COMMIT
+
 pytestmark = pytest.mark.slow
 
 
@@ -41,7 +43,12 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     # Hydra never leaves its folders in the repository.
     assert not (pipeline / "outputs").exists() and not list(pipeline.rglob(".hydra"))
     client = _client(pipeline)
-    assert str(client.get_model_version_by_alias("mnist-classifier", "champion").version) == "1"
+    champion = client.get_model_version_by_alias("mnist-classifier", "champion")
+    assert str(champion.version) == "1"
+    # MLflow tags the commit of the stage script's repository; the version carries it on.
+    head = repo.run(["git", "rev-parse", "HEAD"], pipeline).stdout.strip()
+    assert client.get_run(champion.run_id).data.tags[GIT_COMMIT] == head
+    assert champion.tags["git.commit"] == head
 
     # Nothing changed: DVC skips everything but the gate, which re-checks the same version.
     again = repo.run(["dvc", "repro"], pipeline)
@@ -78,4 +85,7 @@ def test_queued_grid_runs_every_experiment_into_the_root_store(pipeline):
     names = {r.data.tags.get("dvc.experiment") for r in runs}
     assert len(runs) == 2 and None not in names and len(names) == 2
     assert {r.data.params["optimizer.name"] for r in runs} == {"sgd", "adam"}
+    # Each ran in a copy of the repository under .dvc/tmp/exps, at the baseline commit.
+    head = repo.run(["git", "rev-parse", "HEAD"], pipeline).stdout.strip()
+    assert [r.data.tags.get(GIT_COMMIT) for r in runs] == [head, head]
     assert not list((pipeline / ".dvc/tmp/exps").rglob("mlflow.db")), "no store in the temp copies"

@@ -16,6 +16,7 @@ from helpers.digits import synthetic_digits
 from mnist_pipeline import config
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.errors import Interrupted
+from mnist_pipeline.tracking.runs import GIT_COMMIT
 from mnist_pipeline.training import job, models
 from mnist_pipeline.training.callbacks import schedule_factor
 from mnist_pipeline.training.fit import weights_digest
@@ -227,6 +228,9 @@ def test_dvc_exp_run_set_values_reach_the_model(prepared_repo):
     assert run.data.params["train.epochs"] == "1"
     assert run.data.tags.get("dvc.experiment"), "the DVC experiment name is recorded"
     assert run.info.run_name == run.data.tags["dvc.experiment"], "runs are named as in dvc exp show"
+    head = repo.run(["git", "rev-parse", "HEAD"], prepared_repo).stdout.strip()
+    assert run.data.tags[GIT_COMMIT] == head
+    assert run.data.tags["git.dirty"] == "true", "-S changed params.yaml before training"
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -145,7 +145,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
             "model_sha256": model_sha, "run_id": run["run_id"],
             "data.sha256": trained_tags.get("data.sha256", ""),
             "data.test_sha256": test.sha256(),
-            "git.commit": trained_tags.get("git.commit", "none")})
+            "git.commit": trained_tags.get(runs.GIT_COMMIT, "none")})
         version_id = str(version.version)
         current = registry.champion(name)
         champion_before = str(current.version) if current else None

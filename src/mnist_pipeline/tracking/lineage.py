@@ -1,4 +1,5 @@
-"""Where a run came from: the git commit, the DVC experiment, the hashes DVC recorded.
+"""Where a run came from: the git commit and dirty flag, the DVC experiment, the hashes DVC
+recorded.
 
 Plain subprocess and file reads; the tracking module turns these into MLflow tags.
 """
@@ -13,20 +14,27 @@ import yaml
 
 
 def git_state(cwd: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """The commit checked out in `cwd` and whether tracked files differ from it."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                                  timeout=20, check=True)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip()
+    """`git.dirty`: whether tracked files in `cwd` differ from the commit checked out; empty
+    outside a git repository or before its first commit. The commit itself is MLflow's tag
+    `mlflow.source.git.commit` (see `runs.run`); MLflow keeps no dirty flag."""
+    if git_commit(cwd) is None:
+        return {}
+    status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+    return {} if status is None else {"git.dirty": str(bool(status)).lower()}
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"git.commit": "none"}
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"git.commit": commit, "git.dirty": str(bool(status)).lower()}
+
+def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit checked out in `cwd`, or None outside a git repository."""
+    return _git(cwd, "rev-parse", "HEAD")
+
+
+def _git(cwd: str | os.PathLike[str] | None, *args: str) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
 
 
 def dvc_experiment() -> dict[str, str]:

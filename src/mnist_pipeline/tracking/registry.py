@@ -14,19 +14,27 @@ CHAMPION = "champion"
 # --- registry ------------------------------------------------------------------------------
 
 def find_version(name: str, tag: str, value: str) -> Any | None:
-    """The registered version of `name` whose tag `tag` equals `value`, if any."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    """The registered version of `name` whose tag `tag` equals `value`, if any.
 
-    client = MlflowClient()
-    try:
-        versions = retry(lambda: client.search_model_versions(f"name = '{name}'"))
-    except MlflowException:
-        return None
-    for version in versions:
-        if version.tags.get(tag) == value:
-            return version
-    return None
+    The store filters on the tag, so only the match comes back, not every version.
+    """
+    from mlflow import MlflowClient
+
+    if "`" in tag:
+        raise ValueError(f"registry tag {tag!r}: got a backtick, which a filter cannot quote")
+    found = retry(lambda: MlflowClient().search_model_versions(
+        f"name = {_quoted(name)} and tags.`{tag}` = {_quoted(value)}", max_results=1))
+    return found[0] if found else None
+
+
+def _quoted(value: str) -> str:
+    """`value` as a string literal of MLflow's filter syntax, which has no escapes: it is
+    taken verbatim between quotes of a kind it does not contain."""
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise ValueError(f"registry filter value {value!r}: got both ' and \", which MLflow's "
+                     "filter syntax cannot quote")
 
 
 def register(model_uri: str, name: str, tags: Mapping[str, str]) -> Any:

@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 
 from ..errors import TrackingError
+from . import lineage
 from .store import retry
+
+# MLflow's own tag for the commit (`mlflow.utils.mlflow_tags.MLFLOW_GIT_COMMIT`); the runs
+# table of the UI shows it as "Version".
+GIT_COMMIT = "mlflow.source.git.commit"
 
 # MLflow's dataset digest column holds 36 characters: the first 36 hex digits of the
 # SHA-256 (144 bits) go there; the full digest is a tag of the dataset and of the run.
@@ -35,6 +40,8 @@ def run(experiment_id: str, *, run_name: str | None = None, tags: Mapping[str, s
         parent_run_id=parent_run_id, nested=parent_run_id is not None))
     run_id = active.info.run_id
     try:
+        if GIT_COMMIT not in active.data.tags:
+            _record_commit(run_id)
         yield run_id
     except KeyboardInterrupt:
         _end_after_failure(mlflow, "KILLED")
@@ -65,6 +72,22 @@ def create(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> str
     created = retry(lambda: MlflowClient().create_run(
         experiment_id, run_name=run_name, tags={**tags, **owner_tags()}))
     return created.info.run_id
+
+
+def _record_commit(run_id: str) -> None:
+    """The commit checked out in the working directory, under MLflow's tag, where MLflow set
+    none.
+
+    MLflow tags the commit of the repository that holds the entry point (`sys.argv[0]`):
+    a stage script under `dvc repro` or in a queued `dvc exp run`'s copy of the repository,
+    and sweep workers (spawned processes keep their parent's argv). It finds none where the
+    entry point is no tracked file (pytest from a virtual environment, `python -c`, a
+    notebook): the project that trains is then the working directory, and outside a git
+    repository (the test stores in temporary folders) no commit is recorded.
+    """
+    commit = lineage.git_commit()
+    if commit is not None:
+        set_tags({GIT_COMMIT: commit}, run_id=run_id)
 
 
 def owner_tags() -> dict[str, str]:

@@ -38,25 +38,26 @@ def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
-class LearningRate(keras.callbacks.Callback):
-    """Sets the epoch's learning rate from the schedule and records it in the logs."""
+class LearningRate(keras.callbacks.LearningRateScheduler):
+    """Keras' scheduler with our schedule: sets each epoch's rate from `schedule_factor` and
+    logs it as `learning_rate`. Under `plateau`, after the warm-up, it keeps the rate it
+    finds: `ReduceLROnPlateau` owns it from then on."""
 
     def __init__(self, cfg: TrainConfig, base_lr: float) -> None:
-        super().__init__()
-        self.cfg, self.base_lr = cfg, base_lr
+        def rate(epoch: int, current: float) -> float:
+            if cfg.lr_schedule.name == "plateau" and epoch >= cfg.lr_schedule.warmup_epochs:
+                return current
+            return base_lr * schedule_factor(cfg, epoch)
 
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        if self.cfg.lr_schedule.name != "plateau" or epoch < self.cfg.lr_schedule.warmup_epochs:
-            self.model.optimizer.learning_rate.assign(self.base_lr * schedule_factor(self.cfg, epoch))
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is not None:
-            logs["learning_rate"] = float(keras.ops.convert_to_numpy(
-                self.model.optimizer.learning_rate))
+        super().__init__(rate)
 
 
 class StopOnNaN(keras.callbacks.Callback):
-    """Stops at the first non-finite loss and remembers where it happened."""
+    """Stops at the first non-finite loss and remembers where it happened.
+
+    Not `keras.callbacks.TerminateOnNaN`: it keeps no record of the epoch (the error message
+    names it) and prints a line of its own; a subclass would test the loss a second time.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -73,29 +74,24 @@ class StopOnNaN(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-class Calls(keras.callbacks.Callback):
-    """Calls `check` after every group of steps and at each epoch's edges; it stops training
-    by raising (e.g. for a signal whose exception was dropped in a finaliser)."""
+class Calls(keras.callbacks.LambdaCallback):
+    """Calls `check` after every group of steps and validation batch and at each epoch's
+    edges; it stops training by raising (e.g. for a signal whose exception was dropped in a
+    finaliser)."""
 
     def __init__(self, check: Callable[[], None]) -> None:
-        super().__init__()
-        self.check = check
+        def call(*_: Any, **__: Any) -> None:  # (batch or epoch, logs=...)
+            check()
 
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.check()
-
-    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.check()
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self.check()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self.check()
+        super().__init__(on_epoch_begin=call, on_epoch_end=call, on_train_batch_end=call,
+                         on_test_batch_end=call)
 
 
 class EpochReport(keras.callbacks.Callback):
-    """Hands each epoch's logs, plus its wall time (`epoch_time_s`), to a plain hook."""
+    """Hands each epoch's logs, plus its wall time (`epoch_time_s`), to a plain hook.
+
+    Not a `LambdaCallback`: the epoch's start time is state kept between two hooks.
+    """
 
     def __init__(self, hook: EpochHook) -> None:
         super().__init__()
@@ -113,7 +109,11 @@ class EpochReport(keras.callbacks.Callback):
 
 
 class Checkpoint(keras.callbacks.Callback):
-    """Saves the model with its optimizer state, then a small JSON saying which epoch."""
+    """Saves the model with its optimizer state, then a small JSON saying which epoch.
+
+    Not `keras.callbacks.ModelCheckpoint`: it saves in place (a kill mid-save leaves a torn
+    file) and knows nothing of `state.json`, whose config digest decides what may resume.
+    """
 
     def __init__(self, folder: Path, every: int, meta: dict[str, Any]) -> None:
         super().__init__()
