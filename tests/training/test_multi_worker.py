@@ -4,6 +4,7 @@ chief records the run and writes the outputs, and a lost worker fails the job, f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -82,9 +83,33 @@ def test_a_killed_worker_fails_the_job_quickly(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert time.monotonic() - killed < 60
+    # The chief says why its step failed, the stage which worker was lost: no traceback.
     errors = [line for line in stderr.splitlines() if line.startswith("train: error:")]
-    assert len(errors) == 1 and "worker 1 of 2 was killed by SIGKILL" in errors[0], stderr[-3000:]
+    assert "worker 1 of 2 was killed by SIGKILL" in errors[-1], stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
     runs = _runs(path / "mlflow.db")
     assert [status for _, status, _ in runs] == ["FAILED"], runs
     assert _worker_pid(0) is None and _worker_pid(1) is None  # nothing left behind
     assert not (path / "models/model.keras").exists()
+
+
+def test_a_stalled_worker_fails_the_job_within_the_timeout(tmp_path):
+    path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8})
+    repo.run(["dvc", "repro", "preprocess"], path)
+    proc = repo.start(repo.python("pipelines/train.py", "runtime.distribute=multi_worker",
+                                  "runtime.workers=2", "runtime.collective_timeout_s=8",
+                                  "train.checkpoint.enabled=false"), path)
+    repo.wait_for_epoch(path / "mlflow.db", 1, proc, timeout=300)
+    pid = _worker_pid(1)
+    os.kill(pid, signal.SIGSTOP)  # alive, silent: its peers' all-reduce never completes
+    stopped = time.monotonic()
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.monotonic() - stopped < 8 + 40
+    assert "no step completed in 8 s (runtime.collective_timeout_s)" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert _worker_pid(0) is None and _worker_pid(1) is None

@@ -319,8 +319,8 @@ class RuntimeConfig(Section):
     # multi_worker without TF_CONFIG: the train stage starts this many worker processes on
     # this machine (loopback); with TF_CONFIG, each machine runs one and this is not used.
     workers: integer(1, 64)
-    # How long a worker waits for the others in a step's all-reduce before it fails: a lost
-    # worker must fail the job, not hang it.
+    # How long a worker's step may wait for the others (a stopped or silent worker) before
+    # the worker fails: a lost worker must fail the job, not hang it.
     collective_timeout_s: PositiveNumber
     logical_devices: integer(0)
     # Threads for TF ops; 0 = TensorFlow decides.

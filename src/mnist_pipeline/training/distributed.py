@@ -8,15 +8,59 @@ optimizer sums the gradients of all workers, so every worker applies the same up
 holds the same weights. Validation runs on every worker on the whole validation split (the
 same weights give the same figures, so early stopping and schedules decide alike
 everywhere). One step per call: collectives stay out of graph loops.
+
+A worker that dies breaks its peers' all-reduce within seconds. One that hangs (a stopped
+process, a host that went silent) would leave them waiting in it for ever, and a thread
+blocked inside TensorFlow takes no Python exception: a watchdog thread ends the process
+(one line on stderr, exit status `STALLED`) when no step has completed for
+`runtime.collective_timeout_s` seconds.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
 
 import keras
 import tensorflow as tf
 
 from ..data.splits import NUM_CLASSES, Split
+from ..errors import TrainingError
 from .loop import EpochLoop, _correct
+
+
+STALLED = 75  # the exit status of a worker whose step stalled (EX_TEMPFAIL)
+
+
+class Watchdog:
+    """Ends the process when `beat` has not been called for `timeout_s` seconds."""
+
+    def __init__(self, timeout_s: float, what: str) -> None:
+        self.timeout_s, self.what = timeout_s, what
+        self.last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+
+    def __enter__(self) -> Watchdog:
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            if time.monotonic() - self.last > self.timeout_s:
+                print(f"train: error: {self.what}: no step completed in {self.timeout_s:g} s "
+                      "(runtime.collective_timeout_s); another worker is stuck or gone",
+                      file=sys.stderr, flush=True)
+                os._exit(STALLED)
 
 
 class WorkerLoop(EpochLoop):
@@ -24,7 +68,7 @@ class WorkerLoop(EpochLoop):
 
     def __init__(self, model: keras.Model, train: Split, val: Split, *, strategy: object,
                  batch_size: int, shuffle: bool, seed: int, augment: bool,
-                 jit_compile: bool) -> None:
+                 jit_compile: bool, stall_timeout_s: float) -> None:
         with strategy.scope():  # type: ignore[attr-defined]
             super().__init__(model, train, val, batch_size=batch_size, shuffle=shuffle,
                              seed=seed, augment=augment, steps_per_call=1,
@@ -38,6 +82,13 @@ class WorkerLoop(EpochLoop):
                       for step in range(self.steps)]
         self._distributed = tf.function(self._replicated_step, jit_compile=jit_compile)
         self._train = self._worker_step
+        self.watchdog = Watchdog(stall_timeout_s,
+                                 f"worker {self.worker} of {self.workers}")
+
+    def run(self, callbacks: list[keras.callbacks.Callback], **kwargs: object
+            ) -> keras.callbacks.History:
+        with self.watchdog:
+            return super().run(callbacks, **kwargs)
 
     def _replicated_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, ...]:
         def replica(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, ...]:
@@ -63,6 +114,14 @@ class WorkerLoop(EpochLoop):
         with tf.device("/CPU:0"):  # where the arrays are
             mine = order[start + self.worker:start + size:self.workers]
             x, y = tf.gather(images, mine), tf.gather(labels, mine)
-        loss_sum, correct, seen = self._distributed(x, y)
+        try:
+            loss_sum, correct, seen = self._distributed(x, y)
+        except (tf.errors.UnavailableError, tf.errors.InternalError,
+                tf.errors.CancelledError, tf.errors.AbortedError) as err:
+            reason = " ".join(str(err.message).split())[:200]
+            raise TrainingError(f"worker {self.worker} of {self.workers}: the step's "
+                                f"all-reduce with the other workers failed ({reason}); "
+                                "another worker stopped") from None
+        self.watchdog.beat()
         diverged_at = tf.constant(-1 if bool(tf.math.is_finite(loss_sum)) else int(first))
         return loss_sum, correct, seen, diverged_at

@@ -85,7 +85,8 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
     if runtime.task is not None:  # one worker of a multi-worker job (Model.fit cannot)
         with WorkerLoop(model, train, val, strategy=runtime.strategy, batch_size=global_batch,
                         shuffle=cfg.shuffle, seed=cfg.seed, augment=cfg.augment,
-                        jit_compile=bool(model.jit_compile)) as loop:
+                        jit_compile=bool(model.jit_compile),
+                        stall_timeout_s=job.runtime.collective_timeout_s) as loop:
             history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
                                verbose=cfg.verbose if runtime.chief else 0)
     elif runtime.strategy is tf.distribute.get_strategy():  # the default: no tf.distribute

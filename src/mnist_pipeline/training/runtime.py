@@ -138,9 +138,10 @@ def configure_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
             raise ConfigError("runtime.distribute", cfg.distribute,
                               f"a {cluster.TF_CONFIG} describing this worker's cluster (the "
                               "train stage starts runtime.workers local workers itself)")
-        options = tf.distribute.experimental.CommunicationOptions(
-            timeout_seconds=cfg.collective_timeout_s)
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        # No `CommunicationOptions(timeout_seconds=...)`: TensorFlow keeps a thread per
+        # collective op for that long (thousands per minute here, until thread creation
+        # fails); `WorkerLoop`'s watchdog bounds a stalled step instead.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
         strategy = tf.distribute.get_strategy()
     if cfg.distribute != "default":
