@@ -43,8 +43,7 @@ def require_store(tracking_cfg: TrackingConfig) -> str:
     """The store's URI; for the default SQLite store, fail if the pipeline has not made it yet
     (opening a missing SQLite store would create an empty one)."""
     uri = store.tracking_uri(tracking_cfg)
-    database = store.sqlite_file(uri)
-    if database is not None and not database.is_file():
+    if store.not_created(uri):
         raise ServerError(f"no tracking store at {uri}: run the pipeline first (dvc repro)")
     return uri
 
