@@ -4,10 +4,15 @@ and only then; reading never creates a store. Real MLflow SQLite stores in tmp d
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from helpers import config as test_config
+from helpers.digits import ROOT
 
 from mnist_pipeline import config
 from mnist_pipeline.tracking import champion_record, registry, store
@@ -106,3 +111,21 @@ def test_a_broken_store_is_one_clear_error(tmp_path):
     cfg = test_config.section("tracking", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     with pytest.raises(TrackingError, match="could not read the champion of 'mnist-classifier'"):
         champion_record.current(cfg)
+
+
+def test_the_stage_loads_no_tensorflow_and_creates_no_store(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    stage_args = ["--config-dir", ".", "--config-name", "params", "hydra.run.dir=.",
+                  "hydra.output_subdir=null", "hydra/job_logging=stdout",
+                  "hydra/hydra_logging=disabled"]
+    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "pipelines/champion.py"),
+                           *stage_args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DVC_ROOT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "mnist_pipeline.tracking.champion_record" in imported
+    assert not {name for name in imported if name.split(".")[0] in ("tensorflow", "keras")}
+    assert done.stdout.startswith("champion: no champion of mnist-classifier")
+    assert json.loads((tmp_path / "models/champion.json").read_text())["version"] is None
+    assert not (tmp_path / "mlflow.db").exists()
