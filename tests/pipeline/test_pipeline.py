@@ -27,11 +27,11 @@ def _client(path):
 
 def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     done = repo.run(["dvc", "repro"], pipeline)
-    for stage in ("fetch", "preprocess", "train", "evaluate"):
+    for stage in ("fetch", "preprocess", "train", "champion", "evaluate"):
         assert f"Running stage '{stage}'" in done.stdout
     assert "gate: PASSED" in done.stdout
     lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"fetch", "preprocess", "train", "evaluate"}
+    assert set(lock["stages"]) == {"fetch", "preprocess", "train", "champion", "evaluate"}
     assert json.loads((pipeline / "gate.json").read_text())["champion_version"] == "1"
     report = json.loads((pipeline / "metrics/data.json").read_text())
     assert (report["train"]["count"], report["val"]["count"], report["test"]["count"]) == (500, 100, 200)
@@ -50,9 +50,10 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     assert client.get_run(champion.run_id).data.tags[GIT_COMMIT] == head
     assert champion.tags["git.commit"] == head
 
-    # Nothing changed: DVC skips everything but the gate, which re-checks the same version.
+    # Nothing changed: DVC runs only the cheap champion stage, which sees evaluate's own move.
     again = repo.run(["dvc", "repro"], pipeline)
     assert "Running stage 'train'" not in again.stdout
+    assert "Running stage 'evaluate'" not in again.stdout
     assert len(client.search_model_versions("name = 'mnist-classifier'")) == 1
 
 

@@ -69,7 +69,7 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
     assert "gate:" in done.stdout
     assert _out_hashes(path) == clean_hashes
     assert set(yaml.safe_load((path / "dvc.lock").read_text())["stages"]) == {
-        "fetch", "preprocess", "train", "evaluate"}
+        "fetch", "preprocess", "train", "champion", "evaluate"}
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
     assert statuses[killed[0].info.run_id] == "KILLED", "no run is left RUNNING"
     assert "RUNNING" not in statuses.values()

@@ -46,6 +46,18 @@ def test_command_serves_the_champion_on_loopback(tmp_path, monkeypatch):
     assert not command.warnings
 
 
+def test_the_server_starts_tensorflow_as_quietly_as_a_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.delenv("MNIST_PIPELINE_DEBUG", raising=False)
+    quiet = model_server_command(test_config.section("tracking")).env_overrides
+    assert quiet["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    assert quiet["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
+    monkeypatch.setenv("MNIST_PIPELINE_DEBUG", "1")
+    loud = model_server_command(test_config.section("tracking")).env_overrides
+    assert "TF_CPP_MIN_LOG_LEVEL" not in loud
+
+
 def test_registered_model_name_comes_from_params_yaml(tmp_path):
     test_config.write_params(tmp_path, tracking={"registered_model": "digits-v2"})
     cfg = tracking_config(tmp_path)

@@ -1,9 +1,13 @@
-"""Stage processes keep modules Keras would import but no stage uses out of memory."""
+"""Stage processes start quietly (no TensorFlow C++ start-up lines unless debugging) and keep
+modules Keras would import but no stage uses out of memory."""
 
 import subprocess
 import sys
 
 import pytest
+from helpers import tf_output
+
+from mnist_pipeline.errors import DEBUG_ENV
 
 PROBE = """
 import sys
@@ -13,6 +17,13 @@ from mnist_pipeline.training import models
 models.build_optimizer  # the library works as usual
 print(type(sys.modules.get("sklearn")).__name__)
 """
+
+LOAD = "import tensorflow as tf; print(float(tf.constant(1.0) + 1))"
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=tf_output.unquieted_env(**env))
 
 
 @pytest.mark.parametrize("prepare, loaded", [
@@ -24,3 +35,46 @@ def test_scikit_learn_is_skipped_only_by_stage_start_up(prepare, loaded):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == loaded
+
+
+def test_tensorflow_starts_without_its_cpp_start_up_lines_unless_debugging():
+    quiet = _python("from mnist_pipeline import startup; startup.prepare(); " + LOAD)
+    debug = _python("from mnist_pipeline import startup; startup.prepare(); " + LOAD,
+                    **{DEBUG_ENV: "1"})
+    for done in (quiet, debug):
+        assert done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-2000:]
+    assert tf_output.found(quiet.stderr) == [], quiet.stderr
+    if not tf_output.printed_here():
+        pytest.skip("this TensorFlow prints no start-up lines on this machine")
+    assert tuple(tf_output.found(debug.stderr)) == tf_output.printed_here()
+
+
+def test_every_other_line_written_meanwhile_gets_through():
+    done = _python("""
+import os, sys
+from mnist_pipeline import startup
+with startup.without_startup_lines():
+    os.write(2, b"I0000 00:00:1795948084.286302   15343 port.cc:153] oneDNN custom operations "
+                b"are on. You may see slightly different numerical results.\\n")
+    os.write(2, b"E0000 00:00:1795948249.999413   17739 cuda_platform.cc:52] failed call to "
+                b"cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\\n")
+    os.write(2, b"E0000 00:00:1795948249.999413   17739 some_kernel.cc:7] a real problem\\n")
+    print("from Python", file=sys.stderr)
+print("after", file=sys.stderr)
+""")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "E0000 00:00:1795948249.999413   17739 some_kernel.cc:7] a real problem",
+        "from Python", "after"]
+
+
+def test_what_came_before_a_crash_while_loading_still_gets_through():
+    done = _python("""
+import os
+from mnist_pipeline import startup
+with startup.without_startup_lines():
+    os.write(2, b"F0000 00:00:1.0   1 loader.cc:1] Check failed: the library is broken\\n")
+    os.abort()
+""")
+    assert done.returncode != 0
+    assert "Check failed: the library is broken" in done.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import weakref
 
 import keras
@@ -14,7 +16,7 @@ from helpers.digits import synthetic_digits
 
 from mnist_pipeline.data.splits import Split, load_split, save_split
 from mnist_pipeline.training import models
-from mnist_pipeline.training.callbacks import EpochReport, StopOnNaN
+from mnist_pipeline.training.callbacks import EpochLine, EpochReport, StopOnNaN, progress
 from mnist_pipeline.training.fit import fit
 from mnist_pipeline.training.inputs import dataset
 from mnist_pipeline.training.loop import EpochLoop, resident
@@ -240,3 +242,42 @@ def test_validation_runs_the_test_hooks_as_fit_does(splits):
 
     _loop(_model(), train, val).run([Record()], epochs=2)
     assert seen == ["begin", "batch", ("end", ["accuracy", "loss"])] * 2
+
+
+# --- progress on stdout: Keras' bar on a terminal only, else one plain line per epoch --------
+
+EPOCH_LINE = (r"epoch (\d+)/2: loss \d+\.\d{4}, accuracy \d\.\d{4}, "
+              r"val_loss \d+\.\d{4}, val_accuracy \d\.\d{4} \(\d+\.\d s\)")
+
+
+@pytest.mark.parametrize("verbose, on_terminal, keras_verbose, lines", [
+    (0, True, 0, False), (0, False, 0, False),
+    (1, True, 1, False),   # the progress bar, where a person watches it
+    (1, False, 0, True),   # a log (`dvc repro`, CI): plain lines instead of escape codes
+    (2, True, 0, True), (2, False, 0, True),
+])
+def test_train_verbose_picks_the_bar_only_for_a_terminal(verbose, on_terminal, keras_verbose,
+                                                         lines, tmp_path):
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as terminal, open(tmp_path / "log", "w") as log:
+        chosen, callbacks = progress(verbose, 2, terminal if on_terminal else log)
+    os.close(leader)
+    assert chosen == keras_verbose
+    assert [type(c) for c in callbacks] == ([EpochLine] if lines else [])
+
+
+@pytest.mark.parametrize("distributed", [False, True])
+def test_fit_prints_one_plain_line_per_epoch_off_a_terminal(splits, capfd, distributed):
+    train, val = splits
+    strategy = (tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed
+                else tf.distribute.get_strategy())
+    runtime = Runtime(precision="float32", jit_compile=False, device="CPU", strategy=strategy,
+                      replicas=1, deterministic=False)
+    tiny = test_config.train_job(model={"hidden_units": [8]},
+                                 train={"epochs": 2, "verbose": 1, "batch_size": 64})
+    fit(tiny, runtime, train, val, steps_per_execution=2)
+    out = capfd.readouterr().out
+    assert "\x1b[" not in out
+    epochs = [re.fullmatch(EPOCH_LINE, line) for line in out.splitlines()]
+    assert all(epochs), out
+    assert [int(m.group(1)) for m in epochs] == [1, 2]

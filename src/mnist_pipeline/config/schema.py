@@ -108,6 +108,7 @@ class PathsConfig(Section):
     eval_metrics: str
     eval_plots: str
     gate: str
+    champion: str
 
 
 # --- fetch ---------------------------------------------------------------------------------

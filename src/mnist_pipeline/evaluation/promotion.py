@@ -21,7 +21,7 @@ from ..config import EvaluateConfig, GateConfig, PathsConfig, TrackingConfig
 from ..data.splits import Split, load_split
 from ..errors import DataError, PipelineError
 from ..files import sha256_file, write_json
-from ..tracking import locks, logged_models, registry, runs, store
+from ..tracking import champion_record, locks, logged_models, registry, runs, store
 from ..training import models
 from ..training.fit import predict
 from . import gate, plots
@@ -167,7 +167,10 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     report = {**verdict.to_dict(), "candidate_version": version_id,
               "champion_version_before": champion_before, "champion_version": champion_after,
               "registered_model": name, "run_id": run["run_id"],
-              "registered_now": existing is None}
+              "registered_now": existing is None,
+              # What DVC saw of the champion for this run: the champion stage keeps it while
+              # the champion is still `champion_version`, so this decision reruns nothing.
+              "champion_record": champion_record.read(paths.champion)}
     write_json(paths.gate, report)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "gate.json"

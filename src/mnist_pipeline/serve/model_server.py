@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import startup
 from ..config import TrackingConfig
 from ..config.loading import tracking_config
 from ..errors import ServerError, reported
@@ -43,8 +44,7 @@ def require_store(tracking_cfg: TrackingConfig) -> str:
     """The store's URI; for the default SQLite store, fail if the pipeline has not made it yet
     (opening a missing SQLite store would create an empty one)."""
     uri = store.tracking_uri(tracking_cfg)
-    database = store.sqlite_file(uri)
-    if database is not None and not database.is_file():
+    if store.not_created(uri):
         raise ServerError(f"no tracking store at {uri}: run the pipeline first (dvc repro)")
     return uri
 
@@ -81,7 +81,10 @@ def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None 
         argv=argv,
         # `models:/` URIs resolve in the registry of this store.
         env_overrides={"MLFLOW_TRACKING_URI": store.tracking_uri(tracking_cfg),
-                       "PATH": server_path()},
+                       "PATH": server_path(),
+                       # Its workers load TensorFlow: the same quiet start-up as a stage's,
+                       # and no download bar while it fetches the model.
+                       **startup.quiet_env(), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
         url=f"{base}/invocations", ready_url=f"{base}/ping", warnings=warnings)
 
 

@@ -13,13 +13,12 @@ the exit status is 1 if any file failed (2 for bad arguments).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import sys
 
 import numpy as np
 
+from .. import startup
 from ..config.loading import tracking_config
 from ..errors import reported
 from ..tracking import logged_models, registry, store
@@ -47,8 +46,7 @@ def convert_all(paths: list[str]) -> tuple[list[str], np.ndarray, dict[str, str]
 def predict(model_uri: str, images: np.ndarray) -> np.ndarray:
     """Class probabilities (N, 10) for uint8 images (N, 28, 28), from one model load."""
     model = logged_models.load_pyfunc(model_uri)
-    with contextlib.redirect_stdout(io.StringIO()):  # Keras' progress bar; stdout is for results
-        return np.asarray(model.predict(images), dtype=np.float32)
+    return np.asarray(model.predict(images), dtype=np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                              "params.yaml")
     args = parser.parse_args(argv)
     # Keep TensorFlow's and MLflow's start-up chatter off a command people read.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    startup.quiet()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     with reported(PROG):

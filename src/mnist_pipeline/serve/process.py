@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from .. import startup
 from ..errors import ServerError
 
 DEFAULT_WORKERS = 1
@@ -97,11 +98,15 @@ def server_path() -> str:
 # --- running a server (shared with `ui`) ---------------------------------------------------
 
 def start(command: ServerCommand, *, log: IO[bytes] | None = None,
-          cwd: str | os.PathLike[str] | None = None) -> subprocess.Popen:
-    """Start the server in its own process group, so `stop` ends it and its workers together."""
+          cwd: str | os.PathLike[str] | None = None,
+          stderr: IO[bytes] | None = None) -> subprocess.Popen:
+    """Start the server in its own process group, so `stop` ends it and its workers together.
+
+    Its output goes to `log` (both streams) if given, else to ours (stderr to `stderr` if given).
+    """
     try:
         return subprocess.Popen(command.argv, env=command.env(), cwd=cwd,
-                                stdout=log, stderr=subprocess.STDOUT if log else None,
+                                stdout=log, stderr=subprocess.STDOUT if log else stderr,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     except OSError as err:
         raise ServerError(f"could not start {command.argv[0]}: {err}") from None
@@ -164,8 +169,9 @@ def run_foreground(command: ServerCommand, name: str, ready_line: str) -> int:
     previous = {signum: signal.signal(signum, terminate)
                 for signum in (signal.SIGINT, signal.SIGTERM)}
     process = None
+    quiet = startup.stderr_filter()  # the model server's workers load TensorFlow
     try:
-        process = start(command)
+        process = start(command, stderr=None if quiet is None else quiet.stdin)
         elapsed = wait_until_ready(process, command.ready_url)
         print(f"{name}: {ready_line} (ready in {elapsed:.1f} s; Ctrl-C stops it)", flush=True)
         return process.wait()
@@ -175,5 +181,6 @@ def run_foreground(command: ServerCommand, name: str, ready_line: str) -> int:
     finally:
         if process is not None:
             stop(process)
+        startup.end_filter(quiet)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

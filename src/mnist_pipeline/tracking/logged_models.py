@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,7 +66,10 @@ class _PyfuncModel:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.model.predict(data)
+            # The flavour calls Keras' predict with its progress bar on, which would land
+            # (escape codes and all) among a caller's results and in `dvc repro` logs.
+            with contextlib.redirect_stdout(io.StringIO()):
+                return self.model.predict(data)
         except MlflowException as err:
             raise ModelError(f"prediction refused: {str(err).splitlines()[0]}") from None
 

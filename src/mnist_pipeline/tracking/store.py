@@ -45,6 +45,13 @@ def sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
+def not_created(uri: str) -> bool:
+    """Whether `uri` is a local SQLite store whose file does not exist yet: opening it would
+    create an empty one, so readers check this first."""
+    database = sqlite_file(uri)
+    return database is not None and not database.is_file()
+
+
 def artifact_dir(uri: str, cfg: TrackingConfig) -> Path | None:
     """Artifacts of a local SQLite store go beside it, in `<store folder>/<artifact_dir>`.
 

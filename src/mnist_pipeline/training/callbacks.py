@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,6 +107,41 @@ class EpochReport(keras.callbacks.Callback):
         logs["epoch_time_s"] = time.perf_counter() - self.started  # also lands in the history
         if self.hook(epoch, {k: float(v) for k, v in logs.items()}):
             self.model.stop_training = True
+
+
+class EpochLine(keras.callbacks.Callback):
+    """One plain line per epoch on stdout, e.g.
+    `epoch 3/20: loss 0.2650, accuracy 0.9241, val_loss 0.2419, val_accuracy 0.9326 (2.9 s)`.
+    """
+
+    KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        values = ", ".join(f"{key} {float(logs[key]):.4f}" for key in self.KEYS if key in logs)
+        print(f"epoch {epoch + 1}/{self.epochs}: {values} "
+              f"({time.perf_counter() - self.started:.1f} s)", flush=True)
+
+
+def progress(verbose: int, epochs: int,
+             stream: Any = None) -> tuple[int, list[keras.callbacks.Callback]]:
+    """What `train.verbose` asks for (0 silent, 1 progress bar, 2 one line per epoch), as the
+    verbosity to hand Keras and the callbacks to add: Keras' bar only on a terminal (elsewhere,
+    e.g. in `dvc repro` logs, it is a stream of escape codes), else `EpochLine`."""
+    stream = sys.stdout if stream is None else stream
+    if verbose == 0:
+        return 0, []
+    if verbose == 1 and stream.isatty():
+        return 1, []
+    return 0, [EpochLine(epochs)]
 
 
 class Checkpoint(keras.callbacks.Callback):

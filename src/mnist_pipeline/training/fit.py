@@ -26,7 +26,15 @@ from ..config import TrainJob
 from ..data.splits import Split
 from ..errors import TrainingError
 from . import models
-from .callbacks import Checkpoint, EpochHook, EpochReport, LearningRate, Resume, StopOnNaN
+from .callbacks import (
+    Checkpoint,
+    EpochHook,
+    EpochReport,
+    LearningRate,
+    Resume,
+    StopOnNaN,
+    progress,
+)
 from .inputs import dataset
 from .distributed import WorkerLoop
 from .loop import EpochLoop
@@ -75,6 +83,8 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
             monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
             restore_best_weights=es.restore_best_weights))
     callbacks.extend(extra_callbacks or [])
+    verbose, progress_callbacks = progress(cfg.verbose, cfg.epochs)
+    callbacks.extend(progress_callbacks)
     if on_epoch_end is not None:
         callbacks.append(EpochReport(on_epoch_end))
     if checkpoint_dir is not None and cfg.checkpoint.enabled:
@@ -96,7 +106,7 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
                        seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
                        jit_compile=bool(model.jit_compile)) as loop:
             history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                               verbose=cfg.verbose)
+                               verbose=verbose)
     else:
         # Under a tf.distribute strategy (even with one replica), Keras' own loop feeds it.
         train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
@@ -104,7 +114,7 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
         val_ds = dataset(val, batch_size=max(global_batch, 1000))
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
                             initial_epoch=initial_epoch, callbacks=callbacks,
-                            verbose=cfg.verbose, shuffle=False)  # the dataset shuffles, seeded
+                            verbose=verbose, shuffle=False)  # the dataset shuffles, seeded
     if nan_guard.diverged_at is not None:
         epoch, batch = nan_guard.diverged_at
         raise TrainingError(

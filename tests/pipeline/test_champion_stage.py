@@ -1,0 +1,96 @@
+"""A second `dvc repro` is a no-op: evaluate reruns when the champion moved from outside,
+not after its own decisions. Real DVC and MLflow in a throwaway repository."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+from helpers import config as test_config
+from helpers import repo
+
+from mnist_pipeline.tracking import registry, store
+
+pytestmark = pytest.mark.slow
+
+NAME = "mnist-classifier"
+
+
+def _repro(path) -> tuple[set[str], str]:
+    """The stages `dvc repro` ran, and its output; checks that it skipped every other one."""
+    out = repo.run(["dvc", "repro"], path).stdout
+    ran = set(re.findall(r"Running stage '(\w+)'", out))
+    for stage in {"fetch", "preprocess", "train", "champion", "evaluate"} - ran:
+        assert (f"Stage '{stage}' didn't change, skipping" in out
+                or f"Stage '{stage}' is cached" in out), out
+    return ran, out
+
+
+def _set(path, section: str, **values) -> None:
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params[section].update(values)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _gate(path) -> dict:
+    return json.loads((path / "gate.json").read_text())
+
+
+def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves(tmp_path):
+    path = repo.make(tmp_path / "repo")
+    ran, out = _repro(path)
+    assert ran == {"fetch", "preprocess", "train", "champion", "evaluate"}
+    assert "gate: PASSED" in out and _gate(path)["champion_version"] == "1"
+
+    ran, out = _repro(path)
+    assert ran == {"champion"}
+    assert "Stage 'train' didn't change, skipping" in out
+    assert "Stage 'evaluate' didn't change, skipping" in out
+    assert "champion: mnist-classifier v1, as the last evaluate left it" in out
+
+    # Someone else moves the alias: a second version of the same model becomes champion.
+    store.use_store(test_config.section("tracking", uri=repo.store(path)))
+    model_uri = json.loads((path / "models/run.json").read_text())["model_uri"]
+    other = registry.register(model_uri, NAME, tags={})
+    registry.promote(NAME, str(other.version))
+    ran, out = _repro(path)
+    assert ran == {"champion", "evaluate"}
+    assert _gate(path)["champion_version_before"] == str(other.version)
+    assert json.loads((path / "models/champion.json").read_text())["version"] == "2"
+
+    ran, _ = _repro(path)
+    assert ran == {"champion"}
+
+
+def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
+    path = repo.make(tmp_path / "repo", gate={"min_accuracy": 0.0,
+                                              "require_significance": False})
+    _set(path, "optimizer", learning_rate=0.001)  # a weak first champion...
+    _set(path, "train", epochs=1)
+    ran, out = _repro(path)
+    assert "gate: PASSED" in out
+    _set(path, "optimizer", learning_rate=0.05)   # ...that the next model beats
+    _set(path, "train", epochs=3)
+    ran, out = _repro(path)
+    assert ran == {"champion", "train", "evaluate"} and "gate: PASSED" in out, out
+    assert (_gate(path)["champion_version_before"], _gate(path)["champion_version"]) == ("1", "2")
+
+    ran, out = _repro(path)
+    assert ran == {"champion"}, out
+    assert "champion: mnist-classifier v2, as the last evaluate left it" in out
+
+
+def test_two_rejections_in_a_row_leave_nothing_to_rerun(tmp_path):
+    path = repo.make(tmp_path / "repo")
+    ran, out = _repro(path)
+    assert "gate: PASSED" in out
+    for seed in (7, 8):  # models no better than the champion: rejected (a tie never wins)
+        _set(path, "train", seed=seed)
+        ran, out = _repro(path)
+        assert ran == {"champion", "train", "evaluate"} and "gate: REJECTED" in out, out
+    assert _gate(path)["champion_version"] == "1"
+
+    ran, out = _repro(path)
+    assert ran == {"champion"}, out
