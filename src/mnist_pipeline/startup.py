@@ -32,8 +32,10 @@ from .errors import DEBUG_ENV
 UNUSED_BY_STAGES = ("sklearn",)
 
 # Errors too (3): on a machine without a GPU, a CUDA build logs a failed `cuInit` as one.
-# TensorFlow's real errors reach Python as exceptions, which say the same.
-QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3"}
+# TensorFlow's real errors reach Python as exceptions, which say the same. And no download
+# bar when a stage loads a logged model (the gate's smoke test, the champion's re-scoring):
+# in a log it is a screenful of carriage returns.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 # TensorFlow's C++ start-up notices, as absl prints them (`I0000 00:00:1795.. 123 file.cc:45]`).
 _ABSL = r"[IWE]\d{4} [\d:. ]+\s+\d+ \S+:\d+\] "

@@ -108,8 +108,8 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
         for index, (name, accuracy) in enumerate(expected):
             for checkout in checkouts:
                 (checkout / "race" / f"go-{index}").touch()
-            outcomes = [_wait_for(checkout / "race" / f"done-{index}", workers)
-                        for checkout in checkouts]
+            outcomes = [_wait_for(checkout / "race" / f"done-{index}", worker)
+                        for checkout, worker in zip(checkouts, workers)]
             for outcome in outcomes:
                 assert "error" not in outcome, outcome.get("error")
             held = registry.champion(name)
@@ -126,13 +126,12 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
     assert all(v == ["2", "3"] for v in versions), versions
 
 
-def _wait_for(path: Path, workers: list[subprocess.Popen], timeout: float = 300) -> dict:
+def _wait_for(path: Path, worker: subprocess.Popen, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        for worker in workers:
-            if worker.poll() is not None:
-                pytest.fail(f"a worker stopped ({worker.returncode}): "
-                            f"{worker.stdout.read()[-3000:]}")
+        if worker.poll() is not None and not path.exists():
+            pytest.fail(f"a worker stopped ({worker.returncode}) before {path.name}: "
+                        f"{worker.stdout.read()[-3000:]}")
         if time.monotonic() > deadline:
             pytest.fail(f"{path} did not appear within {timeout} s")
         time.sleep(0.05)

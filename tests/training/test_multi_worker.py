@@ -110,6 +110,9 @@ def test_a_stalled_worker_fails_the_job_within_the_timeout(tmp_path):
             os.kill(pid, signal.SIGKILL)
     assert proc.returncode != 0
     assert time.monotonic() - stopped < 8 + 40
-    assert "no step completed in 8 s (runtime.collective_timeout_s)" in stderr, stderr[-3000:]
+    # TensorFlow's coordination service may notice the silent worker and abort the step, or
+    # the watchdog ends the wait: either way one line says so, well within the bound.
+    assert ("no step completed in 8 s (runtime.collective_timeout_s)" in stderr
+            or "the step's all-reduce with the other workers failed" in stderr), stderr[-3000:]
     assert "Traceback" not in stderr
     assert _worker_pid(0) is None and _worker_pid(1) is None

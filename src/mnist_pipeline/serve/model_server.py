@@ -82,9 +82,9 @@ def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None 
         # `models:/` URIs resolve in the registry of this store.
         env_overrides={"MLFLOW_TRACKING_URI": store.tracking_uri(tracking_cfg),
                        "PATH": server_path(),
-                       # Its workers load TensorFlow: the same quiet start-up as a stage's,
-                       # and no download bar while it fetches the model.
-                       **startup.quiet_env(), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
+                       # Its workers load TensorFlow and fetch the model: the same quiet
+                       # start-up as a stage's.
+                       **startup.quiet_env()},
         url=f"{base}/invocations", ready_url=f"{base}/ping", warnings=warnings)
 
 

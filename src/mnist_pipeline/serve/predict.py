@@ -13,7 +13,6 @@ the exit status is 1 if any file failed (2 for bad arguments).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -59,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Keep TensorFlow's and MLflow's start-up chatter off a command people read.
     startup.quiet()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     with reported(PROG):
         names, images, failed = convert_all(args.files)

@@ -118,10 +118,20 @@ class WorkerLoop(EpochLoop):
             loss_sum, correct, seen = self._distributed(x, y)
         except (tf.errors.UnavailableError, tf.errors.InternalError,
                 tf.errors.CancelledError, tf.errors.AbortedError) as err:
-            reason = " ".join(str(err.message).split())[:200]
+            reason = _cause(str(err.message))
             raise TrainingError(f"worker {self.worker} of {self.workers}: the step's "
                                 f"all-reduce with the other workers failed ({reason}); "
                                 "another worker stopped") from None
         self.watchdog.beat()
         diverged_at = tf.constant(-1 if bool(tf.math.is_finite(loss_sum)) else int(first))
         return loss_sum, correct, seen, diverged_at
+
+
+def _cause(message: str) -> str:
+    """The telling line of a collective op's error (TensorFlow's messages start with where
+    the op was defined and end with its node name)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    telling = [line for line in lines if not line.startswith(("File ", "Detected at node",
+                                                               "[[", "Graph execution error"))
+               and not line.endswith(":")]
+    return (telling[0] if telling else lines[-1] if lines else "no detail")[:200]
