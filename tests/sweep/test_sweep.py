@@ -205,7 +205,7 @@ def test_parallel_sweep_resumes_prunes_and_writes_an_experiment(tmp_path, monkey
         yaml.safe_dump(test_config.values("sweep", **TINY_SPACE)))
     for name, n, seed in (("train", 300, 1), ("val", 100, 2), ("test", 100, 3)):
         save_split(tmp_path / "data" / "processed", name,
-                        Split(*synthetic_digits(n, seed)))
+                   Split(*synthetic_digits(n, seed)))
     before = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.chdir(tmp_path)

@@ -71,7 +71,7 @@ def write_reports(paths: PathsConfig, test: Split, probabilities: np.ndarray,
     plots.write_class_recall_csv(folder / CLASS_RECALL_CSV, scores.recall)
     plots.plot_confusion_png(folder / CONFUSION_PNG, scores.confusion)
     plots.plot_misclassified_grid(folder / MISCLASSIFIED_PNG, test.images, test.labels,
-                                       scores.predictions, probabilities, cfg.misclassified_grid)
+                                  scores.predictions, probabilities, cfg.misclassified_grid)
     plots.plot_class_recall_png(folder / CLASS_RECALL_PNG, scores.recall)
     return metrics
 
@@ -177,7 +177,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
         write_json(copy, report)
         runs.log_artifact(copy, "evaluation", run_id=run["run_id"])
     runs.set_tags({"gate.passed": str(verdict.passed).lower(),
-                       "registered_version": version_id}, run_id=run["run_id"])
+                   "registered_version": version_id}, run_id=run["run_id"])
     line = gate.summary_line(verdict, version_id, champion_before)
     return Decision(verdict=verdict, version=version_id, champion_before=champion_before,
                     champion_after=champion_after, scores=scores, line=line)

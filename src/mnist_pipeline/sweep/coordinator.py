@@ -97,11 +97,11 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
                                          tags=tags) as parent_run_id:
         if created:
             runs.log_params({"sweep.name": cfg.name, "sweep.metric": cfg.metric,
-                                 "sweep.direction": cfg.direction,
-                                 "sweep.overrides": " ".join(fixed) or "-",
-                                 **{f"sweep.space.{d.key}": d.spec for d in space}})
+                             "sweep.direction": cfg.direction,
+                             "sweep.overrides": " ".join(fixed) or "-",
+                             **{f"sweep.space.{d.key}": d.spec for d in space}})
         runs.set_tags({"sweep.sampler": cfg.sampler.name, "sweep.pruner": cfg.pruner.name,
-                           "sweep.n_jobs": cfg.n_jobs}, run_id=parent_run_id)
+                       "sweep.n_jobs": cfg.n_jobs}, run_id=parent_run_id)
 
         before = progress(study)
         n_workers = min(cfg.n_jobs, before.remaining(cfg.n_trials) + before.running)

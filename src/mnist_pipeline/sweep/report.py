@@ -86,13 +86,13 @@ def summarize(study: optuna.Study, cfg: SweepConfig, conf_dir: Path, fixed: Sequ
                   f"{now.complete} complete, {now.pruned} pruned, {now.failed} failed.")
         summary.experiment = write_experiment(conf_dir, cfg.name, best_cfg, choices, header)
         runs.set_tags({**{f"best.{k}": v for k, v in best.params.items()},
-                           "best.trial": best.number,
-                           "best.mlflow_run_id": best.user_attrs.get(RUN_ATTR, "")},
-                          run_id=parent_run_id)
+                       "best.trial": best.number,
+                       "best.mlflow_run_id": best.user_attrs.get(RUN_ATTR, "")},
+                      run_id=parent_run_id)
         runs.log_text(json.dumps({"trial": best.number, "value": best.value,
-                                      "params": best.params,
-                                      "overrides": best.user_attrs[OVERRIDES_ATTR]}, indent=2),
-                          "best_params.json", run_id=parent_run_id)
+                                  "params": best.params,
+                                  "overrides": best.user_attrs[OVERRIDES_ATTR]}, indent=2),
+                      "best_params.json", run_id=parent_run_id)
     runs.log_metrics(metrics, step=finished, run_id=parent_run_id)
     if finished:
         _log_plots(study, parent_run_id)

@@ -159,13 +159,13 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
             resume_run_id=resume.meta.get("run_id") if resume else None) as run_id:
         if resume is None:
             runs.log_params({**params, **runtime.describe(),
-                                 "runtime.resolved_steps_per_execution": steps_per_execution,
-                                 "tracking.experiment_name": job.tracking.experiment_name})
+                             "runtime.resolved_steps_per_execution": steps_per_execution,
+                             "tracking.experiment_name": job.tracking.experiment_name})
             for name in ("train", "val"):
                 runs.log_dataset(splits[name].images, splits[name].labels,
-                                     name=f"mnist-{name}", sha256=data_sha256,
-                                     source=str(Path(processed_dir) / f"{name}.npz"),
-                                     context="training" if name == "train" else "validation")
+                                 name=f"mnist-{name}", sha256=data_sha256,
+                                 source=str(Path(processed_dir) / f"{name}.npz"),
+                                 context="training" if name == "train" else "validation")
         else:
             runs.set_tags({"resumed_from_epoch": resume.epoch})
 
