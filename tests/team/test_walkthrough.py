@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import repo
 from helpers.digits import ROOT, synthetic_digits
-from helpers.team import free_port
+from helpers.tiny_store import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .. import project
-from ..errors import TrackingError
+from ..errors import TrackingError, describe_error
 
 LOCK_DIR = ".locks"
 LOCK_URL_ENV = "MNIST_PIPELINE_LOCK_URL"
@@ -56,7 +56,7 @@ class Held:
         try:
             self._connection.execute("SELECT 1")  # type: ignore[attr-defined]
         except psycopg.Error as err:
-            raise TrackingError(f"lost {self.description} ({_first_line(err)}): nothing was "
+            raise TrackingError(f"lost {self.description} ({describe_error(err)}): nothing was "
                                 "changed after that; rerun the stage") from None
 
 
@@ -88,7 +88,7 @@ def _advisory(name: str, url: str, wait_s: float) -> Iterator[Held]:
         connection = psycopg.connect(_libpq(url), autocommit=True,
                                      connect_timeout=CONNECT_TIMEOUT_S)
     except psycopg.Error as err:
-        raise TrackingError(f"cannot reach the lock database {where}: {_first_line(err)} "
+        raise TrackingError(f"cannot reach the lock database {where}: {describe_error(err)} "
                             f"(check {LOCK_URL_ENV} / tracking.lock_url)") from None
     description = f"the advisory lock '{name}' on {where}"
     try:
@@ -101,7 +101,7 @@ def _advisory(name: str, url: str, wait_s: float) -> Iterator[Held]:
                 raise TrackingError(f"{description} was not free within {wait_s:.0f} s") \
                     from None
             except psycopg.Error as err:
-                raise TrackingError(f"cannot take {description}: {_first_line(err)}") from None
+                raise TrackingError(f"cannot take {description}: {describe_error(err)}") from None
             yield Held(description, connection)
             with contextlib.suppress(psycopg.Error):  # closing the connection frees it too
                 connection.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (key,))
@@ -122,8 +122,3 @@ def _public(url: str) -> str:
         user = credentials.split(":", 1)[0]
         return f"{scheme}://{user}@{host}"
     return url
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -17,10 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-
 from .. import project
 from ..config import TrackingConfig
-from ..errors import TrackingError
+from ..errors import TrackingError, describe_error
 from . import locks
 
 T = TypeVar("T")
@@ -152,7 +151,7 @@ def retry(fn: Callable[[], T], *, within_s: float | None = None, base_delay: flo
             if time.monotonic() >= deadline:
                 raise TrackingError(
                     f"the tracking store {_current_uri()} did not answer within "
-                    f"{within_s:.0f} s ({_first_line(err)}); nothing more was recorded: "
+                    f"{within_s:.0f} s ({describe_error(err)}); nothing more was recorded: "
                     "rerun once it is back") from None
             pause = min(base_delay * (2 ** attempt), 5.0) * (0.5 + random.random())
             time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
@@ -169,10 +168,6 @@ def _current_uri() -> str:
 
     return mlflow.get_tracking_uri()
 
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] if text else type(err).__name__
 
 
 def silence() -> None:

@@ -30,7 +30,6 @@ from ..data.splits import NUM_CLASSES, Split
 from ..errors import TrainingError
 from .loop import EpochLoop, _correct
 
-
 STALLED = 75  # the exit status of a worker whose step stalled (EX_TEMPFAIL)
 
 

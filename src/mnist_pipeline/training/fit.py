@@ -35,8 +35,8 @@ from .callbacks import (
     StopOnNaN,
     progress,
 )
-from .inputs import dataset
 from .distributed import WorkerLoop
+from .inputs import dataset
 from .loop import EpochLoop
 from .runtime import Runtime
 
