@@ -52,6 +52,10 @@ class TrackingError(PipelineError):
     """The tracking store cannot be reached or opened."""
 
 
+class PromotionError(PipelineError):
+    """A move of the champion by hand was refused, or a review could not be written."""
+
+
 class ServerError(PipelineError):
     """A server could not be configured, started, or did not become ready."""
 

@@ -184,6 +184,12 @@ def tracking_config(root: str | os.PathLike[str] | None = None) -> TrackingConfi
     The servers and `mnist-predict` run outside DVC, so they read the composed params.yaml
     the stages read; a checkout that has not composed it yet composes `conf/` instead.
     """
+    return checkout_section("tracking", root)
+
+
+def checkout_section(name: str, root: str | os.PathLike[str] | None = None) -> Any:
+    """Section `name` of `<repo root>/params.yaml`, else of what `conf/` composes to: what
+    commands that run outside DVC read (see `tracking_config`)."""
     path = Path(root) if root is not None else project.root()
     params = path / PARAMS_FILE
     if params.is_file():
@@ -199,6 +205,6 @@ def tracking_config(root: str | os.PathLike[str] | None = None) -> TrackingConfi
     else:
         raise ServerError(f"{path}: neither {PARAMS_FILE} nor {CONF_DIR}/config.yaml; run from "
                           "the project's root or set DVC_ROOT to it")
-    if not isinstance(raw, Mapping) or "tracking" not in raw:
-        raise ServerError(f"{params}: no 'tracking' section; recompose it: make params")
-    return section(raw, "tracking")
+    if not isinstance(raw, Mapping) or name not in raw:
+        raise ServerError(f"{params}: no '{name}' section; recompose it: make params")
+    return section(raw, name)

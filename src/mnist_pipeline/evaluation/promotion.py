@@ -21,7 +21,7 @@ from ..config import EvaluateConfig, GateConfig, PathsConfig, TrackingConfig
 from ..data.splits import Split, load_split
 from ..errors import DataError, PipelineError
 from ..files import sha256_file, write_json
-from ..tracking import champion_record, locks, logged_models, registry, runs, store
+from ..tracking import champion_record, history, locks, logged_models, registry, runs, store
 from ..training import models
 from ..training.fit import predict
 from . import gate, plots
@@ -163,6 +163,10 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
             lock.check()  # the decision stands only while no one else can move the alias
             registry.promote(name, version_id)
         champion_after = version_id if verdict.passed else champion_before
+        # Under the same lock: concurrent gates get distinct numbers in decision order.
+        history.append(name, history.gate_entry(
+            verdict.to_dict(), candidate=version_id, champion_before=champion_before,
+            champion_after=champion_after, run_id=run["run_id"]))
 
     report = {**verdict.to_dict(), "candidate_version": version_id,
               "champion_version_before": champion_before, "champion_version": champion_after,

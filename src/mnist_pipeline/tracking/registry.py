@@ -52,6 +52,19 @@ def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
         retry(lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)))
 
 
+def version(name: str, number: str) -> Any | None:
+    """Version `number` of `name`, or None when there is no such version (or model)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return retry(lambda: MlflowClient().get_model_version(name, number))
+    except MlflowException as err:
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
 def champion(name: str) -> Any | None:
     """The version holding the `champion` alias, or None."""
     from mlflow import MlflowClient

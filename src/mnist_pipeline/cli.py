@@ -1,0 +1,169 @@
+"""`mnist-pipeline`: the champion's history, a guarded rollback, and the review report.
+
+    mnist-pipeline champion history [--model NAME] [--json] [--limit N]
+    mnist-pipeline champion rollback --to vN --reason "..." [--force] [--model NAME]
+    mnist-pipeline review [--against main] [--exp NAME] [-o report.md]
+
+Run from the project's root (or set DVC_ROOT): the tracking store and the registered model
+come from params.yaml's `tracking` section, as for the stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import project
+from .config.loading import checkout_section
+from .errors import DataError, PromotionError, TrackingError, reported
+
+PROG = "mnist-pipeline"
+COLUMNS = ("#", "time (UTC)", "outcome", "version", "champion", "p-value", "by", "commit",
+           "experiment", "reason")
+REASON_CHARS = 70
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    with reported(PROG):
+        return args.run(args)
+    return 1  # not reached: `reported` exits on a PipelineError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    champion = commands.add_parser("champion", help="the champion's history; rollback")
+    actions = champion.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    show = actions.add_parser("history", help="every decision on the champion, newest first")
+    show.add_argument("--model", help="registered model (default: tracking.registered_model)")
+    show.add_argument("--json", action="store_true", help="print the entries as JSON")
+    show.add_argument("--limit", type=_positive, help="only the newest N entries")
+    show.set_defaults(run=_history)
+
+    back = actions.add_parser("rollback", help="move the champion to an earlier version")
+    back.add_argument("--to", required=True, metavar="vN", help="the version, e.g. v3")
+    back.add_argument("--reason", required=True, help="why; recorded in the history")
+    back.add_argument("--force", action="store_true",
+                      help="skip the checks (passed the gate before, same test set); "
+                           "recorded as forced")
+    back.add_argument("--model", help="registered model (default: tracking.registered_model)")
+    back.set_defaults(run=_rollback)
+
+    review = commands.add_parser("review", help="Markdown comparing this workspace (or an "
+                                                "experiment) with a git revision")
+    review.add_argument("--against", default="main", metavar="REV",
+                        help="git revision to compare with (default: main)")
+    review.add_argument("--exp", metavar="NAME", help="a DVC experiment instead of the workspace")
+    review.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    review.set_defaults(run=_review)
+    return parser
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a whole number >= 1")
+    return int(text)
+
+
+# --- champion ------------------------------------------------------------------------------
+
+def _connect(model: str | None) -> tuple[str, Any]:
+    """The registered model's name and the tracking config, with MLflow pointed at it."""
+    from .tracking import store
+
+    cfg = checkout_section("tracking")
+    uri = store.tracking_uri(cfg)
+    if store.not_created(uri):
+        raise TrackingError(f"no tracking store at {uri}: run the pipeline first (dvc repro)")
+    store.use_store(cfg)
+    store.silence()
+    return model or cfg.registered_model, cfg
+
+
+def _history(args: argparse.Namespace) -> int:
+    from .tracking import history
+
+    name, _ = _connect(args.model)
+    entries = history.entries(name)[::-1]
+    if args.limit:
+        entries = entries[:args.limit]
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    elif not entries:
+        print(f"{name}: no decisions recorded yet (the evaluate stage records each one)")
+    else:
+        print(table(entries))
+    return 0
+
+
+def table(entries: list[dict[str, Any]]) -> str:
+    """The history as an aligned plain-text table, one row per entry, in the given order."""
+    rows = [COLUMNS, *(_row(entry) for entry in entries)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def _row(entry: dict[str, Any]) -> tuple[str, ...]:
+    before, after = entry.get("champion_before"), entry.get("champion_after")
+    champion = f"v{after}" if before == after else f"{_v(before)} -> {_v(after)}"
+    p_value = entry.get("p_value")
+    commit = (entry.get("git_commit") or "")[:8] + ("+dirty" if entry.get("git_dirty") else "")
+    reason = " ".join(str(entry.get("reason", "")).split())
+    if len(reason) > REASON_CHARS:
+        reason = reason[:REASON_CHARS - 1] + "…"
+    return (str(entry.get("seq", "")), str(entry.get("time", "")).replace("T", " ").rstrip("Z"),
+            str(entry.get("outcome", "")), _v(entry.get("candidate")), champion,
+            "" if p_value is None else f"{p_value:.3g}",
+            f"{entry.get('user', '?')}@{entry.get('host', '?')}", commit or "-",
+            entry.get("dvc_experiment") or "-", reason)
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from .data.splits import load_split
+    from .evaluation import rollback
+    from .tracking import locks
+
+    name, cfg = _connect(args.model)
+    processed = project.root() / checkout_section("paths").processed
+    try:
+        today = load_split(processed, "test").sha256()
+    except DataError as err:
+        if not args.force:
+            raise PromotionError(f"cannot check the test set ({err}); run: dvc repro "
+                                 "preprocess") from None
+        today = None
+    move = rollback.move(name, args.to, args.reason, test_sha256=today, force=args.force,
+                         lock_url=locks.lock_url(cfg.lock_url))
+    print(move.line(name))
+    print(f"{PROG}: the next `dvc repro` re-evaluates this workspace's model against "
+          f"v{move.version}")
+    return 0
+
+
+# --- review --------------------------------------------------------------------------------
+
+def _review(args: argparse.Namespace) -> int:
+    from .evaluation import review
+    from .files import write_text
+
+    text = review.report(project.root(), against=args.against, experiment=args.exp)
+    if args.output:
+        write_text(Path(args.output), text)
+        print(f"{PROG}: wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
