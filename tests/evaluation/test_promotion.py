@@ -13,6 +13,7 @@ from helpers.digits import ROOT, synthetic_digits
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.evaluation import promotion
 from mnist_pipeline.files import sha256_file
+from mnist_pipeline.tracking import history
 from mnist_pipeline.tracking.registry import champion, find_version
 from mnist_pipeline.training import job
 
@@ -82,6 +83,19 @@ def test_first_candidate_becomes_champion_then_a_worse_one_is_rejected(workspace
     version = find_version("mnist-classifier", "model_sha256", sha256_file(weak.model))
     assert version.tags["gate.passed"] == "false"
 
+    # Both decisions are in the registry's history; each version has its model card.
+    entries = history.entries("mnist-classifier")
+    assert [(e["seq"], e["outcome"], e["candidate"], e["champion_after"]) for e in entries] == [
+        (1, "promoted", "1", "1"), (2, "rejected", "2", "1")]
+    assert entries[1]["reason"] == second.verdict.reason
+    assert {r["rule"] for r in entries[1]["rules"]} >= {"beats_champion", "min_accuracy"}
+    card_text = (workspace / "weak/plots/model_card.md").read_text()
+    assert card_text.startswith("# Model card: mnist-classifier v2\n")
+    assert "REJECTED: " in card_text
+    from mlflow import MlflowClient
+    logged = {a.path for a in MlflowClient().list_artifacts(version.run_id, "evaluation")}
+    assert {"evaluation/model_card.md", "evaluation/model_card.html"} <= logged
+
 
 @pytest.mark.slow
 def test_evaluating_the_same_model_twice_registers_one_version(workspace):
@@ -145,3 +159,11 @@ def test_parallel_evaluations_leave_the_better_model_champion(workspace, round_)
     from mlflow import MlflowClient
     versions = MlflowClient().search_model_versions("name = 'mnist-classifier'")
     assert sorted(str(v.version) for v in versions) == ["1", "2"], "unique versions"
+    # Both decisions recorded, numbered in the order the lock let them in: the second saw
+    # the champion the first left.
+    first, second = history.entries("mnist-classifier")
+    assert (first["seq"], second["seq"]) == (1, 2)
+    assert {first["candidate"], second["candidate"]} == {"1", "2"}
+    assert first["champion_before"] is None
+    assert second["champion_before"] == first["champion_after"]
+    assert second["champion_after"] == good_version

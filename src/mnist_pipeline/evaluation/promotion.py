@@ -24,7 +24,7 @@ from ..files import sha256_file, write_json
 from ..tracking import champion_record, history, locks, logged_models, registry, runs, store
 from ..training import models
 from ..training.fit import predict
-from . import gate, plots
+from . import card, gate, plots
 from .scores import Scores, score, write_metrics
 
 CONFUSION_CSV = "confusion.csv"
@@ -176,6 +176,15 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
               # the champion is still `champion_version`, so this decision reruns nothing.
               "champion_record": champion_record.read(paths.champion)}
     write_json(paths.gate, report)
+    folder = Path(paths.eval_plots)
+    for written in card.write(folder, card.Facts(
+            registered_model=name, version=version_id, run_id=run["run_id"],
+            params=training_run.data.params, tags=trained_tags, scores=scores,
+            test_sha256=test.sha256(), verdict=verdict.to_dict(),
+            champion_before=champion_before, champion_after=champion_after,
+            pictures={"Confusion matrix (test set)": folder / CONFUSION_PNG,
+                      "Recall per class (test set)": folder / CLASS_RECALL_PNG})):
+        runs.log_artifact(written, "evaluation", run_id=run["run_id"])
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "gate.json"
         write_json(copy, report)

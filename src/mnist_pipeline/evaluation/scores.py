@@ -170,3 +170,29 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, in
     if b + c == 0:
         return b, c, 1.0
     return b, c, float(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
+
+
+# --- confidence intervals ------------------------------------------------------------------
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+
+
+def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
+    """The Wilson score interval for a proportion `successes / trials` (95% by default).
+
+    With p = successes / trials and n = trials:
+        centre = (p + z²/2n) / (1 + z²/n)
+        half   = z / (1 + z²/n) * sqrt(p(1 - p)/n + z²/4n²)
+    Unlike the normal ("Wald") interval it stays inside [0, 1] and is not empty at p = 0 or
+    p = 1, which matters for per-class recalls near 1. (nan, nan) when `trials` is 0.
+    """
+    if trials < 0 or not 0 <= successes <= max(trials, 0):
+        raise ValueError(f"wilson_interval: got {successes} successes of {trials} trials, "
+                         "expected 0 <= successes <= trials")
+    if trials == 0:
+        return math.nan, math.nan
+    n, p, z2 = float(trials), successes / trials, z * z
+    denominator = 1 + z2 / n
+    centre = (p + z2 / (2 * n)) / denominator
+    half = z / denominator * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,205 @@
+"""A model card for each registered version: what it is, what it saw, how well it does (with
+95% confidence intervals), what the gate decided, and what it is for.
+
+`build` turns what evaluate knows into a list of blocks (headings, paragraphs, tables,
+pictures); the same blocks render as Markdown (pictures by file name, beside the card) and
+as one self-contained HTML page (pictures embedded as base64 data URIs, styles inline), so
+the HTML opens from the MLflow UI's artifact view, or from a mail, with nothing missing.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..files import write_text
+from .scores import Scores, wilson_interval
+
+CARD_MD = "model_card.md"
+CARD_HTML = "model_card.html"
+CONFIG_SECTIONS = ("model.", "optimizer.", "train.")
+WEAKEST = 3  # classes named under the limits
+GIT_COMMIT = "mlflow.source.git.commit"
+
+Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", alt, path)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the evaluate stage knows when it writes the card."""
+    registered_model: str
+    version: str
+    run_id: str
+    params: Mapping[str, str]   # the training run's params (model.*, optimizer.*, train.*)
+    tags: Mapping[str, str]     # the training run's tags: data hashes, dvc.lock, git
+    scores: Scores
+    test_sha256: str
+    verdict: Mapping[str, Any]  # gate.Verdict.to_dict()
+    champion_before: str | None
+    champion_after: str | None
+    pictures: Mapping[str, Path]  # caption -> PNG
+
+
+def write(folder: str | Path, facts: Facts) -> list[Path]:
+    """`model_card.md` and `model_card.html` in `folder` (atomically); returns their paths."""
+    blocks = build(facts)
+    md, page = Path(folder) / CARD_MD, Path(folder) / CARD_HTML
+    write_text(md, markdown(blocks))
+    write_text(page, html_page(blocks))
+    return [md, page]
+
+
+def title(facts: Facts) -> str:
+    return f"Model card: {facts.registered_model} v{facts.version}"
+
+
+def build(facts: Facts) -> list[Block]:
+    s = facts.scores
+    n = len(s.correct)
+    low, high = wilson_interval(int(np.count_nonzero(s.correct)), n)
+    blocks: list[Block] = [
+        ("h1", title(facts)),
+        ("p", f"Training run {facts.run_id}. Registered as version {facts.version} of "
+              f"{facts.registered_model}; champion {_v(facts.champion_before)} before this "
+              f"evaluation, {_v(facts.champion_after)} after it."),
+        ("h2", "What the model is"),
+        ("table", ("setting", "value"),
+         [(key, value) for key, value in sorted(facts.params.items())
+          if key.startswith(CONFIG_SECTIONS)]),
+        ("h2", "The data it saw"),
+        ("table", ("what", "value"), _lineage(facts)),
+        ("h2", "Test metrics, with 95% confidence intervals"),
+        ("p", f"Accuracy {s.accuracy:.4f} (95% CI {low:.4f}–{high:.4f}, Wilson score "
+              f"interval) on {n} test images; loss {s.loss:.4f}; macro F1 {s.macro_f1:.4f}."),
+        ("table", ("class", "recall", "95% CI", "test images"), _recall_rows(s)),
+        ("h2", "Gate verdict"),
+        ("p", f"{'PASSED' if facts.verdict['passed'] else 'REJECTED'}: "
+              f"{facts.verdict['reason']}. McNemar p-value: {_p(facts.verdict.get('p_value'))}."),
+        ("table", ("rule", "passed", "value", "threshold", "detail"),
+         [(r["name"], "yes" if r["passed"] else "NO", _value(r["value"]),
+           _value(r["threshold"]), r["detail"]) for r in facts.verdict["rules"]]),
+        ("h2", "Intended use and limits"),
+        *[("p", text) for text in _limits(s)],
+        ("h2", "Pictures"),
+        *[("img", caption, path) for caption, path in facts.pictures.items()],
+    ]
+    return blocks
+
+
+def _lineage(facts: Facts) -> list[tuple[str, str]]:
+    tags = facts.tags
+    commit = tags.get(GIT_COMMIT, "none recorded")
+    if tags.get("git.dirty") == "true":
+        commit += " (with uncommitted changes)"
+    rows = [("dataset SHA-256 (train, val, test)", tags.get("data.sha256", "not recorded")),
+            ("test set SHA-256 (scored here)", facts.test_sha256),
+            ("test set SHA-256 (at training)", tags.get("data.test_sha256", "not recorded")),
+            ("git commit", commit),
+            ("DVC experiment", tags.get("dvc.experiment", "none (the workspace)"))]
+    rows += [(f"dvc.lock md5 of {key.removeprefix('dvc.dep.')}", value)
+             for key, value in sorted(tags.items()) if key.startswith("dvc.dep.")]
+    return rows
+
+
+def _recall_rows(s: Scores) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for cls, (recall, support) in enumerate(zip(s.recall, s.support)):
+        hits = int(s.confusion[cls, cls])
+        low, high = wilson_interval(hits, int(support))
+        rows.append((str(cls), f"{recall:.4f}", f"{low:.4f}–{high:.4f}", str(support)))
+    return rows
+
+
+def _limits(s: Scores) -> list[str]:
+    weakest = [cls for cls in sorted(range(len(s.recall)), key=lambda cls: s.recall[cls])
+               if s.recall[cls] < 1.0][:WEAKEST]
+    named = "none: every class was read without a miss" if not weakest else ", ".join(f"{cls} (recall {s.recall[cls]:.4f}, "
+                      f"{int(s.support[cls]) - int(s.confusion[cls, cls])} of {s.support[cls]} "
+                      "missed)" for cls in weakest)
+    return [
+        "Intended use: reading one handwritten digit, 0 to 9, from a centred 28x28 greyscale "
+        "image with white ink on a black background, the way MNIST's digits are made.",
+        "Photos and scans do not look like that: pass them through mnist-predict, which "
+        "inverts, crops, scales to a 20x20 box and centres the digit as MNIST did, before "
+        "the model sees them. The model always answers one of 0-9: it cannot say that a "
+        "picture holds no digit, several digits, or a letter.",
+        f"Measured weaknesses (the weakest classes on the test set): {named}. The test set "
+        "is MNIST's, written by the same population as the training data; other handwriting "
+        "can score lower than these intervals.",
+    ]
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+def markdown(blocks: Sequence[Block]) -> str:
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind == "h1":
+            out.append(f"# {block[1]}")
+        elif kind == "h2":
+            out.append(f"## {block[1]}")
+        elif kind == "p":
+            out.append(block[1])
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            out.append("\n".join(["| " + " | ".join(_md_cell(c) for c in row) + " |"
+                                  for row in [header, ["---"] * len(header), *rows]]))
+        elif kind == "img":
+            out.append(f"![{block[1]}]({Path(block[2]).name})")
+    return "\n\n".join(out) + "\n"
+
+
+def html_page(blocks: Sequence[Block]) -> str:
+    """One HTML page with everything inline: no link, script or picture outside it."""
+    parts = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2", "p"):
+            parts.append(f"<{kind}>{html.escape(block[1])}</{kind}>")
+        elif kind == "table":
+            header = "".join(f"<th>{html.escape(c)}</th>" for c in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row)
+                           + "</tr>" for row in block[2])
+            parts.append(f"<table><tr>{header}</tr>{rows}</table>")
+        elif kind == "img":
+            data = base64.b64encode(Path(block[2]).read_bytes()).decode("ascii")
+            parts.append(f'<figure><img alt="{html.escape(block[1])}" '
+                         f'src="data:image/png;base64,{data}"><figcaption>'
+                         f"{html.escape(block[1])}</figcaption></figure>")
+    name = html.escape(blocks[0][1]) if blocks else "Model card"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{name}</title><style>{STYLE}</style></head>\n<body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+
+
+STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
+         "padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}"
+         "img{max-width:100%}figure{margin:1em 0}")
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, str) and len(value) == 64:  # a SHA-256: its head says enough
+        return value[:12] + "…"
+    return "" if value is None else str(value)
+
+
+def _p(value: float | None) -> str:
+    return "n/a (no champion to compare with)" if value is None else f"{value:.4g}"
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version else "none"

@@ -1,0 +1,107 @@
+"""The model card: Wilson intervals against published values, the card's contents, and an HTML
+page that needs nothing outside itself."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+
+import numpy as np
+import pytest
+
+from mnist_pipeline.evaluation import card, plots
+from mnist_pipeline.evaluation.scores import score, wilson_interval
+
+
+# Newcombe (1998), "Two-sided confidence intervals for the single proportion", Statistics in
+# Medicine 17:857-872, Table I, method 3 (score interval without continuity correction).
+@pytest.mark.parametrize(("successes", "trials", "low", "high"), [
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_interval_matches_published_values(successes, trials, low, high):
+    got = wilson_interval(successes, trials)
+    assert got == pytest.approx((low, high), abs=5e-5)
+
+
+def test_wilson_interval_edges():
+    low, high = wilson_interval(10, 10)
+    assert (low, high) == pytest.approx((0.7225, 1.0), abs=5e-5)  # not empty at p = 1
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+    # Symmetric: k successes and k failures mirror each other.
+    a, b = wilson_interval(3, 40)
+    c, d = wilson_interval(37, 40)
+    assert (a, b) == pytest.approx((1 - d, 1 - c))
+    with pytest.raises(ValueError, match="expected 0 <= successes <= trials"):
+        wilson_interval(5, 4)
+
+
+def _facts(tmp_path, passed: bool = True) -> card.Facts:
+    labels = np.repeat(np.arange(10), 50).astype(np.uint8)
+    probabilities = np.full((500, 10), 0.01, np.float32)
+    predicted = labels.copy()
+    predicted[np.flatnonzero(labels == 8)[:15]] = 3  # eights are the weak spot
+    predicted[np.flatnonzero(labels == 5)[:2]] = 6
+    probabilities[np.arange(500), predicted] = 0.91
+    scores = score(labels, probabilities)
+    plots.plot_confusion_png(tmp_path / "confusion.png", scores.confusion)
+    plots.plot_class_recall_png(tmp_path / "class_recall.png", scores.recall)
+    verdict = {"passed": passed, "p_value": 0.0123,
+               "reason": "beats champion v1 by +0.0100 (p=0.0123 < 0.05)" if passed
+               else "min_accuracy: 0.9700 < 0.9800",
+               "rules": [{"name": "min_accuracy", "passed": passed, "value": 0.97,
+                          "threshold": 0.95 if passed else 0.98, "detail": "0.9700 >= 0.9500"},
+                         {"name": "test_data_matches_training", "passed": True, "value": "a" * 64,
+                          "threshold": "a" * 64, "detail": "matches <the training run's>"}]}
+    return card.Facts(
+        registered_model="mnist-classifier", version="3", run_id="abc123",
+        params={"model.name": "cnn", "optimizer.learning_rate": "0.001", "train.epochs": "5",
+                "runtime.precision": "float32"},
+        tags={"data.sha256": "d" * 64, "data.test_sha256": "t" * 64,
+              "mlflow.source.git.commit": "c0ffee", "git.dirty": "true",
+              "dvc.experiment": "wider-cnn", "dvc.dep.data/processed": "f00d.dir"},
+        scores=scores, test_sha256="t" * 64, verdict=verdict, champion_before="1",
+        champion_after="3" if passed else "1",
+        pictures={"Confusion matrix (test set)": tmp_path / "confusion.png",
+                  "Recall per class (test set)": tmp_path / "class_recall.png"})
+
+
+def test_the_card_says_what_the_model_is_saw_scores_and_is_for(tmp_path):
+    md_path, html_path = card.write(tmp_path, _facts(tmp_path))
+    text = md_path.read_text()
+    assert text.startswith("# Model card: mnist-classifier v3\n")
+    for needle in ("| model.name | cnn |", "| optimizer.learning_rate | 0.001 |",
+                   "| train.epochs | 5 |", "| git commit | c0ffee (with uncommitted changes) |",
+                   "| DVC experiment | wider-cnn |", "| dvc.lock md5 of data/processed | f00d.dir |",
+                   f"| dataset SHA-256 (train, val, test) | {'d' * 64} |",
+                   "PASSED: beats champion v1 by +0.0100", "McNemar p-value: 0.0123",
+                   "| test_data_matches_training | yes | aaaaaaaaaaaa… |",
+                   "centred 28x28 greyscale", "mnist-predict",
+                   "![Confusion matrix (test set)](confusion.png)"):
+        assert needle in text, needle
+    assert "runtime.precision" not in text  # only the model, optimizer and train sections
+    # Accuracy 483/500 with its Wilson interval; class 8 (35/50) first among the weakest.
+    low, high = wilson_interval(483, 500)
+    assert f"Accuracy 0.9660 (95% CI {low:.4f}–{high:.4f}, Wilson" in text
+    eight_low, eight_high = wilson_interval(35, 50)
+    assert f"| 8 | 0.7000 | {eight_low:.4f}–{eight_high:.4f} | 50 |" in text
+    assert ("(the weakest classes on the test set): 8 (recall 0.7000, 15 of 50 missed), "
+            "5 (recall 0.9600, 2 of 50 missed). The test set") in text
+
+
+def test_the_html_card_is_self_contained(tmp_path):
+    _, html_path = card.write(tmp_path, _facts(tmp_path, passed=False))
+    page = html_path.read_text()
+    assert "<title>Model card: mnist-classifier v3</title>" in page
+    assert "REJECTED: min_accuracy: 0.9700 &lt; 0.9800" in page
+    assert "&lt;the training run&#x27;s&gt;" in page  # text is escaped, not markup
+    # Nothing is fetched from elsewhere: no scripts, links, stylesheets or remote pictures.
+    assert not re.search(r"<script|<link|<iframe|href=|url\(|@import", page, re.IGNORECASE)
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(sources) == 2
+    for source, name in zip(sources, ("confusion.png", "class_recall.png")):
+        assert source.startswith("data:image/png;base64,")
+        assert base64.b64decode(source.split(",", 1)[1]) == (tmp_path / name).read_bytes()
