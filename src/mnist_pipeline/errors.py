@@ -53,7 +53,11 @@ class TrackingError(PipelineError):
 
 
 class PromotionError(PipelineError):
-    """A move of the champion by hand was refused, or a review could not be written."""
+    """A move of the champion by hand was refused (nothing changed)."""
+
+
+class ReviewError(PipelineError):
+    """The review report could not be written (DVC or git could not compare the revisions)."""
 
 
 class ServerError(PipelineError):

@@ -5,23 +5,21 @@ from __future__ import annotations
 
 import http.client
 import os
-import shutil
 import sys
-from pathlib import Path
 
 import pytest
 from helpers import config as test_config
 from helpers import tiny_store
+from helpers.browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PAGE_TIMEOUT_MS,
+    close_assistant_panel,
+    save_screenshot,
+)
 
 from mnist_pipeline.errors import ServerError
 from mnist_pipeline.serve import ui
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
-SCREENSHOT_ENV = "MNIST_SCREENSHOT_DIR"
-PAGE_TIMEOUT_MS = 120_000  # a React app on two busy cores
 
 pytestmark = pytest.mark.xdist_group("ui")
 
@@ -123,28 +121,6 @@ def test_foreign_host_header_is_refused(server, path):
         assert b"Invalid Host header" in body
     for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
         assert get(port, path, host)[0] == 200
-
-
-def close_assistant_panel(page) -> None:
-    """Close MLflow 3's assistant side panel (it would cover a third of every screenshot);
-    the browser remembers that for the pages opened after. Not part of what is tested."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    close = page.get_by_role("button", name="Close", exact=True).first
-    try:
-        close.wait_for(state="visible", timeout=15_000)
-    except PlaywrightTimeout:
-        return  # no panel in this version or layout
-    close.click()
-
-
-def save_screenshot(page, tmp_path: Path, name: str) -> None:
-    path = tmp_path / f"ui-{name}.png"
-    page.screenshot(path=str(path))
-    if os.environ.get(SCREENSHOT_ENV):
-        folder = Path(os.environ[SCREENSHOT_ENV])
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, folder / path.name)
 
 
 @pytest.mark.slow
