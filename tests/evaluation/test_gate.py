@@ -204,3 +204,14 @@ def test_summary_lines():
                                 None, None)
     assert unregistered.startswith("gate: REJECTED — the candidate fails pyfunc_smoke_test")
     assert unregistered.endswith("; no champion yet")
+
+
+def test_a_version_withdrawn_by_a_rollback_is_not_promoted_back():
+    """It would beat the champion it was rolled back to; the rollback's mark keeps it out."""
+    why = "2026-11-29T14:00:00Z ana: champion moved to v2: v3 misreads sevens"
+    verdict = decide(candidate(10, withdrawn=why), champion(30), CFG)
+    assert not verdict.passed and failed_names(verdict) == ["not_withdrawn"]
+    assert rule(verdict, "not_withdrawn").value == why
+    assert verdict.reason.startswith(f"not_withdrawn: withdrawn by a rollback ({why})")
+    assert "not_withdrawn" not in [r.name for r in decide(candidate(10), champion(30),
+                                                          CFG).rules]

@@ -96,6 +96,19 @@ def test_the_command_refuses_with_one_line_and_a_nonzero_status(checkout):
     assert missing.returncode == 2 and "--reason" in missing.stderr  # argparse: required
 
 
+def test_the_version_left_behind_is_withdrawn_until_the_alias_moves_back(checkout):
+    from mlflow import MlflowClient
+
+    def withdrawn(number: str) -> str | None:
+        return MlflowClient().get_model_version(NAME, number).tags.get(registry.WITHDRAWN)
+
+    rollback.move(NAME, "v1", "v2 misreads sevens", test_sha256=checkout)
+    assert withdrawn("2").endswith(": champion moved to v1: v2 misreads sevens")
+    assert withdrawn("1") is None
+    rollback.move(NAME, "v2", "the sevens were a scanner fault", test_sha256=checkout)
+    assert withdrawn("2") is None and "champion moved to v2" in withdrawn("1")
+
+
 def test_a_forced_move_is_recorded_as_forced(checkout):
     move = rollback.move(NAME, "v4", "hotfix for a customer", test_sha256=checkout, force=True)
     assert move.forced and _champion() == "4"

@@ -36,6 +36,7 @@ class Candidate:
     correct: np.ndarray               # (n_test,) bool, one entry per test image
     pyfunc_matches_keras: bool | None  # None: the smoke test did not run or could not load
     smoke_detail: str = ""
+    withdrawn: str = ""  # why a rollback took `champion` away from this version, if one did
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,6 +87,8 @@ def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig) -> 
         _min_class_recall(candidate, cfg),
         _pyfunc_smoke_test(candidate),
     ]
+    if candidate.withdrawn:
+        rules.append(_not_withdrawn(candidate))
     p_value = None
     if champion is not None:
         mismatch = _incomparable(candidate, champion)
@@ -204,6 +207,14 @@ def _pyfunc_smoke_test(candidate: Candidate) -> Rule:
     else:
         detail = "the pyfunc smoke test did not run or could not load the model" + note
     return Rule("pyfunc_smoke_test", matches is True, matches, True, detail)
+
+
+def _not_withdrawn(candidate: Candidate) -> Rule:
+    """A version a rollback moved `champion` away from stays away: without this, the next
+    `dvc repro` of the workspace that made it would promote it straight back."""
+    return Rule("not_withdrawn", False, candidate.withdrawn, "",
+                f"withdrawn by a rollback ({candidate.withdrawn}); only `mnist-pipeline "
+                "champion rollback --to` this version makes it champion again")
 
 
 def _incomparable(candidate: Candidate, champion: Champion) -> str:

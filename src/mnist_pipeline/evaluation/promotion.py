@@ -8,6 +8,7 @@ can never leave a worse model as champion.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -154,7 +155,9 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
             champion = None
         else:
             champion = champion_on(name, test, eval_cfg) if current else None
-        verdict = gate.decide(candidate, champion, gate_cfg)
+        withdrawn = version.tags.get(registry.WITHDRAWN, "")
+        verdict = gate.decide(dataclasses.replace(candidate, withdrawn=withdrawn), champion,
+                              gate_cfg)
         registry.set_version_tags(name, version_id, {
             "gate.passed": str(verdict.passed).lower(), "gate.reason": verdict.reason[:4000],
             "test_accuracy": f"{scores.accuracy:.6f}", "test_loss": f"{scores.loss:.6f}",

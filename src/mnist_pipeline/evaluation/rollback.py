@@ -4,7 +4,9 @@ A rollback may only return the alias to a version that passed the gate before an
 scored on the test set in use today: a version that never passed, or whose test-set hash
 differs, is refused with the reason. `force` skips those two checks for exceptional cases.
 Either way the move happens under the gate's own promotion lock, and the history records
-who, when, why and what was checked (or that it was forced).
+who, when, why and what was checked (or that it was forced). The version moved away from is
+marked withdrawn, so the gate does not promote it straight back when its workspace next runs
+`dvc repro`; moving the alias back to it by hand lifts the mark.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..tracking import history, locks, registry
 
 # A version's tag with the SHA-256 of the test set it was scored on, set at registration.
 TEST_SHA256_TAG = "data.test_sha256"
+WITHDRAWN_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,15 @@ def move(name: str, to: str, reason: str, *, test_sha256: str | None, force: boo
         checks = _checks(name, number, target.tags.get(TEST_SHA256_TAG), test_sha256, force)
         lock.check()  # the checks stand only while no one else can move the alias
         registry.promote(name, number)
-        sequence = history.append(name, history.move_entry(
-            forced=force, candidate=number, champion_before=before, reason=reason.strip(),
-            checks=checks))
+        entry = history.move_entry(forced=force, candidate=number, champion_before=before,
+                                   reason=reason.strip(), checks=checks)
+        # The version left behind stays out until someone moves the alias back to it.
+        registry.delete_version_tag(name, number, registry.WITHDRAWN)
+        if before is not None:
+            registry.set_version_tags(name, before, {registry.WITHDRAWN: (
+                f"{entry['time']} {entry['user']}: champion moved to v{number}: "
+                f"{reason.strip()}")[:WITHDRAWN_CHARS]})
+        sequence = history.append(name, entry)
     return Move(version=number, champion_before=before, sequence=sequence, forced=force,
                 checks=checks)
 

@@ -9,6 +9,8 @@ from typing import Any
 from .store import retry
 
 CHAMPION = "champion"
+# A version's tag saying why a rollback took `champion` away from it (the gate refuses it).
+WITHDRAWN = "champion.withdrawn"
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -50,6 +52,14 @@ def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
     client = MlflowClient()
     for key, value in tags.items():
         retry(lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)))
+
+
+def delete_version_tag(name: str, version: str, key: str) -> None:
+    """Remove tag `key` of a version, if it has it."""
+    from mlflow import MlflowClient
+
+    if key in retry(lambda: MlflowClient().get_model_version(name, version)).tags:
+        retry(lambda: MlflowClient().delete_model_version_tag(name, version, key))
 
 
 def version(name: str, number: str) -> Any | None:
