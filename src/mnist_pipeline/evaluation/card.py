@@ -63,29 +63,31 @@ def build(facts: Facts) -> list[Block]:
     s = facts.scores
     n = len(s.correct)
     low, high = wilson_interval(int(np.count_nonzero(s.correct)), n)
+    verdict = facts.verdict
     blocks: list[Block] = [
         ("h1", title(facts)),
         ("p", f"Training run {facts.run_id}. Registered as version {facts.version} of "
               f"{facts.registered_model}; champion {_v(facts.champion_before)} before this "
-              f"evaluation, {_v(facts.champion_after)} after it."),
+              f"evaluation, {_v(facts.champion_after)} after it. Gate: "
+              f"{'PASSED' if verdict['passed'] else 'REJECTED'}."),
+        ("h2", "Test metrics, with 95% confidence intervals"),
+        ("p", f"Accuracy {s.accuracy:.4f} (95% CI {low:.4f}–{high:.4f}, Wilson score "
+              f"interval) on {n} test images; loss {s.loss:.4f}; macro F1 {s.macro_f1:.4f}."),
+        ("table", ("class", "recall", "95% CI", "test images"), _recall_rows(s)),
+        ("h2", "Intended use and limits"),
+        *[("p", text) for text in _limits(s)],
+        ("h2", "Gate verdict"),
+        ("p", f"{'PASSED' if verdict['passed'] else 'REJECTED'}: {verdict['reason']}. "
+              f"McNemar p-value: {_p(verdict.get('p_value'))}."),
+        ("table", ("rule", "passed", "value", "threshold", "detail"),
+         [(r["name"], "yes" if r["passed"] else "NO", _value(r["value"]),
+           _value(r["threshold"]), r["detail"]) for r in verdict["rules"]]),
         ("h2", "What the model is"),
         ("table", ("setting", "value"),
          [(key, value) for key, value in sorted(facts.params.items())
           if key.startswith(CONFIG_SECTIONS)]),
         ("h2", "The data it saw"),
         ("table", ("what", "value"), _lineage(facts)),
-        ("h2", "Test metrics, with 95% confidence intervals"),
-        ("p", f"Accuracy {s.accuracy:.4f} (95% CI {low:.4f}–{high:.4f}, Wilson score "
-              f"interval) on {n} test images; loss {s.loss:.4f}; macro F1 {s.macro_f1:.4f}."),
-        ("table", ("class", "recall", "95% CI", "test images"), _recall_rows(s)),
-        ("h2", "Gate verdict"),
-        ("p", f"{'PASSED' if facts.verdict['passed'] else 'REJECTED'}: "
-              f"{facts.verdict['reason']}. McNemar p-value: {_p(facts.verdict.get('p_value'))}."),
-        ("table", ("rule", "passed", "value", "threshold", "detail"),
-         [(r["name"], "yes" if r["passed"] else "NO", _value(r["value"]),
-           _value(r["threshold"]), r["detail"]) for r in facts.verdict["rules"]]),
-        ("h2", "Intended use and limits"),
-        *[("p", text) for text in _limits(s)],
         ("h2", "Pictures"),
         *[("img", caption, path) for caption, path in facts.pictures.items()],
     ]
