@@ -97,7 +97,9 @@ def _params_section(diff: dict[str, Any]) -> list[str]:
 
 
 def _metrics_section(diff: dict[str, Any], gate_path: str) -> list[str]:
-    rows = []
+    """The metrics that changed, with before, after and delta; the unchanged ones (the data
+    report, mostly) counted per file in one line."""
+    rows, unchanged = [], {}
     for file, metrics in sorted(diff.items()):
         if Path(file) == Path(gate_path):
             continue  # the verdict has its own section
@@ -105,13 +107,28 @@ def _metrics_section(diff: dict[str, Any], gate_path: str) -> list[str]:
             old, new = change.get("old"), change.get("new")
             if not (_number(old) or _number(new)):
                 continue
+            if old == new:
+                unchanged[file] = unchanged.get(file, 0) + 1
+                continue
             delta = new - old if _number(old) and _number(new) else None
             rows.append((f"`{name}`", _fmt(old), _fmt(new),
                          "" if delta is None else f"{delta:+.4f}", file))
     out = ["### Metrics", ""]
-    if not rows:
+    header = ("metric", "before", "after", "delta", "file")
+    # Headline metrics in view; nested ones (per class: `per_class.3.recall`) folded away.
+    headline = [row for row in rows if "." not in row[0]]
+    nested = [row for row in rows if "." in row[0]]
+    if headline:
+        out += _table(header, headline)
+    if nested:
+        out += [f"<details><summary>{len(nested)} more changed metrics (per class, ...)"
+                "</summary>", "", *_table(header, nested), "</details>", ""]
+    if not rows and not unchanged:
         return out + ["No metrics on either side (run the pipeline: dvc repro).", ""]
-    return out + _table(("metric", "before", "after", "delta", "file"), rows)
+    if unchanged:
+        counts = ", ".join(f"{count} in `{file}`" for file, count in unchanged.items())
+        out += [f"Unchanged: {counts}.", ""]
+    return out
 
 
 def _gate_section(before: dict | None, after: dict | None, against: str,
