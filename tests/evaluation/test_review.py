@@ -9,13 +9,32 @@ import re
 import pytest
 from helpers import repo
 
-pytestmark = pytest.mark.slow
+from mnist_pipeline.evaluation import review
+
+
+def test_nested_metrics_fold_away_and_unchanged_ones_are_counted():
+    """On `dvc metrics diff --all` JSON: headline metrics always in view, changed nested ones
+    folded, unchanged nested ones counted per file, the verdict's file left out."""
+    diff = {"metrics/evaluate.json": {
+                "test_accuracy": {"old": 0.95, "new": 0.95, "diff": 0},
+                "per_class.3.recall": {"old": 0.9, "new": 0.93, "diff": 0.03},
+                "per_class.4.recall": {"old": 0.9, "new": 0.9, "diff": 0}},
+            "metrics/data.json": {"test.count": {"old": 10000, "new": 10000, "diff": 0}},
+            "gate.json": {"p_value": {"old": 0.1, "new": 0.01}}}
+    text = "\n".join(review._metrics_section(diff, "gate.json"))
+    headline, folded = text.split("<details>")
+    assert "| `test_accuracy` | 0.9500 | 0.9500 | +0.0000 | metrics/evaluate.json |" in headline
+    assert "| `per_class.3.recall` | 0.9000 | 0.9300 | +0.0300 |" in folded
+    assert "1 more changed metrics" in folded and "per_class.4" not in text
+    assert "Unchanged: 1 in `metrics/data.json`, 1 in `metrics/evaluate.json`." in text
+    assert "p_value" not in text
 
 
 def _review(path, *args: str):
     return repo.run(repo.python("-m", "mnist_pipeline.cli", "review", *args), path, check=False)
 
 
+@pytest.mark.slow
 def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path):
     path = repo.make(tmp_path / "repo")
     repo.run(["dvc", "repro"], path)
@@ -40,6 +59,7 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
     before, after, delta = map(float, row.groups())
     assert before == pytest.approx(baseline, abs=1e-4)
     assert delta == pytest.approx(after - before, abs=2e-4)
+    assert re.search(r"Unchanged: \d+ in `metrics/data.json`", text)  # the same data
     gate = text.split("### Gate verdict")[1].split("###")[0]
     assert re.search(r"- Experiment `one-epoch`: \*\*(PASSED|REJECTED)\*\* v\d+: \S", gate)
     assert "- `main`: **PASSED** v1: passed all 6 rules (no champion yet)" in gate

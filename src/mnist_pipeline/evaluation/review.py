@@ -1,8 +1,8 @@
 """The review report: what a change does, as Markdown a CI job can post on a pull request.
 
 It compares the workspace (or one DVC experiment) with a git revision: the params that
-changed (`dvc params diff`), every metric with its delta (`dvc metrics diff --all`), the
-gate's verdict and reason from `gate.json` on both sides, and where the plots are. DVC does
+changed (`dvc params diff`), the metrics with their deltas (`dvc metrics diff --all`;
+per-class ones folded, unchanged ones counted), the gate's verdict and reason from `gate.json` on both sides, and where the plots are. DVC does
 the comparing; this module only reads its JSON and writes the text.
 """
 
@@ -97,9 +97,9 @@ def _params_section(diff: dict[str, Any]) -> list[str]:
 
 
 def _metrics_section(diff: dict[str, Any], gate_path: str) -> list[str]:
-    """The metrics that changed, with before, after and delta; the unchanged ones (the data
-    report, mostly) counted per file in one line."""
-    rows, unchanged = [], {}
+    """Every headline metric with before, after and delta; nested ones (per class, the data
+    report) in a folded table when they changed, else only counted."""
+    headline, nested, unchanged = [], [], {}
     for file, metrics in sorted(diff.items()):
         if Path(file) == Path(gate_path):
             continue  # the verdict has its own section
@@ -107,24 +107,22 @@ def _metrics_section(diff: dict[str, Any], gate_path: str) -> list[str]:
             old, new = change.get("old"), change.get("new")
             if not (_number(old) or _number(new)):
                 continue
-            if old == new:
+            if "." in name and old == new:
                 unchanged[file] = unchanged.get(file, 0) + 1
                 continue
             delta = new - old if _number(old) and _number(new) else None
-            rows.append((f"`{name}`", _fmt(old), _fmt(new),
-                         "" if delta is None else f"{delta:+.4f}", file))
+            row = (f"`{name}`", _fmt(old), _fmt(new), "" if delta is None else f"{delta:+.4f}",
+                   file)
+            (nested if "." in name else headline).append(row)
     out = ["### Metrics", ""]
+    if not (headline or nested or unchanged):
+        return out + ["No metrics on either side (run the pipeline: dvc repro).", ""]
     header = ("metric", "before", "after", "delta", "file")
-    # Headline metrics in view; nested ones (per class: `per_class.3.recall`) folded away.
-    headline = [row for row in rows if "." not in row[0]]
-    nested = [row for row in rows if "." in row[0]]
     if headline:
         out += _table(header, headline)
     if nested:
         out += [f"<details><summary>{len(nested)} more changed metrics (per class, ...)"
                 "</summary>", "", *_table(header, nested), "</details>", ""]
-    if not rows and not unchanged:
-        return out + ["No metrics on either side (run the pipeline: dvc repro).", ""]
     if unchanged:
         counts = ", ".join(f"{count} in `{file}`" for file, count in unchanged.items())
         out += [f"Unchanged: {counts}.", ""]
