@@ -21,6 +21,7 @@ from helpers.team import client_env
 
 from mnist_pipeline import config
 from mnist_pipeline.data.splits import Split, save_split
+from mnist_pipeline.errors import PromotionError
 from mnist_pipeline.files import write_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
@@ -62,7 +63,8 @@ def logged(model, test: Split, name: str, experiment: str) -> dict:
 
 def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_stack,
                                                                  monkeypatch):
-    from mnist_pipeline.tracking import registry, store
+    from mnist_pipeline.evaluation import rollback
+    from mnist_pipeline.tracking import history, locks, registry, store
     from mnist_pipeline.training import models
 
     env = client_env(team_stack)
@@ -118,12 +120,30 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
             passed = [o for o in outcomes if o["passed"]]
             assert passed and held.version in {o["version"] for o in passed}, outcomes
             versions.append(sorted(o["version"] for o in outcomes))
+            # Both decisions are in the server's registry history, in the lock's order.
+            first, second = history.entries(name)
+            assert (first["seq"], second["seq"]) == (1, 2)
+            assert {first["candidate"], second["candidate"]} == {"2", "3"}
+            assert (first["champion_before"], second["champion_before"]) == \
+                ("1", first["champion_after"])
+            assert second["champion_after"] == held.version
     finally:
         for worker in workers:
             worker.kill()
             worker.communicate()
     # Every candidate got a version of its own (the champion was v1), and nothing crashed.
     assert all(v == ["2", "3"] for v in versions), versions
+
+    # A rollback on the server, under the advisory lock: v1 never passed a gate, so only a
+    # forced move reaches it, and the history says so.
+    name = expected[-1][0]
+    with pytest.raises(PromotionError, match="never passed the gate"):
+        rollback.move(name, "v1", "back to the hand-made champion", test_sha256=test.sha256(),
+                      lock_url=locks.lock_url(None))
+    rollback.move(name, "v1", "back to the hand-made champion", test_sha256=test.sha256(),
+                  force=True, lock_url=locks.lock_url(None))
+    assert str(registry.champion(name).version) == "1"
+    assert [e["outcome"] for e in history.entries(name)][-1] == "forced"
 
 
 def _wait_for(path: Path, worker: subprocess.Popen, timeout: float = 300) -> dict:
