@@ -48,9 +48,8 @@ def log_keras_model(model: Any, name: str = "model",
     from . import served_model
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # MLflow suggests type hints (they would make it skip parsing requests by the
-        # signature) and an input example (logging one fails in MLflow 3.17): neither applies.
-        warnings.filterwarnings("ignore", message=".*(type hints|input example)")
+        # MLflow suggests an input example; logging one fails in MLflow 3.17.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
         keras_file = Path(tmp) / "model.keras"
         model.save(keras_file)
         info = retry(lambda: mlflow.pyfunc.log_model(

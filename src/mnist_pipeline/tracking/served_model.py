@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 
 import mlflow
@@ -64,6 +65,11 @@ def _set_threads(tf) -> None:
     intra, _, inter = spec.partition(",")
     tf.config.threading.set_intra_op_parallelism_threads(int(intra) if intra else 0)
     tf.config.threading.set_inter_op_parallelism_threads(int(inter) if inter else 1)
+
+
+# MLflow asks for type hints on `predict` when the class is defined; with them it would
+# validate requests by the hints instead of by the logged uint8 signature.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
