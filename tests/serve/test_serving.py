@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +49,18 @@ def test_command_serves_the_champion_on_loopback(tmp_path, monkeypatch):
     assert command.url == "http://127.0.0.1:5124/invocations"
     assert command.ready_url == "http://127.0.0.1:5124/ping"
     assert not command.warnings
+
+
+def test_make_serve_names_the_app_by_its_module_path(tmp_path):
+    """Run as `python -m` (as `make serve` runs it) the module is `__main__`: the command
+    must still name the app where uvicorn can import it."""
+    test_config.write_params(tmp_path)
+    printed = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.serve.model_server", "--print-command"],
+        env={**os.environ, "DVC_ROOT": str(tmp_path)}, capture_output=True, text=True,
+        check=True, timeout=120).stdout
+    assert "uvicorn --factory mnist_pipeline.serve.model_server:scoring_app" in printed
+    assert "MNIST_SERVE_MODEL_URI=models:/mnist-classifier@champion" in printed
 
 
 def test_plain_is_mlflow_models_serve_itself(tmp_path, monkeypatch):

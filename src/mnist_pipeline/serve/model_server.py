@@ -91,7 +91,7 @@ def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None 
                 *address, "--timeout", str(timeout_s), "--env-manager", "local"]
     else:
         argv = [sys.executable, "-m", "uvicorn", "--factory",
-                f"{__name__}:scoring_app", *address]
+                "mnist_pipeline.serve.model_server:scoring_app", *address]
     base = url_for(host, port)
     return ServerCommand(
         argv=argv,
