@@ -17,12 +17,19 @@ from mnist_pipeline.training import models
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
+    """An active run in a fresh SQLite store (an earlier test may have set another URI)."""
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("logged-models")
-    with mlflow.start_run():
-        yield tmp_path
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.set_experiment("logged-models")
+        with mlflow.start_run(experiment_id=experiment.experiment_id):
+            yield tmp_path
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def built(name: str) -> keras.Model:
