@@ -16,6 +16,7 @@ from helpers.digits import synthetic_digits
 from mnist_pipeline import config
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.errors import Interrupted
+from mnist_pipeline.tracking import logged_models
 from mnist_pipeline.tracking.runs import GIT_COMMIT
 from mnist_pipeline.training import job, models
 from mnist_pipeline.training.callbacks import schedule_factor
@@ -60,7 +61,7 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
     assert {"training_curves.png", "model_summary.txt"} <= artifacts
 
     images = synthetic_digits(5, seed=9)[0]
-    keras_model = mlflow.keras.load_model(outcome.model_uri)
+    keras_model = logged_models.load_keras(outcome.model_uri)  # the .keras inside the pyfunc
     pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
     np.testing.assert_allclose(pyfunc.predict(images), keras_model.predict(images, verbose=0),
                                atol=1e-6)

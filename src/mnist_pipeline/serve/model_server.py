@@ -1,9 +1,11 @@
-"""Serve the champion over REST with MLflow's model server, on loopback by default.
+"""Serve the champion over REST with MLflow's scoring app, on loopback by default.
 
-`model_server_command` builds the exact `mlflow models serve` command line for
-`models:/<registered_model>@champion` of this repository's store; `python -m
-mnist_pipeline.serve.model_server` (`make serve`) runs it in the foreground and prints the URL once the
-model answers `/ping`. The same small process helpers (start, wait until ready, stop)
+`model_server_command` builds the exact command line for `models:/<registered_model>@champion`
+of this repository's store: uvicorn running `scoring_app` (MLflow's own scoring app, what
+`mlflow models serve` runs, behind `guard`, which answers the bad requests MLflow gets wrong
+with a 4xx); `plain=True` gives `mlflow models serve` itself. `python -m
+mnist_pipeline.serve.model_server` (`make serve`) runs it in the foreground and prints the URL
+once the model answers `/ping`. The same small process helpers (start, wait until ready, stop)
 run the tracking UI (`ui`). Nothing here imports MLflow: the server is a subprocess.
 
 Send digits as uint8 pixel values (integers 0..255), shape (N, 28, 28):
@@ -15,13 +17,17 @@ Send digits as uint8 pixel values (integers 0..255), shape (N, 28, 28):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import numpy as np
 
 from .. import startup
 from ..config import TrackingConfig
 from ..config.loading import tracking_config
-from ..errors import ServerError, reported
-from ..tracking import registry, store
+from ..errors import ModelError, ServerError, reported
+from ..tracking import logged_models, registry, store
+from .guard import DEFAULT_MAX_BODY_BYTES, Guard, RequestRefused
 from .process import (
     DEFAULT_WORKERS,
     ServerCommand,
@@ -36,8 +42,10 @@ DEFAULT_PORT = 5001         # the tracking UI takes MLflow's usual 5000
 
 
 REQUEST_TIMEOUT_S = 60
-
-
+# How `model_server_command` tells `scoring_app` (in the server's workers) what to serve.
+MODEL_URI_ENV = "MNIST_SERVE_MODEL_URI"
+MAX_BODY_ENV = "MNIST_SERVE_MAX_BODY_BYTES"
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # read by MLflow's scoring app
 
 
 def require_store(tracking_cfg: TrackingConfig) -> str:
@@ -64,28 +72,55 @@ def require_champion(tracking_cfg: TrackingConfig) -> None:
 
 def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None = None,
                          host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                         workers: int = DEFAULT_WORKERS,
-                         timeout_s: int = REQUEST_TIMEOUT_S) -> ServerCommand:
-    """`mlflow models serve` for `model_uri` (default: the champion) from this repo's store.
+                         workers: int = DEFAULT_WORKERS, timeout_s: int = REQUEST_TIMEOUT_S,
+                         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                         plain: bool = False) -> ServerCommand:
+    """The server for `model_uri` (default: the champion) from this repo's store.
 
-    `--env-manager local`: the model runs in this virtual environment, which holds exactly
-    the versions it was logged with (no network, no new environment to build).
+    The model runs in this virtual environment, which holds exactly the versions it was
+    logged with (no network, no new environment to build). `plain`: `mlflow models serve
+    --env-manager local` itself, without `guard` (and so without its 4xx answers and body limit).
     """
     warnings = check_address(host, port, workers)
+    if max_body_bytes < 1:
+        raise ServerError(f"--max-body-bytes: got {max_body_bytes}, expected an integer >= 1")
     uri = model_uri or registry.champion_uri(tracking_cfg.registered_model)
-    argv = [sys.executable, "-m", "mlflow", "models", "serve",
-            "--model-uri", uri, "--host", host, "--port", str(port),
-            "--workers", str(workers), "--timeout", str(timeout_s), "--env-manager", "local"]
+    address = ["--host", host, "--port", str(port), "--workers", str(workers)]
+    if plain:
+        argv = [sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", uri,
+                *address, "--timeout", str(timeout_s), "--env-manager", "local"]
+    else:
+        argv = [sys.executable, "-m", "uvicorn", "--factory",
+                "mnist_pipeline.serve.model_server:scoring_app", *address]
     base = url_for(host, port)
     return ServerCommand(
         argv=argv,
         # `models:/` URIs resolve in the registry of this store.
         env_overrides={"MLFLOW_TRACKING_URI": store.tracking_uri(tracking_cfg),
                        "PATH": server_path(),
+                       **({} if plain else {MODEL_URI_ENV: uri,
+                                            MAX_BODY_ENV: str(max_body_bytes),
+                                            TIMEOUT_ENV: str(timeout_s)}),
                        # Its workers load TensorFlow and fetch the model: the same quiet
                        # start-up as a stage's.
                        **startup.quiet_env()},
         url=f"{base}/invocations", ready_url=f"{base}/ping", warnings=warnings)
+
+
+def scoring_app() -> Guard:
+    """The ASGI app each server worker runs (uvicorn --factory): MLflow's scoring app for
+    $MNIST_SERVE_MODEL_URI behind `guard`, which answers well-formed batches with the same
+    pyfunc model."""
+    app, model = logged_models.scoring_app(os.environ[MODEL_URI_ENV])
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        try:
+            return model.predict(images)
+        except ModelError as err:
+            raise RequestRefused(400, str(err)) from None
+
+    return Guard(app, predict,
+                 max_body_bytes=int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES))
 
 
 # --- entrypoint ----------------------------------------------------------------------------
@@ -101,13 +136,19 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies get 413 (default "
+                             f"{DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--plain", action="store_true",
+                        help="run `mlflow models serve` itself, without the request checks")
     parser.add_argument("--print-command", action="store_true",
                         help="print the command line and exit")
     args = parser.parse_args(argv)
     with reported("serve"):
         cfg = tracking_config()
         command = model_server_command(cfg, model_uri=args.model_uri, host=args.host,
-                                       port=args.port, workers=args.workers)
+                                       port=args.port, workers=args.workers,
+                                       max_body_bytes=args.max_body_bytes, plain=args.plain)
         for warning in command.warnings:
             print(f"serve: WARNING: {warning}", file=sys.stderr)
         if args.print_command:
@@ -117,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             require_champion(cfg)
         else:
             require_store(cfg)
-        model = command.argv[command.argv.index("--model-uri") + 1]
-        print(f"serve: starting MLflow's model server for {model} "
+        model = args.model_uri or registry.champion_uri(cfg.registered_model)
+        print(f"serve: starting MLflow's scoring server for {model} "
               f"(store {store.tracking_uri(cfg)})", flush=True)
         return run_foreground(command, "serve",
                               f"{model} answers POST {command.url}")

@@ -1,4 +1,8 @@
 """Models in MLflow: logging a Keras model with its signature, loading one back as pyfunc.
+
+`log_keras_model` logs what is served: the pyfunc of `served_model.py` (models from code)
+around the `.keras` file. `log_keras_flavour` logs MLflow's Keras flavour (what earlier
+versions logged; the serving benchmark compares the two). `load_keras` reads either back.
 """
 
 from __future__ import annotations
@@ -6,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import tempfile
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,8 +40,29 @@ def image_signature():
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]))
 
 
-def log_keras_model(model: Any, name: str = "model", tags: Mapping[str, str] | None = None) -> str:
-    """Log a Keras model (native .keras) with its signature; return its `models:/` URI."""
+def log_keras_model(model: Any, name: str = "model",
+                    tags: Mapping[str, str] | None = None) -> str:
+    """Log `model` as the served pyfunc (its `.keras` file inside); return its `models:/` URI."""
+    import mlflow
+
+    from . import served_model
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow suggests an input example; logging one fails in MLflow 3.17.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        keras_file = Path(tmp) / "model.keras"
+        model.save(keras_file)
+        info = retry(lambda: mlflow.pyfunc.log_model(
+            name=name, python_model=served_model.__file__,
+            artifacts={served_model.KERAS_ARTIFACT: str(keras_file)},
+            signature=image_signature(), pip_requirements=pinned_requirements(),
+            tags=dict(tags or {})))
+    return info.model_uri
+
+
+def log_keras_flavour(model: Any, name: str = "model",
+                      tags: Mapping[str, str] | None = None) -> str:
+    """Log `model` with MLflow's Keras flavour (served by `model.predict` per request)."""
     import mlflow
 
     info = retry(lambda: mlflow.keras.log_model(
@@ -61,13 +89,16 @@ class _PyfuncModel:
     def __init__(self, model: Any) -> None:
         self.model = model
         self.metadata = model.metadata
+        # The Keras flavour calls Keras' predict with its progress bar on, which would land
+        # (escape codes and all) among a caller's results and in `dvc repro` logs.
+        self.prints = "keras" in model.metadata.flavors
 
     def predict(self, data: Any) -> Any:
         from mlflow.exceptions import MlflowException
 
         try:
-            # The flavour calls Keras' predict with its progress bar on, which would land
-            # (escape codes and all) among a caller's results and in `dvc repro` logs.
+            if not self.prints:
+                return self.model.predict(data)
             with contextlib.redirect_stdout(io.StringIO()):
                 return self.model.predict(data)
         except MlflowException as err:
@@ -75,6 +106,30 @@ class _PyfuncModel:
 
 
 def load_keras(model_uri: str) -> Any:
+    """The Keras model behind `model_uri`: the served pyfunc's `.keras` artifact (loaded in
+    safe mode), or a model logged with MLflow's Keras flavour."""
     import mlflow
 
-    return mlflow.keras.load_model(model_uri)
+    from ..training import models  # here: training imports this module
+
+    if "keras" in mlflow.models.get_model_info(model_uri).flavors:
+        return mlflow.keras.load_model(model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(retry(lambda: mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)))
+        keras_files = sorted((folder / "artifacts").glob("*.keras"))
+        if not keras_files:
+            raise ModelError(f"{model_uri}: no .keras file among the model's artifacts")
+        return models.load(keras_files[0])
+
+
+def scoring_app(model_uri: str) -> tuple[Any, _PyfuncModel]:
+    """MLflow's own scoring app (what `mlflow models serve` runs) for the model at `model_uri`,
+    and the pyfunc model it serves."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    try:
+        model = retry(lambda: scoring_server.load_model_with_mlflow_config(model_uri))
+    except MlflowException as err:
+        raise ModelError(f"{model_uri}: {str(err).splitlines()[0]}") from None
+    return scoring_server.init(model), _PyfuncModel(model)
