@@ -60,6 +60,14 @@ def test_first_run_without_champion_passes_on_six_rules():
     assert verdict.reason == "passed all 6 rules (no champion yet)"
 
 
+def test_the_champion_re_checked_says_so():
+    verdict = decide(candidate(), None, CFG, reigning=True)
+    assert verdict.passed
+    assert verdict.reason == "passed all 6 rules (already champion, re-checked)"
+    assert summary_line(verdict, "2", "2") == (
+        "gate: PASSED — v2 passed all 6 rules (already champion, re-checked); v2 stays champion")
+
+
 @pytest.mark.parametrize("changes, failing, words", [
     ({"accuracy": math.nan}, "metrics_present", "accuracy (nan)"),
     ({"loss": None}, "metrics_present", "loss (None)"),

@@ -77,8 +77,12 @@ class Verdict:
         return [rule for rule in self.rules if not rule.passed]
 
 
-def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig) -> Verdict:
-    """Apply every rule in order and record each one; the candidate passes if all pass."""
+def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig,
+           *, reigning: bool = False) -> Verdict:
+    """Apply every rule in order and record each one; the candidate passes if all pass.
+
+    `reigning`: the candidate is the champion itself, re-checked (only absolute rules apply).
+    """
     rules = [
         _test_set_nonempty(candidate),
         _metrics_present(candidate),
@@ -105,6 +109,8 @@ def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig) -> 
         test = (f"p={_fmt_p(p_value)} < {cfg.alpha:g}" if cfg.require_significance
                 else f"p={_fmt_p(p_value)}, significance not required")
         reason = f"beats champion {_label(champion.version)} by {gain:+.4f} ({test})"
+    elif reigning:
+        reason = f"passed all {len(rules)} rules (already champion, re-checked)"
     else:
         reason = f"passed all {len(rules)} rules (no champion yet)"
     return Verdict(passed=not failed, rules=rules, p_value=p_value, reason=reason)
@@ -119,7 +125,8 @@ def summary_line(verdict: Verdict, candidate_version: str | None,
     """
     candidate = _label(candidate_version) if candidate_version else "the candidate"
     if verdict.passed:
-        return f"gate: PASSED — {candidate} {verdict.reason}; {candidate} is now champion"
+        now = "stays" if candidate_version and candidate_version == champion_version else "is now"
+        return f"gate: PASSED — {candidate} {verdict.reason}; {candidate} {now} champion"
     more = len(verdict.failed()) - 1
     extra = f" (+{more} more failing rule{'s' if more > 1 else ''})" if more > 0 else ""
     stays = (f"champion stays {_label(champion_version)}" if champion_version

@@ -157,7 +157,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
             champion = champion_on(name, test, eval_cfg) if current else None
         withdrawn = version.tags.get(registry.WITHDRAWN, "")
         verdict = gate.decide(dataclasses.replace(candidate, withdrawn=withdrawn), champion,
-                              gate_cfg)
+                              gate_cfg, reigning=champion_before == version_id)
         registry.set_version_tags(name, version_id, {
             "gate.passed": str(verdict.passed).lower(), "gate.reason": verdict.reason[:4000],
             "test_accuracy": f"{scores.accuracy:.6f}", "test_loss": f"{scores.loss:.6f}",
