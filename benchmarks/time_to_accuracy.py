@@ -204,7 +204,7 @@ def recipe_child(name: str, processed: Path, report: Path, started: float,
 
     overrides = [] if name == "mlp" else [f"experiment={name}"]
     job = TrainJob.from_config(compose(ROOT / "conf", [*overrides, "train.verbose=2"]))
-    runtime = configure_runtime(job.runtime, job.train.seed)
+    runtime = configure_runtime(job.runtime, job.train.seed, job.model.name)
     splits = {part: load_split(processed, part) for part in ("train", "val", "test")}
     record = new_record()
     score = scorer(clock, record, splits["test"].images, splits["test"].labels, max_epochs,

@@ -20,6 +20,7 @@ from mnist_pipeline.tracking.runs import GIT_COMMIT
 from mnist_pipeline.training import job, models
 from mnist_pipeline.training.callbacks import onecycle_factor, schedule_factor
 from mnist_pipeline.training.fit import weights_digest
+from mnist_pipeline.training.runtime import cpu_bf16_unit, cpu_precision, resolve_precision
 
 
 @pytest.fixture()
@@ -266,3 +267,28 @@ def test_a_signal_dropped_in_a_finaliser_still_stops_training():
         with pytest.raises(Interrupted, match=f"signal {int(signal.SIGTERM)}"):
             raise_pending()
     assert survived
+
+
+# --- runtime.precision: auto ---------------------------------------------------------------
+
+def test_cpu_bf16_unit_reads_the_flags():
+    assert cpu_bf16_unit("fpu avx512f avx512_bf16 amx_bf16 amx_tile") == "amx"
+    assert cpu_bf16_unit("fpu avx512f avx512_bf16") == "avx512"
+    assert cpu_bf16_unit("fpu avx2") is None
+
+
+@pytest.mark.parametrize("unit, model, expected", [
+    ("amx", "mlp", "mixed_bfloat16"), ("amx", "cnn", "mixed_bfloat16"),
+    ("amx", "rnn", "mixed_bfloat16"),
+    ("avx512", "mlp", "mixed_bfloat16"), ("avx512", "rnn", "mixed_bfloat16"),
+    ("avx512", "cnn", "float32"),  # convolutions in bfloat16 without AMX: not measured
+    (None, "mlp", "float32"), (None, "cnn", "float32"),
+])
+def test_auto_precision_follows_what_was_measured_per_layer_kind(unit, model, expected):
+    assert cpu_precision(unit, model) == expected
+
+
+def test_an_explicit_precision_is_kept_whatever_the_model():
+    for precision in ("float32", "mixed_bfloat16", "mixed_float16"):
+        assert resolve_precision(precision, "cnn") == precision
+    assert resolve_precision("auto", "cnn") == cpu_precision(cpu_bf16_unit(), "cnn")

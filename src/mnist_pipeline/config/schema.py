@@ -324,8 +324,9 @@ def _bool_as_text(value: Any) -> Any:
 
 
 class RuntimeConfig(Section):
-    # auto: bfloat16 compute where the CPU (AVX-512 BF16 / AMX) or GPU supports it,
-    # float32 elsewhere. Variables always stay float32.
+    # auto: the GPU's mixed precision; on a CPU, bfloat16 compute where it measured faster
+    # than float32 for the model's layers (training.runtime.BF16_FASTER), float32 elsewhere.
+    # Variables always stay float32.
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     # Training steps per compiled call; callbacks' batch hooks (signal checks, NaN stop)
     # run between calls.
