@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 from mnist_pipeline.data.splits import Split, load_split, save_split, stratified_split
-from mnist_pipeline.training.fit import predict as predict_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "benchmarks" / "tutorial_mlp.py"
@@ -417,6 +416,7 @@ def probe_child(report: Path, processed: Path, models_json: str) -> None:
     import tensorflow as tf
 
     from mnist_pipeline.training import models
+    from mnist_pipeline.training.fit import predict as predict_probabilities
 
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:

@@ -184,11 +184,41 @@ def test_cross_field_rules_name_their_key(composed):
                        "model")
 
 
+def test_label_smoothing_and_onecycle_are_validated(composed):
+    for value in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match=rf"^config 'train.label_smoothing': got {value}, "
+                                              r"expected a number in \[0, 1\)$"):
+            config.section(_with(composed, "train.label_smoothing", value), "train")
+    smoothed_mse = _with(_with(composed, "train.label_smoothing", 0.1), "train.loss",
+                         "mean_squared_error")
+    with pytest.raises(ConfigError, match=r"^config 'train.label_smoothing': got 0.1, expected "
+                                          r"0 with train.loss mean_squared_error"):
+        config.section(smoothed_mse, "train")
+    onecycle = _with(_with(composed, "train.lr_schedule.name", "onecycle"),
+                     "train.lr_schedule.warmup_epochs", 20)
+    with pytest.raises(ConfigError, match=r"^config 'train.lr_schedule.warmup_epochs': got 20, "
+                                          r"expected fewer than train.epochs \(20\)"):
+        config.section(onecycle, "train")
+    assert config.section(_with(onecycle, "train.lr_schedule.warmup_epochs", 2),
+                          "train").lr_schedule.name == "onecycle"
+
+
+def test_cnn_padding_and_dense_units_are_validated():
+    cnn = compose(ROOT / "conf", ["model=cnn"])
+    with pytest.raises(ConfigError, match=r"^config 'model.padding': got 'full', expected one "
+                                          r"of 'same', 'valid'$"):
+        config.section(_with(cnn, "model.padding", "full"), "model")
+    with pytest.raises(ConfigError, match=r"^config 'model.dense_units': got -1, expected an "
+                                          r"integer >= 0$"):
+        config.section(_with(cnn, "model.dense_units", -1), "model")
+    assert config.section(_with(cnn, "model.dense_units", 0), "model").dense_units == 0
+
+
 # The train section of the default config exactly as the dataclass schema flattened it: the
 # MLflow params and config digest of a run with the same config must not change.
 DEFAULT_TRAIN_PARAMS = {
     "batch_size": 128, "epochs": 20, "seed": 42, "loss": "categorical_crossentropy",
-    "shuffle": True, "augment": False, "early_stopping.enabled": False,
+    "label_smoothing": 0.0, "shuffle": True, "augment": False, "early_stopping.enabled": False,
     "early_stopping.monitor": "val_loss", "early_stopping.patience": 5,
     "early_stopping.min_delta": 0.0, "early_stopping.restore_best_weights": True,
     "lr_schedule.name": "constant", "lr_schedule.warmup_epochs": 0,

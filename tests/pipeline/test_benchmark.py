@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 import subprocess
 import sys
 
@@ -104,3 +106,67 @@ def test_ablation_runs_its_variants_and_the_maths_stays_the_same(tmp_path):
     assert "(= stage)" in " ".join(rows["6"]) and "softmax" in " ".join(rows["10"])
     # Scoring accuracy on the softmax changes no weight: the losses agree exactly.
     assert rows["6"][-1] == rows["10"][-1]
+
+
+# --- benchmarks/time_to_accuracy.py ----------------------------------------------------------
+
+TTA_SCRIPT = ROOT / "benchmarks" / "time_to_accuracy.py"
+
+
+@pytest.fixture(scope="module")
+def tta():
+    sys.path.insert(0, str(TTA_SCRIPT.parent))  # it imports its helpers from train_speed
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", TTA_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(TTA_SCRIPT.parent))
+
+
+def test_time_to_a_threshold_is_the_first_epoch_that_reaches_it(tta):
+    times, accuracies = [10.0, 20.0, 30.0], [0.97, 0.991, 0.989]
+    assert tta.time_to(0.99, times, accuracies) == 20.0
+    assert tta.time_to(0.97, times, accuracies) == 10.0
+    assert math.isnan(tta.time_to(0.995, times, accuracies))
+
+
+def test_row_reports_reached_thresholds_and_dashes(tta):
+    record = {"epoch_time_s": [9.0, 4.0, 6.0], "since_start_s": [15.0, 19.0, 25.0],
+              "test_accuracy": [0.985, 0.992, 0.9951], "peak_rss_mb": 1234.0, "wall_s": 30.0}
+    assert tta.row("fast", record) == ["fast", "5.00", "15.0", "19.0", "25.0", "0.9951", "3",
+                                       "1,234", "30.0"]
+    record["test_accuracy"] = [0.5, 0.6, 0.7]
+    assert tta.row("fast", record)[2:5] == ["-", "-", "-"]
+
+
+def test_recipes_and_epoch_cap_are_validated(tta, capsys):
+    args = tta.parse_args(["--recipes", "peer", "mlp", "cnn", "--max-epochs", "2"])
+    assert (args.recipes, args.max_epochs) == (["peer", "mlp", "cnn"], 2)
+    with pytest.raises(SystemExit):
+        tta.parse_args(["--recipes", "nope"])
+    assert "--recipes: got nope, expected peer, mlp or one of conf/experiment/" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        tta.parse_args(["--max-epochs", "-1"])
+    assert "--max-epochs: got -1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_runs_the_peer_and_a_recipe_on_synthetic_digits(tmp_path):
+    report = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(TTA_SCRIPT), "--synthetic", "--max-epochs", "1",
+                           "--recipes", "peer", "mlp", "--json", str(report)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.strip()}
+    assert lines["peer"][6] == "1" and lines["mlp"][6] == "1"  # one epoch each: the cap
+    results = json.loads(report.read_text())
+    assert results["peer"]["precision"] == "float32"
+    for record in results.values():
+        assert len(record["test_accuracy"]) == 1 and 0 <= record["test_accuracy"][0] <= 1
+        assert 0 < record["since_start_s"][0] < record["wall_s"]  # counted from process start
+        assert record["peak_rss_mb"] > 100

@@ -10,7 +10,7 @@ from helpers import config as test_config
 from helpers.digits import synthetic_digits
 
 from mnist_pipeline.data.splits import Split, load_split, save_split
-from mnist_pipeline.training.callbacks import Calls
+from mnist_pipeline.training.callbacks import Calls, onecycle_factor
 from mnist_pipeline.training.fit import fit
 from mnist_pipeline.training.runtime import Runtime
 
@@ -55,6 +55,18 @@ def test_cosine_with_warmup_and_step_schedules_give_the_same_rates(splits, distr
     assert _rates(splits, cosine, distributed=distributed) == COSINE_WARMUP
     step = {"name": "step", "step_epochs": 2, "factor": 0.5}
     assert _rates(splits, step, distributed=distributed) == STEP
+
+
+@pytest.mark.parametrize("distributed", [False, True], ids=["epoch-loop", "keras-fit"])
+def test_onecycle_sets_the_rate_before_every_group_of_steps(splits, distributed):
+    # 96 images in batches of 32, one step a call: the rate is set before steps 0, 1 and 2
+    # of each epoch; the epoch logs the last, i.e. the factor at epoch + 2/3.
+    onecycle = {"name": "onecycle", "warmup_epochs": 1, "min_factor": 0.0}
+    rates = _rates(splits, onecycle, epochs=3, distributed=distributed)
+    cfg = test_config.section("train", epochs=3, lr_schedule=onecycle)
+    expected = [BASE_LR * onecycle_factor(cfg, epoch + 2 / 3) for epoch in range(3)]
+    assert rates == pytest.approx(expected, rel=1e-6)
+    assert rates[0] < rates[1] > rates[2]
 
 
 @pytest.mark.parametrize("distributed", [False, True], ids=["epoch-loop", "keras-fit"])

@@ -56,6 +56,16 @@ def test_cnn_blocks_follow_config():
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
 
 
+def test_cnn_with_valid_padding_and_no_hidden_dense_is_keras_example_convnet():
+    # Keras' "Simple MNIST convnet": 34,826 parameters, 26x26 -> 13 -> 11 -> 5 (x 64) features.
+    model = _model("cnn", filters=[32, 64], convs_per_block=1, batch_norm=False,
+                   padding="valid", dense_units=0, dropout=0.5)
+    assert models.count_params(model) == 34_826
+    assert tuple(model.get_layer("flatten").output.shape) == (None, 5 * 5 * 64)
+    assert [type(layer).__name__ for layer in model.layers if isinstance(
+        layer, (keras.layers.Dense, keras.layers.Dropout))] == ["Dropout", "Dense"]
+
+
 def test_rnn_cell_choice():
     model = _model("rnn", cell="gru", units=16, bidirectional=True)
     assert any(isinstance(layer, keras.layers.Bidirectional) for layer in model.layers)

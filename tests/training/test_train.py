@@ -19,8 +19,9 @@ from mnist_pipeline.errors import Interrupted
 from mnist_pipeline.tracking import logged_models
 from mnist_pipeline.tracking.runs import GIT_COMMIT
 from mnist_pipeline.training import job, models
-from mnist_pipeline.training.callbacks import schedule_factor
+from mnist_pipeline.training.callbacks import onecycle_factor, schedule_factor
 from mnist_pipeline.training.fit import weights_digest
+from mnist_pipeline.training.runtime import cpu_bf16_unit, cpu_precision, resolve_precision
 
 
 @pytest.fixture()
@@ -93,12 +94,13 @@ def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, digest", [
-    ((), "320af327c43b9e42ccc4f5d8a200537ffe82e51a4207682b237092db4ba4a64e"),
+    ((), "7561b455cca9957cad7aa07c3a695913f8452c5a2bf36d085290e91237821be3"),
     (("runtime.jit_compile=false", "optimizer.learning_rate=1"),
-     "246beb13b6bdef7ba2010b8560f2a23f770c4d6555718a2b1fa7bb0590c9e0de"),
+     "8d02b2f1a46ac473263ce692a436bb551ff2b20f165747e89721542a377119fa"),
 ])
 def test_run_params_and_config_digest_are_unchanged(overrides, digest):
-    # Pinned digests (the dataclass schema's, plus runtime.workers and collective_timeout_s):
+    # Pinned digests (the dataclass schema's, plus runtime.workers, collective_timeout_s and
+    # train.label_smoothing):
     # a run resumes from its checkpoints, and compares with earlier runs, only while these
     # stay the same; a change to them must be deliberate.
     train_job = config.TrainJob.from_config(test_config.composed(*overrides))
@@ -114,6 +116,21 @@ def test_run_params_and_config_digest_are_unchanged(overrides, digest):
 def test_schedule_factors(name, epoch, expected):
     cfg = test_config.section("train", epochs=10, lr_schedule={"name": name, "step_epochs": 10})
     assert schedule_factor(cfg, epoch) == pytest.approx(expected, abs=1e-9)
+
+
+def test_onecycle_rises_from_a_25th_to_the_peak_then_anneals_to_the_floor():
+    cfg = test_config.section("train", epochs=4, lr_schedule={
+        "name": "onecycle", "warmup_epochs": 1, "min_factor": 0.01})
+    assert onecycle_factor(cfg, 0.0) == pytest.approx(0.04)
+    assert onecycle_factor(cfg, 0.5) == pytest.approx(0.04 + 0.96 * 0.5)
+    assert onecycle_factor(cfg, 1.0) == pytest.approx(1.0)
+    assert onecycle_factor(cfg, 2.5) == pytest.approx(0.01 + 0.99 * 0.5)  # half-way down
+    assert onecycle_factor(cfg, 4.0) == pytest.approx(0.01)
+    assert schedule_factor(cfg, 1) == onecycle_factor(cfg, 1.0)  # epoch starts agree
+    rates = [onecycle_factor(cfg, step / 10) for step in range(41)]
+    peak = rates.index(max(rates))
+    assert peak == 10 and all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:]))
 
 
 def test_warmup_ramps_up():
@@ -251,3 +268,28 @@ def test_a_signal_dropped_in_a_finaliser_still_stops_training():
         with pytest.raises(Interrupted, match=f"signal {int(signal.SIGTERM)}"):
             raise_pending()
     assert survived
+
+
+# --- runtime.precision: auto ---------------------------------------------------------------
+
+def test_cpu_bf16_unit_reads_the_flags():
+    assert cpu_bf16_unit("fpu avx512f avx512_bf16 amx_bf16 amx_tile") == "amx"
+    assert cpu_bf16_unit("fpu avx512f avx512_bf16") == "avx512"
+    assert cpu_bf16_unit("fpu avx2") is None
+
+
+@pytest.mark.parametrize("unit, model, expected", [
+    ("amx", "mlp", "mixed_bfloat16"), ("amx", "cnn", "mixed_bfloat16"),
+    ("amx", "rnn", "mixed_bfloat16"),
+    ("avx512", "mlp", "mixed_bfloat16"), ("avx512", "rnn", "mixed_bfloat16"),
+    ("avx512", "cnn", "float32"),  # convolutions in bfloat16 without AMX: not measured
+    (None, "mlp", "float32"), (None, "cnn", "float32"),
+])
+def test_auto_precision_follows_what_was_measured_per_layer_kind(unit, model, expected):
+    assert cpu_precision(unit, model) == expected
+
+
+def test_an_explicit_precision_is_kept_whatever_the_model():
+    for precision in ("float32", "mixed_bfloat16", "mixed_float16"):
+        assert resolve_precision(precision, "cnn") == precision
+    assert resolve_precision("auto", "cnn") == cpu_precision(cpu_bf16_unit(), "cnn")

@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError, core_schema
 
@@ -193,8 +194,11 @@ class CNNConfig(Section):
     filters: Positives
     convs_per_block: integer(1)
     kernel_size: Literal[3, 5]
+    # same: blocks keep the image size until they pool; valid: each conv trims a border.
+    padding: Literal["same", "valid"]
     batch_norm: bool
-    dense_units: integer(1)
+    # Units of the hidden dense layer; 0: none, the classifier reads the pooled features.
+    dense_units: integer(0)
     dropout: OpenFraction
     activation: Activation
 
@@ -263,7 +267,10 @@ class LRScheduleConfig(Section):
     # constant: the optimizer's rate throughout (the tutorial). cosine: decays to
     # lr*min_factor over the run. step: multiplies by `factor` every `step_epochs`.
     # plateau: multiplies by `factor` after `patience` epochs without val_loss improvement.
-    name: Literal["constant", "cosine", "step", "plateau"]
+    # onecycle: set before every group of steps, not once an epoch (runs of a few epochs):
+    # rises linearly from lr/25 over the first `warmup_epochs`, then follows a cosine down
+    # to lr*min_factor at the last step.
+    name: Literal["constant", "cosine", "step", "plateau", "onecycle"]
     warmup_epochs: integer(0)
     min_factor: Fraction
     factor: Factor
@@ -284,6 +291,9 @@ class TrainConfig(Section):
     epochs: integer(1, 10000)
     seed: integer(0)
     loss: Literal["categorical_crossentropy", "mean_squared_error"]
+    # Cross-entropy against (1 - s) * one-hot + s / 10: the model is not pushed towards
+    # certainty on every training image. 0: plain one-hot targets (the tutorial).
+    label_smoothing: OpenFraction
     shuffle: bool
     # Random shifts/rotations of training images (off for the tutorial).
     augment: bool
@@ -291,6 +301,18 @@ class TrainConfig(Section):
     lr_schedule: LRScheduleConfig
     checkpoint: CheckpointConfig
     verbose: Literal[0, 1, 2]
+
+    @model_validator(mode="after")
+    def _smoothing_needs_cross_entropy(self) -> "TrainConfig":
+        if self.label_smoothing and self.loss != "categorical_crossentropy":
+            raise ConfigError("train.label_smoothing", self.label_smoothing,
+                              "0 with train.loss mean_squared_error (it smooths "
+                              "cross-entropy targets only)")
+        if self.lr_schedule.name == "onecycle" and self.lr_schedule.warmup_epochs >= self.epochs:
+            raise ConfigError("train.lr_schedule.warmup_epochs", self.lr_schedule.warmup_epochs,
+                              f"fewer than train.epochs ({self.epochs}) for onecycle, which "
+                              "needs steps after its warm-up")
+        return self
 
 
 # --- runtime -------------------------------------------------------------------------------
@@ -302,8 +324,9 @@ def _bool_as_text(value: Any) -> Any:
 
 
 class RuntimeConfig(Section):
-    # auto: bfloat16 compute where the CPU (AVX-512 BF16 / AMX) or GPU supports it,
-    # float32 elsewhere. Variables always stay float32.
+    # auto: the GPU's mixed precision; on a CPU, bfloat16 compute where it measured faster
+    # than float32 for the model's layers (training.runtime.BF16_FASTER), float32 elsewhere.
+    # Variables always stay float32.
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     # Training steps per compiled call; callbacks' batch hooks (signal checks, NaN stop)
     # run between calls.

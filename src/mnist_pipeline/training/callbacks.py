@@ -36,13 +36,32 @@ def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
         return sched.min_factor + (1 - sched.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     if sched.name == "step":
         return sched.factor ** ((epoch - sched.warmup_epochs) // sched.step_epochs)
+    if sched.name == "onecycle":
+        return onecycle_factor(cfg, float(epoch))
     return 1.0
+
+
+# Where one-cycle's warm-up starts: lr/25, as in Smith's one-cycle policy and PyTorch's
+# OneCycleLR (`div_factor=25`); a start from 0 would waste the first group of steps.
+ONECYCLE_START = 1 / 25
+
+
+def onecycle_factor(cfg: TrainConfig, progress: float) -> float:
+    """Learning-rate multiplier at `progress` epochs into the run (fractional) under
+    `onecycle`: linear from 1/25 to 1 over `warmup_epochs`, then a cosine to `min_factor`."""
+    sched = cfg.lr_schedule
+    if progress < sched.warmup_epochs:
+        return ONECYCLE_START + (1 - ONECYCLE_START) * progress / sched.warmup_epochs
+    span = max(cfg.epochs - sched.warmup_epochs, 1e-9)
+    done = min((progress - sched.warmup_epochs) / span, 1.0)
+    return sched.min_factor + (1 - sched.min_factor) * 0.5 * (1 + math.cos(math.pi * done))
 
 
 class LearningRate(keras.callbacks.LearningRateScheduler):
     """Keras' scheduler with our schedule: sets each epoch's rate from `schedule_factor` and
     logs it as `learning_rate`. Under `plateau`, after the warm-up, it keeps the rate it
-    finds: `ReduceLROnPlateau` owns it from then on."""
+    finds: `ReduceLROnPlateau` owns it from then on. Under `onecycle` it also sets the rate
+    before every group of steps (the logged rate is then the epoch's last)."""
 
     def __init__(self, cfg: TrainConfig, base_lr: float) -> None:
         def rate(epoch: int, current: float) -> float:
@@ -51,6 +70,20 @@ class LearningRate(keras.callbacks.LearningRateScheduler):
             return base_lr * schedule_factor(cfg, epoch)
 
         super().__init__(rate)
+        self.cfg, self.base_lr, self.epoch = cfg, base_lr, 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+        super().on_epoch_begin(epoch, logs)
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        # onecycle moves within the epoch: before each group of steps (`batch` is the
+        # group's first step), at the fraction of the epoch done.
+        steps = self.params.get("steps") if self.params else None
+        if self.cfg.lr_schedule.name == "onecycle" and steps:
+            progress = self.epoch + batch / steps
+            self.model.optimizer.learning_rate = (
+                self.base_lr * onecycle_factor(self.cfg, progress))
 
 
 class StopOnNaN(keras.callbacks.Callback):

@@ -68,7 +68,10 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
         else:
             model = models.build(job.model)
             optimizer, initial_epoch = models.build_optimizer(job.optimizer), 0
-        models.compile_model(model, optimizer, cfg.loss, steps_per_execution=steps_per_execution,
+        loss = cfg.loss
+        if cfg.label_smoothing:
+            loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+        models.compile_model(model, optimizer, loss, steps_per_execution=steps_per_execution,
                              jit_compile=runtime.jit_compile)
 
     nan_guard = StopOnNaN()

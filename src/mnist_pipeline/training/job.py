@@ -114,7 +114,7 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
             returned `model_uri` is then empty.
     """
     processed_dir = job.paths.processed
-    runtime = configure_runtime(job.runtime, job.train.seed)
+    runtime = configure_runtime(job.runtime, job.train.seed, job.model.name)
     splits = {name: load_split(processed_dir, name) for name in ("train", "val", "test")}
     data_sha256 = data_digest(splits)
     test_sha256 = splits["test"].sha256()

@@ -54,14 +54,18 @@ def build_mlp(cfg: MLPConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
 
 
 def build_cnn(cfg: CNNConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
-    """Conv blocks (conv[-BN]-act x N, max-pool) and a dense head (Functional API)."""
+    """Conv blocks (conv[-BN]-act x N, max-pool) and a dense head (Functional API).
+
+    With `convs_per_block: 1`, `batch_norm: false`, `padding: valid`, `dense_units: 0` and
+    `filters: [32, 64]` it is Keras' "Simple MNIST convnet" example.
+    """
     inputs = _inputs()
     x = layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     x = layers.Reshape((*IMAGE_SHAPE, 1), name="add_channel")(x)
     for block, filters in enumerate(cfg.filters):
         for conv in range(cfg.convs_per_block):
             name = f"block{block}_conv{conv}"
-            x = layers.Conv2D(filters, cfg.kernel_size, padding="same",
+            x = layers.Conv2D(filters, cfg.kernel_size, padding=cfg.padding,
                               use_bias=not cfg.batch_norm, name=name)(x)
             if cfg.batch_norm:
                 x = layers.BatchNormalization(name=f"{name}_bn")(x)
@@ -70,9 +74,10 @@ def build_cnn(cfg: CNNConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
     x = layers.Flatten(name="flatten")(x)
     if cfg.dropout:
         x = layers.Dropout(cfg.dropout, name="head_dropout_in")(x)
-    x = layers.Dense(cfg.dense_units, activation=cfg.activation, name="head_dense")(x)
-    if cfg.dropout:
-        x = layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    if cfg.dense_units:  # 0: the classifier reads the pooled features directly
+        x = layers.Dense(cfg.dense_units, activation=cfg.activation, name="head_dense")(x)
+        if cfg.dropout:
+            x = layers.Dropout(cfg.dropout, name="head_dropout")(x)
     outputs = _classifier(num_classes)(x)
     return keras.Model(inputs, outputs, name="cnn")
 
@@ -121,7 +126,8 @@ def build_optimizer(cfg: OptimizerConfig) -> keras.optimizers.Optimizer:
     raise ValueError(f"optimizer.name: got {cfg.name!r}, expected 'sgd', 'rmsprop' or 'adam'")
 
 
-def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: str, *,
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                  loss: str | keras.losses.Loss, *,
                   steps_per_execution: int = 1, jit_compile: bool | str = "auto") -> keras.Model:
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
                   steps_per_execution=steps_per_execution, jit_compile=jit_compile)

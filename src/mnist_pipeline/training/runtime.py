@@ -49,13 +49,17 @@ class Runtime:
 
 # --- runtime -------------------------------------------------------------------------------
 
-def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bfloat16 matmuls (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def cpu_bf16_unit(flags: str | None = None) -> str | None:
+    """"amx" (AMX tiles), "avx512" (AVX-512 BF16 dot products only) or None: how this CPU
+    multiplies bfloat16, from /proc/cpuinfo's flags (or `flags`)."""
+    if flags is None:
+        try:
+            flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512" if "avx512_bf16" in flags else None
 
 
 def gpu_precision() -> str | None:
@@ -71,13 +75,38 @@ def gpu_precision() -> str | None:
     return "float32"
 
 
-def resolve_precision(requested: str) -> str:
+# Where bfloat16 compute measured faster than float32 on CPUs, by the layers a model's time
+# goes to (benchmarks/ablation.py for dense layers, benchmarks/cnn_ablation.py for
+# convolutions; docs in benchmarks/README.md). Dense layers: faster with AVX-512 BF16 alone
+# and with AMX. Convolutions: faster with AMX (an Intel Xeon); with AVX-512 BF16 alone (the
+# AMD EPYC machines) not measured: float32 there until a measurement says otherwise.
+BF16_FASTER = {("amx", "dense"): True, ("amx", "conv"): True,
+               ("avx512", "dense"): True, ("avx512", "conv"): False}
+
+
+def layer_kind(model_name: str) -> str:
+    """What a model's training time goes to: "conv" for the CNN, "dense" (matmuls) otherwise
+    (the MLP, and the RNN, whose cells are matmuls)."""
+    return "conv" if model_name == "cnn" else "dense"
+
+
+def cpu_precision(unit: str | None, model_name: str) -> str:
+    """bfloat16 compute where it measured faster than float32 on a CPU whose bfloat16 unit
+    is `unit` (`cpu_bf16_unit`) for `model_name`'s layers (`BF16_FASTER`), else float32."""
+    if unit is not None and BF16_FASTER[(unit, layer_kind(model_name))]:
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def resolve_precision(requested: str, model_name: str = "mlp") -> str:
+    """The policy `runtime.precision` asks for; `auto`: the GPU's mixed precision, or on a
+    CPU what `cpu_precision` chooses for this CPU and model."""
     if requested != "auto":
         return requested
     on_gpu = gpu_precision()
     if on_gpu is not None:
         return on_gpu
-    return "mixed_bfloat16" if cpu_supports_bf16() else "float32"
+    return cpu_precision(cpu_bf16_unit(), model_name)
 
 
 # Threads, logical devices and the other process-wide settings apply only before
@@ -109,8 +138,9 @@ def _configure_devices(cfg: RuntimeConfig) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
 
 
-def configure_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
-    """Apply the runtime config. Device settings take effect on the first call in a process."""
+def configure_runtime(cfg: RuntimeConfig, seed: int, model_name: str = "mlp") -> Runtime:
+    """Apply the runtime config for training a `model_name` model (`runtime.precision: auto`
+    depends on its layers). Device settings take effect on the first call in a process."""
     _configure_devices(cfg)
     gpus = tf.config.list_physical_devices("GPU")
 
@@ -118,7 +148,7 @@ def configure_runtime(cfg: RuntimeConfig, seed: int) -> Runtime:
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    precision = resolve_precision(cfg.precision)
+    precision = resolve_precision(cfg.precision, model_name)
     keras.mixed_precision.set_global_policy(precision)
 
     jit = str(cfg.jit_compile).lower()
