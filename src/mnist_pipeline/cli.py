@@ -18,7 +18,7 @@ from typing import Any
 
 from . import project
 from .config.loading import checkout_section
-from .errors import DataError, PromotionError, TrackingError, reported
+from .errors import DataError, PromotionError, ReviewError, TrackingError, describe_error, reported
 
 PROG = "mnist-pipeline"
 COLUMNS = ("#", "time (UTC)", "outcome", "version", "champion", "p-value", "by", "commit",
@@ -111,7 +111,7 @@ def table(entries: list[dict[str, Any]]) -> str:
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
     before, after = entry.get("champion_before"), entry.get("champion_after")
-    champion = f"v{after}" if before == after else f"{_v(before)} -> {_v(after)}"
+    champion = _v(after) if before == after else f"{_v(before)} -> {_v(after)}"
     p_value = entry.get("p_value")
     commit = (entry.get("git_commit") or "")[:8] + ("+dirty" if entry.get("git_dirty") else "")
     reason = " ".join(str(entry.get("reason", "")).split())
@@ -158,7 +158,10 @@ def _review(args: argparse.Namespace) -> int:
 
     text = review.report(project.root(), against=args.against, experiment=args.exp)
     if args.output:
-        write_text(Path(args.output), text)
+        try:
+            write_text(Path(args.output), text)
+        except OSError as err:
+            raise ReviewError(f"-o {args.output}: {describe_error(err)}") from None
         print(f"{PROG}: wrote {args.output}")
     else:
         sys.stdout.write(text)

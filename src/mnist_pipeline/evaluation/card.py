@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 
 from ..files import write_text
+from ..tracking import runs
 from .scores import Scores, wilson_interval
 
 CARD_MD = "model_card.md"
 CARD_HTML = "model_card.html"
 CONFIG_SECTIONS = ("model.", "optimizer.", "train.")
 WEAKEST = 3  # classes named under the limits
-GIT_COMMIT = "mlflow.source.git.commit"
 
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", alt, path)
 
@@ -96,7 +96,7 @@ def build(facts: Facts) -> list[Block]:
 
 def _lineage(facts: Facts) -> list[tuple[str, str]]:
     tags = facts.tags
-    commit = tags.get(GIT_COMMIT, "none recorded")
+    commit = tags.get(runs.GIT_COMMIT, "none recorded")
     if tags.get("git.dirty") == "true":
         commit += " (with uncommitted changes)"
     rows = [("dataset SHA-256 (train, val, test)", tags.get("data.sha256", "not recorded")),

@@ -145,33 +145,35 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
         version = existing or registry.register(run["model_uri"], name, tags={
             "model_sha256": model_sha, "run_id": run["run_id"],
             "data.sha256": trained_tags.get("data.sha256", ""),
-            "data.test_sha256": test.sha256(),
+            "data.test_sha256": candidate.test_sha256,
             "git.commit": trained_tags.get(runs.GIT_COMMIT, "none")})
         version_id = str(version.version)
         current = registry.champion(name)
         champion_before = str(current.version) if current else None
-        if champion_before == version_id:
+        reigning = champion_before == version_id
+        if reigning:
             # Re-evaluating the champion itself: only the absolute rules apply.
             champion = None
         else:
             champion = champion_on(name, test, eval_cfg) if current else None
         withdrawn = version.tags.get(registry.WITHDRAWN, "")
         verdict = gate.decide(dataclasses.replace(candidate, withdrawn=withdrawn), champion,
-                              gate_cfg, reigning=champion_before == version_id)
+                              gate_cfg, reigning=reigning)
         registry.set_version_tags(name, version_id, {
             "gate.passed": str(verdict.passed).lower(), "gate.reason": verdict.reason[:4000],
             "test_accuracy": f"{scores.accuracy:.6f}", "test_loss": f"{scores.loss:.6f}",
             "test_macro_f1": f"{scores.macro_f1:.6f}"})
-        if verdict.passed and champion_before != version_id:
+        if verdict.passed and not reigning:
             lock.check()  # the decision stands only while no one else can move the alias
             registry.promote(name, version_id)
         champion_after = version_id if verdict.passed else champion_before
+        decided = verdict.to_dict()
         # Under the same lock: concurrent gates get distinct numbers in decision order.
         history.append(name, history.gate_entry(
-            verdict.to_dict(), candidate=version_id, champion_before=champion_before,
+            decided, candidate=version_id, champion_before=champion_before,
             champion_after=champion_after, run_id=run["run_id"]))
 
-    report = {**verdict.to_dict(), "candidate_version": version_id,
+    report = {**decided, "candidate_version": version_id,
               "champion_version_before": champion_before, "champion_version": champion_after,
               "registered_model": name, "run_id": run["run_id"],
               "registered_now": existing is None,
@@ -183,7 +185,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     for written in card.write(folder, card.Facts(
             registered_model=name, version=version_id, run_id=run["run_id"],
             params=training_run.data.params, tags=trained_tags, scores=scores,
-            test_sha256=test.sha256(), verdict=verdict.to_dict(),
+            test_sha256=candidate.test_sha256, verdict=decided,
             champion_before=champion_before, champion_after=champion_after,
             pictures={"Confusion matrix (test set)": folder / CONFUSION_PNG,
                       "Recall per class (test set)": folder / CLASS_RECALL_PNG})):
