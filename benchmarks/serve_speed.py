@@ -8,7 +8,7 @@ Keras flavour (`logged_models.log_keras_flavour`) and as the served pyfunc
 (`logged_models.log_keras_model`, what the train stage logs), and serves each with the same
 commands: `mlflow models serve` (`--plain`, what `make serve` ran before) and `make serve`'s
 server (MLflow's scoring app behind `serve/guard.py`). The same clients then measure, on
-real test images (data/processed, else synthetic digits): one client sending single images,
+real test images (data/processed): one client sending single images,
 8 concurrent clients sending single images, one client sending batches of 256. Printed per
 server: start-up time (until /ping answers), p50/p99 latency, requests/s, images/s, errors,
 and the server's resident memory (its whole process tree). `--soak N` then sends N single
@@ -63,7 +63,9 @@ def log_both(keras_file: Path, store_dir: Path) -> dict[str, str]:
     from mnist_pipeline.training import models
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store_dir / 'mlflow.db'}"
-    mlflow.set_experiment("serve-speed")
+    # Artifacts beside the throwaway store, not in ./mlruns (MLflow's default for SQLite).
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
+        "serve-speed", artifact_location=(store_dir / "artifacts").as_uri()))
     model = models.load(keras_file)
     with mlflow.start_run():
         return {"keras": logged_models.log_keras_flavour(model),

@@ -93,7 +93,8 @@ def run_clients(url: str, bodies: Sequence[bytes], requests: int, clients: int,
                 started = time.perf_counter()
                 try:
                     status, answer = client.post(bodies[ticket % len(bodies)])
-                except OSError as err:
+                except (OSError, http.client.HTTPException) as err:
+                    client.close()
                     status, answer = 0, repr(err).encode()
                 elapsed = time.perf_counter() - started
                 with lock:

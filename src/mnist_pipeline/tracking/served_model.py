@@ -1,6 +1,6 @@
 """The served model: a pyfunc whose `predict` runs one compiled inference function.
 
-Logged as MLflow "models from code" (`logged_models.log_image_model`): MLflow copies this
+Logged as MLflow "models from code" (`logged_models.log_keras_model`): MLflow copies this
 file into the model and runs it when loading, so it is self-contained on purpose (it imports
 only mlflow, numpy, keras and tensorflow, never this package): any MLflow deployment target
 can load the model. Its only artifact is the `.keras` file, loaded in Keras safe mode after
@@ -62,8 +62,13 @@ def _set_threads(tf) -> None:
     Must run before TensorFlow creates its runtime (the first op or variable)."""
     spec = os.environ.get(THREADS_ENV, "")
     intra, _, inter = spec.partition(",")
-    tf.config.threading.set_intra_op_parallelism_threads(int(intra) if intra else 0)
-    tf.config.threading.set_inter_op_parallelism_threads(int(inter) if inter else 1)
+    try:
+        threads = (int(intra) if intra else 0, int(inter) if inter else 1)
+    except ValueError:
+        raise MlflowException(f"{THREADS_ENV}: got {spec!r}, expected '<intra>[,<inter>]' "
+                              "(integers)") from None
+    tf.config.threading.set_intra_op_parallelism_threads(threads[0])
+    tf.config.threading.set_inter_op_parallelism_threads(threads[1])
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
