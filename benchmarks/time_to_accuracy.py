@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from train_speed import (
     child_env,
     cpu_model,
     run_measured,
+    steady_epoch_time,
     synthetic_arrays,
     table,
 )
@@ -92,13 +92,6 @@ def time_to(threshold: float, times: Sequence[float], accuracies: Sequence[float
         if accuracy >= threshold:
             return seconds
     return float("nan")
-
-
-def steady_epoch_time(epoch_times: Sequence[float]) -> float:
-    """Median seconds per epoch after the first (which traces the graph)."""
-    if len(epoch_times) > 1:
-        return statistics.median(epoch_times[1:])
-    return epoch_times[0] if epoch_times else float("nan")
 
 
 def row(name: str, record: dict[str, Any]) -> list[str]:

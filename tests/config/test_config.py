@@ -214,6 +214,17 @@ def test_cnn_padding_and_dense_units_are_validated():
     assert config.section(_with(cnn, "model.dense_units", 0), "model").dense_units == 0
 
 
+def test_cnn_blocks_must_leave_an_image_to_pool():
+    # valid padding, 2 convs of 3x3 per block: 28 -> 24 -> 12 -> 8 -> 4 -> 0 in the third block
+    cnn = _with(_with(_with(compose(ROOT / "conf", ["model=cnn"]), "model.padding", "valid"),
+                      "model.convs_per_block", 2), "model.kernel_size", 3)
+    two = config.section(_with(cnn, "model.filters", [16, 32]), "model")
+    assert two.filters == [16, 32]
+    with pytest.raises(ConfigError, match=r"^config 'model.filters': got \[16, 32, 64\], "
+                                          r"expected fewer blocks: with padding valid, 2 conv"):
+        config.section(_with(cnn, "model.filters", [16, 32, 64]), "model")
+
+
 # The train section of the default config exactly as the dataclass schema flattened it: the
 # MLflow params and config digest of a run with the same config must not change.
 DEFAULT_TRAIN_PARAMS = {

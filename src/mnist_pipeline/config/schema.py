@@ -210,6 +210,22 @@ class CNNConfig(Section):
                               "at most 3 blocks (each halves the 28x28 image)")
         return filters
 
+    @model_validator(mode="after")
+    def _image_left_for_every_block(self) -> "CNNConfig":
+        # With `valid` padding each conv trims kernel_size - 1 pixels; every block then pools
+        # by 2. A block left with under 2x2 pixels would fail in Keras, naming no key.
+        size = 28
+        for _ in self.filters:
+            if self.padding == "valid":
+                size -= self.convs_per_block * (self.kernel_size - 1)
+            if size < 2:
+                raise ConfigError("model.filters", self.filters,
+                                  f"fewer blocks: with padding {self.padding}, "
+                                  f"{self.convs_per_block} conv(s) of {self.kernel_size}x"
+                                  f"{self.kernel_size} per block leave no image to pool")
+            size //= 2
+        return self
+
 
 class RNNConfig(Section):
     """A recurrent layer reading the 28 image rows as a sequence of 28 pixels each."""

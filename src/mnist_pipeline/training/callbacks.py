@@ -28,6 +28,8 @@ EpochHook = Callable[[int, dict[str, float]], bool | None]
 def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
     """Learning-rate multiplier for `epoch` (0-based) under `train.lr_schedule`."""
     sched = cfg.lr_schedule
+    if sched.name == "onecycle":  # its own warm-up, from lr/25
+        return onecycle_factor(cfg, float(epoch))
     if sched.warmup_epochs and epoch < sched.warmup_epochs:
         return (epoch + 1) / (sched.warmup_epochs + 1)
     if sched.name == "cosine":
@@ -36,8 +38,6 @@ def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
         return sched.min_factor + (1 - sched.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     if sched.name == "step":
         return sched.factor ** ((epoch - sched.warmup_epochs) // sched.step_epochs)
-    if sched.name == "onecycle":
-        return onecycle_factor(cfg, float(epoch))
     return 1.0
 
 
