@@ -167,3 +167,21 @@ def test_parallel_evaluations_leave_the_better_model_champion(workspace, round_)
     assert first["champion_before"] is None
     assert second["champion_before"] == first["champion_after"]
     assert second["champion_after"] == good_version
+
+
+@pytest.mark.slow
+def test_train_outputs_from_another_store_are_one_clear_error(workspace, monkeypatch):
+    from mnist_pipeline.errors import TrackingError
+
+    good = _train(workspace, "good", **GOOD)
+    # The outputs stay (as a DVC cache would restore them); the store they were logged to
+    # is not the one in use now.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'other.db'}")
+    run_id = json.loads((workspace / "good/run.json").read_text())["run_id"]
+    with pytest.raises(TrackingError) as raised:
+        _evaluate(good)
+    message = str(raised.value)
+    assert message.startswith(f"{workspace / 'good/run.json'}: run {run_id} is not in the "
+                              f"tracking store sqlite:///{workspace / 'other.db'}")
+    assert "dvc repro -f train" in message and "\n" not in message
+    assert not (workspace / "good/gate.json").exists()

@@ -128,7 +128,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     write_reports(paths, test, probabilities, scores, eval_cfg)
 
     store.connect(tracking_cfg)
-    training_run = runs.run_info(run["run_id"])
+    training_run = runs.run_info(run["run_id"], named_in=str(paths.run))
     trained_tags = training_run.data.tags
     log_to_run(run["run_id"], scores, paths)
     matches, smoke_detail = smoke_test(run["model_uri"], test.images, probabilities)

@@ -203,10 +203,23 @@ def _active_run_id() -> str:
     return active.info.run_id
 
 
-def run_info(run_id: str) -> Any:
+def run_info(run_id: str, *, named_in: str | None = None) -> Any:
+    """The run `run_id`. `named_in`: the file that named it; a run the store does not have
+    is then one clear error (outputs restored from a DVC cache that another store filled)."""
+    import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    return retry(lambda: MlflowClient().get_run(run_id))
+    try:
+        return retry(lambda: MlflowClient().get_run(run_id))
+    except MlflowException as err:
+        if named_in is None or getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise TrackingError(
+            f"{named_in}: run {run_id} is not in the tracking store {mlflow.get_tracking_uri()}; "
+            "the train outputs were logged to another store (restored from a DVC cache or "
+            "pulled): point MLFLOW_TRACKING_URI at that store, or train again here "
+            "(`dvc repro -f train`, `dvc exp run -f`)") from None
 
 
 # --- sweeps --------------------------------------------------------------------------------

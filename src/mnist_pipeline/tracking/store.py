@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -123,7 +124,10 @@ def _get_or_create_experiment(cfg: TrackingConfig, artifacts: str | None) -> str
 
 # Signs of a store that is busy or away for a while, not of a wrong request.
 TRANSIENT = ("database is locked", "busy", "connection", "timed out", "timeout",
-             "max retries exceeded", "503", "502", "504")
+             "max retries exceeded")
+# A gateway's HTTP status as a number of its own: a run id or hash that happens to contain
+# "503" (one in about 45 random run ids) is not one.
+TRANSIENT_STATUS = re.compile(r"(?<![0-9a-z])50[234](?![0-9a-z])")
 # How long a call keeps retrying a store that does not answer before the stage gives up with
 # one line: long enough for a server restart, short enough that nothing seems to hang.
 RETRY_S = 60.0
@@ -160,7 +164,7 @@ def retry(fn: Callable[[], T], *, within_s: float | None = None, base_delay: flo
 
 def is_transient(err: BaseException) -> bool:
     text = str(err).lower()
-    return any(sign in text for sign in TRANSIENT)
+    return any(sign in text for sign in TRANSIENT) or bool(TRANSIENT_STATUS.search(text))
 
 
 def _current_uri() -> str:
