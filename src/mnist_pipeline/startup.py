@@ -15,7 +15,9 @@ leaves all of it as it was.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import importlib.abc
 import importlib.util
 import os
@@ -57,10 +59,25 @@ def debug() -> bool:
 
 
 def prepare() -> None:
-    """Quiet TensorFlow's start-up and keep unused modules out of memory."""
+    """Quiet TensorFlow's start-up, keep unused modules out of memory, exit promptly."""
     quiet()
     for name in UNUSED_BY_STAGES:
         sys.modules.setdefault(name, None)  # `import sklearn` now raises ImportError
+    exit_promptly()
+
+
+def exit_promptly() -> None:
+    """Skip the garbage collection Python runs over every object as it exits.
+
+    With TensorFlow or MLflow loaded, that collection takes 0.7-1.2 s of each stage's wall
+    time, after its work is done and its outputs are written, and frees nothing the
+    operating system would not. Everything else at exit still runs (atexit handlers, open
+    files flushed and closed). `gc.freeze` is registered first, so it runs last: it moves the
+    objects still alive out of the collector's reach.
+    """
+    if not getattr(exit_promptly, "registered", False):
+        atexit.register(gc.freeze)
+        exit_promptly.registered = True  # type: ignore[attr-defined]
 
 
 def quiet() -> None:

@@ -17,7 +17,13 @@ from mnist_pipeline.evaluation.plots import (
     write_class_recall_csv,
     write_confusion_csv,
 )
-from mnist_pipeline.evaluation.scores import mcnemar_exact, metrics_dict, score, write_metrics
+from mnist_pipeline.evaluation.scores import (
+    binomial_two_sided_half,
+    mcnemar_exact,
+    metrics_dict,
+    score,
+    write_metrics,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -141,6 +147,17 @@ def test_mcnemar_counts_and_hand_computed_p():
     a = np.array([True, False, False, False, True])
     b = np.array([False, True, True, True, True])
     assert mcnemar_exact(a, b) == (1, 3, pytest.approx(10 / 16))
+
+
+def test_exact_binomial_p_matches_scipy():
+    from scipy import stats
+
+    for k, n in [(0, 1), (1, 2), (3, 7), (5, 10), (36, 75), (37, 75), (120, 300), (900, 2000),
+                 (4990, 10000), (5000, 10000)]:
+        expected = stats.binomtest(k, n, 0.5).pvalue
+        assert binomial_two_sided_half(k, n) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    with pytest.raises(ValueError, match="k=6 of n=10"):
+        binomial_two_sided_half(6, 10)
 
 
 def test_mcnemar_without_disagreement_and_length_mismatch():

@@ -104,6 +104,44 @@ def test_an_unreadable_or_older_gate_json_means_the_champion_now(tracking, tmp_p
     assert champion_record.decide(tracking, tmp_path / "gate.json").record == _record(v1, run1)
 
 
+def test_the_sql_read_agrees_with_mlflow(tracking, tmp_path):
+    from mlflow import MlflowClient
+
+    database = tmp_path / "mlflow.db"
+    (v1, run1), (v2, run2) = _versions(tracking, 2)
+    assert champion_record.read_sqlite(database, NAME) == _record(None, None)
+    for version, run_id in ((v1, run1), (v2, run2)):
+        registry.promote(NAME, version)
+        mlflow_says = champion_record.identity(NAME, registry.champion(NAME))
+        assert mlflow_says == _record(version, run_id)
+        assert champion_record.read_sqlite(database, NAME) == mlflow_says
+        assert champion_record.current(tracking) == mlflow_says
+    assert champion_record.read_sqlite(database, "other-model") == {
+        "registered_model": "other-model", "version": None, "run_id": None}
+    MlflowClient().delete_registered_model_alias(NAME, registry.CHAMPION)
+    assert champion_record.read_sqlite(database, NAME) == _record(None, None)
+    registry.promote(NAME, v1)
+    MlflowClient().delete_model_version(NAME, v1)  # deleting a version drops its alias
+    assert champion_record.identity(NAME, registry.champion(NAME)) == _record(None, None)
+    assert champion_record.read_sqlite(database, NAME) == _record(None, None)
+
+
+def test_the_sql_read_is_for_the_installed_mlflow_schema_only(tracking, tmp_path):
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    assert champion_record.SCHEMA_REVISION == _get_latest_schema_revision()
+    (v1, _), = _versions(tracking, 1)
+    registry.promote(NAME, v1)
+    database = tmp_path / "mlflow.db"
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = 'a-newer-one'")
+    assert champion_record.read_sqlite(database, NAME) is None  # MLflow's client decides
+    (tmp_path / "junk.db").write_bytes(b"not an SQLite database, and long enough to show it\n")
+    assert champion_record.read_sqlite(tmp_path / "junk.db", NAME) is None
+
+
 def test_a_broken_store_is_one_clear_error(tmp_path):
     from mnist_pipeline.errors import TrackingError
 
@@ -113,19 +151,34 @@ def test_a_broken_store_is_one_clear_error(tmp_path):
         champion_record.current(cfg)
 
 
-def test_the_stage_loads_no_tensorflow_and_creates_no_store(tmp_path):
-    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+def _run_stage(folder: Path) -> tuple[str, set[str]]:
+    """The champion stage in `folder`: its stdout and the top-level modules it imported."""
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
     stage_args = ["--config-dir", ".", "--config-name", "params", "hydra.run.dir=.",
                   "hydra.output_subdir=null", "hydra/job_logging=stdout",
                   "hydra/hydra_logging=disabled"]
     done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "pipelines/champion.py"),
-                           *stage_args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "DVC_ROOT": str(tmp_path)})
+                           *stage_args], cwd=folder, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "DVC_ROOT": str(folder)})
     assert done.returncode == 0, done.stderr[-3000:]
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "mnist_pipeline.tracking.champion_record" in imported
-    assert not {name for name in imported if name.split(".")[0] in ("tensorflow", "keras")}
-    assert done.stdout.startswith("champion: no champion of mnist-classifier")
+    return done.stdout, {name.split(".")[0] for name in imported}
+
+
+def test_the_stage_loads_no_tensorflow_and_creates_no_store(tmp_path):
+    stdout, imported = _run_stage(tmp_path)
+    assert not imported & {"tensorflow", "keras", "mlflow"}
+    assert stdout.startswith("champion: no champion of mnist-classifier")
     assert json.loads((tmp_path / "models/champion.json").read_text())["version"] is None
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_stage_reads_the_default_store_without_mlflow(tracking, tmp_path):
+    (v1, run1), = _versions(tracking, 1)
+    registry.promote(NAME, v1)
+    stdout, imported = _run_stage(tmp_path)
+    assert not imported & {"tensorflow", "keras", "mlflow", "sqlalchemy"}
+    assert stdout.startswith(f"champion: {NAME} v{v1}, set since the last evaluate here")
+    assert json.loads((tmp_path / "models/champion.json").read_text()) == _record(v1, run1)

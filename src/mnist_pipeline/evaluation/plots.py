@@ -99,17 +99,43 @@ def plot_misclassified_grid(path: str | os.PathLike[str], images: np.ndarray,
     # Most confident mistakes first; NaN confidences sort last; ties keep test-set order.
     order = np.argsort(-np.nan_to_num(confidence, nan=-np.inf), kind="stable")
     shown = wrong[order[:limit]]
-    cols = math.ceil(math.sqrt(shown.size))
-    rows = math.ceil(shown.size / cols)
-    fig = _figure(1.3 * cols, 1.45 * rows + 0.4)
-    fig.suptitle(f"{shown.size} of {wrong.size} misclassified (of {n})", fontsize=10)
-    for slot, index in enumerate(shown):
-        ax = fig.add_subplot(rows, cols, slot + 1)
-        ax.imshow(images[index], cmap="gray_r", vmin=0, vmax=255)
-        ax.set_axis_off()
-        prob = probabilities[index, int(predictions[index])]
-        ax.set_title(f"true {int(labels[index])} / pred {int(predictions[index])} ({prob:.2f})",
-                     fontsize=7)
+    _save_mosaic(path, images[shown],
+                 [f"true {int(labels[i])} / pred {int(predictions[i])} "
+                  f"({probabilities[i, int(predictions[i])]:.2f})" for i in shown],
+                 f"{shown.size} of {wrong.size} misclassified (of {n})")
+
+
+# Each digit's cell in the mosaic, in image pixels: a band for its title above it, a margin
+# around it; and the figure inches one cell takes.
+_CELL_PAD, _CELL_TITLE = 4, 12
+_CELL_INCHES = 1.3
+_SUPTITLE_INCHES = 0.4
+
+
+def _save_mosaic(path: str | os.PathLike[str], images: np.ndarray, titles: list[str],
+                 suptitle: str) -> None:
+    """Images in a square-ish grid, each titled, drawn as ONE image on one Axes: a subplot
+    per digit made this plot take ~1.2 s (36 Axes laid out and rendered); this takes ~0.2."""
+    count, height, width = images.shape
+    cols = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    cell_w, cell_h = width + 2 * _CELL_PAD, height + _CELL_TITLE + _CELL_PAD
+    canvas = np.zeros((rows * cell_h, cols * cell_w), dtype=images.dtype)
+    for slot, image in enumerate(images):
+        row, col = divmod(slot, cols)
+        top, left = row * cell_h + _CELL_TITLE, col * cell_w + _CELL_PAD
+        canvas[top:top + height, left:left + width] = image
+    inches_per_pixel = _CELL_INCHES / cell_w  # square pixels
+    plot_h = rows * cell_h * inches_per_pixel
+    fig = _figure(cols * _CELL_INCHES, plot_h + _SUPTITLE_INCHES, tight=False)
+    ax = fig.add_axes((0, 0, 1, plot_h / (plot_h + _SUPTITLE_INCHES)))
+    ax.imshow(canvas, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    for slot, title in enumerate(titles):
+        row, col = divmod(slot, cols)
+        ax.text(col * cell_w + cell_w / 2, row * cell_h + _CELL_TITLE - 2, title,
+                ha="center", va="bottom", fontsize=7)
+    fig.suptitle(suptitle, fontsize=10, y=1 - 0.12 / (plot_h + _SUPTITLE_INCHES))
     _save(fig, path)
 
 
@@ -134,10 +160,10 @@ def plot_class_recall_png(path: str | os.PathLike[str], recall: list[float],
     _save(fig, path)
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float, tight: bool = True) -> Any:
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=DPI, layout="tight")
+    return Figure(figsize=(width, height), dpi=DPI, layout="tight" if tight else None)
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
