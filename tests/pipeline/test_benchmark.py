@@ -170,3 +170,49 @@ def test_time_to_accuracy_runs_the_peer_and_a_recipe_on_synthetic_digits(tmp_pat
         assert len(record["test_accuracy"]) == 1 and 0 <= record["test_accuracy"][0] <= 1
         assert 0 < record["since_start_s"][0] < record["wall_s"]  # counted from process start
         assert record["peak_rss_mb"] > 100
+
+
+# --- benchmarks/quick_experiment.py ----------------------------------------------------------
+
+QE_SCRIPT = ROOT / "benchmarks" / "quick_experiment.py"
+
+
+@pytest.fixture(scope="module")
+def quick_experiment():
+    sys.path.insert(0, str(QE_SCRIPT.parent))  # it imports its helpers from train_speed
+    spec = importlib.util.spec_from_file_location("quick_experiment", QE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(QE_SCRIPT.parent))
+
+
+def test_quick_experiment_arguments_are_validated(quick_experiment, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        quick_experiment.parse_args(["--runs", "0", "--raw", str(tmp_path)])
+    assert "--runs: got 0, expected at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        quick_experiment.parse_args(["--raw", str(tmp_path)])
+    assert f"--raw {tmp_path}: no MNIST files there" in capsys.readouterr().err
+
+
+def test_quick_experiment_report_has_every_run_and_the_medians(quick_experiment):
+    def run(wall, accuracy, gate="passed"):
+        return {"wall_s": wall, "cpu_s": wall + 2, "dvc_before_s": 2.0,
+                "stages": {"train": 12.0, "champion": 1.0, "evaluate": wall - 15.3},
+                "dvc_after_s": 0.3, "test_accuracy": accuracy, "gate": gate}
+
+    lines = quick_experiment.report(
+        {"first": [run(24.0, 0.98), run(26.0, 0.9812), run(25.0, 0.9805)],
+         "next": [run(23.5, 0.9821, "rejected")]}, empty_s=0.02, startup_s=6.5)
+    text = "\n".join(lines)
+    assert "first #3" in text and "next #1" in text and "rejected" in text
+    assert "first: wall median 25.0 s (min 24.0, max 26.0); test accuracy 0.9800-0.9812" in text
+    assert "next: wall median 23.5 s" in text
+    assert "store opened): 6.50 s median; `python -c pass`: 0.02 s" in text
+    header = lines[0].splitlines()[0].split()
+    assert header[:3] == ["run", "wall", "s"] and "evaluate" in header
