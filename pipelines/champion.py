@@ -8,7 +8,7 @@ this workspace (see `tracking.champion_record`), so `dvc repro` reruns evaluate 
 import hydra
 from omegaconf import DictConfig
 
-from mnist_pipeline import config, startup
+from mnist_pipeline import config
 from mnist_pipeline.errors import reported
 from mnist_pipeline.files import write_json
 from mnist_pipeline.tracking import champion_record, store
@@ -16,7 +16,6 @@ from mnist_pipeline.tracking import champion_record, store
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    startup.exit_promptly()
     with reported("champion"):
         paths = config.section(cfg, "paths")
         tracking_cfg = config.section(cfg, "tracking")

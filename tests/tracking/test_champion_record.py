@@ -3,6 +3,7 @@ and only then; reading never creates a store. Real MLflow SQLite stores in tmp d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -132,14 +133,31 @@ def test_the_sql_read_is_for_the_installed_mlflow_schema_only(tracking, tmp_path
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     assert champion_record.SCHEMA_REVISION == _get_latest_schema_revision()
-    (v1, _), = _versions(tracking, 1)
+    (v1, run1), = _versions(tracking, 1)
     registry.promote(NAME, v1)
     database = tmp_path / "mlflow.db"
-    with sqlite3.connect(database) as connection:
+    with contextlib.closing(sqlite3.connect(database)) as connection, connection:
         connection.execute("UPDATE alembic_version SET version_num = 'a-newer-one'")
-    assert champion_record.read_sqlite(database, NAME) is None  # MLflow's client decides
+    assert champion_record.read_sqlite(database, NAME) is None
+    # So MLflow's client answers (its store, opened before the change, is cached here).
+    assert champion_record.current(tracking) == _record(v1, run1)
     (tmp_path / "junk.db").write_bytes(b"not an SQLite database, and long enough to show it\n")
     assert champion_record.read_sqlite(tmp_path / "junk.db", NAME) is None
+    assert champion_record.read_sqlite(tmp_path / "missing" / "mlflow.db", NAME) is None
+
+
+@pytest.mark.parametrize("setting", ["MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_WORKSPACES"])
+def test_a_registry_elsewhere_is_read_by_mlflow(tracking, tmp_path, monkeypatch, setting):
+    (v1, run1), = _versions(tracking, 1)
+    registry.promote(NAME, v1)
+    monkeypatch.setenv(setting, f"sqlite:///{tmp_path / 'mlflow.db'}"
+                       if setting == "MLFLOW_REGISTRY_URI" else "false")
+
+    def refuse(*args):
+        raise AssertionError("read with SQL although MLflow would look elsewhere")
+
+    monkeypatch.setattr(champion_record, "read_sqlite", refuse)
+    assert champion_record.current(tracking) == _record(v1, run1)
 
 
 def test_a_broken_store_is_one_clear_error(tmp_path):

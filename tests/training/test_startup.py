@@ -1,6 +1,7 @@
 """Stage processes start quietly (no TensorFlow C++ start-up lines unless debugging) and keep
 modules Keras would import but no stage uses out of memory."""
 
+import os
 import subprocess
 import sys
 
@@ -78,3 +79,42 @@ with startup.without_startup_lines():
 """)
     assert done.returncode != 0
     assert "Check failed: the library is broken" in done.stderr
+
+
+EXIT_PROBE = """
+import atexit, os, sys, tempfile
+from mnist_pipeline import startup
+startup.exit_promptly()
+folder = tempfile.TemporaryDirectory()
+print(folder.name)
+atexit.register(lambda: print("atexit handler ran", flush=True))
+with open(os.path.join(sys.argv[1], "written.txt"), "w") as out:
+    out.write("closed as the stages close what they write")
+
+
+class Collected:
+    def __del__(self):
+        with open(os.path.join(sys.argv[1], "collected.txt"), "w") as fh:
+            fh.write("the final collection ran")
+
+
+garbage = Collected()
+garbage.itself = garbage  # only a collection frees it
+del garbage
+print("last line")
+"""
+
+
+@pytest.mark.parametrize("debugging", [False, True])
+def test_exit_skips_only_the_final_collection(tmp_path, debugging):
+    env = {DEBUG_ENV: "1"} if debugging else {}
+    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env=tf_output.unquieted_env(**env))
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    # atexit handlers run, temporary folders are removed, output is flushed.
+    assert lines[1:] == ["last line", "atexit handler ran"]
+    assert not os.path.exists(lines[0])
+    assert (tmp_path / "written.txt").read_text() == "closed as the stages close what they write"
+    # The final collection (of reference cycles): skipped, except when debugging.
+    assert (tmp_path / "collected.txt").exists() == debugging

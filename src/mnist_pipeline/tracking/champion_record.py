@@ -19,9 +19,11 @@ In effect the record names the champion as last set by anything but this workspa
 evaluate. Reading never creates a store: a missing SQLite store has no champion.
 
 The stage runs on every `dvc repro` and `dvc exp run`, so reading is quick: the default
-SQLite store is read with one SQL query (~0.1 s), where MLflow's client needs ~2.5 s to import
-and open a store. The query is used only on the schema it was written for (MLflow's schema
-revision, checked on each read); any other store or schema goes through MLflow's client.
+SQLite store is read with plain SQL (~0.1 s), where MLflow's client needs ~2.5 s to import
+and open a store. The SQL is used only on the schema it was written for (MLflow's schema
+revision, checked on each read) and only where MLflow would read the registry from that
+same database in its default workspace; any other store, schema or setting goes through
+MLflow's client.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def current(cfg: TrackingConfig) -> Record:
     if store.not_created(uri):
         return identity(name, None)
     database = store.sqlite_file(uri)
-    if database is not None:
+    if database is not None and not any(os.environ.get(key) for key in ELSEWHERE_ENV):
         found = read_sqlite(database, name)
         if found is not None:
             return found
@@ -74,6 +76,8 @@ def current(cfg: TrackingConfig) -> Record:
 # On any other revision, `read_sqlite` declines and MLflow's client reads the store.
 SCHEMA_REVISION = "dc11669786a5"
 DEFAULT_WORKSPACE = "default"  # what MLflow's SQL store files every row under
+# Settings under which MLflow reads the registry elsewhere (another store, another workspace).
+ELSEWHERE_ENV = ("MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_WORKSPACES", "MLFLOW_WORKSPACE")
 _CHAMPION_QUERY = """
     SELECT v.version, v.run_id FROM registered_model_aliases AS a
     JOIN model_versions AS v ON v.workspace = a.workspace AND v.name = a.name
@@ -101,7 +105,7 @@ def read_sqlite(database: Path, name: str) -> Record | None:
                 return None
             rows = connection.execute(_CHAMPION_QUERY,
                                       (DEFAULT_WORKSPACE, name, registry.CHAMPION)).fetchall()
-    except sqlite3.Error:
+    except (sqlite3.Error, OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop
         return None
     if len(rows) > 1:
         return None

@@ -83,7 +83,7 @@ def _advisory(name: str, url: str, wait_s: float) -> Iterator[Held]:
     import psycopg
 
     key = f"mnist-pipeline:{name}"
-    where = _public(url)
+    where = public_url(url)
     try:
         connection = psycopg.connect(_libpq(url), autocommit=True,
                                      connect_timeout=CONNECT_TIMEOUT_S)
@@ -114,7 +114,7 @@ def _libpq(url: str) -> str:
     return "postgresql://" + url.split("://", 1)[1]
 
 
-def _public(url: str) -> str:
+def public_url(url: str) -> str:
     """`url` without a password."""
     scheme, rest = url.split("://", 1)
     if "@" in rest:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import TrackingError
-from . import lineage
+from . import lineage, locks
 from .store import retry
 
 # MLflow's own tag for the commit (`mlflow.utils.mlflow_tags.MLFLOW_GIT_COMMIT`); the runs
@@ -216,9 +216,10 @@ def run_info(run_id: str, *, named_in: str | None = None) -> Any:
         if named_in is None or getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise TrackingError(
-            f"{named_in}: run {run_id} is not in the tracking store {mlflow.get_tracking_uri()}; "
-            "the train outputs were logged to another store (restored from a DVC cache or "
-            "pulled): point MLFLOW_TRACKING_URI at that store, or train again here "
+            f"{named_in}: run {run_id} is not in the tracking store "
+            f"{locks.public_url(mlflow.get_tracking_uri())}; the train outputs were logged to "
+            "another store (restored from a DVC cache or pulled), or the run was deleted: "
+            "point MLFLOW_TRACKING_URI at that store, or train again here "
             "(`dvc repro -f train`, `dvc exp run -f`)") from None
 
 

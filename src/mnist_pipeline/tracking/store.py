@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import unquote
 
 from .. import project
 from ..config import TrackingConfig
@@ -41,8 +42,11 @@ def tracking_uri(cfg: TrackingConfig) -> str:
 
 
 def sqlite_file(uri: str) -> Path | None:
-    """The database file of a local `sqlite:///` URI; None for any other store."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    """The database file of a local `sqlite:///` URI, as SQLAlchemy reads it (without its
+    `?options`, percent-escapes decoded); None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(unquote(uri.removeprefix("sqlite:///").split("?", 1)[0]))
 
 
 def not_created(uri: str) -> bool:
@@ -125,9 +129,13 @@ def _get_or_create_experiment(cfg: TrackingConfig, artifacts: str | None) -> str
 # Signs of a store that is busy or away for a while, not of a wrong request.
 TRANSIENT = ("database is locked", "busy", "connection", "timed out", "timeout",
              "max retries exceeded")
-# A gateway's HTTP status as a number of its own: a run id or hash that happens to contain
-# "503" (one in about 45 random run ids) is not one.
-TRANSIENT_STATUS = re.compile(r"(?<![0-9a-z])50[234](?![0-9a-z])")
+# A gateway's HTTP status as MLflow's REST client and HTTP servers word it; a bare "503" is
+# not one (about one random run id in 140 contains it, and a model may be version 503).
+TRANSIENT_STATUS = re.compile(
+    r"error code 50[234]\b|\b50[234] (?:error|bad gateway|service unavailable|gateway time-?out)")
+# What MLflow says of a wrong request: never worth a retry, whatever the message contains.
+PERMANENT_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
+                   "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED")
 # How long a call keeps retrying a store that does not answer before the stage gives up with
 # one line: long enough for a server restart, short enough that nothing seems to hang.
 RETRY_S = 60.0
@@ -163,6 +171,8 @@ def retry(fn: Callable[[], T], *, within_s: float | None = None, base_delay: flo
 
 
 def is_transient(err: BaseException) -> bool:
+    if getattr(err, "error_code", None) in PERMANENT_CODES:
+        return False
     text = str(err).lower()
     return any(sign in text for sign in TRANSIENT) or bool(TRANSIENT_STATUS.search(text))
 
