@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers.digits import ROOT
@@ -113,10 +114,10 @@ def test_ablation_runs_its_variants_and_the_maths_stays_the_same(tmp_path):
 TTA_SCRIPT = ROOT / "benchmarks" / "time_to_accuracy.py"
 
 
-@pytest.fixture(scope="module")
-def tta():
-    sys.path.insert(0, str(TTA_SCRIPT.parent))  # it imports its helpers from train_speed
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", TTA_SCRIPT)
+def _benchmark_module(script: Path):
+    """Load a benchmark script that imports its helpers from train_speed (beside it)."""
+    sys.path.insert(0, str(script.parent))
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     try:
@@ -124,7 +125,12 @@ def tta():
         yield module
     finally:
         sys.modules.pop(spec.name, None)
-        sys.path.remove(str(TTA_SCRIPT.parent))
+        sys.path.remove(str(script.parent))
+
+
+@pytest.fixture(scope="module")
+def tta():
+    yield from _benchmark_module(TTA_SCRIPT)
 
 
 def test_time_to_a_threshold_is_the_first_epoch_that_reaches_it(tta):
@@ -179,16 +185,7 @@ QE_SCRIPT = ROOT / "benchmarks" / "quick_experiment.py"
 
 @pytest.fixture(scope="module")
 def quick_experiment():
-    sys.path.insert(0, str(QE_SCRIPT.parent))  # it imports its helpers from train_speed
-    spec = importlib.util.spec_from_file_location("quick_experiment", QE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        sys.path.remove(str(QE_SCRIPT.parent))
+    yield from _benchmark_module(QE_SCRIPT)
 
 
 def test_quick_experiment_arguments_are_validated(quick_experiment, tmp_path, capsys):
