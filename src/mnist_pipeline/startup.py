@@ -79,11 +79,8 @@ def exit_promptly() -> None:
     anything else registers an atexit handler, `gc.freeze` runs last.
     `MNIST_PIPELINE_DEBUG=1` keeps the collection.
     """
-    if debug():
-        return
-    if not getattr(exit_promptly, "registered", False):
-        atexit.register(gc.freeze)
-        exit_promptly.registered = True  # type: ignore[attr-defined]
+    if not debug():
+        atexit.register(gc.freeze)  # a second registration freezes again: harmless
 
 
 def quiet() -> None:

@@ -150,9 +150,7 @@ def markdown(blocks: Sequence[Block]) -> str:
         elif kind == "p":
             out.append(block[1])
         elif kind == "table":
-            header, rows = block[1], block[2]
-            out.append("\n".join(["| " + " | ".join(_md_cell(c) for c in row) + " |"
-                                  for row in [header, ["---"] * len(header), *rows]]))
+            out.append(markdown_table(block[1], block[2]))
         elif kind == "img":
             out.append(f"![{block[1]}]({Path(block[2]).name})")
     return "\n\n".join(out) + "\n"
@@ -185,6 +183,12 @@ STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
          "padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}"
          "img{max-width:100%}figure{margin:1em 0}")
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table: `|` in a cell escaped, a line break made a space."""
+    return "\n".join("| " + " | ".join(_md_cell(c) for c in row) + " |"
+                     for row in [header, ["---"] * len(header), *rows])
 
 
 def _md_cell(value: Any) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..errors import ReviewError
+from .card import markdown_table
 
 DVC_TIMEOUT_S = 300
 GATE_FILE = "gate.json"  # dvc.yaml's ${paths.gate}, read from params.yaml when it is there
@@ -176,10 +177,7 @@ def _plot_files(root: Path) -> list[str]:
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    def line(cells: tuple[str, ...]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
-
-    return [line(header), line(tuple("---" for _ in header)), *map(line, rows), ""]
+    return [markdown_table(header, rows), ""]
 
 
 def _number(value: Any) -> bool:

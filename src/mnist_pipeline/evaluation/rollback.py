@@ -44,14 +44,14 @@ def version_number(text: str) -> str:
     return str(int(number))
 
 
-def passed_before(name: str, number: str, entries: list[dict]) -> bool:
-    """Whether version `number` passed a gate: a passing decision in the history, or (for
-    versions gated before the history existed) its `gate.passed` tag."""
+def passed_before(number: str, tags: dict[str, str], entries: list[dict]) -> bool:
+    """Whether version `number` (with registry tags `tags`) passed a gate: a passing decision
+    in the history, or (for versions gated before the history existed) its `gate.passed`
+    tag."""
     if any(e.get("action") == "gate" and e.get("candidate") == number
            and e.get("outcome") in (history.PROMOTED, history.KEPT) for e in entries):
         return True
-    found = registry.version(name, number)
-    return found is not None and found.tags.get("gate.passed") == "true"
+    return tags.get("gate.passed") == "true"
 
 
 def move(name: str, to: str, reason: str, *, test_sha256: str | None, force: bool = False,
@@ -70,13 +70,14 @@ def move(name: str, to: str, reason: str, *, test_sha256: str | None, force: boo
         before = str(current.version) if current is not None else None
         if before == number:
             raise PromotionError(f"v{number} is already the champion of {name}; nothing moved")
-        checks = _checks(name, number, target.tags.get(TEST_SHA256_TAG), test_sha256, force)
+        checks = _checks(name, number, target.tags, test_sha256, force)
         lock.check()  # the checks stand only while no one else can move the alias
         registry.promote(name, number)
         entry = history.move_entry(forced=force, candidate=number, champion_before=before,
                                    reason=reason.strip(), checks=checks)
         # The version left behind stays out until someone moves the alias back to it.
-        registry.delete_version_tag(name, number, registry.WITHDRAWN)
+        if registry.WITHDRAWN in target.tags:
+            registry.delete_version_tag(name, number, registry.WITHDRAWN)
         if before is not None:
             registry.set_version_tags(name, before, {registry.WITHDRAWN: (
                 f"{entry['time']} {entry['user']}: champion moved to v{number}: "
@@ -86,10 +87,11 @@ def move(name: str, to: str, reason: str, *, test_sha256: str | None, force: boo
                 checks=checks)
 
 
-def _checks(name: str, number: str, scored_on: str | None, today: str | None,
+def _checks(name: str, number: str, tags: dict[str, str], today: str | None,
             force: bool) -> list[str]:
     """What the move was checked against; raises `PromotionError` on a refusal (unforced)."""
-    passed = passed_before(name, number, history.entries(name))
+    passed = passed_before(number, tags, history.entries(name))
+    scored_on = tags.get(TEST_SHA256_TAG)
     same_test = bool(scored_on) and scored_on == today
     if force:
         return [f"forced: passed the gate before: {'yes' if passed else 'no'}; "

@@ -38,11 +38,10 @@ ROLLED_BACK, FORCED = "rolled back", "forced"
 def context() -> dict[str, Any]:
     """Who decides, when and from where: UTC time, user, host, git commit and dirty flag of
     the working directory, and the DVC experiment (inside `dvc exp run`)."""
-    dirty = lineage.git_state().get("git.dirty")
+    commit = lineage.git_commit()
     return {"time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "user": _user(), "host": socket.gethostname(),
-            "git_commit": lineage.git_commit(),
-            "git_dirty": None if dirty is None else dirty == "true",
+            "git_commit": commit, "git_dirty": lineage.git_dirty(None, commit),
             "dvc_experiment": lineage.dvc_experiment().get("dvc.experiment")}
 
 

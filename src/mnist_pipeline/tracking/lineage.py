@@ -17,10 +17,17 @@ def git_state(cwd: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """`git.dirty`: whether tracked files in `cwd` differ from the commit checked out; empty
     outside a git repository or before its first commit. The commit itself is MLflow's tag
     `mlflow.source.git.commit` (see `runs.run`); MLflow keeps no dirty flag."""
-    if git_commit(cwd) is None:
-        return {}
+    dirty = git_dirty(cwd, git_commit(cwd))
+    return {} if dirty is None else {"git.dirty": str(dirty).lower()}
+
+
+def git_dirty(cwd: str | os.PathLike[str] | None, commit: str | None) -> bool | None:
+    """Whether tracked files in `cwd` differ from `commit`, the commit checked out there
+    (`git_commit`); None when there is none or git cannot tell."""
+    if commit is None:
+        return None
     status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
-    return {} if status is None else {"git.dirty": str(bool(status)).lower()}
+    return None if status is None else bool(status)
 
 
 def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:

@@ -55,11 +55,10 @@ def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
 
 
 def delete_version_tag(name: str, version: str, key: str) -> None:
-    """Remove tag `key` of a version, if it has it."""
+    """Remove tag `key` of a version (which has it)."""
     from mlflow import MlflowClient
 
-    if key in retry(lambda: MlflowClient().get_model_version(name, version)).tags:
-        retry(lambda: MlflowClient().delete_model_version_tag(name, version, key))
+    retry(lambda: MlflowClient().delete_model_version_tag(name, version, key))
 
 
 def version(name: str, number: str) -> Any | None:

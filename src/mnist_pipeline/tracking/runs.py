@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import TrackingError
-from . import lineage, locks
-from .store import retry
+from . import lineage
+from .store import current_uri, retry
 
 # MLflow's own tag for the commit (`mlflow.utils.mlflow_tags.MLFLOW_GIT_COMMIT`); the runs
 # table of the UI shows it as "Version".
@@ -206,7 +206,6 @@ def _active_run_id() -> str:
 def run_info(run_id: str, *, named_in: str | None = None) -> Any:
     """The run `run_id`. `named_in`: the file that named it; a run the store does not have
     is then one clear error (outputs restored from a DVC cache that another store filled)."""
-    import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
@@ -216,10 +215,9 @@ def run_info(run_id: str, *, named_in: str | None = None) -> Any:
         if named_in is None or getattr(err, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise TrackingError(
-            f"{named_in}: run {run_id} is not in the tracking store "
-            f"{locks.public_url(mlflow.get_tracking_uri())}; the train outputs were logged to "
-            "another store (restored from a DVC cache or pulled), or the run was deleted: "
-            "point MLFLOW_TRACKING_URI at that store, or train again here "
+            f"{named_in}: run {run_id} is not in the tracking store {current_uri()}; the train "
+            "outputs were logged to another store (restored from a DVC cache or pulled), or "
+            "the run was deleted: point MLFLOW_TRACKING_URI at that store, or train again here "
             "(`dvc repro -f train`, `dvc exp run -f`)") from None
 
 

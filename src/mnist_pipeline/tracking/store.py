@@ -162,7 +162,7 @@ def retry(fn: Callable[[], T], *, within_s: float | None = None, base_delay: flo
                 raise
             if time.monotonic() >= deadline:
                 raise TrackingError(
-                    f"the tracking store {_current_uri()} did not answer within "
+                    f"the tracking store {current_uri()} did not answer within "
                     f"{within_s:.0f} s ({describe_error(err)}); nothing more was recorded: "
                     "rerun once it is back") from None
             pause = min(base_delay * (2 ** attempt), 5.0) * (0.5 + random.random())
@@ -177,10 +177,11 @@ def is_transient(err: BaseException) -> bool:
     return any(sign in text for sign in TRANSIENT) or bool(TRANSIENT_STATUS.search(text))
 
 
-def _current_uri() -> str:
+def current_uri() -> str:
+    """The store MLflow is pointed at, as errors name it (no password)."""
     import mlflow
 
-    return mlflow.get_tracking_uri()
+    return locks.public_url(mlflow.get_tracking_uri())
 
 
 
