@@ -31,8 +31,18 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from train_speed import ROOT, child_env, cpu_model, make_repo, run_measured, stage_times, table
+from train_speed import (
+    RAW_FILES,
+    ROOT,
+    child_env,
+    cpu_model,
+    make_repo,
+    run_measured,
+    stage_times,
+    table,
+)
 
+PROGRAM = "quick_experiment"
 STAGES = ("train", "champion", "evaluate")
 # One stage process's start-up: what train and evaluate import and open before their work.
 STARTUP_PROBE = """
@@ -54,20 +64,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error(f"--runs: got {args.runs}, expected at least 1")
-    if not (args.raw / "t10k-labels-idx1-ubyte").is_file():
+    if not (args.raw / RAW_FILES["y_test"]).is_file():
         parser.error(f"--raw {args.raw}: no MNIST files there (run `dvc repro fetch` first)")
     return args
 
 
-def run(command: list[str], repo: Path, timeout: float, what: str) -> str:
-    return run_measured(command, cwd=repo, env=child_env(), timeout=timeout).check(what).output
+def run(command: list[str], repo: Path, timeout: float, what: str) -> None:
+    run_measured(command, cwd=repo, env=child_env(), timeout=timeout).check(what, PROGRAM)
 
 
 def experiment(repo: Path, name: str, seed: int, timeout: float) -> dict:
     """One cold `dvc exp run`: wall and CPU seconds, seconds per stage, and the result."""
     done = run_measured(["dvc", "exp", "run", "-S", f"experiment={name}", "-S",
                          f"train.seed={seed}"], cwd=repo, env=child_env(), timeout=timeout,
-                        stamp_lines=True).check(f"dvc exp run ({name}, seed {seed})")
+                        stamp_lines=True).check(f"dvc exp run ({name}, seed {seed})", PROGRAM)
     before, stages = stage_times(done.output)
     ran = sum(stages.values())
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
@@ -84,7 +94,7 @@ def startup_probe(repo: Path, timeout: float) -> tuple[float, float]:
     empty = [run_measured([sys.executable, "-c", "pass"], cwd=repo, env=child_env(),
                           timeout=timeout).wall_s for _ in range(3)]
     probe = [run_measured([sys.executable, "-c", STARTUP_PROBE, store], cwd=repo,
-                          env=child_env(), timeout=timeout).check("start-up probe").wall_s
+                          env=child_env(), timeout=timeout).check("start-up probe", PROGRAM).wall_s
              for _ in range(3)]
     return statistics.median(empty), statistics.median(probe)
 

@@ -39,16 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from train_speed import (
-    RAW_FILES,
+    ROOT,
     child_env,
     cpu_model,
+    raw_arrays,
     run_measured,
     steady_epoch_time,
     synthetic_arrays,
     table,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 PEER = ROOT / "benchmarks" / "keras_convnet.py"
 THRESHOLDS = (0.98, 0.99, 0.995)
 DEFAULT_RECIPES = ("peer", "mlp", "mlp-tuned", "cnn", "quick", "fast", "best")
@@ -214,7 +214,6 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """The peer's mnist.npz and the pipeline's processed splits, of the same images."""
     import numpy as np
 
-    from mnist_pipeline.data import idx
     from mnist_pipeline.data.splits import Split, save_split, stratified_split
 
     npz = work / "mnist.npz"
@@ -226,8 +225,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
             save_split(processed, part, Split(arrays["x_train"][index], arrays["y_train"][index]))
         save_split(processed, "test", Split(arrays["x_test"], arrays["y_test"]))
     else:
-        arrays = {key: (idx.read_images if key.startswith("x") else idx.read_labels)(
-            args.raw / name) for key, name in RAW_FILES.items()}
+        arrays = raw_arrays(args.raw)
         processed = args.processed
     np.savez(npz, **arrays)
     return npz, processed
@@ -245,10 +243,7 @@ def run_recipe(name: str, npz: Path, processed: Path, work: Path,
         command = [sys.executable, script, "--recipe-child", name, str(processed.resolve()),
                    str(report), repr(started), str(args.max_epochs)]
     done = run_measured(command, cwd=work, env=child_env(KERAS_HOME=str(work)),
-                        timeout=args.timeout)
-    if done.returncode != 0:
-        raise SystemExit(f"time_to_accuracy: recipe '{name}' failed (exit {done.returncode}):"
-                         f"\n{done.output[-4000:]}")
+                        timeout=args.timeout).check(f"recipe '{name}'", "time_to_accuracy")
     record = json.loads(report.read_text())
     record.update(peak_rss_mb=done.peak_rss_mb, wall_s=done.wall_s, cpu_s=done.cpu_s)
     return record

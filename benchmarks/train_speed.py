@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnist_pipeline.data.splits import Split, load_split, save_split, stratified_split
+from mnist_pipeline.data.splits import Split, load_raw, load_split, save_split, stratified_split
 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIAL = ROOT / "benchmarks" / "tutorial_mlp.py"
@@ -171,9 +171,9 @@ class Finished:
     cpu_s: float
     output: str
 
-    def check(self, what: str) -> Finished:
+    def check(self, what: str, program: str = "train_speed") -> Finished:
         if self.returncode != 0:
-            raise SystemExit(f"train_speed: {what} failed (exit {self.returncode}):\n"
+            raise SystemExit(f"{program}: {what} failed (exit {self.returncode}):\n"
                              f"{self.output[-4000:]}")
         return self
 
@@ -245,8 +245,6 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
     55,000 + 5,000. On the tutorial's split the stage does exactly the tutorial's work."""
     import numpy as np
 
-    from mnist_pipeline.data import idx
-
     npz = work / "keras_home" / "datasets" / "mnist.npz"
     npz.parent.mkdir(parents=True)
     if args.synthetic:
@@ -259,8 +257,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
         for name, (images, labels) in splits.items():
             save_split(processed, name, Split(images, labels))
     else:
-        arrays = {key: (idx.read_images if key.startswith("x") else idx.read_labels)(
-            args.raw / name) for key, name in RAW_FILES.items()}
+        arrays = raw_arrays(args.raw)
         processed = args.processed
     np.savez(npz, **arrays)  # the layout of Keras' own mnist.npz
     same = work / "processed-tutorial-split"
@@ -271,6 +268,14 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
             ("test", arrays["x_test"], arrays["y_test"])):
         save_split(same, name, Split(images, labels))
     return npz, processed, same
+
+
+def raw_arrays(raw: Path) -> dict[str, Any]:
+    """The four MNIST files in `raw` as Keras' `mnist.load_data` names them."""
+    train = load_raw(raw, RAW_FILES["x_train"], RAW_FILES["y_train"])
+    test = load_raw(raw, RAW_FILES["x_test"], RAW_FILES["y_test"])
+    return {"x_train": train.images, "y_train": train.labels,
+            "x_test": test.images, "y_test": test.labels}
 
 
 def split_sizes(processed: Path) -> dict[str, int]:
