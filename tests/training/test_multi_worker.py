@@ -116,3 +116,13 @@ def test_a_stalled_worker_fails_the_job_within_the_timeout(tmp_path):
             or "the step's all-reduce with the other workers failed" in stderr), stderr[-3000:]
     assert "Traceback" not in stderr
     assert _worker_pid(0) is None and _worker_pid(1) is None
+
+
+def test_the_worker_named_is_the_one_killed_not_the_chief_that_exited_after_it():
+    from mnist_pipeline.training.cluster import _cause
+
+    # The chief (0) exits with an error as soon as the killed worker (1) breaks its all-reduce;
+    # both ends may be seen in one poll.
+    assert _cause([1, -9], first=0) == 1
+    assert _cause([1, None], first=0) == 0
+    assert _cause([None, 2, 1], first=1) == 1

@@ -102,10 +102,11 @@ def run_local(argv: Sequence[str], workers: int, *, poll_s: float = 0.2) -> None
             codes = [process.poll() for process in processes]
             failed = [index for index, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                index = failed[0]
                 # The others fail on their own within seconds (their all-reduce breaks), so
                 # the chief ends its run FAILED; only then are the rest stopped.
                 _wait(processes, STOP_GRACE_S)
+                codes = [process.poll() for process in processes]
+                index = _cause(codes, failed[0])
                 _stop(processes)
                 tail = _tail(logs[index]) if index else ""
                 raise TrainingError(f"worker {index} of {workers} {_exit(codes[index])}; the "
@@ -120,6 +121,14 @@ def run_local(argv: Sequence[str], workers: int, *, poll_s: float = 0.2) -> None
     finally:
         for log in logs:
             log.close()
+
+
+def _cause(codes: list[int | None], first: int) -> int:
+    """The worker whose end failed the job: one killed by a signal, if any (the others'
+    all-reduce then breaks and they exit with an error, the chief as fast as the lost worker
+    is reaped), else the first seen failing."""
+    killed = [index for index, code in enumerate(codes) if code is not None and code < 0]
+    return killed[0] if killed else first
 
 
 def _wait(processes: list[subprocess.Popen], seconds: float) -> None:
