@@ -16,7 +16,7 @@ from mnist_pipeline import config
 from mnist_pipeline.config.compose import compose
 from mnist_pipeline.errors import ConfigError, ServerError
 
-SECTIONS = ["paths", "fetch", "preprocess", "model", "optimizer", "train", "runtime",
+SECTIONS = ["paths", "fetch", "preprocess", "corrupt", "model", "optimizer", "train", "runtime",
             "tracking", "evaluate", "gate"]
 
 

@@ -14,6 +14,7 @@ from .schema import (  # noqa: F401
     AdamConfig,
     CheckpointConfig,
     CNNConfig,
+    CorruptConfig,
     EarlyStoppingConfig,
     EvaluateConfig,
     FetchConfig,

@@ -19,6 +19,7 @@ from ..errors import ConfigError, ServerError
 from .schema import (
     EXPECTED,
     TYPE_ERRORS,
+    CorruptConfig,
     EvaluateConfig,
     Expect,
     FetchConfig,
@@ -39,6 +40,7 @@ SECTION_SCHEMAS: dict[str, Any] = {
     "paths": PathsConfig,
     "fetch": FetchConfig,
     "preprocess": PreprocessConfig,
+    "corrupt": CorruptConfig,
     "model": ModelConfig,          # one of MLPConfig, CNNConfig, RNNConfig, by `name`
     "optimizer": OptimizerConfig,  # one of SGDConfig, RMSpropConfig, AdamConfig, by `name`
     "train": TrainConfig,

@@ -106,6 +106,8 @@ class PathsConfig(Section):
     train_metrics: str
     train_history: str
     checkpoints: str
+    corrupted: str
+    corruption_examples: str
     eval_metrics: str
     eval_plots: str
     gate: str
@@ -171,6 +173,29 @@ class PreprocessConfig(Section):
     train_labels: str
     test_images: str
     test_labels: str
+
+
+# --- corrupt -------------------------------------------------------------------------------
+
+# The MNIST-C benchmark's corruptions (data.corruptions.CORRUPTIONS, in its order).
+CorruptionName = Literal["shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear",
+                         "scale", "rotate", "brightness", "translate", "stripe", "fog",
+                         "spatter", "dotted_line", "zigzag", "canny_edges"]
+
+
+class CorruptConfig(Section):
+    # With the corruption's name and the chunk's index, seeds each chunk of images: the suite
+    # is the same bytes on every run and machine.
+    seed: integer(0)
+    corruptions: Annotated[list[CorruptionName], Field(min_length=1),
+                           Expect("a non-empty list of MNIST-C corruption names")]
+
+    @field_validator("corruptions")
+    @classmethod
+    def _unique(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ConfigError("corrupt.corruptions", names, "each corruption named once")
+        return names
 
 
 # --- model ---------------------------------------------------------------------------------

@@ -87,11 +87,30 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     return train, val
 
 
-def save_split(processed_dir: str | os.PathLike[str], name: str, split: Split) -> Path:
+def save_split(processed_dir: str | os.PathLike[str], name: str, split: Split, *,
+               compress: bool = False) -> Path:
+    """`<processed_dir>/<name>.npz` (images, labels), atomically; the same bytes for the same
+    arrays (`write_npz`)."""
     path = Path(processed_dir) / f"{name}.npz"
-    with atomic_open(path, "wb") as fh:
-        np.savez(fh, images=split.images, labels=split.labels)
+    write_npz(path, {"images": split.images, "labels": split.labels}, compress=compress)
     return path
+
+
+# A fixed time stamp on every member: `np.savez` stamps the current time, so the same arrays
+# would give a different file (and a different DVC hash) on every run.
+ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], *,
+              compress: bool = False) -> None:
+    """An .npz archive (no pickles) that `np.load` reads, byte-identical for equal arrays."""
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    with atomic_open(path, "wb") as fh, zipfile.ZipFile(fh, "w", compression=method) as archive:
+        for key, array in arrays.items():
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=ZIP_TIME)
+            member.compress_type = method
+            with archive.open(member, "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def load_split(processed_dir: str | os.PathLike[str], name: str) -> Split:

@@ -112,12 +112,23 @@ _CELL_INCHES = 1.3
 _SUPTITLE_INCHES = 0.4
 
 
+def plot_corruption_examples(path: str | os.PathLike[str], clean: np.ndarray,
+                             corrupted: dict[str, np.ndarray], count: int = 8) -> None:
+    """One row per corruption (the clean digits first), the same `count` test digits in each."""
+    rows = {"clean": clean, **corrupted}
+    images = np.concatenate([np.asarray(row[:count]) for row in rows.values()])
+    titles = [name if i == 0 else "" for name in rows for i in range(count)]
+    _save_mosaic(path, images, titles, f"the corrupted test suite: {len(corrupted)} "
+                 f"corruptions of the same {count} test digits", cols=count)
+
+
 def _save_mosaic(path: str | os.PathLike[str], images: np.ndarray, titles: list[str],
-                 suptitle: str) -> None:
-    """Images in a square-ish grid, each titled, drawn as ONE image on one Axes: a subplot
-    per digit made this plot take ~1.2 s (36 Axes laid out and rendered); this takes ~0.2."""
+                 suptitle: str, cols: int | None = None) -> None:
+    """Images in a grid (square-ish unless `cols` is given), each titled, drawn as ONE image
+    on one Axes: a subplot per digit made this plot take ~1.2 s (36 Axes laid out and
+    rendered); this takes ~0.2."""
     count, height, width = images.shape
-    cols = math.ceil(math.sqrt(count))
+    cols = cols or math.ceil(math.sqrt(count))
     rows = math.ceil(count / cols)
     cell_w, cell_h = width + 2 * _CELL_PAD, height + _CELL_TITLE + _CELL_PAD
     canvas = np.zeros((rows * cell_h, cols * cell_w), dtype=images.dtype)
