@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: score the model on the official test set and gate its promotion.
+"""DVC stage `evaluate`: score the model on the official test set and the corrupted suite,
+and gate its promotion.
 
 Registers the model as a new version of `tracking.registered_model`; only a candidate that
 passes every gate rule moves the `champion` alias. A rejection is a normal outcome (the
@@ -30,9 +31,13 @@ def main(cfg: DictConfig) -> None:
         gc.freeze()  # the ~600k objects TensorFlow creates at import: out of every collection
         store.silence()
         decision = promotion.evaluate(paths, eval_cfg, gate_cfg, tracking_cfg)
-        s = decision.scores
+        s, shift = decision.scores, decision.shift
+        worst, worst_accuracy = shift.worst
         print(f"evaluate: test accuracy {s.accuracy:.4f}, loss {s.loss:.4f}, "
-              f"macro F1 {s.macro_f1:.4f} (wrote {paths.eval_metrics}, {paths.gate})")
+              f"macro F1 {s.macro_f1:.4f}; corrupted mean {shift.mean_accuracy:.4f} (worst "
+              f"{worst} {worst_accuracy:.4f}, {decision.shift_seconds:.1f} s); ECE "
+              f"{shift.clean.ece:.4f} calibrated, {shift.clean.ece_raw:.4f} raw "
+              f"(wrote {paths.eval_metrics}, {paths.gate})")
         print(decision.line)
         if gate_cfg.fail_on_reject and not decision.verdict.passed:
             raise PipelineError("candidate rejected and gate.fail_on_reject is set")

@@ -21,8 +21,8 @@ from .config.loading import checkout_section
 from .errors import DataError, PromotionError, ReviewError, TrackingError, describe_error, reported
 
 PROG = "mnist-pipeline"
-COLUMNS = ("#", "time (UTC)", "outcome", "version", "champion", "p-value", "by", "commit",
-           "experiment", "reason")
+COLUMNS = ("#", "time (UTC)", "outcome", "version", "champion", "p-value", "level", "by",
+           "commit", "experiment", "reason")
 REASON_CHARS = 70
 
 
@@ -89,7 +89,8 @@ def _history(args: argparse.Namespace) -> int:
     from .tracking import history
 
     name, _ = _connect(args.model)
-    entries = history.entries(name)[::-1]
+    recorded = history.entries(name)  # oldest first
+    entries = recorded[::-1]
     if args.limit:
         entries = entries[:args.limit]
     if args.json:
@@ -98,7 +99,21 @@ def _history(args: argparse.Namespace) -> int:
         print(f"{name}: no decisions recorded yet (the evaluate stage records each one)")
     else:
         print(table(entries))
+        print()
+        print(budgets(recorded, checkout_section("gate").alpha))
     return 0
+
+
+def budgets(entries: list[dict[str, Any]], alpha: float) -> str:
+    """What is left of each test set's false-promotion budget (oldest entries first)."""
+    from .evaluation import reuse
+
+    test_sets = list(dict.fromkeys(reuse.test_set(entry) for entry in entries
+                                   if entry.get("action") == "gate"))
+    lines = [f"test set {sha[:12]}…: "
+             f"{reuse.budget(reuse.decisions_on(entries, sha), alpha).describe()}"
+             for sha in test_sets if sha]
+    return "\n".join(lines) or "no gate decisions yet: the whole budget is unspent"
 
 
 def table(entries: list[dict[str, Any]]) -> str:
@@ -112,7 +127,7 @@ def table(entries: list[dict[str, Any]]) -> str:
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
     before, after = entry.get("champion_before"), entry.get("champion_after")
     champion = _v(after) if before == after else f"{_v(before)} -> {_v(after)}"
-    p_value = entry.get("p_value")
+    p_value, level = entry.get("p_value"), entry.get("level")
     commit = (entry.get("git_commit") or "")[:8] + ("+dirty" if entry.get("git_dirty") else "")
     reason = " ".join(str(entry.get("reason", "")).split())
     if len(reason) > REASON_CHARS:
@@ -120,6 +135,7 @@ def _row(entry: dict[str, Any]) -> tuple[str, ...]:
     return (str(entry.get("seq", "")), str(entry.get("time", "")).replace("T", " ").rstrip("Z"),
             str(entry.get("outcome", "")), _v(entry.get("candidate")), champion,
             "" if p_value is None else f"{p_value:.3g}",
+            "" if level is None or p_value is None else f"{level:.3g}",
             f"{entry.get('user', '?')}@{entry.get('host', '?')}", commit or "-",
             entry.get("dvc_experiment") or "-", reason)
 

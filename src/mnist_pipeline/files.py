@@ -61,6 +61,14 @@ def write_json(target: str | os.PathLike[str], obj: Any) -> None:
     write_text(target, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
+def rounded(value: float) -> float:
+    """A metric for a JSON file: 6 significant decimals; NaN stays NaN (`write_json` makes it
+    null)."""
+    import math
+
+    return round(float(value), 6) if math.isfinite(value) else math.nan
+
+
 def json_safe(obj: Any) -> Any:
     """`obj` with NaN/inf floats as None and numpy scalars/arrays as plain Python values.
 

@@ -226,16 +226,21 @@ def test_cnn_blocks_must_leave_an_image_to_pool():
 
 
 # The train section of the default config exactly as the dataclass schema flattened it: the
-# MLflow params and config digest of a run with the same config must not change.
+# MLflow params and config digest of a run with the same config must not change (they did
+# once, when `augmentation.*` and `calibration.*` were added).
 DEFAULT_TRAIN_PARAMS = {
     "batch_size": 128, "epochs": 20, "seed": 42, "loss": "categorical_crossentropy",
-    "label_smoothing": 0.0, "shuffle": True, "augment": False, "early_stopping.enabled": False,
+    "label_smoothing": 0.0, "shuffle": True, "augment": False,
+    "augmentation.translate": 0.1, "augmentation.rotate": 0.05, "augmentation.zoom": 0.1,
+    "augmentation.shear": 0.0, "augmentation.noise": 0.0, "augmentation.blur": 0.0,
+    "augmentation.contrast": 0.0, "augmentation.erase": 0.0, "early_stopping.enabled": False,
     "early_stopping.monitor": "val_loss", "early_stopping.patience": 5,
     "early_stopping.min_delta": 0.0, "early_stopping.restore_best_weights": True,
     "lr_schedule.name": "constant", "lr_schedule.warmup_epochs": 0,
     "lr_schedule.min_factor": 0.0, "lr_schedule.factor": 0.5, "lr_schedule.step_epochs": 10,
     "lr_schedule.patience": 3, "checkpoint.enabled": True, "checkpoint.every_epochs": 1,
-    "checkpoint.resume": False, "verbose": 2,
+    "checkpoint.resume": False, "calibration.temperature_scaling": True,
+    "calibration.selective_accuracy": 0.999, "verbose": 2,
 }
 
 

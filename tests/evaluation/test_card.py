@@ -10,8 +10,10 @@ import re
 import numpy as np
 import pytest
 
-from mnist_pipeline.evaluation import card, plots
+from mnist_pipeline.evaluation import card, plots, reuse
+from mnist_pipeline.evaluation.robustness import Shift
 from mnist_pipeline.evaluation.scores import score, wilson_interval
+from mnist_pipeline.training.calibration import Calibration
 
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Statistics in
@@ -39,7 +41,23 @@ def test_wilson_interval_edges():
         wilson_interval(5, 4)
 
 
-def _facts(tmp_path, passed: bool = True) -> card.Facts:
+FITTED = Calibration(temperature=0.5, threshold=0.9, target_selective_accuracy=0.999,
+                     val_images=5000, val_sha256="v" * 64, val_nll_before=0.3,
+                     val_nll_after=0.2, val_ece_before=0.08, val_ece_after=0.004,
+                     val_coverage=0.97)
+
+
+def _shift(labels: np.ndarray, probabilities: np.ndarray) -> Shift:
+    """Two corruptions: `fog` loses every eight and five, `translate` nothing."""
+    fogged = probabilities.copy()
+    hit = np.isin(labels, (5, 8))
+    fogged[hit] = 0.1
+    fogged[hit, 0] = 0.1 + 1e-3  # a wrong, unsure answer
+    return Shift.measure(probabilities, np.stack([fogged, probabilities]), labels,
+                         ["fog", "translate"], "s" * 64, FITTED)
+
+
+def _facts(tmp_path, passed: bool = True, params: dict | None = None) -> card.Facts:
     labels = np.repeat(np.arange(10), 50).astype(np.uint8)
     probabilities = np.full((500, 10), 0.01, np.float32)
     predicted = labels.copy()
@@ -58,12 +76,15 @@ def _facts(tmp_path, passed: bool = True) -> card.Facts:
                           "threshold": "a" * 64, "detail": "matches <the training run's>"}]}
     return card.Facts(
         registered_model="mnist-classifier", version="3", run_id="abc123",
-        params={"model.name": "cnn", "optimizer.learning_rate": "0.001", "train.epochs": "5",
-                "runtime.precision": "float32"},
+        params=params or {"model.name": "cnn", "optimizer.learning_rate": "0.001",
+                          "train.epochs": "5", "runtime.precision": "float32"},
         tags={"data.sha256": "d" * 64, "data.test_sha256": "t" * 64,
               "mlflow.source.git.commit": "c0ffee", "git.dirty": "true",
               "dvc.experiment": "wider-cnn", "dvc.dep.data/processed": "f00d.dir"},
-        scores=scores, test_sha256="t" * 64, verdict=verdict, champion_before="1",
+        scores=scores, shift=_shift(labels, probabilities),
+        champion_corrupted={"fog": 0.9, "translate": 0.95},
+        budget=reuse.budget([False, True], 0.05),
+        test_sha256="t" * 64, verdict=verdict, champion_before="1",
         champion_after="3" if passed else "1",
         pictures={"Confusion matrix (test set)": tmp_path / "confusion.png",
                   "Recall per class (test set)": tmp_path / "class_recall.png"})
@@ -105,3 +126,38 @@ def test_the_html_card_is_self_contained(tmp_path):
     for source, name in zip(sources, ("confusion.png", "class_recall.png")):
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1]) == (tmp_path / name).read_bytes()
+
+
+def test_the_card_reports_corrupted_suite_calibration_and_abstention(tmp_path):
+    params = {"model.name": "cnn", "train.augment": "True", "train.augmentation.rotate": "0.05",
+              "train.augmentation.noise": "0.2", "train.augmentation.blur": "0.0"}
+    md_path, _ = card.write(tmp_path, _facts(tmp_path, params=params))
+    text = md_path.read_text()
+    # fog: 400 of 500 right (the 100 fives and eights lost); translate: as clean (483).
+    assert "## Robustness: the corrupted test suite" in text
+    assert "Mean corruption accuracy 0.8830 (the champion before this evaluation: 0.9250)" in text
+    assert "worst: fog (0.8000)" in text
+    assert "| fog | 0.8000 | 0.9000 | -0.1000 |" in text
+    assert "| translate | 0.9660 | 0.9500 | +0.0160 |" in text
+    assert "## Calibration" in text and "Temperature 0.5, fitted on the 5000 validation" in text
+    assert "| clean test set |" in text and "| corrupted suite |" in text
+    assert "## Abstention" in text and "below 0.9000 are marked unsure" in text
+    assert "rotate 0.05 resembles rotate; noise 0.2 resembles shot noise and impulse noise" in text
+    assert "blur" not in text.split("Training augmented")[1].split(".")[0]  # 0: not used
+    assert "None of the suite's corruption functions or images was used in training" in text
+    assert "weakest on fog (0.800), translate (0.966)" in text
+
+
+def test_the_card_without_augmentation_or_calibration_says_so(tmp_path):
+    facts = _facts(tmp_path)
+    from dataclasses import replace
+
+    from mnist_pipeline.training.calibration import IDENTITY
+    labels = np.repeat(np.arange(10), 50).astype(np.uint8)
+    bare = Shift.measure(np.eye(10)[labels], np.stack([np.eye(10)[labels]]), labels, ["fog"],
+                         "s" * 64, IDENTITY)
+    text = card.markdown(card.build(replace(facts, shift=bare, champion_corrupted=None)))
+    assert "Training used no augmentation" in text
+    assert "No calibration was fitted for this model" in text
+    assert "No abstention threshold: every answer stands." in text
+    assert "| fog | 1.0000 |  |  |" in text

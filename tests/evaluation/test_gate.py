@@ -15,8 +15,11 @@ from mnist_pipeline.evaluation.gate import Candidate, Champion, decide, summary_
 N = 1000
 SHA = "a" * 64
 OTHER_SHA = "b" * 64
+# The rules on clean test images alone: the robustness, calibration and reuse rules have
+# their own tests (test_gate_shift.py, test_reuse.py).
 GATE = dict(min_accuracy=0.95, min_class_recall=0.90, min_improvement=0.0,
-            require_significance=True, alpha=0.05)
+            require_significance=True, alpha=0.05, reuse=False, robustness_margin=None,
+            max_ece=None)
 CFG = test_config.section("gate", **GATE)
 
 

@@ -10,6 +10,7 @@ from helpers import config as test_config
 from helpers import repo
 from helpers.digits import ROOT, synthetic_digits
 
+from mnist_pipeline.data import corruptions, suite
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.evaluation import promotion
 from mnist_pipeline.files import sha256_file
@@ -23,6 +24,9 @@ def workspace(tmp_path, monkeypatch):
     """Processed synthetic splits, a private store, and the repo root at tmp_path."""
     for name, n, seed in (("train", 400, 1), ("val", 100, 2), ("test", 300, 3)):
         save_split(tmp_path / "processed", name, Split(*synthetic_digits(n, seed)))
+    test = Split(*synthetic_digits(300, 3))
+    suite.save(tmp_path / "corrupted",
+               corruptions.generate(test.images, ["fog", "translate"], seed=0), test, seed=0)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -31,7 +35,8 @@ def workspace(tmp_path, monkeypatch):
 
 def _paths(root, name: str):
     return test_config.values(
-        "paths", processed=str(root / "processed"), model=str(root / name / "model.keras"),
+        "paths", processed=str(root / "processed"), corrupted=str(root / "corrupted"),
+        model=str(root / name / "model.keras"),
         run=str(root / name / "run.json"), train_metrics=str(root / name / "train.json"),
         train_history=str(root / name / "history.csv"),
         eval_metrics=str(root / name / "evaluate.json"), eval_plots=str(root / name / "plots"),
@@ -48,7 +53,10 @@ def _train(root, name: str, *, epochs: int, optimizer: dict, seed: int = 1):
 
 GOOD = {"epochs": 4, "optimizer": {"name": "adam", "learning_rate": 0.003}}
 WEAK = {"epochs": 1, "optimizer": {"name": "sgd", "learning_rate": 0.0005}}
-LENIENT = {"min_accuracy": 0.0, "min_class_recall": 0.0}
+# The robustness and calibration rules run, with bounds these models always meet (their own
+# tests are in test_gate_shift.py); each decision is tested at alpha.
+LENIENT = {"min_accuracy": 0.0, "min_class_recall": 0.0, "max_ece": 1.0,
+           "robustness_margin": 1.0, "reuse": False}
 
 
 def _evaluate(paths, **gate):
@@ -66,7 +74,7 @@ def test_first_candidate_becomes_champion_then_a_worse_one_is_rejected(workspace
     assert report["passed"] is True and report["champion_version_before"] is None
     assert {r["name"] for r in report["rules"]} == {
         "test_set_nonempty", "metrics_present", "test_data_matches_training", "min_accuracy",
-        "min_class_recall", "pyfunc_smoke_test"}
+        "min_class_recall", "pyfunc_smoke_test", "calibrated"}
     assert str(champion("mnist-classifier").version) == "1"
     for name in ("confusion.csv", "class_recall.csv", "confusion.png", "misclassified.png"):
         assert (workspace / "good/plots" / name).stat().st_size > 0
@@ -110,9 +118,17 @@ def test_evaluating_the_same_model_twice_registers_one_version(workspace):
 
 @pytest.mark.slow
 def test_test_data_differing_from_training_is_refused(workspace):
+    from mnist_pipeline.errors import DataError
+
     good = _train(workspace, "good", **GOOD)
-    images, labels = synthetic_digits(300, seed=99)
-    save_split(workspace / "processed", "test", Split(images, labels))
+    other = Split(*synthetic_digits(300, seed=99))
+    save_split(workspace / "processed", "test", other)
+    # The corrupted suite was made from the old test split: one line saying what to rerun.
+    with pytest.raises(DataError, match="made from test split .*; rerun: dvc repro corrupt"):
+        _evaluate(good)
+    # As `dvc repro` would: the suite made again from the new test split, then the gate.
+    suite.save(workspace / "corrupted",
+               corruptions.generate(other.images, ["fog"], seed=0), other, seed=0)
     decision = _evaluate(good)
     assert not decision.verdict.passed
     assert decision.verdict.failed()[0].name == "test_data_matches_training"

@@ -62,7 +62,7 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
     assert re.search(r"Unchanged: \d+ in `metrics/data.json`", text)  # the same data
     gate = text.split("### Gate verdict")[1].split("###")[0]
     assert re.search(r"- Experiment `one-epoch`: \*\*(PASSED|REJECTED)\*\* v\d+: \S", gate)
-    assert "- `main`: **PASSED** v1: passed all 6 rules (no champion yet)" in gate
+    assert "- `main`: **PASSED** v1: passed all 7 rules (no champion yet)" in gate
     plots = text.split("### Plots")[1]
     for plot in ("plots/train_history.csv", "plots/evaluate/confusion.csv",
                  "plots/evaluate/confusion.png", "plots/evaluate/class_recall.png"):

@@ -1,6 +1,7 @@
 """A tiny tracking store with a `champion`, built with the pipeline's own code.
 
-`build` saves the splits with `save_split`, trains a small MLP with `job.train`,
+`build` saves the splits with `save_split` and two corruptions of the test split as the
+corrupted suite, trains a small MLP with `job.train`,
 writes the train stage's outputs, runs `promotion.evaluate` with a lenient gate (so the
 model becomes `champion`), and logs a sweep: a parent run with two nested trials. The
 store lives in `root` exactly as the pipeline lays it out, beside the composed params.yaml
@@ -23,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from helpers import config as test_config
 from mnist_pipeline import config
 from mnist_pipeline.config.loading import tracking_config
+from mnist_pipeline.data import corruptions, suite
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.errors import ServerError
 from mnist_pipeline.serve import imaging
@@ -69,6 +71,10 @@ def build(root: Path, splits: dict[str, Split], *, epochs: int = 3,
         processed = root / "data" / "processed"
         for name, split in splits.items():
             save_split(processed, name, split)
+        paths_cfg = test_config.values("paths")
+        suite.save(root / paths_cfg["corrupted"],
+                   corruptions.generate(splits["test"].images, ["fog", "translate"], seed=0),
+                   splits["test"], seed=0)
         train_job = test_config.train_job(
             paths={key: str(root / value) for key, value in test_config.values("paths").items()},
             model={"name": "mlp", "hidden_units": list(hidden_units)},
@@ -80,7 +86,8 @@ def build(root: Path, splits: dict[str, Split], *, epochs: int = 3,
         outcome = job.train(train_job, run_name=run_name)
         job.write_outputs(outcome, paths)
         lenient = test_config.section("gate", min_accuracy=0.0, min_class_recall=0.0,
-                                      require_significance=False)
+                                      require_significance=False, max_ece=None,
+                                      robustness_margin=None)
         decision = promotion.evaluate(paths, test_config.section("evaluate", batch_size=256,
                                                                  misclassified_grid=4),
                                       lenient, tracking_cfg)

@@ -213,3 +213,68 @@ def test_quick_experiment_report_has_every_run_and_the_medians(quick_experiment)
     assert "store opened): 6.50 s median; `python -c pass`: 0.02 s" in text
     header = lines[0].splitlines()[0].split()
     assert header[:3] == ["run", "wall", "s"] and "evaluate" in header
+
+
+# --- benchmarks/robustness.py ----------------------------------------------------------------
+
+ROBUSTNESS_SCRIPT = ROOT / "benchmarks" / "robustness.py"
+
+
+@pytest.fixture(scope="module")
+def robustness():
+    yield from _benchmark_module(ROBUSTNESS_SCRIPT)
+
+
+def test_corrupt_benchmark_arguments_are_validated(robustness, capsys):
+    with pytest.raises(SystemExit):
+        robustness.parse_args(["--recipes", "nope"])
+    assert "--recipes: unknown ['nope']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        robustness.parse_args(["--max-epochs", "-2"])
+    assert "--max-epochs: got -2" in capsys.readouterr().err
+    assert robustness.overrides("fast", 1) == ["experiment=fast", "train.epochs=1",
+                                               "train.verbose=0"]
+    assert robustness.overrides("mlp", 0) == ["train.verbose=0"]
+
+
+def test_corrupt_benchmark_report_compares_each_recipe_with_fast(robustness):
+    def result(clean, per):
+        return {"train_s": 30.0, "epochs": 3, "clean": clean,
+                "mean_corrupted": sum(per.values()) / len(per),
+                "worst": min(per.items(), key=lambda item: item[1]), "per_corruption": per,
+                "temperature": 1.1, "threshold": 0.98, "ece_raw": 0.02, "ece": 0.004,
+                "corrupted_ece_raw": 0.1, "corrupted_ece": 0.08, "coverage": 0.95,
+                "selective": 0.999, "corrupted_coverage": 0.6, "corrupted_selective": 0.98,
+                "shift_s": 9.0}
+
+    text = robustness.report({"fast": result(0.99, {"fog": 0.7, "zigzag": 0.9}),
+                              "robust": result(0.995, {"fog": 0.95, "zigzag": 0.85})})
+    assert "robust against fast: mean corruption accuracy +0.1000, better on 1 of 2 " \
+           "corruptions; clean +0.0050" in text
+    assert "fog 0.700" in text  # fast's worst corruption
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+    assert rows["fog"][1:] == ["0.7000", "0.9500"] and rows["zigzag"][1:] == ["0.9000", "0.8500"]
+
+
+@pytest.mark.slow
+def test_corrupt_benchmark_trains_and_scores_on_synthetic_digits(tmp_path):
+    from mnist_pipeline.data import corruptions, suite
+    from helpers.digits import synthetic_digits
+
+    processed, corrupted = tmp_path / "processed", tmp_path / "corrupted"
+    for name, n, seed in (("train", 600, 1), ("val", 200, 2), ("test", 200, 3)):
+        save_split(processed, name, Split(*synthetic_digits(n, seed)))
+    test = Split(*synthetic_digits(200, 3))
+    suite.save(corrupted, corruptions.generate(test.images, ["fog", "stripe"], 0), test, 0)
+    report = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(ROBUSTNESS_SCRIPT), "--recipes", "fast", "mlp",
+                           "--max-epochs", "2", "--processed", str(processed), "--corrupted",
+                           str(corrupted), "--json", str(report)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "mlp against fast: mean corruption accuracy" in done.stdout
+    results = json.loads(report.read_text())["results"]
+    for record in results.values():
+        assert record["epochs"] == 2 and 0 <= record["clean"] <= 1
+        assert set(record["per_corruption"]) == {"fog", "stripe"}
+        assert record["temperature"] > 0 and 0 <= record["coverage"] <= 1

@@ -25,21 +25,38 @@ def _client(path):
     return MlflowClient(tracking_uri=repo.store(path))
 
 
+def rule_passed(path, name: str) -> bool:
+    rules = json.loads((path / "gate.json").read_text())["rules"]
+    return next(rule for rule in rules if rule["name"] == name)["passed"]
+
+
 def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     done = repo.run(["dvc", "repro"], pipeline)
-    for stage in ("fetch", "preprocess", "train", "champion", "evaluate"):
+    stages = {"fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
+    for stage in stages:
         assert f"Running stage '{stage}'" in done.stdout
     assert "gate: PASSED" in done.stdout
     lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"fetch", "preprocess", "train", "champion", "evaluate"}
+    assert set(lock["stages"]) == stages
     assert json.loads((pipeline / "gate.json").read_text())["champion_version"] == "1"
     report = json.loads((pipeline / "metrics/data.json").read_text())
     assert (report["train"]["count"], report["val"]["count"], report["test"]["count"]) == (500, 100, 200)
 
     metrics = json.loads(repo.run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
     shown = json.dumps(metrics)
-    for key in ("test_accuracy", "final_val_accuracy", "class_counts", "passed"):
+    for key in ("test_accuracy", "final_val_accuracy", "class_counts", "passed",
+                "corrupted_mean_accuracy", "corrupted_worst", "ece_uncalibrated",
+                "selective_accuracy", "temperature"):
         assert key in shown
+    evaluated = json.loads((pipeline / "metrics/evaluate.json").read_text())
+    assert len(evaluated["corrupted_accuracy"]) == 15
+    assert 0 < evaluated["clean"]["coverage"] <= 1
+    for plot in ("corruption_accuracy.png", "corruption_accuracy.csv", "reliability.png",
+                 "reliability.csv", "model_card.md"):
+        assert (pipeline / "plots/evaluate" / plot).stat().st_size > 0, plot
+    assert "## Robustness: the corrupted test suite" in \
+        (pipeline / "plots/evaluate/model_card.md").read_text()
+    assert (pipeline / "plots/corruptions.png").stat().st_size > 0
     # Hydra never leaves its folders in the repository.
     assert not (pipeline / "outputs").exists() and not list(pipeline.rglob(".hydra"))
     client = _client(pipeline)
@@ -54,7 +71,15 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     again = repo.run(["dvc", "repro"], pipeline)
     assert "Running stage 'train'" not in again.stdout
     assert "Running stage 'evaluate'" not in again.stdout
+    assert "Running stage 'corrupt'" not in again.stdout
     assert len(client.search_model_versions("name = 'mnist-classifier'")) == 1
+    # The train stage fitted a calibration, which the served model applies (the gate's smoke
+    # test compared it with the calibrated Keras outputs); evaluate recorded per-image outcomes.
+    fitted = json.loads((pipeline / "models/run.json").read_text())["calibration"]
+    assert fitted["temperature"] > 0 and fitted["val_images"] == 100
+    assert rule_passed(pipeline, "pyfunc_smoke_test")
+    assert "evaluation/outcomes.npz" in [a.path for a in client.list_artifacts(
+        champion.run_id, "evaluation")]
 
 
 def test_queued_grid_runs_every_experiment_into_the_root_store(pipeline):

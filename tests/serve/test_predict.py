@@ -18,7 +18,7 @@ from mnist_pipeline.serve import predict
 from mnist_pipeline.tracking import logged_models
 
 pytestmark = pytest.mark.xdist_group("predict")
-LINE = re.compile(r"^(?P<file>.+): (?P<digit>\d) \((?P<probability>[01]\.\d{3})\)$")
+LINE = re.compile(r"^(?P<file>.+): (?P<digit>\d) \((?P<probability>[01]\.\d{3})(, unsure)?\)$")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,31 @@ def test_a_missing_model_is_one_clear_error(in_repo, pictures, capsys):
     err = capsys.readouterr().err
     assert "mnist-predict: error: models:/mnist-classifier@nobody:" in err
     assert "Traceback" not in err
+
+
+def test_abstain_marks_unsure_answers_and_still_gives_them():
+    row = np.full(10, 0.05, np.float32)
+    row[3] = 0.55
+    assert predict.answer("smudge.png", row, 0.9) == "smudge.png: 3 (0.550, unsure)"
+    assert predict.answer("smudge.png", row, 0.5) == "smudge.png: 3 (0.550)"
+    assert predict.answer("smudge.png", row, 0.0) == "smudge.png: 3 (0.550)"  # no threshold
+
+
+@pytest.mark.slow
+def test_abstain_threshold_and_temperature_travel_with_the_model_version(in_repo):
+    """The version's pyfunc applies the temperature the train stage fitted on validation and
+    knows its abstention threshold."""
+    import json
+
+    from mnist_pipeline.training import calibration
+
+    model = logged_models.load_pyfunc(f"models:/mnist-classifier/{in_repo.version}")
+    fitted = json.loads((in_repo.root / "models/run.json").read_text())["calibration"]
+    assert model.threshold == pytest.approx(fitted["threshold"])
+    assert fitted["temperature"] != 1.0
+    raw = np.asarray(in_repo.model.predict(in_repo.test.images, verbose=0))
+    np.testing.assert_allclose(model.predict(in_repo.test.images),
+                               calibration.scale(raw, fitted["temperature"]), atol=1e-5)
 
 
 def test_no_model_is_loaded_when_no_file_converts(tmp_path, monkeypatch, capsys):

@@ -12,6 +12,8 @@ from .loading import (  # noqa: F401
 )
 from .schema import (  # noqa: F401
     AdamConfig,
+    AugmentationConfig,
+    CalibrationConfig,
     CheckpointConfig,
     CNNConfig,
     CorruptConfig,

@@ -327,6 +327,35 @@ class CheckpointConfig(Section):
     resume: bool
 
 
+class AugmentationConfig(Section):
+    """What `train.augment` applies to each training image, each op with random strength up
+    to its value (0: off). Generic augmentation only: it never uses the corrupted suite."""
+
+    # Affine: shift (fraction of the image), rotation (fraction of a full turn), zoom
+    # (fraction of the size, in and out), shear (fraction of the image per its height).
+    translate: Fraction
+    rotate: Fraction
+    zoom: Annotated[float, Field(ge=0, lt=1), Expect("a number in [0, 1)")]
+    shear: Fraction
+    # Photometric: Gaussian pixel noise (its largest standard deviation, pixel range 1),
+    # Gaussian blur (largest sigma, pixels), contrast (the largest share of the range
+    # taken away, the background lifted by up to as much), erasing (the share of images
+    # with one random rectangle filled with one random grey).
+    noise: Fraction
+    blur: Annotated[float, Field(ge=0, le=3), Expect("a number in [0, 3] (pixels)")]
+    contrast: Fraction
+    erase: Fraction
+
+
+class CalibrationConfig(Section):
+    # After training, on the validation split: fit a temperature to the model's outputs
+    # (false: 1.0, the raw softmax is served)...
+    temperature_scaling: bool
+    # ...and choose the confidence below which answers are marked "unsure": the lowest
+    # at which the answered validation images are this accurate.
+    selective_accuracy: Annotated[float, Field(gt=0, le=1), Expect("a number in (0, 1]")]
+
+
 class TrainConfig(Section):
     batch_size: integer(1, 65536)
     epochs: integer(1, 10000)
@@ -336,11 +365,14 @@ class TrainConfig(Section):
     # certainty on every training image. 0: plain one-hot targets (the tutorial).
     label_smoothing: OpenFraction
     shuffle: bool
-    # Random shifts/rotations of training images (off for the tutorial).
+    # Random shifts/rotations of training images (off for the tutorial), and more: see
+    # `augmentation`.
     augment: bool
+    augmentation: AugmentationConfig
     early_stopping: EarlyStoppingConfig
     lr_schedule: LRScheduleConfig
     checkpoint: CheckpointConfig
+    calibration: CalibrationConfig
     verbose: Literal[0, 1, 2]
 
     @model_validator(mode="after")
@@ -424,8 +456,18 @@ class GateConfig(Section):
     min_class_recall: Fraction
     # A challenger must beat the champion's test accuracy by at least this much...
     min_improvement: Fraction
-    # ...and, when on, McNemar's exact test on the same images must reject "no difference".
+    # ...and, when on, McNemar's exact test on the same images must reject "no difference"...
     require_significance: bool
+    # ...at this level; with `reuse`, this is the chance of any false promotion over every
+    # decision on one test set, spent decision by decision (evaluation.reuse).
     alpha: Factor
+    reuse: bool
+    # Robustness non-inferiority on the corrupted suite: the candidate's mean corruption
+    # accuracy may be at most this far below the champion's (one-sided 95% bound, paired by
+    # image). null: no robustness rule.
+    robustness_margin: Fraction | None
+    # Ceiling on the test set's expected calibration error after temperature scaling.
+    # null: no calibration rule.
+    max_ece: Fraction | None
     # Exit non-zero on a rejected candidate (for CI pipelines that must stop).
     fail_on_reject: bool

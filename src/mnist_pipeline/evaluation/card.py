@@ -20,12 +20,20 @@ import numpy as np
 
 from ..files import write_text
 from ..tracking import runs
+from .reuse import Budget
+from .robustness import Confidence, Shift
 from .scores import Scores, wilson_interval
 
 CARD_MD = "model_card.md"
 CARD_HTML = "model_card.html"
 CONFIG_SECTIONS = ("model.", "optimizer.", "train.")
 WEAKEST = 3  # classes named under the limits
+# Which corruptions of the suite each kind of training augmentation resembles (none of them
+# is one of the suite's corruptions: training never sees the suite's functions or images).
+RESEMBLES = {"translate": "translate", "rotate": "rotate", "zoom": "scale", "shear": "shear",
+             "noise": "shot noise and impulse noise", "blur": "glass blur and motion blur",
+             "contrast": "brightness and fog",
+             "erase": "spatter, stripe, dotted line and zigzag (occlusion)"}
 
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", alt, path)
 
@@ -39,6 +47,9 @@ class Facts:
     params: Mapping[str, str]   # the training run's params (model.*, optimizer.*, train.*)
     tags: Mapping[str, str]     # the training run's tags: data hashes, dvc.lock, git
     scores: Scores
+    shift: Shift                # the corrupted suite, calibration and abstention
+    champion_corrupted: Mapping[str, float] | None  # the champion's accuracy per corruption
+    budget: Budget              # the decisions made on this test set before this one
     test_sha256: str
     verdict: Mapping[str, Any]  # gate.Verdict.to_dict()
     champion_before: str | None
@@ -76,9 +87,12 @@ def build(facts: Facts) -> list[Block]:
         ("table", ("class", "recall", "95% CI", "test images"), _recall_rows(s)),
         ("h2", "Intended use and limits"),
         *[("p", text) for text in _limits(s)],
+        *[("p", text) for text in _shift_limits(facts)],
+        *_robustness(facts),
+        *_calibration(facts.shift),
         ("h2", "Gate verdict"),
         ("p", f"{'PASSED' if verdict['passed'] else 'REJECTED'}: {verdict['reason']}. "
-              f"McNemar p-value: {_p(verdict.get('p_value'))}."),
+              f"McNemar p-value: {_p(verdict.get('p_value'))}. {_reuse(verdict, facts.budget)}"),
         ("table", ("rule", "passed", "value", "threshold", "detail"),
          [(r["name"], "yes" if r["passed"] else "NO", _value(r["value"]),
            _value(r["threshold"]), r["detail"]) for r in verdict["rules"]]),
@@ -92,6 +106,104 @@ def build(facts: Facts) -> list[Block]:
         *[("img", caption, path) for caption, path in facts.pictures.items()],
     ]
     return blocks
+
+
+def _robustness(facts: Facts) -> list[Block]:
+    shift, champion = facts.shift, facts.champion_corrupted
+    worst, worst_accuracy = shift.worst
+    rows = []
+    for name, value in shift.accuracy.items():
+        theirs = None if champion is None else champion.get(name)
+        rows.append((name.replace("_", " "), f"{value:.4f}",
+                     "" if theirs is None else f"{theirs:.4f}",
+                     "" if theirs is None else f"{value - theirs:+.4f}"))
+    versus = ""
+    if champion:
+        theirs = float(np.mean(list(champion.values())))
+        versus = f" (the champion before this evaluation: {theirs:.4f})"
+    return [
+        ("h2", "Robustness: the corrupted test suite"),
+        ("p", f"Mean corruption accuracy {shift.mean_accuracy:.4f}{versus} over the "
+              f"{len(shift.names)} corruptions of MNIST-C (Mu & Gilmer 2019), each applied "
+              f"to all {shift.correct.shape[1]} test images at the benchmark's severity; worst: "
+              f"{worst.replace('_', ' ')} ({worst_accuracy:.4f}). Suite SHA-256 "
+              f"{shift.suite_sha256[:12]}…; never trained on."),
+        ("table", ("corruption", "accuracy", "champion", "difference"), rows),
+    ]
+
+
+def _calibration(shift: Shift) -> list[Block]:
+    fitted = shift.calibration
+    if fitted.val_images:
+        how = (f"Temperature {fitted.temperature:.4g}, fitted on the {fitted.val_images} "
+               "validation images (never the test set): served probabilities are "
+               f"softmax(log p / {fitted.temperature:.4g}).")
+        abstain = (f"Answers whose calibrated confidence is below {fitted.threshold:.4f} are "
+                   "marked unsure (they are still given): the lowest threshold at which the "
+                   "answered validation images reached the target selective accuracy of "
+                   f"{fitted.target_selective_accuracy:.4g} ({fitted.val_coverage:.4f} of them "
+                   "answered).")
+    else:
+        how = ("No calibration was fitted for this model (trained before calibration was "
+               "part of training): its raw softmax probabilities are served.")
+        abstain = "No abstention threshold: every answer stands."
+
+    def row(label: str, c: Confidence) -> tuple[str, ...]:
+        return (label, f"{c.nll_raw:.4f}", f"{c.nll:.4f}", f"{c.brier_raw:.4f}",
+                f"{c.brier:.4f}", f"{c.ece_raw:.4f}", f"{c.ece:.4f}")
+
+    def answered(label: str, c: Confidence) -> tuple[str, ...]:
+        return (label, f"{c.coverage:.4f}", _fmt(c.selective_accuracy))
+
+    return [
+        ("h2", "Calibration"),
+        ("p", how + " ECE: expected calibration error over 15 equal-width confidence bins."),
+        ("table", ("images", "NLL", "NLL calibrated", "Brier", "Brier calibrated", "ECE",
+                   "ECE calibrated"),
+         [row("clean test set", shift.clean), row("corrupted suite", shift.corrupted)]),
+        ("h2", "Abstention"),
+        ("p", abstain),
+        ("table", ("images", "coverage (answered)", "accuracy on the answered"),
+         [answered("clean test set", shift.clean),
+          answered("corrupted suite", shift.corrupted)]),
+    ]
+
+
+def _shift_limits(facts: Facts) -> list[str]:
+    shift, params = facts.shift, facts.params
+    hardest = sorted(shift.accuracy.items(), key=lambda item: item[1])[:3]
+    named = ", ".join(f"{name.replace('_', ' ')} ({value:.3f})" for name, value in hardest)
+    if str(params.get("train.augment", "")).lower() == "true":
+        used = [(key, params.get(f"train.augmentation.{key}", "0")) for key in RESEMBLES]
+        used = [(key, value) for key, value in used if _nonzero(value)]
+        like = "; ".join(f"{key} {value} resembles {RESEMBLES[key]}" for key, value in used)
+        trained = (f"Training augmented its images ({like or 'with no operation turned on'}). "
+                   "None of the suite's corruption functions or images was used in training.")
+    else:
+        trained = ("Training used no augmentation: nothing it saw resembles the suite's "
+                   "corruptions.")
+    return [f"Shifted inputs: on the corrupted suite the model is weakest on {named}. "
+            + trained]
+
+
+def _reuse(verdict: Mapping[str, Any], budget: Budget) -> str:
+    if verdict.get("decision") is None:
+        return ("No comparison with a champion, so nothing was spent of the test set's "
+                f"false-promotion budget ({budget.describe()}).")
+    return (f"Decision {verdict['decision']} on this test set, tested at level "
+            f"{verdict['level']:.3g}: the false-promotion rate over every decision on these "
+            f"test images is held at {budget.alpha:g} (online fallback spending, docs/gate.md).")
+
+
+def _nonzero(value: Any) -> bool:
+    try:
+        return float(value) != 0
+    except (TypeError, ValueError):
+        return False
+
+
+def _fmt(value: float) -> str:
+    return "n/a (none answered)" if value != value else f"{value:.4f}"
 
 
 def _lineage(facts: Facts) -> list[tuple[str, str]]:

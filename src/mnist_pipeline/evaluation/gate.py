@@ -18,7 +18,8 @@ import numpy as np
 from ..config import GateConfig
 from ..data.splits import NUM_CLASSES
 from ..files import json_safe
-from .scores import mcnemar_exact
+from .reuse import Budget
+from .scores import Z_95_ONE_SIDED, mcnemar_exact, paired_difference
 
 # Accuracies are ratios of counts; an improvement equal to min_improvement up to float
 # rounding (0.9512 - 0.95 != 0.0012 in binary) must count as meeting it.
@@ -37,6 +38,10 @@ class Candidate:
     pyfunc_matches_keras: bool | None  # None: the smoke test did not run or could not load
     smoke_detail: str = ""
     withdrawn: str = ""  # why a rollback took `champion` away from this version, if one did
+    ece: float | None = None  # expected calibration error on the test set, after scaling
+    # (corruptions, n_test) bool: per corrupted image, on the suite `suite_sha256`
+    corrupted_correct: np.ndarray | None = None
+    suite_sha256: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +50,8 @@ class Champion:
     accuracy: float
     correct: np.ndarray  # (n_test,) bool on the test set `test_sha256`
     test_sha256: str
+    corrupted_correct: np.ndarray | None = None  # (corruptions, n_test) on `suite_sha256`
+    suite_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,8 @@ class Verdict:
     rules: list[Rule]
     p_value: float | None
     reason: str
+    level: float | None = None  # the significance level this decision was tested at
+    decision: int | None = None  # its number among the comparisons on this test set
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-ready (NaN -> None, numpy -> Python), for `gate.json` and MLflow."""
@@ -69,6 +78,8 @@ class Verdict:
             "passed": self.passed,
             "reason": self.reason,
             "p_value": self.p_value,
+            "level": self.level,
+            "decision": self.decision,
             "rules": [{"name": r.name, "passed": r.passed, "value": r.value,
                        "threshold": r.threshold, "detail": r.detail} for r in self.rules],
         })
@@ -78,10 +89,12 @@ class Verdict:
 
 
 def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig,
-           *, reigning: bool = False) -> Verdict:
+           *, reigning: bool = False, budget: Budget | None = None) -> Verdict:
     """Apply every rule in order and record each one; the candidate passes if all pass.
 
     `reigning`: the candidate is the champion itself, re-checked (only absolute rules apply).
+    `budget`: the decisions already made on this test set (`reuse.budget`); with
+    `cfg.reuse`, the significance rule tests at its level instead of `cfg.alpha`.
     """
     rules = [
         _test_set_nonempty(candidate),
@@ -91,29 +104,37 @@ def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig,
         _min_class_recall(candidate, cfg),
         _pyfunc_smoke_test(candidate),
     ]
+    if cfg.max_ece is not None:
+        rules.append(_calibrated(candidate, cfg.max_ece))
     if candidate.withdrawn:
         rules.append(_not_withdrawn(candidate))
-    p_value = None
+    p_value = level = decision = None
     if champion is not None:
         mismatch = _incomparable(candidate, champion)
         p_value = None if mismatch else mcnemar_exact(candidate.correct, champion.correct)[2]
+        level, decision = cfg.alpha, None
+        if cfg.reuse and budget is not None:
+            level, decision = budget.level, budget.decisions + 1
         rules.append(_beats_champion(candidate, champion, cfg, mismatch))
         if cfg.require_significance:
-            rules.append(_significant(candidate, champion, cfg, mismatch))
+            rules.append(_significant(candidate, champion, level, decision, mismatch))
+        if cfg.robustness_margin is not None:
+            rules.append(_robust_vs_champion(candidate, champion, cfg.robustness_margin))
 
     failed = [rule for rule in rules if not rule.passed]
     if failed:
         reason = f"{failed[0].name}: {failed[0].detail}"
     elif champion is not None:
         gain = float(candidate.accuracy) - float(champion.accuracy)  # type: ignore[arg-type]
-        test = (f"p={_fmt_p(p_value)} < {cfg.alpha:g}" if cfg.require_significance
+        test = (f"p={_fmt_p(p_value)} < {level:.3g}" if cfg.require_significance
                 else f"p={_fmt_p(p_value)}, significance not required")
         reason = f"beats champion {_label(champion.version)} by {gain:+.4f} ({test})"
     elif reigning:
         reason = f"passed all {len(rules)} rules (already champion, re-checked)"
     else:
         reason = f"passed all {len(rules)} rules (no champion yet)"
-    return Verdict(passed=not failed, rules=rules, p_value=p_value, reason=reason)
+    return Verdict(passed=not failed, rules=rules, p_value=p_value, reason=reason,
+                   level=level, decision=decision)
 
 
 def summary_line(verdict: Verdict, candidate_version: str | None,
@@ -263,20 +284,63 @@ def _beats_champion(candidate: Candidate, champion: Champion, cfg: GateConfig,
                 f"{gain:+.4f} over {versus} >= min_improvement {threshold:.4f}")
 
 
-def _significant(candidate: Candidate, champion: Champion, cfg: GateConfig,
-                 mismatch: str) -> Rule:
+def _significant(candidate: Candidate, champion: Champion, level: float,
+                 decision: int | None, mismatch: str) -> Rule:
     if mismatch:
-        return Rule("significant", False, None, cfg.alpha, mismatch)
+        return Rule("significant", False, None, level, mismatch)
     gains, losses, p = mcnemar_exact(candidate.correct, champion.correct)
     # Significant *in the candidate's favour*: a clearly worse model differs significantly
     # too, and must not read as passing this rule.
-    ok = p < cfg.alpha and gains > losses
+    ok = p < level and gains > losses
     counts = (f"{gains} images only the candidate gets right, {losses} only champion "
               f"{_label(champion.version)} does")
-    sign = "<" if p < cfg.alpha else ">="
-    favour = "" if ok or p >= cfg.alpha else ", in the champion's favour"
-    return Rule("significant", ok, p, cfg.alpha,
-                f"McNemar exact p={_fmt_p(p)} {sign} alpha {cfg.alpha:g}{favour} ({counts})")
+    sign = "<" if p < level else ">="
+    favour = "" if ok or p >= level else ", in the champion's favour"
+    which = (f"level {level:.3g} (decision {decision} on this test set)" if decision
+             else f"alpha {level:g}")
+    return Rule("significant", ok, p, level,
+                f"McNemar exact p={_fmt_p(p)} {sign} {which}{favour} ({counts})")
+
+
+def _calibrated(candidate: Candidate, ceiling: float) -> Rule:
+    value = candidate.ece
+    if not _finite(value):
+        return Rule("calibrated", False, value, ceiling,
+                    f"expected calibration error is missing or not finite ({value!r})")
+    ok = float(value) <= ceiling  # type: ignore[arg-type]
+    sign = "<=" if ok else ">"
+    return Rule("calibrated", ok, float(value), ceiling,  # type: ignore[arg-type]
+                f"test ECE after temperature scaling {value:.4f} {sign} max_ece {ceiling:.4f}")
+
+
+def _robust_vs_champion(candidate: Candidate, champion: Champion, margin: float) -> Rule:
+    """Non-inferiority on the corrupted suite: the one-sided 95% lower bound of (candidate's
+    mean corruption accuracy - champion's), paired image by image, must be above -margin.
+
+    The 15 corruptions of one test image are not independent trials, so the interval is
+    clustered by test image: each image contributes its mean difference over corruptions.
+    """
+    name = "robust_vs_champion"
+    ours, theirs = candidate.corrupted_correct, champion.corrupted_correct
+    if ours is None or theirs is None:
+        who = "candidate" if ours is None else f"champion {_label(champion.version)}"
+        return Rule(name, False, None, -margin, f"the {who} was not scored on the corrupted "
+                    "suite; run: dvc repro corrupt evaluate")
+    if candidate.suite_sha256 != champion.suite_sha256 or ours.shape != theirs.shape:
+        return Rule(name, False, None, -margin,
+                    f"the candidate was scored on corrupted suite {_short(candidate.suite_sha256)}"
+                    f" {ours.shape}, champion {_label(champion.version)} on "
+                    f"{_short(champion.suite_sha256)} {theirs.shape}: not the same images")
+    diff, se = paired_difference(ours, theirs)
+    lower = diff - Z_95_ONE_SIDED * se
+    mine, other = float(np.mean(ours)), float(np.mean(theirs))
+    versus = (f"mean corruption accuracy {mine:.4f} vs champion {_label(champion.version)}'s "
+              f"{other:.4f} ({diff:+.4f}; one-sided 95% lower bound {lower:+.4f}")
+    if lower > -margin:
+        return Rule(name, True, lower, -margin, f"{versus} > -{margin:g} margin)")
+    verdict = ("significantly less robust" if diff + Z_95_ONE_SIDED * se < 0
+               else "not shown to be within the margin")
+    return Rule(name, False, lower, -margin, f"{verdict}: {versus} <= -{margin:g} margin)")
 
 
 # --- helpers -------------------------------------------------------------------------------

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_open
-from .scores import rounded
+from ..files import atomic_open, rounded
 
 DPI = 100  # small, fast PNGs: these are glanced at in the DVC/MLflow UIs, not printed
 
@@ -181,3 +180,72 @@ def _save(fig: Any, path: str | os.PathLike[str]) -> None:
     with atomic_open(path, "wb") as fh:
         fig.savefig(fh, format="png", dpi=DPI)
     fig.clear()  # free the artists now; the Figure is never registered with pyplot
+
+
+# --- robustness and calibration ------------------------------------------------------------
+
+def write_corruption_csv(path: str | os.PathLike[str], accuracy: dict[str, float],
+                         champion: dict[str, float] | None) -> None:
+    """`corruption,candidate,champion`, one row per corruption (champion empty without one)."""
+    with atomic_open(path, "w") as fh:
+        fh.write("corruption,candidate,champion\n")
+        fh.writelines(f"{name},{rounded(value)},"
+                      f"{'' if champion is None else rounded(champion.get(name, math.nan))}\n"
+                      for name, value in accuracy.items())
+
+
+def plot_corruption_png(path: str | os.PathLike[str], accuracy: dict[str, float],
+                        champion: dict[str, float] | None) -> None:
+    """Accuracy per corruption as horizontal bars, the champion's beside the candidate's."""
+    names = list(accuracy)
+    rows = np.arange(len(names))
+    fig = _figure(6.4, 0.32 * len(names) + 1.4)
+    ax = fig.add_subplot()
+    height = 0.4 if champion is not None else 0.7
+    ours = np.asarray([accuracy[n] for n in names])
+    ax.barh(rows, ours, height=height, color="tab:blue",
+            label=f"candidate (mean {np.mean(ours):.3f})" if names else "candidate")
+    if champion is not None:
+        theirs = np.asarray([champion.get(n, math.nan) for n in names])
+        ax.barh(rows + height, theirs, height=height, color="tab:gray",
+                label=f"champion (mean {np.nanmean(theirs):.3f})" if names else "champion")
+    ax.set_yticks(rows + (height / 2 if champion is not None else 0))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy")
+    ax.set_title("accuracy per corruption (corrupted test suite)")
+    ax.legend(loc="lower left", fontsize=8)
+    _save(fig, path)
+
+
+def write_reliability_csv(path: str | os.PathLike[str], curves: dict[str, Any]) -> None:
+    """`curve,bin,confidence,accuracy,images`, one row per non-empty confidence bin of each
+    curve (`training.calibration.Reliability`)."""
+    with atomic_open(path, "w") as fh:
+        fh.write("curve,bin,confidence,accuracy,images\n")
+        for name, curve in curves.items():
+            for index, count in enumerate(curve.counts):
+                if count:
+                    fh.write(f"{name},{index + 1},{rounded(curve.confidence[index])},"
+                             f"{rounded(curve.accuracy[index])},{int(count)}\n")
+
+
+def plot_reliability_png(path: str | os.PathLike[str], curves: dict[str, Any],
+                         temperature: float) -> None:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), with each
+    curve's expected calibration error in its label."""
+    fig = _figure(5.6, 4.8)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=1, label="perfect")
+    for (name, curve), style in zip(curves.items(), ("o--", "o-", "s-"), strict=False):
+        used = curve.counts > 0
+        ax.plot(curve.confidence[used], curve.accuracy[used], style, markersize=4,
+                label=f"{name} (ECE {curve.ece():.4f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top probability), 15 bins")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability (temperature {temperature:.3g}, fitted on validation)")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, path)

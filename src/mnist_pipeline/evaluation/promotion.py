@@ -1,9 +1,11 @@
-"""Evaluate a trained model on the official test set, gate it, register it, maybe promote it.
+"""Evaluate a trained model on the official test set and the corrupted suite, gate it,
+register it, maybe promote it.
 
-The measuring (`evaluation`) and deciding (`gate`) are pure; this module is the edge where
-they meet the model file, the MLflow run and the Model Registry. The read-compare-move of
-the `champion` alias happens under a lock, so parallel evaluations (queued experiments)
-can never leave a worse model as champion.
+The measuring (`scores`, `robustness`) and deciding (`gate`, `reuse`) are pure; this module is
+the edge where they meet the model file, the MLflow run and the Model Registry. The
+read-compare-move of the `champion` alias happens under a lock, so parallel evaluations
+(queued experiments) can never leave a worse model as champion, and the decisions on one
+test set are counted in the order they were made.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,20 +22,30 @@ from typing import Any
 import numpy as np
 
 from ..config import EvaluateConfig, GateConfig, PathsConfig, TrackingConfig
-from ..data.splits import Split, load_split
+from ..data import suite
+from ..data.splits import Split, load_split, write_npz
 from ..errors import DataError, PipelineError
 from ..files import sha256_file, write_json
 from ..tracking import champion_record, history, locks, logged_models, registry, runs, store
-from ..training import models
+from ..training import calibration, models
 from ..training.fit import predict
-from . import card, gate, plots
-from .scores import Scores, score, write_metrics
+from . import card, gate, plots, reuse
+from .robustness import Shift
+from .scores import Scores, metrics_dict, score
 
 CONFUSION_CSV = "confusion.csv"
 CLASS_RECALL_CSV = "class_recall.csv"
 CONFUSION_PNG = "confusion.png"
 MISCLASSIFIED_PNG = "misclassified.png"
 CLASS_RECALL_PNG = "class_recall.png"
+CORRUPTION_CSV = "corruption_accuracy.csv"
+CORRUPTION_PNG = "corruption_accuracy.png"
+RELIABILITY_CSV = "reliability.csv"
+RELIABILITY_PNG = "reliability.png"
+# Each evaluation's per-image results, on its run: the next gate reads the champion's
+# corrupted-suite results from here instead of scoring it again, and they are the reference
+# (calibrated outputs on the clean test set) that production traffic is compared with.
+OUTCOMES = "outcomes.npz"
 
 
 @dataclass
@@ -42,6 +55,8 @@ class Decision:
     champion_before: str | None
     champion_after: str | None
     scores: Scores
+    shift: Shift
+    shift_seconds: float  # what scoring the corrupted suite and the calibration took
     line: str
 
 
@@ -63,35 +78,97 @@ def measure(model: Any, test: Split, cfg: EvaluateConfig) -> tuple[np.ndarray, S
     return probabilities, score(test.labels, probabilities)
 
 
+def measure_shift(model: Any, clean: np.ndarray, corrupted: suite.Suite,
+                  fitted: calibration.Calibration, cfg: EvaluateConfig) -> Shift:
+    """The model on every corruption of the suite, and its confidence on clean and corrupted
+    images; `clean` is its raw output on the clean test images."""
+    outputs = np.stack([predict(model, corrupted.images[name], batch_size=cfg.batch_size)
+                        for name in corrupted.names]) if corrupted.names else \
+        np.zeros((0, *clean.shape), np.float32)
+    return Shift.measure(clean, outputs, corrupted.labels, corrupted.names,
+                         corrupted.sha256(), fitted)
+
+
+def run_calibration(run: dict[str, Any]) -> calibration.Calibration:
+    """The calibration the train stage fitted (run.json); none for runs made before it."""
+    fitted = run.get("calibration")
+    return calibration.Calibration.from_dict(fitted) if fitted else calibration.IDENTITY
+
+
 def write_reports(paths: PathsConfig, test: Split, probabilities: np.ndarray,
-                  scores: Scores, cfg: EvaluateConfig) -> dict[str, Any]:
+                  scores: Scores, shift: Shift, champion_shift: dict[str, float] | None,
+                  cfg: EvaluateConfig) -> dict[str, Any]:
     """The stage's DVC metrics and plots; returns the metrics dict."""
     folder = Path(paths.eval_plots)
-    metrics = write_metrics(paths.eval_metrics, scores)
+    metrics = {**metrics_dict(scores), **shift.metrics()}
+    write_json(paths.eval_metrics, metrics)
     plots.write_confusion_csv(folder / CONFUSION_CSV, test.labels, scores.predictions)
     plots.write_class_recall_csv(folder / CLASS_RECALL_CSV, scores.recall)
     plots.plot_confusion_png(folder / CONFUSION_PNG, scores.confusion)
     plots.plot_misclassified_grid(folder / MISCLASSIFIED_PNG, test.images, test.labels,
                                   scores.predictions, probabilities, cfg.misclassified_grid)
     plots.plot_class_recall_png(folder / CLASS_RECALL_PNG, scores.recall)
+    plots.write_corruption_csv(folder / CORRUPTION_CSV, shift.accuracy, champion_shift)
+    plots.plot_corruption_png(folder / CORRUPTION_PNG, shift.accuracy, champion_shift)
+    curves = {"clean, uncalibrated": shift.clean.reliability_raw,
+              "clean, calibrated": shift.clean.reliability,
+              "corrupted, calibrated": shift.corrupted.reliability}
+    plots.write_reliability_csv(folder / RELIABILITY_CSV, curves)
+    plots.plot_reliability_png(folder / RELIABILITY_PNG, curves,
+                               temperature=shift.calibration.temperature)
     return metrics
 
 
-def log_to_run(run_id: str, scores: Scores, paths: PathsConfig) -> None:
+def log_to_run(run_id: str, scores: Scores, shift: Shift, paths: PathsConfig) -> None:
     """The same measurements on the training run, under `evaluation/`."""
     flat = {"test_accuracy": scores.accuracy, "test_loss": scores.loss,
-            "test_macro_f1": scores.macro_f1}
+            "test_macro_f1": scores.macro_f1, **shift.flat_metrics()}
     for cls in range(len(scores.recall)):
         flat[f"test_recall_{cls}"] = scores.recall[cls]
         flat[f"test_precision_{cls}"] = scores.precision[cls]
     runs.log_metrics(flat, run_id=run_id)
     folder = Path(paths.eval_plots)
-    for name in (CONFUSION_PNG, MISCLASSIFIED_PNG, CLASS_RECALL_PNG, CONFUSION_CSV):
+    for name in (CONFUSION_PNG, MISCLASSIFIED_PNG, CLASS_RECALL_PNG, CONFUSION_CSV,
+                 CORRUPTION_PNG, CORRUPTION_CSV, RELIABILITY_PNG, RELIABILITY_CSV):
         runs.log_artifact(folder / name, "evaluation", run_id=run_id)
 
 
-def smoke_test(model_uri: str, images: np.ndarray, keras_probabilities: np.ndarray) -> tuple[bool | None, str]:
-    """Load the logged model as pyfunc and check it predicts what the Keras model does."""
+def log_outcomes(run_id: str, scores: Scores, shift: Shift, probabilities: np.ndarray,
+                 test_sha256: str, model_sha256: str) -> None:
+    """Per-image results of this evaluation, as `evaluation/outcomes.npz` on the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / OUTCOMES
+        write_npz(path, {
+            "correct": scores.correct, "corrupted_correct": shift.correct,
+            "corruptions": np.array(shift.names, dtype=str),
+            "probabilities": calibration.scale(probabilities, shift.calibration.temperature)
+            .astype(np.float32),
+            "test_sha256": np.array(test_sha256), "suite_sha256": np.array(shift.suite_sha256),
+            "model_sha256": np.array(model_sha256)}, compress=True)
+        runs.log_artifact(path, "evaluation", run_id=run_id)
+
+
+def recorded_corrupted(run_id: str, suite_sha256: str, names: list[str]) -> np.ndarray | None:
+    """A run's recorded per-image results on the corrupted suite `suite_sha256`, if it has
+    them for these corruptions."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = runs.download_artifact(run_id, f"evaluation/{OUTCOMES}", tmp)
+        if path is None:
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as record:
+                if (str(record["suite_sha256"]) != suite_sha256
+                        or list(record["corruptions"]) != names):
+                    return None
+                return np.asarray(record["corrupted_correct"], dtype=bool)
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def smoke_test(model_uri: str, images: np.ndarray,
+               keras_probabilities: np.ndarray) -> tuple[bool | None, str]:
+    """Load the logged model as pyfunc and check it predicts what the Keras model does
+    (`keras_probabilities`: calibrated as the pyfunc is meant to calibrate them)."""
     try:
         pyfunc = logged_models.load_pyfunc(model_uri)
         served = np.asarray(pyfunc.predict(images), dtype=np.float32)
@@ -107,36 +184,53 @@ def smoke_test(model_uri: str, images: np.ndarray, keras_probabilities: np.ndarr
     return False, f"pyfunc predictions differ from Keras (max |diff| {worst:.3g})"
 
 
-def champion_on(name: str, test: Split, cfg: EvaluateConfig) -> gate.Champion | None:
-    """The current champion re-scored on `test`, or None when there is none."""
+def champion_on(name: str, test: Split, corrupted: suite.Suite, cfg: EvaluateConfig,
+                suite_sha256: str) -> tuple[gate.Champion, str] | None:
+    """The current champion re-scored on `test`, with its results on the corrupted suite
+    (recorded by its own evaluation on this suite, else scored now), and where those came
+    from; None when there is no champion."""
     version = registry.champion(name)
     if version is None:
         return None
     model = logged_models.load_keras(registry.version_uri(name, version.version))
-    _, scores = measure(model, test, cfg)
+    probabilities, scores = measure(model, test, cfg)
+    recorded = None
+    if version.tags.get("run_id"):
+        recorded = recorded_corrupted(version.tags["run_id"], suite_sha256, corrupted.names)
+    source = "recorded by its evaluation on this suite"
+    if recorded is None or recorded.shape != (len(corrupted.names), len(test)):
+        shift = measure_shift(model, probabilities, corrupted, calibration.IDENTITY, cfg)
+        recorded, source = shift.correct, "scored now (no record on this suite)"
     return gate.Champion(version=str(version.version), accuracy=scores.accuracy,
-                         correct=scores.correct, test_sha256=test.sha256())
+                         correct=scores.correct, test_sha256=test.sha256(),
+                         corrupted_correct=recorded, suite_sha256=suite_sha256), source
 
 
 def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
              tracking_cfg: TrackingConfig) -> Decision:
-    """Measure `paths.model` on the test set, run the gate, register and maybe promote."""
+    """Measure `paths.model` on the test set and the corrupted suite, run the gate, register
+    and maybe promote."""
     model = models.load(paths.model)  # safe mode: no code from the file runs
     run = read_run_file(paths.run)
+    fitted = run_calibration(run)
     test = load_split(paths.processed, "test")
+    corrupted = suite.load(paths.corrupted, test)
     probabilities, scores = measure(model, test, eval_cfg)
-    write_reports(paths, test, probabilities, scores, eval_cfg)
+    started = time.perf_counter()
+    shift = measure_shift(model, probabilities, corrupted, fitted, eval_cfg)
+    shift_seconds = time.perf_counter() - started
 
     store.connect(tracking_cfg)
     training_run = runs.run_info(run["run_id"], named_in=str(paths.run))
     trained_tags = training_run.data.tags
-    log_to_run(run["run_id"], scores, paths)
-    matches, smoke_detail = smoke_test(run["model_uri"], test.images, probabilities)
+    matches, smoke_detail = smoke_test(run["model_uri"], test.images,
+                                       calibration.scale(probabilities, fitted.temperature))
     candidate = gate.Candidate(
         accuracy=scores.accuracy, loss=scores.loss, class_recall=list(scores.recall),
         n_test=len(test), test_sha256=test.sha256(),
         trained_test_sha256=trained_tags.get("data.test_sha256"), correct=scores.correct,
-        pyfunc_matches_keras=matches, smoke_detail=smoke_detail)
+        pyfunc_matches_keras=matches, smoke_detail=smoke_detail, ece=shift.clean.ece,
+        corrupted_correct=shift.correct, suite_sha256=shift.suite_sha256)
 
     name = tracking_cfg.registered_model
     model_sha = sha256_file(paths.model)
@@ -151,18 +245,22 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
         current = registry.champion(name)
         champion_before = str(current.version) if current else None
         reigning = champion_before == version_id
-        if reigning:
-            # Re-evaluating the champion itself: only the absolute rules apply.
-            champion = None
-        else:
-            champion = champion_on(name, test, eval_cfg) if current else None
+        # Re-evaluating the champion itself: only the absolute rules apply.
+        found = (champion_on(name, test, corrupted, eval_cfg, shift.suite_sha256)
+                 if current and not reigning else None)
+        champion, champion_source = found if found else (None, "")
+        # Under the lock: the decisions on this test set are counted in the order made.
+        spent = reuse.budget(reuse.decisions_on(history.entries(name), candidate.test_sha256),
+                             gate_cfg.alpha)
         withdrawn = version.tags.get(registry.WITHDRAWN, "")
         verdict = gate.decide(dataclasses.replace(candidate, withdrawn=withdrawn), champion,
-                              gate_cfg, reigning=reigning)
+                              gate_cfg, reigning=reigning, budget=spent)
         registry.set_version_tags(name, version_id, {
             "gate.passed": str(verdict.passed).lower(), "gate.reason": verdict.reason[:4000],
             "test_accuracy": f"{scores.accuracy:.6f}", "test_loss": f"{scores.loss:.6f}",
-            "test_macro_f1": f"{scores.macro_f1:.6f}"})
+            "test_macro_f1": f"{scores.macro_f1:.6f}",
+            "corrupted_mean_accuracy": f"{shift.mean_accuracy:.6f}",
+            "test_ece": f"{shift.clean.ece:.6f}"})
         if verdict.passed and not reigning:
             lock.check()  # the decision stands only while no one else can move the alias
             registry.promote(name, version_id)
@@ -171,12 +269,23 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
         # Under the same lock: concurrent gates get distinct numbers in decision order.
         history.append(name, history.gate_entry(
             decided, candidate=version_id, champion_before=champion_before,
-            champion_after=champion_after, run_id=run["run_id"]))
+            champion_after=champion_after, run_id=run["run_id"],
+            test_sha256=candidate.test_sha256))
 
+    champion_accuracy = None
+    if champion is not None and champion.corrupted_correct is not None:
+        champion_accuracy = dict(zip(shift.names, champion.corrupted_correct.mean(axis=1)
+                                     .tolist(), strict=True))
+    write_reports(paths, test, probabilities, scores, shift, champion_accuracy, eval_cfg)
+    log_to_run(run["run_id"], scores, shift, paths)
+    log_outcomes(run["run_id"], scores, shift, probabilities, candidate.test_sha256, model_sha)
     report = {**decided, "candidate_version": version_id,
               "champion_version_before": champion_before, "champion_version": champion_after,
               "registered_model": name, "run_id": run["run_id"],
               "registered_now": existing is None,
+              "champion_corrupted_results": champion_source or None,
+              "budget": {"alpha": spent.alpha, "decisions_before": spent.decisions,
+                         "level": spent.level, "unspent_before": spent.unspent},
               # What DVC saw of the champion for this run: the champion stage keeps it while
               # the champion is still `champion_version`, so this decision reruns nothing.
               "champion_record": champion_record.read(paths.champion)}
@@ -184,11 +293,14 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     folder = Path(paths.eval_plots)
     for written in card.write(folder, card.Facts(
             registered_model=name, version=version_id, run_id=run["run_id"],
-            params=training_run.data.params, tags=trained_tags, scores=scores,
+            params=training_run.data.params, tags=trained_tags, scores=scores, shift=shift,
+            champion_corrupted=champion_accuracy, budget=spent,
             test_sha256=candidate.test_sha256, verdict=decided,
             champion_before=champion_before, champion_after=champion_after,
             pictures={"Confusion matrix (test set)": folder / CONFUSION_PNG,
-                      "Recall per class (test set)": folder / CLASS_RECALL_PNG})):
+                      "Recall per class (test set)": folder / CLASS_RECALL_PNG,
+                      "Accuracy per corruption": folder / CORRUPTION_PNG,
+                      "Reliability diagram": folder / RELIABILITY_PNG})):
         runs.log_artifact(written, "evaluation", run_id=run["run_id"])
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "gate.json"
@@ -198,4 +310,5 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
                    "registered_version": version_id}, run_id=run["run_id"])
     line = gate.summary_line(verdict, version_id, champion_before)
     return Decision(verdict=verdict, version=version_id, champion_before=champion_before,
-                    champion_after=champion_after, scores=scores, line=line)
+                    champion_after=champion_after, scores=scores, shift=shift,
+                    shift_seconds=shift_seconds, line=line)

@@ -15,12 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..data.splits import NUM_CLASSES
-from ..files import write_json
-
-# Keras' backend epsilon: probabilities are clipped to [EPSILON, 1 - EPSILON] before the
-# log, exactly as `keras.losses.categorical_crossentropy` does, so a confident mistake
-# costs -log(1e-7) ~= 16.1 instead of infinity and our loss matches Keras' own.
-EPSILON = 1e-7
+from ..files import rounded, write_json
+from ..training.calibration import nll
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: the array fields make == ambiguous
@@ -79,7 +75,8 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> Scores:
     else:
         accuracy = float(correct.mean())
         macro_f1 = float(f1.mean())
-        loss = _cross_entropy(labels, probabilities)
+        # Keras' own loss: a confident mistake costs -log(1e-7) ~= 16.1, not infinity.
+        loss = nll(probabilities, labels)
 
     return Scores(
         accuracy=accuracy,
@@ -100,17 +97,6 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     out = np.zeros(numerator.shape, dtype=np.float64)
     np.divide(numerator, denominator, out=out, where=denominator != 0)
     return out
-
-
-def _cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
-    """Mean categorical cross-entropy as Keras computes it; NaN if any input is not finite."""
-    if not np.isfinite(probabilities).all():
-        return math.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # Keras renormalises each row before clipping; an all-zero row becomes NaN.
-        rows = probabilities / probabilities.sum(axis=1, keepdims=True)
-        picked = np.clip(rows[np.arange(labels.shape[0]), labels], EPSILON, 1 - EPSILON)
-        return float(-np.mean(np.log(picked)))
 
 
 # --- reports -------------------------------------------------------------------------------
@@ -144,8 +130,6 @@ def write_metrics(path: str | os.PathLike[str], scores: Scores) -> dict[str, Any
     return metrics
 
 
-def rounded(value: float) -> float:
-    return round(float(value), 6) if math.isfinite(value) else math.nan
 
 
 # --- paired comparison ---------------------------------------------------------------------
@@ -190,6 +174,21 @@ def binomial_two_sided_half(k: int, n: int) -> float:
 # --- confidence intervals ------------------------------------------------------------------
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+Z_95_ONE_SIDED = 1.6448536269514722  # its 95% quantile: a one-sided 95% bound
+
+
+def paired_difference(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """Mean difference in accuracy between two models on the same (groups, images)
+    correctness arrays, and its standard error clustered by image (axis 1): each image's
+    mean difference over the groups is one observation, so the groups of one image (the
+    corruptions of one test digit) are not counted as independent trials."""
+    a = np.asarray(ours, dtype=np.float64)
+    b = np.asarray(theirs, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.shape[1] < 2:
+        raise ValueError(f"correctness arrays: got shapes {a.shape} and {b.shape}, expected "
+                         "the same (groups, images) shape with at least 2 images")
+    per_image = (a - b).mean(axis=0)
+    return float(per_image.mean()), float(per_image.std(ddof=1) / math.sqrt(per_image.size))
 
 
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:

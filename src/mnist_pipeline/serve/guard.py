@@ -15,8 +15,10 @@ of bad request wrongly, and none of them can be configured away (docs/serving.md
 This layer checks exactly those, and refuses bodies over `max_body_bytes` (413) before
 reading them whole. A body that is exactly `{"inputs": <N x 28 x 28 whole numbers 0..255>}`
 (or `instances`) it answers itself through `predict` (the same pyfunc model MLflow's app
-serves, schema check included) with MLflow's response format: MLflow's parser deep-copies
-the nested lists before converting them (`_cast_schema_type`), ~80% of a 256-image request.
+serves, schema check included) with MLflow's response format, plus `"unsure"`: per image,
+whether its calibrated confidence is below the model's abstention threshold. MLflow's parser
+deep-copies the nested lists before converting them (`_cast_schema_type`), ~80% of a
+256-image request.
 Everything else (other shapes, types, keys, `params`, CSV, JSON syntax errors) goes to MLflow's
 app with the same bytes, and gets MLflow's answer.
 """
@@ -58,12 +60,13 @@ class Guard:
     becomes that 4xx."""
 
     def __init__(self, app: App, predict: Predict | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threshold: float = 0.0) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes: got {max_body_bytes}, expected an integer >= 1")
         self.app = app
         self.predict = predict
         self.max_body_bytes = max_body_bytes
+        self.threshold = threshold  # answers below this calibrated confidence are unsure
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or \
@@ -90,8 +93,10 @@ class Guard:
         images = check(content_type, body)
         if images is None or self.predict is None:
             return None
-        probabilities = self.predict(images)
-        return json.dumps({"predictions": np.asarray(probabilities).tolist()}).encode()
+        probabilities = np.asarray(self.predict(images))
+        unsure = probabilities.max(axis=1) < self.threshold
+        return json.dumps({"predictions": probabilities.tolist(),
+                           "unsure": unsure.tolist()}).encode()
 
     async def read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         limit = self.max_body_bytes

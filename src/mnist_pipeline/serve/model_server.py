@@ -11,7 +11,11 @@ run the tracking UI (`ui`). Nothing here imports MLflow: the server is a subproc
 Send digits as uint8 pixel values (integers 0..255), shape (N, 28, 28):
 
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
-         -d '{"inputs": [[[0, 0, ...], ...]]}'      ->  {"predictions": [[p0, ..., p9]]}
+         -d '{"inputs": [[[0, 0, ...], ...]]}'
+    ->  {"predictions": [[p0, ..., p9]], "unsure": [false]}
+
+The probabilities are calibrated (the temperature fitted on the validation split travels with
+the model version); `unsure` marks answers below the version's abstention threshold.
 """
 
 from __future__ import annotations
@@ -120,7 +124,8 @@ def scoring_app() -> Guard:
             raise RequestRefused(400, str(err)) from None
 
     return Guard(app, predict,
-                 max_body_bytes=int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES))
+                 max_body_bytes=int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES),
+                 threshold=model.threshold)
 
 
 # --- entrypoint ----------------------------------------------------------------------------

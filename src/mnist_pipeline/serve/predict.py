@@ -1,8 +1,13 @@
 """`mnist-predict`: the digit in each picture, by the champion model (or --model-uri).
 
-    mnist-predict three.png photo-of-a-seven.jpg
+    mnist-predict three.png photo-of-a-seven.jpg smudge.png
     three.png: 3 (0.998)
     photo-of-a-seven.jpg: 7 (0.941)
+    smudge.png: 5 (0.412, unsure)
+
+The number is the model's calibrated confidence (the temperature fitted on the validation
+split travels with the model version); an answer below the version's abstention threshold
+is marked "unsure" and still given.
 
 Each file is converted to MNIST format (`imaging`); the model is loaded once, through
 MLflow's pyfunc flavour, and predicts all pictures in one batch. A file that cannot be read
@@ -42,10 +47,19 @@ def convert_all(paths: list[str]) -> tuple[list[str], np.ndarray, dict[str, str]
     return names, batch, failed
 
 
-def predict(model_uri: str, images: np.ndarray) -> np.ndarray:
-    """Class probabilities (N, 10) for uint8 images (N, 28, 28), from one model load."""
+def predict(model_uri: str, images: np.ndarray) -> tuple[np.ndarray, float]:
+    """Calibrated class probabilities (N, 10) for uint8 images (N, 28, 28), from one model
+    load, and the confidence below which an answer is unsure."""
     model = logged_models.load_pyfunc(model_uri)
-    return np.asarray(model.predict(images), dtype=np.float32)
+    return np.asarray(model.predict(images), dtype=np.float32), model.threshold
+
+
+def answer(name: str, probabilities: np.ndarray, threshold: float) -> str:
+    """`three.png: 3 (0.998)`, or `... (0.412, unsure)` below the threshold."""
+    digit = int(np.argmax(probabilities))
+    confidence = float(probabilities[digit])
+    unsure = ", unsure" if confidence < threshold else ""
+    return f"{name}: {digit} ({confidence:.3f}{unsure})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             store.use_store(cfg)
             store.silence()
             model_uri = args.model_uri or registry.champion_uri(cfg.registered_model)
-            probabilities = predict(model_uri, images)
-            for name, row in zip(names, probabilities):
-                digit = int(np.argmax(row))
-                print(f"{name}: {digit} ({row[digit]:.3f})")
+            probabilities, threshold = predict(model_uri, images)
+            for name, row in zip(names, probabilities, strict=True):
+                print(answer(name, row, threshold))
         if failed:
             print(f"{PROG}: {len(failed)} of {len(args.files)} files failed", file=sys.stderr)
             return 1

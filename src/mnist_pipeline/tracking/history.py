@@ -46,8 +46,10 @@ def context() -> dict[str, Any]:
 
 
 def gate_entry(verdict: Mapping[str, Any], *, candidate: str, champion_before: str | None,
-               champion_after: str | None, run_id: str) -> dict[str, Any]:
-    """An entry for one gate decision; `verdict` is `gate.Verdict.to_dict()`."""
+               champion_after: str | None, run_id: str,
+               test_sha256: str | None = None) -> dict[str, Any]:
+    """An entry for one gate decision; `verdict` is `gate.Verdict.to_dict()`, with the
+    significance level it tested at and its number among the decisions on `test_sha256`."""
     if not verdict["passed"]:
         outcome = REJECTED
     else:
@@ -55,6 +57,8 @@ def gate_entry(verdict: Mapping[str, Any], *, candidate: str, champion_before: s
     return {**context(), "action": "gate", "outcome": outcome, "candidate": candidate,
             "champion_before": champion_before, "champion_after": champion_after,
             "run_id": run_id, "p_value": verdict.get("p_value"),
+            "test_sha256": test_sha256, "level": verdict.get("level"),
+            "decision": verdict.get("decision"),
             "rules": [{"rule": r["name"], "passed": r["passed"], "value": r["value"],
                        "threshold": r["threshold"]} for r in verdict["rules"]],
             "reason": verdict["reason"]}

@@ -41,10 +41,13 @@ def image_signature():
 
 
 def log_keras_model(model: Any, name: str = "model",
-                    tags: Mapping[str, str] | None = None) -> str:
-    """Log `model` as the served pyfunc (its `.keras` file inside); return its `models:/` URI."""
+                    tags: Mapping[str, str] | None = None,
+                    calibration: Mapping[str, Any] | None = None) -> str:
+    """Log `model` as the served pyfunc (its `.keras` file inside, and the `calibration` it
+    applies: temperature and abstention threshold); return its `models:/` URI."""
     import mlflow
 
+    from ..files import write_json
     from . import served_model
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
@@ -52,9 +55,13 @@ def log_keras_model(model: Any, name: str = "model",
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         keras_file = Path(tmp) / "model.keras"
         model.save(keras_file)
+        artifacts = {served_model.KERAS_ARTIFACT: str(keras_file)}
+        if calibration is not None:
+            calibration_file = Path(tmp) / "calibration.json"
+            write_json(calibration_file, dict(calibration))
+            artifacts[served_model.CALIBRATION_ARTIFACT] = str(calibration_file)
         info = retry(lambda: mlflow.pyfunc.log_model(
-            name=name, python_model=served_model.__file__,
-            artifacts={served_model.KERAS_ARTIFACT: str(keras_file)},
+            name=name, python_model=served_model.__file__, artifacts=artifacts,
             signature=image_signature(), pip_requirements=pinned_requirements(),
             tags=dict(tags or {})))
     return info.model_uri
@@ -92,6 +99,18 @@ class _PyfuncModel:
         # The Keras flavour calls Keras' predict with its progress bar on, which would land
         # (escape codes and all) among a caller's results and in `dvc repro` logs.
         self.prints = "keras" in model.metadata.flavors
+
+    @property
+    def threshold(self) -> float:
+        """The confidence below which this model's answers are "unsure" (0.0: it was logged
+        without a calibration, every answer stands)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            inner = self.model.unwrap_python_model()
+        except MlflowException:  # a flavour's model (Keras): no calibration
+            return 0.0
+        return float(getattr(inner, "threshold", 0.0))
 
     def predict(self, data: Any) -> Any:
         from mlflow.exceptions import MlflowException

@@ -175,6 +175,20 @@ def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None,
     retry(lambda: MlflowClient().log_artifact(target, str(path), artifact_path))
 
 
+def download_artifact(run_id: str, artifact_path: str,
+                      dst: str | os.PathLike[str]) -> str | None:
+    """Artifact `artifact_path` of run `run_id` downloaded into `dst`; None when the run has
+    no such artifact (or no longer exists)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return retry(lambda: mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+    except (MlflowException, OSError):
+        return None
+
+
 def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
     from mlflow import MlflowClient
 

@@ -25,6 +25,9 @@ from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 KERAS_ARTIFACT = "keras_model"  # the artifact key of the .keras file
+# The artifact key of calibration.json: the temperature applied to every answer and the
+# confidence below which an answer is "unsure" (training.calibration, fitted on validation).
+CALIBRATION_ARTIFACT = "calibration"
 IMAGE_SHAPE = (28, 28)
 # Inference threads: `<intra>,<inter>` overrides the measured default (docs/serving.md).
 THREADS_ENV = "MNIST_SERVE_THREADS"
@@ -71,8 +74,25 @@ def _set_threads(tf) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads[1])
 
 
+def calibrated(probabilities: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T), row by row (as training.calibration.scale computes it)."""
+    if temperature == 1.0:
+        return probabilities
+    logits = np.log(np.clip(probabilities.astype(np.float64), np.finfo(np.float32).tiny, None))
+    logits /= temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
 class DigitClassifier(mlflow.pyfunc.PythonModel):
-    """uint8 images (N, 28, 28) -> float32 class probabilities (N, 10)."""
+    """uint8 images (N, 28, 28) -> float32 calibrated class probabilities (N, 10).
+
+    `threshold`: answers whose top probability is below it are "unsure" (callers mark them;
+    the probabilities are the answer)."""
+
+    temperature = 1.0
+    threshold = 0.0
 
     # Requests are checked against the logged uint8 signature, not `predict`'s type hints
     # (MLflow would warn, at every load, that there are none).
@@ -86,6 +106,11 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
         except RuntimeError:
             pass  # TensorFlow already runs (another model in this process): keep its threads
         model = load_keras_safely(context.artifacts[KERAS_ARTIFACT])
+        if CALIBRATION_ARTIFACT in context.artifacts:  # absent from models logged before it
+            with open(context.artifacts[CALIBRATION_ARTIFACT], encoding="utf-8") as fh:
+                fitted = json.load(fh)
+            self.temperature = float(fitted["temperature"])
+            self.threshold = float(fitted["threshold"])
         # One trace for every batch size: the batch axis is None in the signature.
         self._infer = tf.function(lambda images: model(images, training=False),
                                   input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE),
@@ -99,7 +124,7 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException(f"expected uint8 images of shape (N, 28, 28), got "
                                   f"{images.dtype} {images.shape}",
                                   error_code=INVALID_PARAMETER_VALUE)
-        return np.asarray(self._infer(images), dtype=np.float32)
+        return calibrated(np.asarray(self._infer(images), dtype=np.float32), self.temperature)
 
 
 set_model(DigitClassifier())

@@ -26,6 +26,7 @@ import time
 import keras
 import tensorflow as tf
 
+from ..config import AugmentationConfig
 from ..data.splits import NUM_CLASSES, Split
 from ..errors import TrainingError
 from .loop import EpochLoop, _correct
@@ -66,7 +67,8 @@ class WorkerLoop(EpochLoop):
     """`EpochLoop` for one worker of a multi-worker strategy (see the module docstring)."""
 
     def __init__(self, model: keras.Model, train: Split, val: Split, *, strategy: object,
-                 batch_size: int, shuffle: bool, seed: int, augment: bool,
+                 batch_size: int, shuffle: bool, seed: int,
+                 augment: bool | AugmentationConfig,
                  jit_compile: bool, stall_timeout_s: float) -> None:
         with strategy.scope():  # type: ignore[attr-defined]
             super().__init__(model, train, val, batch_size=batch_size, shuffle=shuffle,

@@ -95,9 +95,10 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
         callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
                                     dict(checkpoint_meta or {})))
 
+    augment = cfg.augmentation if cfg.augment else False
     if runtime.task is not None:  # one worker of a multi-worker job (Model.fit cannot)
         with WorkerLoop(model, train, val, strategy=runtime.strategy, batch_size=global_batch,
-                        shuffle=cfg.shuffle, seed=cfg.seed, augment=cfg.augment,
+                        shuffle=cfg.shuffle, seed=cfg.seed, augment=augment,
                         jit_compile=bool(model.jit_compile),
                         stall_timeout_s=job.runtime.collective_timeout_s) as loop:
             history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
@@ -106,14 +107,14 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
         # model.jit_compile: what compile() kept of the request (Keras turns XLA off under op
         # determinism and for layers that do not support it).
         with EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
-                       seed=cfg.seed, augment=cfg.augment, steps_per_call=steps_per_execution,
+                       seed=cfg.seed, augment=augment, steps_per_call=steps_per_execution,
                        jit_compile=bool(model.jit_compile)) as loop:
             history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
                                verbose=verbose)
     else:
         # Under a tf.distribute strategy (even with one replica), Keras' own loop feeds it.
         train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
-                           augment=cfg.augment)
+                           augment=augment)
         val_ds = dataset(val, batch_size=max(global_batch, 1000))
         history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
                             initial_epoch=initial_epoch, callbacks=callbacks,

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import config
-from ..config import RUN_SECTIONS, PathsConfig, TrainJob
+from ..config import RUN_SECTIONS, CalibrationConfig, PathsConfig, TrainJob
+from ..data.splits import Split, load_split
 from ..data.splits import digest as data_digest
-from ..data.splits import load_split
 from ..errors import Interrupted
 from ..files import write_json
 from ..tracking import lineage, logged_models, runs, store
-from . import callbacks, curves, models
-from .fit import fit
+from . import calibration, callbacks, curves, models
+from .fit import fit, predict
 from .runtime import Runtime, configure_runtime
 
 # Keys that change how a run is resumed, not what it computes.
@@ -47,6 +47,7 @@ class Outcome:
     test_sha256: str
     stopped_by_hook: bool
     initial_epoch: int
+    calibration: calibration.Calibration
 
 
 def run_params(job: TrainJob) -> dict[str, Any]:
@@ -139,7 +140,8 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
                        history=result.history,
                        metrics=final_metrics(result, time.perf_counter() - started),
                        runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
-                       stopped_by_hook=False, initial_epoch=result.initial_epoch)
+                       stopped_by_hook=False, initial_epoch=result.initial_epoch,
+                       calibration=calibration.IDENTITY)
     experiment_id = store.connect(job.tracking)
     for run_id in runs.reap_orphans(experiment_id):
         print(f"train: run {run_id} had lost its process (killed); marked KILLED")
@@ -186,6 +188,8 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
         metrics = final_metrics(result, wall)
         runs.log_metrics(metrics)
         model = models.as_float32(result.model, job.model)
+        fitted = calibrate(model, splits["val"], job.train.calibration)
+        runs.log_metrics(calibration_metrics(fitted))
         if log_model:
             runs.log_text(models.summary(model), "model_summary.txt")
         with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +198,8 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
             runs.log_artifact(png)
         model_uri = ""
         if log_model:
-            model_uri = logged_models.log_keras_model(model, tags={"data.sha256": data_sha256})
+            model_uri = logged_models.log_keras_model(model, calibration=fitted.to_dict(),
+                                                      tags={"data.sha256": data_sha256})
             runs.set_tags({"model_uri": model_uri})
 
     if checkpoint_dir:
@@ -202,7 +207,25 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
     return Outcome(run_id=run_id, experiment_id=experiment_id, model_uri=model_uri,
                    model=model, history=result.history, metrics=metrics,
                    runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
-                   stopped_by_hook=stopped_by_hook, initial_epoch=result.initial_epoch)
+                   stopped_by_hook=stopped_by_hook, initial_epoch=result.initial_epoch,
+                   calibration=fitted)
+
+
+def calibrate(model: Any, val: Split, cfg: CalibrationConfig) -> calibration.Calibration:
+    """The temperature and the abstention threshold, fitted on the validation split's
+    outputs of the model as it will be saved (float32)."""
+    return calibration.fit(predict(model, val.images), val.labels,
+                           target=cfg.selective_accuracy,
+                           scale_temperature=cfg.temperature_scaling, val_sha256=val.sha256())
+
+
+def calibration_metrics(fitted: calibration.Calibration) -> dict[str, float]:
+    """The run's record of its calibration (the model version carries the values)."""
+    return {"calibration_temperature": fitted.temperature,
+            "calibration_threshold": fitted.threshold,
+            "val_coverage": fitted.val_coverage,
+            "val_nll_uncalibrated": fitted.val_nll_before, "val_nll": fitted.val_nll_after,
+            "val_ece_uncalibrated": fitted.val_ece_before, "val_ece": fitted.val_ece_after}
 
 
 def final_metrics(result: fit.Result, wall_s: float) -> dict[str, float]:
@@ -226,7 +249,8 @@ def write_outputs(outcome: Outcome, paths: PathsConfig) -> None:
     models.save(outcome.model, paths.model)
     write_json(paths.run, {"run_id": outcome.run_id, "experiment_id": outcome.experiment_id,
                            "model_uri": outcome.model_uri, "data_sha256": outcome.data_sha256,
-                           "test_sha256": outcome.test_sha256})
+                           "test_sha256": outcome.test_sha256,
+                           "calibration": outcome.calibration.to_dict()})
     write_json(paths.train_metrics, {k: round(v, 6) for k, v in outcome.metrics.items()})
     curves.write_history_csv(paths.train_history, outcome.history,
                              first_epoch=outcome.initial_epoch + 1)

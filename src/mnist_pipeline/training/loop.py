@@ -10,8 +10,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..config import AugmentationConfig
 from ..data.splits import ALIGNMENT, NUM_CLASSES, Split
-from .inputs import _augmenter
+from .inputs import augmenter
 
 
 def resident(array: np.ndarray) -> tf.Tensor:
@@ -49,7 +50,8 @@ class EpochLoop:
     """
 
     def __init__(self, model: keras.Model, train: Split, val: Split, *, batch_size: int,
-                 shuffle: bool, seed: int, augment: bool, steps_per_call: int,
+                 shuffle: bool, seed: int, augment: bool | AugmentationConfig,
+                 steps_per_call: int,
                  jit_compile: bool) -> None:
         if len(train) == 0 or len(val) == 0:
             raise ValueError("training loop: got an empty train or validation split, "
@@ -67,7 +69,7 @@ class EpochLoop:
         self.val_batch = max(batch_size, 1000)
         self.train_x, self.train_y = resident(train.images), resident(train.labels)
         self.val_x, self.val_y = resident(val.images), resident(val.labels)
-        self.augment = _augmenter(seed) if augment else None
+        self.augment = augmenter(seed, augment) if augment else None
         optimizer = model.optimizer
         if not optimizer.built:  # variables must exist before tracing
             optimizer.build(model.trainable_variables)

@@ -1,0 +1,136 @@
+"""The gate's rules beyond clean accuracy: robustness non-inferiority on the corrupted suite,
+the calibration ceiling, and the significance level the test-set budget sets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from helpers import config as test_config
+
+from mnist_pipeline.evaluation import reuse
+from mnist_pipeline.evaluation.gate import Candidate, Champion, decide, summary_line
+from mnist_pipeline.evaluation.scores import paired_difference
+
+N = 1000
+SHA, SUITE = "a" * 64, "s" * 64
+CFG = test_config.section("gate")  # the defaults: every rule on
+
+
+def corrupted(accuracy: float, corruptions: int = 15, seed: int = 0) -> np.ndarray:
+    """(corruptions, N) correctness with about `accuracy` right, in random places."""
+    return np.random.default_rng(seed).random((corruptions, N)) < accuracy
+
+
+def candidate(n_wrong: int = 10, *, robust: float = 0.95, ece: float = 0.004,
+              **changes) -> Candidate:
+    correct = np.ones(N, dtype=bool)
+    correct[:n_wrong] = False
+    base = Candidate(accuracy=correct.mean(), loss=0.05, class_recall=[0.99] * 10, n_test=N,
+                     test_sha256=SHA, trained_test_sha256=SHA, correct=correct,
+                     pyfunc_matches_keras=True, ece=ece,
+                     corrupted_correct=corrupted(robust, seed=1), suite_sha256=SUITE)
+    return replace(base, **changes)
+
+
+def champion(n_wrong: int = 30, *, robust: float = 0.95, **changes) -> Champion:
+    correct = np.ones(N, dtype=bool)
+    correct[:n_wrong] = False
+    base = Champion(version="1", accuracy=correct.mean(), correct=correct, test_sha256=SHA,
+                    corrupted_correct=corrupted(robust, seed=2), suite_sha256=SUITE)
+    return replace(base, **changes)
+
+
+def rule(verdict, name):
+    return next(r for r in verdict.rules if r.name == name)
+
+
+def test_corrupt_paired_difference_is_clustered_by_image():
+    # Two corruptions; per image the differences are (1, 1), (0, 0), (-1, 1), (0, 0):
+    # per-image means 1, 0, 0, 0 -> mean 0.25, sd 0.5, standard error 0.25.
+    ours = np.array([[1, 0, 0, 1], [1, 0, 1, 1]], dtype=bool)
+    theirs = np.array([[0, 0, 1, 1], [0, 0, 0, 1]], dtype=bool)
+    diff, se = paired_difference(ours, theirs)
+    assert diff == pytest.approx(0.25) and se == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="the same .groups, images. shape"):
+        paired_difference(ours, theirs[:, :3])
+
+
+def test_corrupt_robustness_rule_passes_an_equally_robust_candidate():
+    verdict = decide(candidate(), champion(), CFG)
+    robust = rule(verdict, "robust_vs_champion")
+    assert robust.passed, robust.detail
+    assert robust.threshold == -0.01 and robust.value > -0.01
+    assert "one-sided 95% lower bound" in robust.detail and "> -0.01 margin" in robust.detail
+    assert verdict.passed, verdict.reason
+
+
+def test_corrupt_robustness_rule_rejects_a_cleaner_but_less_robust_candidate():
+    """The scenario the rule exists for: better on clean digits (significantly), much worse
+    on shifted ones."""
+    verdict = decide(candidate(robust=0.75), champion(robust=0.89), CFG)
+    assert rule(verdict, "beats_champion").passed and rule(verdict, "significant").passed
+    robust = rule(verdict, "robust_vs_champion")
+    assert not robust.passed and robust.value < -0.1
+    assert robust.detail.startswith("significantly less robust: mean corruption accuracy")
+    assert not verdict.passed and verdict.reason.startswith("robust_vs_champion: ")
+    line = summary_line(verdict, "3", "1")
+    assert line.startswith("gate: REJECTED — v3 fails robust_vs_champion: significantly less "
+                           "robust") and line.endswith("champion stays v1")
+
+
+def test_corrupt_robustness_margin_is_configurable_and_can_be_off():
+    slightly_worse = candidate(robust=0.935)  # ~1.5 points below the champion's 0.95
+    assert not rule(decide(slightly_worse, champion(), CFG), "robust_vs_champion").passed
+    wide = test_config.section("gate", robustness_margin=0.05)
+    assert rule(decide(slightly_worse, champion(), wide), "robust_vs_champion").passed
+    off = test_config.section("gate", robustness_margin=None)
+    assert "robust_vs_champion" not in [r.name for r in decide(slightly_worse, champion(),
+                                                               off).rules]
+
+
+def test_corrupt_robustness_needs_the_same_suite():
+    verdict = decide(candidate(), champion(suite_sha256="z" * 64), CFG)
+    assert not rule(verdict, "robust_vs_champion").passed
+    assert "not the same images" in rule(verdict, "robust_vs_champion").detail
+    missing = decide(candidate(), champion(corrupted_correct=None), CFG)
+    assert "champion v1 was not scored on the corrupted suite" in \
+        rule(missing, "robust_vs_champion").detail
+
+
+def test_calibration_ceiling_passes_and_rejects():
+    ok = decide(candidate(ece=0.004), None, CFG)
+    assert rule(ok, "calibrated").passed
+    assert rule(ok, "calibrated").detail == "test ECE after temperature scaling 0.0040 <= max_ece 0.0200"
+    bad = decide(candidate(ece=0.095), None, CFG)
+    assert not bad.passed and bad.reason == (
+        "calibrated: test ECE after temperature scaling 0.0950 > max_ece 0.0200")
+    missing = decide(candidate(ece=None), None, CFG)
+    assert not rule(missing, "calibrated").passed
+    assert "calibrated" not in [r.name for r in decide(
+        candidate(ece=0.5), None, test_config.section("gate", max_ece=None)).rules]
+
+
+def test_reuse_budget_sets_the_significance_level():
+    # 20 images fixed, none broken: p = 2 * 0.5**20 ~= 1.9e-6.
+    strong = candidate(n_wrong=10)
+    spent = reuse.budget([False] * 9, 0.05)  # the 10th decision: 0.05 / 110 ~= 4.5e-4
+    verdict = decide(strong, champion(), CFG, budget=spent)
+    assert verdict.passed and verdict.decision == 10
+    assert verdict.level == pytest.approx(0.05 / 110)
+    assert "(decision 10 on this test set)" in rule(verdict, "significant").detail
+    assert verdict.to_dict()["level"] == pytest.approx(0.05 / 110)
+    # 6 fixed, none broken: p = 2 * 0.5**6 ~= 0.031, enough at 0.05 but not at the 10th level.
+    weak = candidate(n_wrong=24)
+    assert decide(weak, champion(), test_config.section("gate", reuse=False),
+                  budget=spent).passed
+    late = decide(weak, champion(), CFG, budget=spent)
+    assert not late.passed and late.reason.startswith("significant: McNemar exact p=0.0312 >= "
+                                                      "level 0.000455 (decision 10")
+
+
+def test_reuse_first_comparison_is_tested_at_half_alpha():
+    verdict = decide(candidate(n_wrong=24), champion(), CFG, budget=reuse.budget([], 0.05))
+    assert verdict.decision == 1 and verdict.level == pytest.approx(0.025)
+    assert not verdict.passed  # p = 0.031 >= 0.025: a first decision spends half the budget
