@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train_speed import ROOT, child_env, cpu_model, run_measured, table
+from train_speed import ROOT, check_recipes, child_env, cpu_model, run_measured, table
 
 DEFAULT_RECIPES = ("mlp", "fast", "best", "robust")
 BASELINE = "fast"
@@ -51,11 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         return args
     if args.max_epochs < 0:
         parser.error(f"--max-epochs: got {args.max_epochs}, expected an integer >= 0")
-    experiments = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
-    unknown = [r for r in args.recipes if r not in {"mlp", *experiments}]
-    if unknown:
-        parser.error(f"--recipes: unknown {unknown}; expected mlp or one of "
-                     f"{sorted(experiments)}")
+    check_recipes(parser, args.recipes, ("mlp",))
     return args
 
 
@@ -160,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         name, processed, out, max_epochs = args.recipe_child
         recipe_child(name, Path(processed), Path(out), int(max_epochs))
         return
+    from mnist_pipeline import startup
+
+    startup.quiet()  # this process scores the models: no TensorFlow start-up lines
     print(f"robustness: {cpu_model()}; recipes {', '.join(args.recipes)}", flush=True)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="robustness-") as work:

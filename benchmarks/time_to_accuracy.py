@@ -40,6 +40,7 @@ from typing import Any
 
 from train_speed import (
     ROOT,
+    check_recipes,
     child_env,
     cpu_model,
     raw_arrays,
@@ -76,11 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         return args
     if args.max_epochs < 0:
         parser.error(f"--max-epochs: got {args.max_epochs}, expected an integer >= 0")
-    experiments = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
-    unknown = [r for r in args.recipes if r not in {"peer", "mlp", *experiments}]
-    if unknown:
-        parser.error(f"--recipes: got {', '.join(unknown)}, expected peer, mlp or one of "
-                     f"conf/experiment/: {', '.join(sorted(experiments))}")
+    check_recipes(parser, args.recipes, ("peer", "mlp"))
     return args
 
 

@@ -126,6 +126,16 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
+def check_recipes(parser: argparse.ArgumentParser, recipes: Sequence[str],
+                  named: Sequence[str]) -> None:
+    """Fail the parse unless every recipe is one of `named` or a conf/experiment/ file."""
+    experiments = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
+    unknown = [r for r in recipes if r not in {*named, *experiments}]
+    if unknown:
+        parser.error(f"--recipes: got {', '.join(unknown)}, expected {', '.join(named)} or "
+                     f"one of conf/experiment/: {', '.join(sorted(experiments))}")
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     """Left-aligned first column, right-aligned others."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]

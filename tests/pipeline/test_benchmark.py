@@ -228,7 +228,8 @@ def robustness():
 def test_corrupt_benchmark_arguments_are_validated(robustness, capsys):
     with pytest.raises(SystemExit):
         robustness.parse_args(["--recipes", "nope"])
-    assert "--recipes: unknown ['nope']" in capsys.readouterr().err
+    assert "--recipes: got nope, expected mlp or one of conf/experiment/:" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit):
         robustness.parse_args(["--max-epochs", "-2"])
     assert "--max-epochs: got -2" in capsys.readouterr().err

@@ -33,7 +33,7 @@ WEAKEST = 3  # classes named under the limits
 RESEMBLES = {"translate": "translate", "rotate": "rotate", "zoom": "scale", "shear": "shear",
              "noise": "shot noise and impulse noise", "blur": "glass blur and motion blur",
              "contrast": "brightness and fog",
-             "erase": "spatter, stripe, dotted line and zigzag (occlusion)"}
+             "erase": "spatter and stripe (patches of one grey)"}
 
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", alt, path)
 
