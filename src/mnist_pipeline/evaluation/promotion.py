@@ -260,7 +260,10 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
             "test_accuracy": f"{scores.accuracy:.6f}", "test_loss": f"{scores.loss:.6f}",
             "test_macro_f1": f"{scores.macro_f1:.6f}",
             "corrupted_mean_accuracy": f"{shift.mean_accuracy:.6f}",
-            "test_ece": f"{shift.clean.ece:.6f}"})
+            "test_ece": f"{shift.clean.ece:.6f}",
+            # What the version's served model applies (its calibration.json artifact).
+            "calibration_temperature": f"{fitted.temperature:.6g}",
+            "abstain_threshold": f"{fitted.threshold:.6g}"})
         if verdict.passed and not reigning:
             lock.check()  # the decision stands only while no one else can move the alias
             registry.promote(name, version_id)
