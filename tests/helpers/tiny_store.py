@@ -46,6 +46,14 @@ class Store:
     parent_run_id: str
     model: Any          # the trained Keras model, for reference predictions
     test: Split
+    temperature: float  # the calibration the served model applies
+    threshold: float    # its abstention threshold
+
+    def served(self, images: np.ndarray) -> np.ndarray:
+        """What the served model answers: the Keras model's probabilities, calibrated."""
+        from mnist_pipeline.training.calibration import scale
+
+        return scale(self.model.predict(images, verbose=0), self.temperature)
 
 
 def synthetic_splits() -> dict[str, Split]:
@@ -103,7 +111,8 @@ def build(root: Path, splits: dict[str, Split], *, epochs: int = 3,
     return Store(root=root, tracking=tracking_cfg, experiment_id=experiment_id,
                  run_id=outcome.run_id, run_name=run_name,
                  version=decision.version, parent_run_id=parent_run_id, model=outcome.model,
-                 test=splits["test"])
+                 test=splits["test"], temperature=outcome.calibration.temperature,
+                 threshold=outcome.calibration.threshold)
 
 
 @contextlib.contextmanager

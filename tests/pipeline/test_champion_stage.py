@@ -41,7 +41,7 @@ def _gate(path) -> dict:
 def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves(tmp_path):
     path = repo.make(tmp_path / "repo")
     ran, out = _repro(path)
-    assert ran == {"fetch", "preprocess", "train", "champion", "evaluate"}
+    assert ran == {"fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
     assert "gate: PASSED" in out and _gate(path)["champion_version"] == "1"
 
     ran, out = _repro(path)

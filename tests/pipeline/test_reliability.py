@@ -29,7 +29,7 @@ def _lock(path):
 
 def _out_hashes(path) -> dict[str, str]:
     lock = yaml.safe_load((path / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in ("fetch", "preprocess")
+    return {out["path"]: out["md5"] for stage in ("fetch", "preprocess", "corrupt")
             for out in lock["stages"][stage]["outs"]}
 
 
@@ -38,11 +38,11 @@ def _out_hashes(path) -> dict[str, str]:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
     clean = repo.make(tmp_path / "clean")
-    repo.run(["dvc", "repro", "preprocess"], clean)
+    repo.run(["dvc", "repro", "corrupt"], clean)
     clean_hashes = _out_hashes(clean)
 
     path = repo.make(tmp_path / "repo", epochs=400)
-    repo.run(["dvc", "repro", "preprocess"], path)
+    repo.run(["dvc", "repro", "corrupt"], path)
     before = _lock(path)
     proc = repo.start(["dvc", "repro"], path)
     repo.wait_for_epoch(path / "mlflow.db", 1, proc)  # the train stage is mid-run
@@ -69,7 +69,7 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
     assert "gate:" in done.stdout
     assert _out_hashes(path) == clean_hashes
     assert set(yaml.safe_load((path / "dvc.lock").read_text())["stages"]) == {
-        "fetch", "preprocess", "train", "champion", "evaluate"}
+        "fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
     assert statuses[killed[0].info.run_id] == "KILLED", "no run is left RUNNING"
     assert "RUNNING" not in statuses.values()

@@ -136,15 +136,12 @@ def test_abstain_threshold_and_temperature_travel_with_the_model_version(in_repo
     knows its abstention threshold."""
     import json
 
-    from mnist_pipeline.training import calibration
-
     model = logged_models.load_pyfunc(f"models:/mnist-classifier/{in_repo.version}")
     fitted = json.loads((in_repo.root / "models/run.json").read_text())["calibration"]
-    assert model.threshold == pytest.approx(fitted["threshold"])
-    assert fitted["temperature"] != 1.0
-    raw = np.asarray(in_repo.model.predict(in_repo.test.images, verbose=0))
+    assert model.threshold == pytest.approx(fitted["threshold"]) == in_repo.threshold
+    assert fitted["temperature"] == in_repo.temperature != 1.0
     np.testing.assert_allclose(model.predict(in_repo.test.images),
-                               calibration.scale(raw, fitted["temperature"]), atol=1e-5)
+                               in_repo.served(in_repo.test.images), atol=1e-5)
 
 
 def test_no_model_is_loaded_when_no_file_converts(tmp_path, monkeypatch, capsys):

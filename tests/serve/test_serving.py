@@ -155,9 +155,11 @@ def test_champion_predicts_like_the_keras_model(server, store, key):
     predictions = np.asarray(json.loads(body)["predictions"], dtype=np.float32)
     assert predictions.shape == (16, 10)
     np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
-    expected = store.model.predict(images, verbose=0)
+    expected = store.served(images)  # calibrated with the version's temperature
     np.testing.assert_array_equal(predictions.argmax(axis=1), expected.argmax(axis=1))
     np.testing.assert_allclose(predictions, expected, atol=1e-5)
+    # Each answer below the version's abstention threshold is marked, none hidden.
+    assert json.loads(body)["unsure"] == (predictions.max(axis=1) < store.threshold).tolist()
 
 
 @pytest.mark.slow
@@ -167,8 +169,7 @@ def test_whole_number_floats_are_pixels(server, store):
     images, _ = synthetic_digits(2, seed=8)
     status, body = post(server, {"inputs": images.astype(float).tolist()})
     assert status == 200
-    expected = store.model.predict(images, verbose=0)
-    np.testing.assert_allclose(json.loads(body)["predictions"], expected, atol=1e-5)
+    np.testing.assert_allclose(json.loads(body)["predictions"], store.served(images), atol=1e-5)
 
 
 DIGITS = synthetic_digits(2, seed=9)[0].astype(int)
@@ -258,7 +259,7 @@ def test_json_parameters_go_to_mlflow_and_its_answers(server, store):
     """A body the guard does not answer itself (here: a charset spelled out and `params`)
     reaches MLflow's app, which answers it alike."""
     images, _ = synthetic_digits(3, seed=10)
-    expected = store.model.predict(images, verbose=0)
+    expected = store.served(images)
     for content_type, body in (("application/json; charset=UTF-8", {"inputs": images.tolist()}),
                                ("application/json", {"inputs": images.tolist(), "params": {}})):
         status, answer = post(server, body, content_type=content_type)

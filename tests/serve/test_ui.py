@@ -166,8 +166,10 @@ def test_browser_finds_runs_sweep_plots_and_champion(server, store, tmp_path):
 
             # Per-epoch metric charts (drawn lazily: search brings the wanted ones first).
             page.goto(f"{run_page}/model-metrics", wait_until="domcontentloaded")
-            page.get_by_placeholder("Search metric charts").fill("accuracy")
+            # One search per chart: "accuracy" alone also matches the evaluation's many
+            # accuracy metrics (per corruption), which would push a chart out of view.
             for chart in ("accuracy", "val_accuracy"):
+                page.get_by_placeholder("Search metric charts").fill(chart)
                 expect(page.get_by_text(chart, exact=True).first).to_be_visible()
             expect(page.get_by_text("Step").first).to_be_visible()  # a line chart's x axis
             save_screenshot(page, tmp_path, "metrics")

@@ -20,6 +20,7 @@ from helpers.digits import synthetic_digits
 from helpers.team import client_env
 
 from mnist_pipeline import config
+from mnist_pipeline.data import corruptions, suite
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.errors import PromotionError
 from mnist_pipeline.files import write_json
@@ -43,10 +44,12 @@ def graded_model(broken: tuple[int, ...]):
         mask[row:row + 2, 4:24] = 10.0 / 40  # ~10 for the class's own bar, ~1 for noise
         target = (cls + 1) % 10 if cls in broken else cls
         weights[:, target] += mask.ravel()
+    # float32 whatever global policy an earlier test in this process left (training sets
+    # mixed_bfloat16 process-wide on CPUs where it is faster), as the train stage saves models.
     model = keras.Sequential([
         keras.Input((28, 28), dtype="uint8", name="image"),
-        keras.layers.Rescaling(1.0 / 255), keras.layers.Flatten(),
-        keras.layers.Dense(10, activation="softmax", name="probabilities")])
+        keras.layers.Rescaling(1.0 / 255, dtype="float32"), keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax", dtype="float32", name="probabilities")])
     model.layers[-1].set_weights([weights, np.zeros(10, np.float32)])
     return model
 
@@ -74,8 +77,10 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
     repo.run(["git", "clone", "-q", str(checkouts[0]), str(tmp_path / "b")], tmp_path)
     checkouts.append(tmp_path / "b")
     test = Split(*synthetic_digits(TEST_IMAGES, seed=3))
+    corrupted = corruptions.generate(test.images, ["fog"], seed=0)
     for checkout in checkouts:
         save_split(checkout / "data/processed", "test", test)
+        suite.save(checkout / "data/corrupted", corrupted, test, seed=0)
     params = yaml.safe_load((checkouts[0] / "params.yaml").read_text())
     experiment = store.connect(config.section(
         {"tracking": {**params["tracking"], "experiment_name": "race"}}, "tracking"))

@@ -18,7 +18,7 @@ from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.errors import Interrupted
 from mnist_pipeline.tracking import logged_models
 from mnist_pipeline.tracking.runs import GIT_COMMIT
-from mnist_pipeline.training import job, models
+from mnist_pipeline.training import calibration, job, models
 from mnist_pipeline.training.callbacks import onecycle_factor, schedule_factor
 from mnist_pipeline.training.fit import weights_digest
 from mnist_pipeline.training.runtime import cpu_bf16_unit, cpu_precision, resolve_precision
@@ -64,8 +64,12 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
     images = synthetic_digits(5, seed=9)[0]
     keras_model = logged_models.load_keras(outcome.model_uri)  # the .keras inside the pyfunc
     pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
-    np.testing.assert_allclose(pyfunc.predict(images), keras_model.predict(images, verbose=0),
-                               atol=1e-6)
+    # The served model applies the temperature the run fitted on the validation split.
+    temperature = outcome.calibration.temperature
+    assert temperature != 1.0 and run.data.metrics["calibration_temperature"] == temperature
+    np.testing.assert_allclose(
+        pyfunc.predict(images),
+        calibration.scale(keras_model.predict(images, verbose=0), temperature), atol=1e-6)
     spec = pyfunc.metadata.get_input_schema().inputs[0]
     assert spec.type == np.dtype("uint8") and spec.shape == (-1, 28, 28)
     assert not (tmp_path / "ckpt" / "state.json").exists(), "checkpoint cleared after success"
@@ -94,13 +98,13 @@ def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, digest", [
-    ((), "7561b455cca9957cad7aa07c3a695913f8452c5a2bf36d085290e91237821be3"),
+    ((), "06f85943181a6c022ecd68fb013f277fc5e5a1078908527999081283931c4feb"),
     (("runtime.jit_compile=false", "optimizer.learning_rate=1"),
-     "8d02b2f1a46ac473263ce692a436bb551ff2b20f165747e89721542a377119fa"),
+     "c8a3a105c042d6aef7f2dd25dc6a8f635740484fe284c8dead257a76796f23de"),
 ])
 def test_run_params_and_config_digest_are_unchanged(overrides, digest):
-    # Pinned digests (the dataclass schema's, plus runtime.workers, collective_timeout_s and
-    # train.label_smoothing):
+    # Pinned digests (the dataclass schema's, plus runtime.workers, collective_timeout_s,
+    # train.label_smoothing, and train.augmentation and train.calibration):
     # a run resumes from its checkpoints, and compares with earlier runs, only while these
     # stay the same; a change to them must be deliberate.
     train_job = config.TrainJob.from_config(test_config.composed(*overrides))
