@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-offline system-deps lock params ui serve predict sweep bench \
+.PHONY: setup repro test test-fast test-offline system-deps lock params ui serve predict sweep bench \
         team-up team-down team-status team-env
 
 setup: $(STAMP)
@@ -31,6 +31,14 @@ repro: setup
 
 test: setup system-deps
 	pytest -n 2 --dist loadfile
+
+# The developer's loop, about a minute on 2 cores: config, data and the corrupted suite, gate
+# rules, scores, calibration, cards, imaging, the request guard, the CLI, the tracking
+# helpers. No training, no servers, no browser; `make test` runs everything.
+FAST_TESTS := tests/config tests/data tests/docs tests/evaluation tests/serve tests/tracking \
+              tests/pipeline/test_dvc_graph.py tests/training/test_calibration.py
+test-fast: setup
+	pytest -n 2 -m "not slow and not browser and not team and not network" $(FAST_TESTS)
 
 test-offline: setup
 	pytest -n 2 --dist loadfile -m "not network"
