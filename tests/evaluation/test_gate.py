@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import config as test_config
 
-from mnist_pipeline.evaluation.gate import Candidate, Champion, decide, summary_line
+from mnist_pipeline.evaluation.gate import Candidate, Champion, Parity, decide, summary_line
 
 N = 1000
 SHA = "a" * 64
@@ -30,10 +30,16 @@ def correct_with(n_wrong: int, n: int = N) -> np.ndarray:
     return out
 
 
+def parity(disagreements: int = 0, served_accuracy: float = 0.97, **changes) -> Parity:
+    """The served ONNX model against Keras (accuracy 0.97 on N images)."""
+    return Parity(**{"images": N, "disagreements": disagreements, "keras_accuracy": 0.97,
+                     "served_accuracy": served_accuracy, "max_difference": 2e-6, **changes})
+
+
 def candidate(n_wrong: int = 30, **changes) -> Candidate:
     base = Candidate(accuracy=(N - n_wrong) / N, loss=0.1, class_recall=[0.97] * 10,
                      n_test=N, test_sha256=SHA, trained_test_sha256=SHA,
-                     correct=correct_with(n_wrong), pyfunc_matches_keras=True)
+                     correct=correct_with(n_wrong), parity=parity())
     return replace(base, **changes)
 
 
@@ -58,7 +64,7 @@ def test_first_run_without_champion_passes_on_six_rules():
     assert verdict.passed
     assert [r.name for r in verdict.rules] == [
         "test_set_nonempty", "metrics_present", "test_data_matches_training",
-        "min_accuracy", "min_class_recall", "pyfunc_smoke_test"]
+        "min_accuracy", "min_class_recall", "served_parity"]
     assert verdict.p_value is None
     assert verdict.reason == "passed all 6 rules (no champion yet)"
 
@@ -82,9 +88,12 @@ def test_the_champion_re_checked_says_so():
     ({"trained_test_sha256": None}, "test_data_matches_training", "recorded no test set hash"),
     ({"accuracy": 0.941}, "min_accuracy", "0.9410 < 0.9500"),
     ({"class_recall": [0.97] * 8 + [0.87, 0.95]}, "min_class_recall", "class 8 recall 0.8700"),
-    ({"pyfunc_matches_keras": False, "smoke_detail": "3 of 64 differ"}, "pyfunc_smoke_test",
-     "3 of 64 differ"),
-    ({"pyfunc_matches_keras": None}, "pyfunc_smoke_test", "did not run"),
+    ({"parity": parity(disagreements=1)}, "served_parity",
+     "labels differ on 1 of 1000 test images (agreement 0.9990)"),
+    ({"parity": parity(served_accuracy=0.9694)}, "served_parity", "accuracy gap over 0.0005"),
+    ({"parity": parity(error="could not load/predict models:/m-1")}, "served_parity",
+     "could not be checked: could not load/predict models:/m-1"),
+    ({"parity": None}, "served_parity", "it was not checked"),
 ])
 def test_each_bad_candidate_fails_naming_the_rule(changes, failing, words):
     verdict = decide(candidate(**changes), None, CFG)
@@ -211,9 +220,8 @@ def test_summary_lines():
     assert "more failing rule" in line and line.endswith("; champion stays v2")
     first = summary_line(decide(candidate(), None, CFG), "1", None)
     assert first == "gate: PASSED — v1 passed all 6 rules (no champion yet); v1 is now champion"
-    unregistered = summary_line(decide(candidate(pyfunc_matches_keras=False), None, CFG),
-                                None, None)
-    assert unregistered.startswith("gate: REJECTED — the candidate fails pyfunc_smoke_test")
+    unregistered = summary_line(decide(candidate(parity=parity(3)), None, CFG), None, None)
+    assert unregistered.startswith("gate: REJECTED — the candidate fails served_parity")
     assert unregistered.endswith("; no champion yet")
 
 
@@ -226,3 +234,17 @@ def test_a_version_withdrawn_by_a_rollback_is_not_promoted_back():
     assert verdict.reason.startswith(f"not_withdrawn: withdrawn by a rollback ({why})")
     assert "not_withdrawn" not in [r.name for r in decide(candidate(10), champion(30),
                                                           CFG).rules]
+
+
+def test_onnx_parity_rule_passes_within_both_bounds():
+    """99.95% agreement and 0.05 points of accuracy: the issue's bounds, met exactly."""
+    many = 10_000
+    ok = parity(disagreements=5, images=many, served_accuracy=0.9705)
+    verdict = decide(candidate(parity=ok), None, CFG)
+    rule_ = rule(verdict, "served_parity")
+    assert rule_.passed and rule_.value == pytest.approx(0.9995) and rule_.threshold == 0.9995
+    assert "labels differ on 5 of 10000 test images (agreement 0.9995), accuracy 0.9705 " \
+           "served vs 0.9700 Keras (+0.0005)" in rule_.detail
+    six = decide(candidate(parity=parity(disagreements=6, images=many)), None, CFG)
+    assert not six.passed and six.reason.startswith(
+        "served_parity: the served ONNX model's labels differ on 6 of 10000 test images")

@@ -10,10 +10,12 @@ import pytest
 from helpers import config as test_config
 
 from mnist_pipeline.evaluation import reuse
-from mnist_pipeline.evaluation.gate import Candidate, Champion, decide, summary_line
+from mnist_pipeline.evaluation.gate import Candidate, Champion, Parity, decide, summary_line
 from mnist_pipeline.evaluation.scores import paired_difference
 
 N = 1000
+PARITY = Parity(images=1000, disagreements=0, keras_accuracy=0.99, served_accuracy=0.99,
+                max_difference=0.0)
 SHA, SUITE = "a" * 64, "s" * 64
 CFG = test_config.section("gate")  # the defaults: every rule on
 
@@ -29,7 +31,7 @@ def candidate(n_wrong: int = 10, *, robust: float = 0.95, ece: float = 0.004,
     correct[:n_wrong] = False
     base = Candidate(accuracy=correct.mean(), loss=0.05, class_recall=[0.99] * 10, n_test=N,
                      test_sha256=SHA, trained_test_sha256=SHA, correct=correct,
-                     pyfunc_matches_keras=True, ece=ece,
+                     parity=PARITY, ece=ece,
                      corrupted_correct=corrupted(robust, seed=1), suite_sha256=SUITE)
     return replace(base, **changes)
 

@@ -74,7 +74,7 @@ def test_first_candidate_becomes_champion_then_a_worse_one_is_rejected(workspace
     assert report["passed"] is True and report["champion_version_before"] is None
     assert {r["name"] for r in report["rules"]} == {
         "test_set_nonempty", "metrics_present", "test_data_matches_training", "min_accuracy",
-        "min_class_recall", "pyfunc_smoke_test", "calibrated"}
+        "min_class_recall", "served_parity", "calibrated"}
     assert str(champion("mnist-classifier").version) == "1"
     for name in ("confusion.csv", "class_recall.csv", "confusion.png", "misclassified.png"):
         assert (workspace / "good/plots" / name).stat().st_size > 0

@@ -8,7 +8,10 @@ import pytest
 from helpers import config as test_config
 
 from mnist_pipeline.evaluation import gate, reuse
+from mnist_pipeline.evaluation.gate import Parity
 
+PARITY = Parity(images=1000, disagreements=0, keras_accuracy=0.99, served_accuracy=0.99,
+                max_difference=0.0)
 SHA = "t" * 64
 
 
@@ -70,7 +73,7 @@ def _model(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _decide(cfg, challenger: np.ndarray, champion: np.ndarray, promoted: list[bool]):
     candidate = gate.Candidate(
         accuracy=float(challenger.mean()), loss=0.05, class_recall=[1.0] * 10, n_test=N,
-        test_sha256=SHA, trained_test_sha256=SHA, correct=challenger, pyfunc_matches_keras=True)
+        test_sha256=SHA, trained_test_sha256=SHA, correct=challenger, parity=PARITY)
     holder = gate.Champion(version="1", accuracy=float(champion.mean()), correct=champion,
                            test_sha256=SHA)
     return gate.decide(candidate, holder, cfg, budget=reuse.budget(promoted, cfg.alpha))

@@ -88,3 +88,16 @@ def merge(base: Mapping[str, Any], changes: Mapping[str, Any], schema: Any) -> d
 
 def _is_section(schema: Any) -> bool:
     return isinstance(schema, type) and issubclass(schema, BaseModel)
+
+
+def float32_models():
+    """A fixture body: Keras' global dtype policy at float32 while a test builds models (an
+    earlier test in the same process may have left mixed_bfloat16, as training does)."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)

@@ -77,7 +77,7 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     # test compared it with the calibrated Keras outputs); evaluate recorded per-image outcomes.
     fitted = json.loads((pipeline / "models/run.json").read_text())["calibration"]
     assert fitted["temperature"] > 0 and fitted["val_images"] == 100
-    assert rule_passed(pipeline, "pyfunc_smoke_test")
+    assert rule_passed(pipeline, "served_parity")
     assert "evaluation/outcomes.npz" in [a.path for a in client.list_artifacts(
         champion.run_id, "evaluation")]
 

@@ -99,16 +99,16 @@ def test_unreadable_files_are_named_and_the_others_still_predicted(in_repo, pict
 @pytest.mark.slow
 def test_the_model_is_loaded_once_for_all_files(in_repo, pictures, monkeypatch, capsys):
     loads = []
-    real_load = logged_models.load_pyfunc
+    real_model = predict.OnnxDigitModel
 
-    def counting_load(uri):
-        loads.append(uri)
-        return real_load(uri)
+    def counting_model(folder):
+        loads.append(folder)
+        return real_model(folder)
 
-    monkeypatch.setattr(logged_models, "load_pyfunc", counting_load)
+    monkeypatch.setattr(predict, "OnnxDigitModel", counting_model)
     version_uri = f"models:/mnist-classifier/{in_repo.version}"
     assert predict.main([*pictures, "--model-uri", version_uri]) == 0
-    assert loads == [version_uri]
+    assert len(loads) == 1 and (loads[0] / "model.onnx").exists()
     assert len(parse(capsys.readouterr().out)) == len(pictures)
 
 
@@ -145,7 +145,7 @@ def test_abstain_threshold_and_temperature_travel_with_the_model_version(in_repo
 
 
 def test_no_model_is_loaded_when_no_file_converts(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(logged_models, "load_pyfunc", lambda uri: pytest.fail("model loaded"))
+    monkeypatch.setattr(predict, "OnnxDigitModel", lambda folder: pytest.fail("model loaded"))
     missing = tmp_path / "nothing.png"
     assert predict.main([str(missing)]) == 1
     assert f"{missing}: no such file" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The champion over REST with MLflow's model server: predictions, and bad requests."""
+"""The champion over REST: its ONNX export behind MLflow's scoring protocol, predictions and
+bad requests, and MLflow's own server on the same logged model."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from helpers.serving import alive, post
 from mnist_pipeline.config.loading import tracking_config
 from mnist_pipeline.errors import ServerError
 from mnist_pipeline.serve.model_server import main, model_server_command
+from mnist_pipeline.tracking.served_artifacts import Served
 from mnist_pipeline.tracking.store import connect
 
 pytestmark = pytest.mark.xdist_group("serving")
@@ -25,13 +28,15 @@ pytestmark = pytest.mark.xdist_group("serving")
 
 # --- the command line (no server) ----------------------------------------------------------
 
-def test_command_serves_the_champion_on_loopback(tmp_path, monkeypatch):
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    command = model_server_command(test_config.section("tracking"), port=5124)
+SERVED = Served(folder=Path("/models/v3/artifacts"), name="mnist-classifier", version="3")
+
+
+def test_command_serves_the_onnx_model_on_loopback():
+    command = model_server_command(test_config.section("tracking"), port=5124, served=SERVED)
     argv = command.argv
-    # MLflow's scoring app (what `mlflow models serve` runs) behind the guard, by uvicorn.
+    # This package's app (MLflow's scoring protocol, ONNX Runtime) by uvicorn.
     assert argv[:5] == [sys.executable, "-m", "uvicorn", "--factory",
-                        "mnist_pipeline.serve.model_server:scoring_app"]
+                        "mnist_pipeline.serve.app:create"]
 
     def option(name: str) -> str:
         return argv[argv.index(name) + 1]
@@ -40,68 +45,39 @@ def test_command_serves_the_champion_on_loopback(tmp_path, monkeypatch):
     assert option("--port") == "5124"
     assert option("--workers") == "1"
     env = command.env_overrides
-    assert env["MNIST_SERVE_MODEL_URI"] == "models:/mnist-classifier@champion"
+    assert env["MNIST_SERVE_MODEL_DIR"] == "/models/v3/artifacts"
+    assert (env["MNIST_SERVE_MODEL_NAME"], env["MNIST_SERVE_MODEL_VERSION"]) == \
+        ("mnist-classifier", "3")
     assert env["MNIST_SERVE_MAX_BODY_BYTES"] == str(16 * 1024 * 1024)
-    assert env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] == "60"
-    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    # MLflow starts `uvicorn` by name: this environment's must come first.
+    assert (env["MNIST_SERVE_MAX_BATCH"], env["MNIST_SERVE_MAX_WAIT_MS"]) == ("256", "2")
+    assert "MLFLOW_TRACKING_URI" not in env  # the server never opens the store
     assert command.env_overrides["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert command.url == "http://127.0.0.1:5124/invocations"
     assert command.ready_url == "http://127.0.0.1:5124/ping"
     assert not command.warnings
 
 
-def test_make_serve_names_the_app_by_its_module_path(tmp_path):
-    """Run as `python -m` (as `make serve` runs it) the module is `__main__`: the command
-    must still name the app where uvicorn can import it."""
-    test_config.write_params(tmp_path)
-    printed = subprocess.run(
-        [sys.executable, "-m", "mnist_pipeline.serve.model_server", "--print-command"],
-        env={**os.environ, "DVC_ROOT": str(tmp_path)}, capture_output=True, text=True,
-        check=True, timeout=120).stdout
-    assert "uvicorn --factory mnist_pipeline.serve.model_server:scoring_app" in printed
-    assert "MNIST_SERVE_MODEL_URI=models:/mnist-classifier@champion" in printed
-
-
-def test_plain_is_mlflow_models_serve_itself(tmp_path, monkeypatch):
+def test_mlflow_is_mlflow_models_serve_itself(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    command = model_server_command(test_config.section("tracking"), port=5124, plain=True)
+    command = model_server_command(test_config.section("tracking"), port=5124, mlflow=True)
     argv = command.argv
     assert argv[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
     assert argv[argv.index("--model-uri") + 1] == "models:/mnist-classifier@champion"
     assert argv[argv.index("--env-manager") + 1] == "local"
-    assert "MNIST_SERVE_MODEL_URI" not in command.env_overrides
+    assert command.env_overrides["MLFLOW_TRACKING_URI"] == \
+        f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_a_body_limit_below_one_byte_is_refused():
+def test_limits_out_of_range_are_refused():
     with pytest.raises(ServerError, match="--max-body-bytes: got 0"):
-        model_server_command(test_config.section("tracking"), max_body_bytes=0)
+        model_server_command(test_config.section("tracking"), max_body_bytes=0, served=SERVED)
+    with pytest.raises(ServerError, match="--max-batch 0, --max-wait-ms 2: expected"):
+        model_server_command(test_config.section("tracking"), max_batch=0, served=SERVED)
 
 
-def test_the_server_starts_tensorflow_as_quietly_as_a_stage(tmp_path, monkeypatch):
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
-    monkeypatch.delenv("MNIST_PIPELINE_DEBUG", raising=False)
-    quiet = model_server_command(test_config.section("tracking")).env_overrides
-    assert quiet["TF_CPP_MIN_LOG_LEVEL"] == "3"
-    assert quiet["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
-    monkeypatch.setenv("MNIST_PIPELINE_DEBUG", "1")
-    loud = model_server_command(test_config.section("tracking")).env_overrides
-    assert "TF_CPP_MIN_LOG_LEVEL" not in loud
-
-
-def test_registered_model_name_comes_from_params_yaml(tmp_path):
-    test_config.write_params(tmp_path, tracking={"registered_model": "digits-v2"})
-    cfg = tracking_config(tmp_path)
-    command = model_server_command(cfg)
-    assert "MNIST_SERVE_MODEL_URI=models:/digits-v2@champion" in command.shell()
-
-
-def test_other_model_and_explicit_wide_bind():
-    command = model_server_command(test_config.section("tracking"),
-                                           model_uri="models:/mnist-classifier/3",
-                                           host="0.0.0.0")
-    assert "MNIST_SERVE_MODEL_URI=models:/mnist-classifier/3" in command.shell()
+def test_explicit_wide_bind_is_warned():
+    command = model_server_command(test_config.section("tracking"), host="0.0.0.0",
+                                   served=SERVED)
     assert any("exposes this server" in w for w in command.warnings)
     assert command.url.startswith("http://127.0.0.1:")
 
@@ -184,20 +160,23 @@ MALFORMED = {
     "pixels over 255": ({"inputs": (DIGITS + 300).tolist()}, PIXELS),
     "negative whole floats": ({"inputs": (DIGITS - 1.0).tolist()}, PIXELS),
     "Infinity": (json.dumps({"inputs": DIGITS.tolist()}).replace("0", "Infinity", 1), PIXELS),
-    "strings": ({"inputs": [[["a"] * 28] * 28]}, "invalid literal"),
+    "strings": ({"inputs": [[["a"] * 28] * 28]}, "values, such as 'a'"),
     "NaN": (json.dumps({"inputs": DIGITS.tolist()}).replace("0", "NaN", 1), "got nan"),
     "integers beyond 64 bits": ({"inputs": [[[10 ** 30] * 28] * 28]}, "too large"),
     "ragged rows": ({"inputs": [[[1, 2], [3]]]}, "inhomogeneous"),
-    "null": ({"inputs": None}, "expects a single n-dimensional array"),
-    "an empty batch": ({"inputs": []}, "Failed to enforce schema"),
+    "null": ({"inputs": None}, "expected a list of images, got NoneType"),
+    "an empty batch": ({"inputs": []}, "an empty batch"),
     "no inputs key": ({"pixels": DIGITS.tolist()}, "exactly one of the input fields"),
     "both inputs and instances": ({"inputs": DIGITS.tolist(), "instances": DIGITS.tolist()},
                                   "exactly one of the input fields"),
-    "a bare list": (DIGITS.tolist(), "Received a list"),
+    "a bare list": (DIGITS.tolist(), "expected a JSON object, got list"),
     "invalid JSON": ('{"inputs": [[[0, 1,', "valid JSON"),
     "an empty body": (b"", "valid JSON"),
     "bytes that are not UTF-8": (b'\xff\xfe{"inputs": 1}', "valid JSON"),
-    "deeply nested inputs": ('{"inputs": ' + "[" * 500 + "]" * 500 + "}", "RecursionError"),
+    "deeply nested inputs": ('{"inputs": ' + "[" * 500 + "]" * 500 + "}",
+                             "not an array of numbers"),
+    "params for a model that takes none": ({"inputs": DIGITS.tolist(), "params": {"k": 1}},
+                                           "this model takes no parameters"),
 }
 
 
@@ -209,7 +188,7 @@ def test_malformed_payload_gets_a_400_with_a_reason(server, case):
     status, answer = post(server, body)
     assert status == 400, (status, answer[:300])
     error = json.loads(answer)
-    assert error["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE")
+    assert error["error_code"] == "BAD_REQUEST"
     assert reason in error["message"], error["message"][:500]
     assert alive(server)
 
@@ -222,8 +201,8 @@ def test_unsupported_content_type_gets_a_415(server):
     assert alive(server)
 
 
-# Three requests MLflow 3.17's scoring server alone answers wrongly (docs/serving.md names
-# the lines); the guard in front of it answers them.
+# Three requests MLflow 3.17's scoring server answers wrongly (docs/serving.md names the
+# lines); this server answers them.
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -255,9 +234,9 @@ def test_deeply_nested_json_is_a_client_error(server):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_json_parameters_go_to_mlflow_and_its_answers(server, store):
-    """A body the guard does not answer itself (here: a charset spelled out and `params`)
-    reaches MLflow's app, which answers it alike."""
+def test_mlflow_request_variants_are_answered_alike(server, store):
+    """What MLflow's clients send besides the plain body: the charset spelled out, and
+    empty `params`."""
     images, _ = synthetic_digits(3, seed=10)
     expected = store.served(images)
     for content_type, body in (("application/json; charset=UTF-8", {"inputs": images.tolist()}),
@@ -268,3 +247,83 @@ def test_json_parameters_go_to_mlflow_and_its_answers(server, store):
     status, answer = post(server, {"inputs": images.tolist()},
                           content_type="application/json; charset=latin-1")
     assert status == 415 and b"only supports UTF-8" in answer
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_onnx_server_process_loads_no_tensorflow(server, store):
+    """The server's process answers without TensorFlow: no TensorFlow library is mapped into
+    it after it has answered."""
+    images, _ = synthetic_digits(4, seed=11)
+    assert post(server, {"inputs": images.tolist()})[0] == 200
+    pid = _listening_pid(server)
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "onnxruntime" in maps
+    assert "tensorflow" not in maps.lower(), "a TensorFlow library is loaded in the server"
+
+
+def _listening_pid(port: int) -> int:
+    """The process that listens on `port` on loopback (the server: uvicorn, one worker)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inode = fields[9]
+    assert inode is not None, f"nothing listens on {port}"
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == f"socket:[{inode}]":
+                return int(fd.parts[2])
+        except OSError:
+            continue
+    raise AssertionError(f"no process holds the socket of port {port}")
+
+
+@pytest.mark.slow
+def test_onnx_app_imports_neither_tensorflow_nor_mlflow(store, monkeypatch):
+    """Making the app and answering a request, in a fresh process: neither TensorFlow nor
+    MLflow (nor Keras) is ever imported."""
+    from mnist_pipeline.tracking import served_artifacts
+
+    monkeypatch.setenv("DVC_ROOT", str(store.root))
+    with tempfile.TemporaryDirectory() as cache:
+        folder = served_artifacts.locate(tracking_config(store.root),
+                                         "models:/mnist-classifier@champion", cache).folder
+    script = f"""
+import asyncio, json, os, sys
+os.environ["MNIST_SERVE_MODEL_DIR"] = {str(folder)!r}
+from mnist_pipeline.serve import app
+served = app.create()
+sent = []
+async def send(message): sent.append(message)
+body = json.dumps({{"inputs": [[[0] * 28] * 28]}}).encode()
+messages = iter([{{"type": "http.request", "body": body, "more_body": False}}])
+async def receive(): return next(messages)
+scope = {{"type": "http", "method": "POST", "path": "/invocations",
+          "headers": [(b"content-type", b"application/json")]}}
+asyncio.run(served(scope, receive, send))
+print(sent[0]["status"], json.loads(sent[1]["body"])["unsure"])
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"tensorflow", "keras", "mlflow"}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, loaded = done.stdout.splitlines()
+    assert status.startswith("200 [") and loaded == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mlflow_models_serve_runs_the_onnx_pyfunc(store, tmp_path_factory):
+    """`mlflow models serve` on the logged model (the pyfunc runs the ONNX export): the
+    same answers, from a process whose pyfunc needs no TensorFlow."""
+    log = tmp_path_factory.mktemp("mlflow-serve-log") / "server.log"
+    command_for = lambda cfg, port: model_server_command(cfg, port=port, mlflow=True)  # noqa: E731
+    with tiny_store.server(store, command_for, log) as (_, port):
+        images, _ = synthetic_digits(5, seed=12)
+        status, answer = post(port, {"inputs": images.tolist()})
+        assert status == 200, answer[:300]
+        np.testing.assert_allclose(json.loads(answer)["predictions"], store.served(images),
+                                   atol=1e-5)
+        assert "tensorflow" not in Path(f"/proc/{_listening_pid(port)}/maps").read_text()

@@ -17,7 +17,7 @@ from helpers.serving import alive, post
 
 from mnist_pipeline.config.loading import tracking_config
 from mnist_pipeline.serve import load
-from mnist_pipeline.serve.guard import Guard, check
+from mnist_pipeline.serve.guard import RequestRefused, check
 from mnist_pipeline.serve.model_server import model_server_command
 from mnist_pipeline.serve.process import start, stop, wait_until_ready
 
@@ -56,20 +56,27 @@ def test_a_well_formed_batch_comes_back_as_uint8_images():
         np.testing.assert_array_equal(parsed, images)
 
 
-@pytest.mark.parametrize("body", [
-    {"inputs": [[[1] * 28] * 27]},                    # a shape MLflow names
-    {"inputs": [[[1] * 28] * 28], "params": {}},      # params: MLflow's
-    {"inputs": [["a"] * 28] * 28},                    # strings: MLflow's
-    [[[1] * 28] * 28],                                # a bare list: MLflow's
+@pytest.mark.parametrize("body, status, reason", [
+    ({"inputs": [[[1] * 28] * 27]}, 400, "does not match expected shape (-1, 28, 28)"),
+    ({"inputs": [[[1] * 28] * 28], "params": {"a": 1}}, 400, "takes no parameters"),
+    ({"inputs": [["a"] * 28] * 28}, 400, "pixels must be whole numbers"),
+    ([[[1] * 28] * 28], 400, "expected a JSON object, got list"),
+    ({"dataframe_split": {"data": [[1]]}}, 400, "exactly one of the input fields"),
 ])
-def test_everything_else_is_left_to_mlflow(body):
-    assert check("application/json", json.dumps(body).encode()) is None
-    assert check("text/csv", b"1,2,3") is None
+def test_everything_but_an_image_batch_is_refused_with_its_reason(body, status, reason):
+    with pytest.raises(RequestRefused) as refused:
+        check("application/json", json.dumps(body).encode())
+    assert refused.value.status == status and reason in refused.value.reason
+    with pytest.raises(RequestRefused) as refused:
+        check("text/csv", b"1,2,3")
+    assert refused.value.status == 415
 
 
-def test_a_guard_needs_a_positive_limit():
+def test_an_app_needs_a_positive_limit():
+    from mnist_pipeline.serve.app import ServingApp
+
     with pytest.raises(ValueError, match="max_body_bytes: got 0"):
-        Guard(app=None, max_body_bytes=0)
+        ServingApp(model=None, max_body_bytes=0)
 
 
 # --- the real server -----------------------------------------------------------------------

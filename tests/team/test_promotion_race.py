@@ -56,11 +56,12 @@ def graded_model(broken: tuple[int, ...]):
 
 def logged(model, test: Split, name: str, experiment: str) -> dict:
     """A training run as the train stage leaves it: the model logged, the test set's hash."""
-    from mnist_pipeline.tracking import logged_models, runs
+    from mnist_pipeline.tracking import runs
+    from mnist_pipeline.training import calibration, job
 
     with runs.run(experiment, run_name=name,
                   tags={"data.test_sha256": test.sha256(), "data.sha256": "synthetic"}) as run_id:
-        uri = logged_models.log_keras_model(model)
+        uri = job.log_served(model, calibration.IDENTITY)
     return {"run_id": run_id, "model_uri": uri}
 
 

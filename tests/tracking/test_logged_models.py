@@ -1,8 +1,10 @@
-"""The served model: a pyfunc around the .keras file, predicting what Keras predicts."""
+"""The served model: a pyfunc running the ONNX export, predicting what Keras predicts."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -11,9 +13,14 @@ from helpers import config as test_config
 from helpers.digits import synthetic_digits
 
 from mnist_pipeline.errors import ModelError
-from mnist_pipeline.tracking import logged_models, served_model
-from mnist_pipeline.training import models
+from mnist_pipeline.tracking import logged_models
+from mnist_pipeline.training import calibration, job, models
 
+
+
+@pytest.fixture(autouse=True)
+def _float32_models():
+    yield from test_config.float32_models()
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
@@ -39,24 +46,63 @@ def built(name: str) -> keras.Model:
     return models.build(test_config.section("model", name=name, **changes))
 
 
+def logged(model: keras.Model) -> str:
+    """The model logged as the train stage logs it: ONNX export, .keras file, calibration."""
+    return job.log_served(model, calibration.IDENTITY)
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
-def test_served_pyfunc_predicts_the_keras_probabilities(tracking, name):
+def test_onnx_served_pyfunc_predicts_the_keras_probabilities(tracking, name):
     model = built(name)
-    uri = logged_models.log_keras_model(model)
+    uri = logged(model)
     served = logged_models.load_pyfunc(uri)
     assert "keras" not in served.metadata.flavors  # the pyfunc, not MLflow's Keras flavour
     images, _ = synthetic_digits(300, seed=5)
-    for size in (1, 7, 256, 300):  # every batch size through the one traced function
+    for size in (1, 7, 256, 300):  # every batch size through the one ONNX graph
         probabilities = served.predict(images[:size])
         assert probabilities.dtype == np.float32 and probabilities.shape == (size, 10)
-        np.testing.assert_allclose(probabilities, model.predict(images[:size], verbose=0),
-                                   atol=1e-5)
-    infer = served.model.unwrap_python_model()._infer
-    assert infer.experimental_get_tracing_count() == 1  # no retracing across batch sizes
+        expected = model.predict(images[:size], verbose=0)
+        np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+        assert (probabilities.argmax(1) == expected.argmax(1)).all()
+    # It runs the copy of mnist_onnx.py logged in the model's code, not this package's.
+    runtime = served.model.unwrap_python_model().model
+    assert type(runtime).__name__ == "OnnxDigitModel" and type(runtime).__module__ == "mnist_onnx"
+
+
+def test_onnx_served_model_applies_its_calibration(tracking):
+    model = built("mlp")
+    fitted = dataclasses.replace(calibration.IDENTITY, temperature=0.5, threshold=0.7)
+    served = logged_models.load_pyfunc(job.log_served(model, fitted))
+    images, _ = synthetic_digits(20, seed=4)
+    np.testing.assert_allclose(served.predict(images),
+                               calibration.scale(model.predict(images, verbose=0), 0.5),
+                               atol=1e-5)
+    assert served.threshold == 0.7
+
+
+def test_onnx_served_model_needs_no_tensorflow(tracking):
+    """Its pip requirements leave TensorFlow and Keras out, and loading and predicting in a
+    fresh process imports neither."""
+    import mlflow
+
+    uri = logged(built("cnn"))
+    folder = mlflow.artifacts.download_artifacts(uri, dst_path=str(tracking / "model"))
+    requirements = (tracking / "model" / "requirements.txt").read_text()
+    assert "onnxruntime==" in requirements and "mlflow==" in requirements
+    assert "tensorflow" not in requirements and "keras" not in requirements
+    script = ("import sys, numpy as np, mlflow\n"
+              f"model = mlflow.pyfunc.load_model({folder!r})\n"
+              "print(model.predict(np.zeros((3, 28, 28), np.uint8)).shape)\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+              "('tensorflow', 'keras')))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["(3, 10)", "[]"]
 
 
 def test_signature_is_uint8_images_to_float32_probabilities(tracking):
-    served = logged_models.load_pyfunc(logged_models.log_keras_model(built("mlp")))
+    served = logged_models.load_pyfunc(logged(built("mlp")))
     inputs = served.metadata.get_input_schema().inputs[0]
     outputs = served.metadata.get_output_schema().inputs[0]
     assert (inputs.type, inputs.shape) == (np.dtype(np.uint8), (-1, 28, 28))
@@ -68,23 +114,8 @@ def test_signature_is_uint8_images_to_float32_probabilities(tracking):
 @pytest.mark.parametrize("flavour", ["pyfunc", "keras"])
 def test_the_keras_model_comes_back_from_either_flavour(tracking, flavour):
     model = built("mlp")
-    log = logged_models.log_keras_model if flavour == "pyfunc" else \
-        logged_models.log_keras_flavour
+    log = logged if flavour == "pyfunc" else logged_models.log_keras_flavour
     again = logged_models.load_keras(log(model))
     images, _ = synthetic_digits(8, seed=6)
     np.testing.assert_allclose(again.predict(images, verbose=0),
                                model.predict(images, verbose=0), atol=1e-6)
-
-
-def test_a_lambda_layer_in_the_artifact_is_refused_at_load(tmp_path):
-    inputs = keras.Input((28, 28), dtype="uint8")
-    x = keras.layers.Lambda(lambda t: t * 2.0, name="sneaky")(keras.layers.Flatten()(inputs))
-    path = tmp_path / "lambda.keras"
-    keras.Model(inputs, keras.layers.Dense(10)(x)).save(path)
-    from mlflow.exceptions import MlflowException
-
-    with pytest.raises(MlflowException, match="refused: .*sneaky"):
-        served_model.load_keras_safely(str(path))
-    assert served_model._bytecode_layers(json.loads(json.dumps(
-        {"layers": [{"class_name": "Dense"}, {"class_name": "Lambda",
-                                               "config": {"name": "f"}}]}))) == ["f"]

@@ -114,8 +114,8 @@ def test_calibration_fit_records_validation_before_and_after():
 
 
 def test_served_calibration_equals_the_trained_one():
-    """The pyfunc rescales with its own copy (it imports nothing of this package)."""
-    from mnist_pipeline.tracking.served_model import calibrated
+    """The served model rescales with its own copy (it imports nothing of this package)."""
+    from mnist_pipeline.tracking.mnist_onnx import calibrated
 
     rng = np.random.default_rng(1)
     probabilities = rng.dirichlet(np.ones(10), size=50).astype(np.float32)

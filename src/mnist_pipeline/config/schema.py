@@ -469,5 +469,9 @@ class GateConfig(Section):
     # Ceiling on the test set's expected calibration error after temperature scaling.
     # null: no calibration rule.
     max_ece: Fraction | None
+    # The served ONNX export against the Keras model on the test images: the share of labels
+    # that must agree, and how far apart their accuracies may be.
+    parity_agreement: Fraction
+    parity_accuracy_gap: Fraction
     # Exit non-zero on a rejected candidate (for CI pipelines that must stop).
     fail_on_reject: bool

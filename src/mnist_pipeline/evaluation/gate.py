@@ -26,6 +26,23 @@ from .scores import Z_95_ONE_SIDED, mcnemar_exact, paired_difference
 TOLERANCE = 1e-9
 
 
+@dataclass(frozen=True)
+class Parity:
+    """The served artifact (the ONNX export, through the logged pyfunc) against the Keras
+    model it was exported from, on the test images."""
+
+    images: int
+    disagreements: int        # test images whose served label differs from Keras'
+    keras_accuracy: float
+    served_accuracy: float
+    max_difference: float     # the largest difference of any probability
+    error: str = ""           # why the served model could not be loaded or run
+
+    @property
+    def agreement(self) -> float:
+        return 1 - self.disagreements / self.images if self.images else math.nan
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: the array field makes == ambiguous
 class Candidate:
     accuracy: float | None
@@ -35,8 +52,7 @@ class Candidate:
     test_sha256: str                  # the test set this evaluation scored
     trained_test_sha256: str | None   # the test set the training run recorded
     correct: np.ndarray               # (n_test,) bool, one entry per test image
-    pyfunc_matches_keras: bool | None  # None: the smoke test did not run or could not load
-    smoke_detail: str = ""
+    parity: Parity | None     # None: the served model was not checked
     withdrawn: str = ""  # why a rollback took `champion` away from this version, if one did
     ece: float | None = None  # expected calibration error on the test set, after scaling
     # (corruptions, n_test) bool: per corrupted image, on the suite `suite_sha256`
@@ -102,7 +118,7 @@ def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig,
         _test_data_matches_training(candidate),
         _min_accuracy(candidate, cfg),
         _min_class_recall(candidate, cfg),
-        _pyfunc_smoke_test(candidate),
+        _served_parity(candidate, cfg),
     ]
     if cfg.max_ece is not None:
         rules.append(_calibrated(candidate, cfg.max_ece))
@@ -225,16 +241,27 @@ def _min_class_recall(candidate: Candidate, cfg: GateConfig) -> Rule:
                 f"{cfg.min_class_recall:.4f}")
 
 
-def _pyfunc_smoke_test(candidate: Candidate) -> Rule:
-    matches = candidate.pyfunc_matches_keras
-    note = f": {candidate.smoke_detail}" if candidate.smoke_detail else ""
-    if matches is True:
-        detail = "the logged pyfunc model predicts as the Keras model does" + note
-    elif matches is False:
-        detail = "the logged pyfunc model's predictions differ from the Keras model's" + note
-    else:
-        detail = "the pyfunc smoke test did not run or could not load the model" + note
-    return Rule("pyfunc_smoke_test", matches is True, matches, True, detail)
+def _served_parity(candidate: Candidate, cfg: GateConfig) -> Rule:
+    """What is served must answer as the model that was measured: the ONNX export's labels
+    agree with the Keras model's on nearly every test image, and its accuracy is as close."""
+    name, threshold = "served_parity", cfg.parity_agreement
+    parity = candidate.parity
+    if parity is None or parity.error or not parity.images:
+        why = parity.error if parity and parity.error else "it was not checked"
+        return Rule(name, False, None, threshold, f"the served model could not be checked: {why}")
+    gap = parity.served_accuracy - parity.keras_accuracy
+    figures = (f"labels differ on {parity.disagreements} of {parity.images} test images "
+               f"(agreement {parity.agreement:.4f}), accuracy {parity.served_accuracy:.4f} "
+               f"served vs {parity.keras_accuracy:.4f} Keras ({gap:+.4f}), probabilities "
+               f"within {parity.max_difference:.2g}")
+    if parity.agreement + TOLERANCE < threshold:
+        return Rule(name, False, parity.agreement, threshold,
+                    f"the served ONNX model's {figures}: agreement < {threshold:g}")
+    if abs(gap) > cfg.parity_accuracy_gap + TOLERANCE:
+        return Rule(name, False, parity.agreement, threshold,
+                    f"the served ONNX model's {figures}: accuracy gap over "
+                    f"{cfg.parity_accuracy_gap:g}")
+    return Rule(name, True, parity.agreement, threshold, f"the served ONNX model's {figures}")
 
 
 def _not_withdrawn(candidate: Candidate) -> Rule:

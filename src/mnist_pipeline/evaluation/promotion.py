@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
@@ -165,23 +166,32 @@ def recorded_corrupted(run_id: str, suite_sha256: str, names: list[str]) -> np.n
             return None
 
 
-def smoke_test(model_uri: str, images: np.ndarray,
-               keras_probabilities: np.ndarray) -> tuple[bool | None, str]:
-    """Load the logged model as pyfunc and check it predicts what the Keras model does
+def served_parity(model_uri: str, test: Split, keras_probabilities: np.ndarray) -> gate.Parity:
+    """Load the logged model as MLflow serves it (pyfunc: the ONNX export in ONNX Runtime)
+    and compare its answers on the test images with the Keras model's
     (`keras_probabilities`: calibrated as the pyfunc is meant to calibrate them)."""
+    keras_labels = keras_probabilities.argmax(axis=1)
+    keras_accuracy = float(np.mean(keras_labels == test.labels)) if len(test) else math.nan
     try:
         pyfunc = logged_models.load_pyfunc(model_uri)
-        served = np.asarray(pyfunc.predict(images), dtype=np.float32)
+        served = np.asarray(pyfunc.predict(test.images), dtype=np.float32)
     except (PipelineError, OSError, ValueError, RuntimeError) as err:
-        return None, f"could not load/predict {model_uri} as pyfunc: {err}"
+        return gate.Parity(images=len(test), disagreements=len(test),
+                           keras_accuracy=keras_accuracy, served_accuracy=math.nan,
+                           max_difference=math.nan,
+                           error=f"could not load/predict {model_uri} as pyfunc: {err}")
     if served.shape != keras_probabilities.shape:
-        return False, f"pyfunc output shape {served.shape} != Keras {keras_probabilities.shape}"
-    same_labels = np.array_equal(served.argmax(1), keras_probabilities.argmax(1))
-    close = np.allclose(served, keras_probabilities, atol=1e-4)
-    if same_labels and close:
-        return True, f"pyfunc predictions equal Keras on {len(images)} test images"
-    worst = float(np.max(np.abs(served - keras_probabilities)))
-    return False, f"pyfunc predictions differ from Keras (max |diff| {worst:.3g})"
+        return gate.Parity(images=len(test), disagreements=len(test),
+                           keras_accuracy=keras_accuracy, served_accuracy=math.nan,
+                           max_difference=math.nan,
+                           error=f"served output shape {served.shape} != Keras "
+                                 f"{keras_probabilities.shape}")
+    served_labels = served.argmax(axis=1)
+    return gate.Parity(
+        images=len(test), disagreements=int(np.count_nonzero(served_labels != keras_labels)),
+        keras_accuracy=keras_accuracy,
+        served_accuracy=float(np.mean(served_labels == test.labels)) if len(test) else math.nan,
+        max_difference=float(np.max(np.abs(served - keras_probabilities))) if len(test) else 0.0)
 
 
 def champion_on(name: str, test: Split, corrupted: suite.Suite, cfg: EvaluateConfig,
@@ -223,13 +233,13 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     store.connect(tracking_cfg)
     training_run = runs.run_info(run["run_id"], named_in=str(paths.run))
     trained_tags = training_run.data.tags
-    matches, smoke_detail = smoke_test(run["model_uri"], test.images,
-                                       calibration.scale(probabilities, fitted.temperature))
+    parity = served_parity(run["model_uri"], test,
+                           calibration.scale(probabilities, fitted.temperature))
     candidate = gate.Candidate(
         accuracy=scores.accuracy, loss=scores.loss, class_recall=list(scores.recall),
         n_test=len(test), test_sha256=test.sha256(),
         trained_test_sha256=trained_tags.get("data.test_sha256"), correct=scores.correct,
-        pyfunc_matches_keras=matches, smoke_detail=smoke_detail, ece=shift.clean.ece,
+        parity=parity, ece=shift.clean.ece,
         corrupted_correct=shift.correct, suite_sha256=shift.suite_sha256)
 
     name = tracking_cfg.registered_model

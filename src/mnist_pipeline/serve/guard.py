@@ -1,31 +1,18 @@
-"""A thin ASGI layer in front of MLflow's scoring app: every bad request gets a 4xx with a
-reason, and well-formed image batches skip MLflow's slow request parsing.
+"""Every request the model server gets is checked here: a well-formed image batch comes back
+as uint8 images, anything else as a 4xx with a reason the client can act on.
 
-MLflow 3.17's scoring server (`mlflow/pyfunc/scoring_server/__init__.py`) answers three kinds
-of bad request wrongly, and none of them can be configured away (docs/serving.md):
-
-- no `Content-Type`: `invocations()` calls `content_type.split(";")` on None; the
-  AttributeError is no MlflowException, so 500;
-- deeply nested JSON: `_decode_json_input` catches JSONDecodeError and UnicodeDecodeError
-  but not the RecursionError `json.loads` raises, so 500;
-- fractional pixels: `convert_data_type` (`mlflow/utils/proto_json_utils.py`) builds
-  `np.array(values, dtype=uint8)` before the signature is enforced, so 0.5 silently becomes
-  pixel 0 and the answer is a wrong 200.
-
-This layer checks exactly those, and refuses bodies over `max_body_bytes` (413) before
-reading them whole. A body that is exactly `{"inputs": <N x 28 x 28 whole numbers 0..255>}`
-(or `instances`) it answers itself through `predict` (the same pyfunc model MLflow's app
-serves, schema check included) with MLflow's response format, plus `"unsure"`: per image,
-whether its calibrated confidence is below the model's abstention threshold. MLflow's parser
-deep-copies the nested lists before converting them (`_cast_schema_type`), ~80% of a
-256-image request.
-Everything else (other shapes, types, keys, `params`, CSV, JSON syntax errors) goes to MLflow's
-app with the same bytes, and gets MLflow's answer.
+Accepted: `POST /invocations` with `Content-Type: application/json` (UTF-8) and a body that is
+exactly `{"inputs": <N x 28 x 28 whole numbers 0..255>}` (or `instances`, MLflow's other
+tensor key), optionally with `"params": {}`: MLflow's request format, so clients written for
+`mlflow models serve` keep working. Refused, each with its reason: no or another Content-Type
+(415), another charset (415), a body over the limit (413, before it is read whole), bytes
+that are not JSON, JSON nested too deeply to parse (MLflow's own server answered this with a
+500), any other top-level shape or key, pixels that are not whole numbers 0..255 (MLflow
+silently truncated 0.5 to pixel 0), ragged or mis-shaped arrays, and an empty batch (400).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -36,12 +23,11 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024  # ~4,000 images as JSON integers
 INPUT_KEYS = ("inputs", "instances")  # where MLflow's tensor input formats carry pixels
 IMAGE_SHAPE = (28, 28)
-Predict = Callable[[np.ndarray], Any]   # uint8 (N, 28, 28) -> (N, 10) probabilities
+FORMAT = 'send {"inputs": [<28 rows of 28 pixels 0..255>, ...]} (one 28x28 image per item)'
 
 
 class RequestRefused(Exception):
@@ -53,111 +39,81 @@ class RequestRefused(Exception):
         self.reason = reason
 
 
-class Guard:
-    """ASGI middleware: checks POST /invocations, passes everything else through untouched.
-
-    `predict` (optional) answers well-formed image batches; a `RequestRefused` it raises
-    becomes that 4xx."""
-
-    def __init__(self, app: App, predict: Predict | None = None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, threshold: float = 0.0) -> None:
-        if max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes: got {max_body_bytes}, expected an integer >= 1")
-        self.app = app
-        self.predict = predict
-        self.max_body_bytes = max_body_bytes
-        self.threshold = threshold  # answers below this calibrated confidence are unsure
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or \
-                scope["path"] != "/invocations":
-            await self.app(scope, receive, send)
-            return
-        try:
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                       for k, v in scope["headers"]}
-            body = await self.read_body(headers, receive)
-            # Off the event loop: parsing a large batch takes tens of milliseconds.
-            predictions = await asyncio.to_thread(self.answer, headers.get("content-type"),
-                                                  body)
-        except RequestRefused as refused:
-            await respond(send, refused.status, error(refused.status, refused.reason))
-            return
-        if predictions is None:
-            await self.app(scope, replay(body, receive), send)
-        else:
-            await respond(send, 200, predictions)
-
-    def answer(self, content_type: str | None, body: bytes) -> bytes | None:
-        """The response body for a well-formed image batch; None to let MLflow's app answer."""
-        images = check(content_type, body)
-        if images is None or self.predict is None:
-            return None
-        probabilities = np.asarray(self.predict(images))
-        unsure = probabilities.max(axis=1) < self.threshold
-        return json.dumps({"predictions": probabilities.tolist(),
-                           "unsure": unsure.tolist()}).encode()
-
-    async def read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
-        limit = self.max_body_bytes
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise RequestRefused(413, f"request body of {int(declared)} bytes is over this "
-                                      f"server's limit of {limit} bytes: send fewer images "
-                                      "per request")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RequestRefused(400, "the client disconnected before sending its body")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise RequestRefused(413, f"request body over this server's limit of {limit} "
-                                          "bytes: send fewer images per request")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it is known to be over `limit`."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestRefused(413, f"request body of {int(declared)} bytes is over this "
+                                  f"server's limit of {limit} bytes: send fewer images "
+                                  "per request")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestRefused(400, "the client disconnected before sending its body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestRefused(413, f"request body over this server's limit of {limit} "
+                                      "bytes: send fewer images per request")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
-def check(content_type: str | None, body: bytes) -> np.ndarray | None:
-    """Raise RequestRefused for what MLflow would answer with a 5xx or a wrong 200; return
-    the images of a well-formed `{"inputs": ...}` body as uint8, else None."""
+def check(content_type: str | None, body: bytes) -> np.ndarray:
+    """The uint8 (N, 28, 28) images of a well-formed request; RequestRefused otherwise."""
     if content_type is None or not content_type.strip():
         raise RequestRefused(415, "no Content-Type header: send 'Content-Type: "
-                                  "application/json' (or text/csv)")
+                                  "application/json'")
     media, _, parameters = content_type.partition(";")
     if media.strip().lower() != "application/json":
-        return None  # MLflow answers other types itself (CSV is parsed, the rest get 415)
+        raise RequestRefused(415, f"Content-Type {media.strip()!r}: this server only supports "
+                                  "the following content types: application/json")
+    charset = parameters.strip().lower()
+    if charset and charset.replace(" ", "") not in ("charset=utf-8", "charset=\"utf-8\""):
+        raise RequestRefused(415, f"Content-Type parameter {parameters.strip()!r}: this server "
+                                  "only supports UTF-8 JSON")
     try:
         document = json.loads(body)
     except RecursionError:
-        raise RequestRefused(400, "JSON nested too deeply to parse: send pixels as "
-                                  "{\"inputs\": [[[...28 values...] x28] per image]}") from None
-    except ValueError:
-        return None  # not JSON (or not UTF-8): MLflow's 400 says so
+        raise RequestRefused(400, f"JSON nested too deeply to parse: {FORMAT}") from None
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise RequestRefused(400, f"the body is not valid JSON ({str(err)[:120]}): "
+                                  f"{FORMAT}") from None
     if not isinstance(document, dict):
-        return None
-    pixels = [check_pixels(key, document[key]) for key in INPUT_KEYS if key in document]
-    plain = len(document) == 1 and parameters.strip().lower() in ("", "charset=utf-8")
-    if plain and pixels and pixels[0] is not None and pixels[0].ndim == 3 and \
-            pixels[0].shape[1:] == IMAGE_SHAPE and len(pixels[0]):
-        return pixels[0].astype(np.uint8)
-    return None
+        raise RequestRefused(400, f"expected a JSON object, got {type(document).__name__}: "
+                                  f"{FORMAT}")
+    keys = [key for key in INPUT_KEYS if key in document]
+    extra = sorted(set(document) - {*INPUT_KEYS, "params"})
+    if len(keys) != 1 or extra:
+        raise RequestRefused(400, f"got keys {sorted(document)}, expected exactly one of the "
+                                  f"input fields {list(INPUT_KEYS)} (and optionally "
+                                  f"'params'): {FORMAT}")
+    if document.get("params") not in (None, {}):
+        raise RequestRefused(400, "'params': this model takes no parameters; send "
+                                  "'params': {} or leave it out")
+    return images_of(keys[0], document[keys[0]])
 
 
-def check_pixels(key: str, values: Any) -> np.ndarray | None:
-    """Numeric pixel arrays must hold whole numbers 0..255; returns them, or None for other
-    shapes and types, which are left to MLflow's signature checks (which name them)."""
+def images_of(key: str, values: Any) -> np.ndarray:
+    """`values` as uint8 images (N, 28, 28): whole numbers 0..255, nothing else."""
     if not isinstance(values, list):
-        return None
+        raise RequestRefused(400, f"'{key}': expected a list of images, got "
+                                  f"{type(values).__name__}: {FORMAT}")
     try:
         pixels = np.asarray(values)
-    except (ValueError, TypeError, OverflowError):
-        return None  # ragged: MLflow refuses it with its reason
+    except (ValueError, TypeError, OverflowError, RecursionError) as err:
+        raise RequestRefused(400, f"'{key}': not an array of numbers "
+                                  f"({str(err).splitlines()[0][:160]}): {FORMAT}") from None
+    if pixels.dtype.kind == "O":
+        raise RequestRefused(400, f"'{key}': integers too large for 64 bits, or values of "
+                                  f"mixed types: pixels must be whole numbers in 0..255")
     if pixels.dtype.kind not in "iuf":
-        return None  # strings, objects, booleans, huge integers: MLflow's reason
+        sample = f", such as {pixels.flat[0].item()!r}" if pixels.size else ""
+        raise RequestRefused(400, f"'{key}': pixels must be whole numbers in 0..255, got "
+                                  f"{pixels.dtype.name} values{sample}")
     bad = (pixels < 0) | (pixels > 255)
     if pixels.dtype.kind == "f":
         bad |= ~np.isfinite(pixels) | (pixels != np.floor(pixels))
@@ -166,22 +122,12 @@ def check_pixels(key: str, values: Any) -> np.ndarray | None:
         raise RequestRefused(400, f"'{key}': pixels must be whole numbers in 0..255 (uint8), "
                                   f"got {pixels[where].item()!r} at index {list(where)} "
                                   f"({int(bad.sum())} such values)")
-    return pixels
-
-
-def replay(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that yields the already-read body, then the server's own messages (a
-    disconnect, when the client goes)."""
-    sent = False
-
-    async def replayed() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replayed
+    if pixels.shape[:1] == (0,):
+        raise RequestRefused(400, f"'{key}': an empty batch: send at least one image")
+    if pixels.ndim != 3 or pixels.shape[1:] != IMAGE_SHAPE:
+        raise RequestRefused(400, f"'{key}': shape {pixels.shape} does not match expected shape "
+                                  f"(-1, 28, 28): {FORMAT}")
+    return pixels.astype(np.uint8)
 
 
 def error(status: int, reason: str) -> bytes:

@@ -1,12 +1,14 @@
-"""Serve the champion over REST with MLflow's scoring app, on loopback by default.
+"""Serve the champion over REST on loopback by default: its ONNX export in ONNX Runtime, without
+TensorFlow or MLflow in the server's process.
 
-`model_server_command` builds the exact command line for `models:/<registered_model>@champion`
-of this repository's store: uvicorn running `scoring_app` (MLflow's own scoring app, what
-`mlflow models serve` runs, behind `guard`, which answers the bad requests MLflow gets wrong
-with a 4xx); `plain=True` gives `mlflow models serve` itself. `python -m
-mnist_pipeline.serve.model_server` (`make serve`) runs it in the foreground and prints the URL
-once the model answers `/ping`. The same small process helpers (start, wait until ready, stop)
-run the tracking UI (`ui`). Nothing here imports MLflow: the server is a subprocess.
+`model_server_command` finds the served artifacts of `models:/<registered_model>@champion`
+(or `--model-uri`) in this repository's store (`tracking/served_artifacts.py`) and builds
+the command line: uvicorn running `app.create` (MLflow's scoring protocol, request checks,
+micro-batching) on that folder. `mlflow=True` gives `mlflow models serve` itself on the same
+logged model (its pyfunc runs the same ONNX export; MLflow's request handling, no guard).
+`python -m mnist_pipeline.serve.model_server` (`make serve`) runs it in the foreground and
+prints the URL once the model answers `/ping`. The same small process helpers (start, wait
+until ready, stop) run the tracking UI (`ui`).
 
 Send digits as uint8 pixel values (integers 0..255), shape (N, 28, 28):
 
@@ -21,17 +23,16 @@ the model version); `unsure` marks answers below the version's abstention thresh
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import tempfile
 
-import numpy as np
-
-from .. import startup
 from ..config import TrackingConfig
 from ..config.loading import tracking_config
 from ..errors import ModelError, ServerError, reported
-from ..tracking import logged_models, registry, store
-from .guard import DEFAULT_MAX_BODY_BYTES, Guard, RequestRefused
+from ..tracking import registry, served_artifacts, store
+from . import app
+from .batching import DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAIT_S
+from .guard import DEFAULT_MAX_BODY_BYTES
 from .process import (
     DEFAULT_WORKERS,
     ServerCommand,
@@ -43,13 +44,7 @@ from .process import (
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nothing outside this machine can reach the server
 DEFAULT_PORT = 5001         # the tracking UI takes MLflow's usual 5000
-
-
-REQUEST_TIMEOUT_S = 60
-# How `model_server_command` tells `scoring_app` (in the server's workers) what to serve.
-MODEL_URI_ENV = "MNIST_SERVE_MODEL_URI"
-MAX_BODY_ENV = "MNIST_SERVE_MAX_BODY_BYTES"
-TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # read by MLflow's scoring app
+REQUEST_TIMEOUT_S = 60      # MLflow's server (--mlflow) only
 
 
 def require_store(tracking_cfg: TrackingConfig) -> str:
@@ -61,71 +56,59 @@ def require_store(tracking_cfg: TrackingConfig) -> str:
     return uri
 
 
-def require_champion(tracking_cfg: TrackingConfig) -> None:
-    """Fail with what to do when no version holds the `champion` alias yet."""
-    require_store(tracking_cfg)
-    store.use_store(tracking_cfg)
+def champion_hint(tracking_cfg: TrackingConfig) -> str:
     name = tracking_cfg.registered_model
-    if registry.champion(name) is None:
-        raise ServerError(f"no version of '{name}' is '{registry.CHAMPION}' yet: the evaluate "
-                          "stage moves the alias when a model passes the gate (dvc repro); "
-                          f"or serve a version: --model-uri models:/{name}/<version>")
+    return (f"the evaluate stage moves the alias when a model passes the gate (dvc repro); "
+            f"or serve a version: --model-uri models:/{name}/<version>")
 
 
 # --- the model server ----------------------------------------------------------------------
 
 def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None = None,
                          host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                         workers: int = DEFAULT_WORKERS, timeout_s: int = REQUEST_TIMEOUT_S,
+                         workers: int = DEFAULT_WORKERS,
                          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                         plain: bool = False) -> ServerCommand:
+                         max_batch: int = DEFAULT_MAX_IMAGES,
+                         max_wait_ms: int = round(DEFAULT_MAX_WAIT_S * 1000),
+                         mlflow: bool = False, cache: str | None = None,
+                         served: served_artifacts.Served | None = None) -> ServerCommand:
     """The server for `model_uri` (default: the champion) from this repo's store.
 
-    The model runs in this virtual environment, which holds exactly the versions it was
-    logged with (no network, no new environment to build). `plain`: `mlflow models serve
-    --env-manager local` itself, without `guard` (and so without its 4xx answers and body limit).
+    The served artifacts are found now (downloaded into `cache`, a new temporary folder by
+    default, when they are not on this disk), unless `served` says where they are. `mlflow`: `mlflow models serve --env-manager
+    local` on the logged model instead, without this server's request checks, limits and
+    batching.
     """
     warnings = check_address(host, port, workers)
     if max_body_bytes < 1:
         raise ServerError(f"--max-body-bytes: got {max_body_bytes}, expected an integer >= 1")
+    if max_batch < 1 or not 0 <= max_wait_ms <= 1000:
+        raise ServerError(f"--max-batch {max_batch}, --max-wait-ms {max_wait_ms}: expected "
+                          "a batch of at least 1 image and a wait of 0 to 1000 ms")
     uri = model_uri or registry.champion_uri(tracking_cfg.registered_model)
     address = ["--host", host, "--port", str(port), "--workers", str(workers)]
-    if plain:
-        argv = [sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", uri,
-                *address, "--timeout", str(timeout_s), "--env-manager", "local"]
-    else:
-        argv = [sys.executable, "-m", "uvicorn", "--factory",
-                "mnist_pipeline.serve.model_server:scoring_app", *address]
     base = url_for(host, port)
-    return ServerCommand(
-        argv=argv,
+    env = {"PATH": server_path()}
+    if mlflow:
+        argv = [sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", uri,
+                *address, "--timeout", str(REQUEST_TIMEOUT_S), "--env-manager", "local"]
         # `models:/` URIs resolve in the registry of this store.
-        env_overrides={"MLFLOW_TRACKING_URI": store.tracking_uri(tracking_cfg),
-                       "PATH": server_path(),
-                       **({} if plain else {MODEL_URI_ENV: uri,
-                                            MAX_BODY_ENV: str(max_body_bytes),
-                                            TIMEOUT_ENV: str(timeout_s)}),
-                       # Its workers load TensorFlow and fetch the model: the same quiet
-                       # start-up as a stage's.
-                       **startup.quiet_env()},
-        url=f"{base}/invocations", ready_url=f"{base}/ping", warnings=warnings)
-
-
-def scoring_app() -> Guard:
-    """The ASGI app each server worker runs (uvicorn --factory): MLflow's scoring app for
-    $MNIST_SERVE_MODEL_URI behind `guard`, which answers well-formed batches with the same
-    pyfunc model."""
-    app, model = logged_models.scoring_app(os.environ[MODEL_URI_ENV])
-
-    def predict(images: np.ndarray) -> np.ndarray:
+        env["MLFLOW_TRACKING_URI"] = store.tracking_uri(tracking_cfg)
+    else:
         try:
-            return model.predict(images)
+            served = served or served_artifacts.locate(
+                tracking_cfg, uri, cache or tempfile.mkdtemp(prefix="mnist-serve-"))
         except ModelError as err:
-            raise RequestRefused(400, str(err)) from None
-
-    return Guard(app, predict,
-                 max_body_bytes=int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY_BYTES),
-                 threshold=model.threshold)
+            hint = f": {champion_hint(tracking_cfg)}" if model_uri is None else ""
+            raise ServerError(f"{err}{hint}") from None
+        argv = [sys.executable, "-m", "uvicorn", "--factory", f"{app.__name__}:create",
+                *address, "--no-access-log"]
+        env.update({app.MODEL_DIR_ENV: str(served.folder), app.MODEL_NAME_ENV: served.name,
+                    app.MODEL_VERSION_ENV: served.version,
+                    app.MAX_BODY_ENV: str(max_body_bytes), app.MAX_BATCH_ENV: str(max_batch),
+                    app.MAX_WAIT_ENV: str(max_wait_ms)})
+    return ServerCommand(argv=argv, env_overrides=env, url=f"{base}/invocations",
+                         ready_url=f"{base}/ping", warnings=warnings)
 
 
 # --- entrypoint ----------------------------------------------------------------------------
@@ -133,8 +116,8 @@ def scoring_app() -> Guard:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_pipeline.serve.model_server",
-        description="Serve the champion model (or --model-uri) over REST with MLflow's "
-                    "model server.")
+        description="Serve the champion model (or --model-uri) over REST: its ONNX export "
+                    "in ONNX Runtime, MLflow's scoring protocol.")
     parser.add_argument("--model-uri", help="default: models:/<tracking.registered_model>"
                                             "@champion from params.yaml")
     parser.add_argument("--host", default=DEFAULT_HOST,
@@ -144,30 +127,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="larger request bodies get 413 (default "
                              f"{DEFAULT_MAX_BODY_BYTES})")
-    parser.add_argument("--plain", action="store_true",
-                        help="run `mlflow models serve` itself, without the request checks")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_IMAGES,
+                        help=f"images per model call at most (default {DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--max-wait-ms", type=int, default=round(DEFAULT_MAX_WAIT_S * 1000),
+                        help="how long a batch waits for a request being read (default "
+                             f"{round(DEFAULT_MAX_WAIT_S * 1000)} ms)")
+    parser.add_argument("--mlflow", action="store_true",
+                        help="run `mlflow models serve` on the logged model instead, without "
+                             "this server's checks, limits and batching")
     parser.add_argument("--print-command", action="store_true",
                         help="print the command line and exit")
     args = parser.parse_args(argv)
     with reported("serve"):
         cfg = tracking_config()
+        require_store(cfg)
         command = model_server_command(cfg, model_uri=args.model_uri, host=args.host,
                                        port=args.port, workers=args.workers,
-                                       max_body_bytes=args.max_body_bytes, plain=args.plain)
+                                       max_body_bytes=args.max_body_bytes,
+                                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                                       mlflow=args.mlflow)
         for warning in command.warnings:
             print(f"serve: WARNING: {warning}", file=sys.stderr)
         if args.print_command:
             print(command.shell())
             return 0
-        if args.model_uri is None:
-            require_champion(cfg)
-        else:
-            require_store(cfg)
         model = args.model_uri or registry.champion_uri(cfg.registered_model)
-        print(f"serve: starting MLflow's scoring server for {model} "
-              f"(store {store.tracking_uri(cfg)})", flush=True)
-        return run_foreground(command, "serve",
-                              f"{model} answers POST {command.url}")
+        env = command.env_overrides
+        what = ("MLflow's model server" if args.mlflow else
+                f"version {env[app.MODEL_VERSION_ENV]} of {env[app.MODEL_NAME_ENV]} "
+                "(ONNX Runtime)")
+        print(f"serve: starting {what} for {model} (store {store.tracking_uri(cfg)})",
+              flush=True)
+        return run_foreground(command, "serve", f"{model} answers POST {command.url}")
     return 1  # unreachable: `reported` exits on failure
 
 

@@ -9,9 +9,10 @@ The number is the model's calibrated confidence (the temperature fitted on the v
 split travels with the model version); an answer below the version's abstention threshold
 is marked "unsure" and still given.
 
-Each file is converted to MNIST format (`imaging`); the model is loaded once, through
-MLflow's pyfunc flavour, and predicts all pictures in one batch. A file that cannot be read
-as a picture of a digit is reported on stderr by name and the others are still predicted;
+Each file is converted to MNIST format (`imaging`); the version's served model (its ONNX
+export, in ONNX Runtime: what `make serve` serves, without TensorFlow) is loaded once and
+predicts all pictures in one batch. A file that cannot be read as a picture of a digit is
+reported on stderr by name and the others are still predicted;
 the exit status is 1 if any file failed (2 for bad arguments).
 """
 
@@ -19,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 
 import numpy as np
 
-from .. import startup
+from ..config import TrackingConfig
 from ..config.loading import tracking_config
 from ..errors import reported
-from ..tracking import logged_models, registry, store
+from ..tracking import registry, served_artifacts
+from ..tracking.mnist_onnx import OnnxDigitModel
 from . import imaging
 from .model_server import require_store
 
@@ -47,11 +50,12 @@ def convert_all(paths: list[str]) -> tuple[list[str], np.ndarray, dict[str, str]
     return names, batch, failed
 
 
-def predict(model_uri: str, images: np.ndarray) -> tuple[np.ndarray, float]:
+def predict(cfg: TrackingConfig, model_uri: str, images: np.ndarray) -> tuple[np.ndarray, float]:
     """Calibrated class probabilities (N, 10) for uint8 images (N, 28, 28), from one model
     load, and the confidence below which an answer is unsure."""
-    model = logged_models.load_pyfunc(model_uri)
-    return np.asarray(model.predict(images), dtype=np.float32), model.threshold
+    with tempfile.TemporaryDirectory(prefix="mnist-predict-") as cache:
+        model = OnnxDigitModel(served_artifacts.locate(cfg, model_uri, cache).folder)
+        return model.predict(images), model.threshold
 
 
 def answer(name: str, probabilities: np.ndarray, threshold: float) -> str:
@@ -70,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: models:/<tracking.registered_model>@champion from "
                              "params.yaml")
     args = parser.parse_args(argv)
-    # Keep TensorFlow's and MLflow's start-up chatter off a command people read.
-    startup.quiet()
 
     with reported(PROG):
         names, images, failed = convert_all(args.files)
@@ -81,10 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if names:
             cfg = tracking_config()
             require_store(cfg)
-            store.use_store(cfg)
-            store.silence()
             model_uri = args.model_uri or registry.champion_uri(cfg.registered_model)
-            probabilities, threshold = predict(model_uri, images)
+            probabilities, threshold = predict(cfg, model_uri, images)
             for name, row in zip(names, probabilities, strict=True):
                 print(answer(name, row, threshold))
         if failed:

@@ -1,8 +1,10 @@
-"""Models in MLflow: logging a Keras model with its signature, loading one back as pyfunc.
+"""Models in MLflow: logging the served model with its signature, loading one back as pyfunc.
 
-`log_keras_model` logs what is served: the pyfunc of `served_model.py` (models from code)
-around the `.keras` file. `log_keras_flavour` logs MLflow's Keras flavour (what earlier
-versions logged; the serving benchmark compares the two). `load_keras` reads either back.
+`log_served_model` logs what is served: the pyfunc of `served_model.py` (models from code),
+which runs the version's ONNX export in ONNX Runtime, with the `.keras` file it came from and
+its calibration beside it. `log_keras_flavour` logs MLflow's Keras flavour (what earlier
+versions logged; the serving benchmark compares them). `load_keras` reads the Keras model
+back from either.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import shutil
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -21,14 +24,17 @@ import numpy as np
 from ..errors import ModelError
 from .store import retry
 
-# Exact versions the logged model needs to load (fast: no dependency inference).
-MODEL_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy")
+# Exact versions the served model needs to load (fast: no dependency inference). No
+# TensorFlow: the environment `mlflow models serve` builds for it stays small.
+MODEL_REQUIREMENTS = ("mlflow", "onnxruntime", "numpy")
+# What MLflow's Keras flavour needs (log_keras_flavour).
+KERAS_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy")
 
 
 # --- models --------------------------------------------------------------------------------
 
-def pinned_requirements() -> list[str]:
-    return [f"{name}=={importlib.metadata.version(name)}" for name in MODEL_REQUIREMENTS]
+def pinned_requirements(names: tuple[str, ...] = MODEL_REQUIREMENTS) -> list[str]:
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
 
 def image_signature():
@@ -40,28 +46,31 @@ def image_signature():
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]))
 
 
-def log_keras_model(model: Any, name: str = "model",
-                    tags: Mapping[str, str] | None = None,
-                    calibration: Mapping[str, Any] | None = None) -> str:
-    """Log `model` as the served pyfunc (its `.keras` file inside, and the `calibration` it
-    applies: temperature and abstention threshold); return its `models:/` URI."""
+def log_served_model(keras_file: str | Path, onnx_file: str | Path, *,
+                     calibration: Mapping[str, Any] | None = None, name: str = "model",
+                     tags: Mapping[str, str] | None = None) -> str:
+    """Log the served pyfunc around `onnx_file` (what answers), `keras_file` (what it was
+    exported from) and `calibration` (temperature and abstention threshold; none: raw
+    probabilities, every answer stands); return its `models:/` URI."""
     import mlflow
 
     from ..files import write_json
-    from . import served_model
+    from . import mnist_onnx, served_model
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # MLflow suggests an input example; logging one fails in MLflow 3.17.
         warnings.filterwarnings("ignore", message=".*input example was not provided")
-        keras_file = Path(tmp) / "model.keras"
-        model.save(keras_file)
-        artifacts = {served_model.KERAS_ARTIFACT: str(keras_file)}
-        if calibration is not None:
-            calibration_file = Path(tmp) / "calibration.json"
-            write_json(calibration_file, dict(calibration))
-            artifacts[served_model.CALIBRATION_ARTIFACT] = str(calibration_file)
+        folder = Path(tmp)  # the names mnist_onnx.OnnxDigitModel reads
+        shutil.copyfile(keras_file, folder / "model.keras")
+        shutil.copyfile(onnx_file, folder / mnist_onnx.ONNX_FILE)
+        write_json(folder / mnist_onnx.CALIBRATION_FILE,
+                   dict(calibration or {"temperature": 1.0, "threshold": 0.0}))
+        artifacts = {served_model.KERAS_ARTIFACT: str(folder / "model.keras"),
+                     served_model.ONNX_ARTIFACT: str(folder / mnist_onnx.ONNX_FILE),
+                     served_model.CALIBRATION_ARTIFACT: str(folder / mnist_onnx.CALIBRATION_FILE)}
         info = retry(lambda: mlflow.pyfunc.log_model(
             name=name, python_model=served_model.__file__, artifacts=artifacts,
+            code_paths=[mnist_onnx.__file__],
             signature=image_signature(), pip_requirements=pinned_requirements(),
             tags=dict(tags or {})))
     return info.model_uri
@@ -73,8 +82,8 @@ def log_keras_flavour(model: Any, name: str = "model",
     import mlflow
 
     info = retry(lambda: mlflow.keras.log_model(
-        model, name=name, signature=image_signature(), pip_requirements=pinned_requirements(),
-        tags=dict(tags or {})))
+        model, name=name, signature=image_signature(),
+        pip_requirements=pinned_requirements(KERAS_REQUIREMENTS), tags=dict(tags or {})))
     return info.model_uri
 
 
@@ -139,16 +148,3 @@ def load_keras(model_uri: str) -> Any:
         if not keras_files:
             raise ModelError(f"{model_uri}: no .keras file among the model's artifacts")
         return models.load(keras_files[0])
-
-
-def scoring_app(model_uri: str) -> tuple[Any, _PyfuncModel]:
-    """MLflow's own scoring app (what `mlflow models serve` runs) for the model at `model_uri`,
-    and the pyfunc model it serves."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc import scoring_server
-
-    try:
-        model = retry(lambda: scoring_server.load_model_with_mlflow_config(model_uri))
-    except MlflowException as err:
-        raise ModelError(f"{model_uri}: {str(err).splitlines()[0]}") from None
-    return scoring_server.init(model), _PyfuncModel(model)

@@ -76,11 +76,16 @@ def version(name: str, number: str) -> Any | None:
 
 def champion(name: str) -> Any | None:
     """The version holding the `champion` alias, or None."""
+    return by_alias(name, CHAMPION)
+
+
+def by_alias(name: str, alias: str) -> Any | None:
+    """The version of `name` holding `alias`, or None."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     try:
-        return retry(lambda: MlflowClient().get_model_version_by_alias(name, CHAMPION))
+        return retry(lambda: MlflowClient().get_model_version_by_alias(name, alias))
     except MlflowException as err:
         if "not found" in str(err).lower() or "RESOURCE_DOES_NOT_EXIST" in str(err) \
                 or "does not exist" in str(err).lower():

@@ -1,88 +1,34 @@
-"""The served model: a pyfunc whose `predict` runs one compiled inference function.
+"""The served model: a pyfunc that runs the version's ONNX export in ONNX Runtime.
 
-Logged as MLflow "models from code" (`logged_models.log_keras_model`): MLflow copies this
-file into the model and runs it when loading, so it is self-contained on purpose (it imports
-only mlflow, numpy, keras and tensorflow, never this package): any MLflow deployment target
-can load the model. Its only artifact is the `.keras` file, loaded in Keras safe mode after
-refusing configs that hold Python bytecode (Lambda layers).
+Logged as MLflow "models from code" (`logged_models.log_served_model`): MLflow copies this
+file into the model and runs it when loading, with `mnist_onnx.py` beside it in the model's
+code (it imports only numpy, onnxruntime and mlflow, never this package, and never
+TensorFlow), so any MLflow deployment target loads the model with the small environment of
+its `pip_requirements`. Artifacts: `model.onnx` (what answers), `calibration.json` (the
+temperature applied to every answer and the abstention threshold) and `model.keras` (the
+Keras model it was exported from, for lineage and re-scoring: `logged_models.load_keras`).
 
-Why not MLflow's Keras flavour: it calls `model.predict` per request, which builds a data
-pipeline and a progress bar around every call (~77 ms for one image on 2 CPU cores). One
-`tf.function` traced once for a (None, 28, 28) uint8 input answers the same in ~1-2 ms, and
-never retraces across batch sizes.
+Versions logged before the ONNX export carry their own copy of the earlier code (a
+TensorFlow `tf.function` over the `.keras` file) and keep loading with it.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import zipfile
+from pathlib import Path
 
 import mlflow
-import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-KERAS_ARTIFACT = "keras_model"  # the artifact key of the .keras file
-# The artifact key of calibration.json: the temperature applied to every answer and the
-# confidence below which an answer is "unsure" (training.calibration, fitted on validation).
-CALIBRATION_ARTIFACT = "calibration"
-IMAGE_SHAPE = (28, 28)
-# Inference threads: `<intra>,<inter>` overrides the measured default (docs/serving.md).
-THREADS_ENV = "MNIST_SERVE_THREADS"
+try:  # loaded by MLflow: the model's code folder is on sys.path
+    from mnist_onnx import ModelInputError, OnnxDigitModel
+except ImportError:  # imported from this package
+    from mnist_pipeline.tracking.mnist_onnx import ModelInputError, OnnxDigitModel
 
-
-def _bytecode_layers(node: object) -> list[str]:
-    """Names of layers serialised as Python code (Lambda), anywhere in a Keras config."""
-    if isinstance(node, list):
-        return [name for item in node for name in _bytecode_layers(item)]
-    if not isinstance(node, dict):
-        return []
-    found = [name for value in node.values() for name in _bytecode_layers(value)]
-    if node.get("class_name") in ("Lambda", "__lambda__"):
-        found.append(str(node.get("config", {}).get("name", node["class_name"])))
-    return found
-
-
-def load_keras_safely(path: str):
-    """A `.keras` file, refusing anything that could run code from it."""
-    import keras
-
-    if not str(path).endswith(".keras"):
-        raise MlflowException(f"{path}: refused: only the native .keras format is loaded")
-    with zipfile.ZipFile(path) as archive:
-        unsafe = _bytecode_layers(json.loads(archive.read("config.json")))
-    if unsafe:
-        raise MlflowException(f"{path}: refused: layers that would run code from the file "
-                              f"({', '.join(sorted(unsafe))})")
-    return keras.saving.load_model(path, safe_mode=True, compile=False)
-
-
-def _set_threads(tf) -> None:
-    """One inter-op thread (a small model has no parallel branches worth scheduling) and
-    intra-op threads from THREADS_ENV or, by default, TensorFlow's own choice (all cores).
-    Must run before TensorFlow creates its runtime (the first op or variable)."""
-    spec = os.environ.get(THREADS_ENV, "")
-    intra, _, inter = spec.partition(",")
-    try:
-        threads = (int(intra) if intra else 0, int(inter) if inter else 1)
-    except ValueError:
-        raise MlflowException(f"{THREADS_ENV}: got {spec!r}, expected '<intra>[,<inter>]' "
-                              "(integers)") from None
-    tf.config.threading.set_intra_op_parallelism_threads(threads[0])
-    tf.config.threading.set_inter_op_parallelism_threads(threads[1])
-
-
-def calibrated(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T), row by row (as training.calibration.scale computes it)."""
-    if temperature == 1.0:
-        return probabilities
-    logits = np.log(np.clip(probabilities.astype(np.float64), np.finfo(np.float32).tiny, None))
-    logits /= temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+KERAS_ARTIFACT = "keras_model"        # model.keras: lineage and re-scoring
+ONNX_ARTIFACT = "onnx_model"          # model.onnx: what answers
+CALIBRATION_ARTIFACT = "calibration"  # calibration.json
 
 
 class DigitClassifier(mlflow.pyfunc.PythonModel):
@@ -91,40 +37,21 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
     `threshold`: answers whose top probability is below it are "unsure" (callers mark them;
     the probabilities are the answer)."""
 
-    temperature = 1.0
-    threshold = 0.0
-
     # Requests are checked against the logged uint8 signature, not `predict`'s type hints
     # (MLflow would warn, at every load, that there are none).
     _skip_type_hint_validation = True
+    threshold = 0.0
 
     def load_context(self, context) -> None:
-        import tensorflow as tf
+        # The artifacts sit in one folder under the names OnnxDigitModel reads.
+        self.model = OnnxDigitModel(Path(context.artifacts[ONNX_ARTIFACT]).parent)
+        self.threshold = self.model.threshold
 
+    def predict(self, context, model_input, params=None):
         try:
-            _set_threads(tf)
-        except RuntimeError:
-            pass  # TensorFlow already runs (another model in this process): keep its threads
-        model = load_keras_safely(context.artifacts[KERAS_ARTIFACT])
-        if CALIBRATION_ARTIFACT in context.artifacts:  # absent from models logged before it
-            with open(context.artifacts[CALIBRATION_ARTIFACT], encoding="utf-8") as fh:
-                fitted = json.load(fh)
-            self.temperature = float(fitted["temperature"])
-            self.threshold = float(fitted["threshold"])
-        # One trace for every batch size: the batch axis is None in the signature.
-        self._infer = tf.function(lambda images: model(images, training=False),
-                                  input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE),
-                                                                 tf.uint8)],
-                                  reduce_retracing=True)
-        self._infer(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # trace now, not on a request
-
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        images = np.asarray(model_input)
-        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-            raise MlflowException(f"expected uint8 images of shape (N, 28, 28), got "
-                                  f"{images.dtype} {images.shape}",
-                                  error_code=INVALID_PARAMETER_VALUE)
-        return calibrated(np.asarray(self._infer(images), dtype=np.float32), self.temperature)
+            return self.model.predict(model_input)
+        except ModelInputError as err:
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 set_model(DigitClassifier())

@@ -198,8 +198,7 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
             runs.log_artifact(png)
         model_uri = ""
         if log_model:
-            model_uri = logged_models.log_keras_model(model, calibration=fitted.to_dict(),
-                                                      tags={"data.sha256": data_sha256})
+            model_uri = log_served(model, fitted, tags={"data.sha256": data_sha256})
             runs.set_tags({"model_uri": model_uri})
 
     if checkpoint_dir:
@@ -209,6 +208,23 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
                    runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
                    stopped_by_hook=stopped_by_hook, initial_epoch=result.initial_epoch,
                    calibration=fitted)
+
+
+def log_served(model: Any, fitted: calibration.Calibration,
+               tags: dict[str, str] | None = None) -> str:
+    """Export `model` to ONNX and log what is served (`logged_models.log_served_model`):
+    the ONNX graph, the `.keras` file and the calibration; the active run records the ONNX
+    file's size and how long the export took. Returns the model URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_file, onnx_file = Path(tmp) / "model.keras", Path(tmp) / "model.onnx"
+        model.save(keras_file)
+        started = time.perf_counter()
+        models.export_onnx(model, onnx_file)
+        runs.log_metrics({"onnx_export_s": time.perf_counter() - started,
+                          "onnx_bytes": float(onnx_file.stat().st_size),
+                          "keras_bytes": float(keras_file.stat().st_size)})
+        return logged_models.log_served_model(keras_file, onnx_file,
+                                              calibration=fitted.to_dict(), tags=tags)
 
 
 def calibrate(model: Any, val: Split, cfg: CalibrationConfig) -> calibration.Calibration:

@@ -152,6 +152,25 @@ def save(model: keras.Model, path: str | os.PathLike[str]) -> None:
         model.save(tmp)
 
 
+def export_onnx(model: keras.Model, path: str | os.PathLike[str]) -> None:
+    """The model as an ONNX graph, atomically: uint8 (N, 28, 28) in, probabilities out, for
+    ONNX Runtime (Keras' own export, through tf2onnx)."""
+    import warnings
+
+    import numpy as np
+
+    from ..files import atomic_path
+
+    mixed = sorted({layer.dtype_policy.name for layer in model.layers} - {"float32"})
+    if mixed:
+        raise ValueError(f"export_onnx: the model computes in {', '.join(mixed)}; export its "
+                         "float32 copy (models.as_float32), which ONNX Runtime runs")
+    model(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # Keras exports only a model that has run
+    with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes np.object
+        model.export(str(tmp), format="onnx", verbose=False)
+
+
 def load(path: str | os.PathLike[str]) -> keras.Model:
     """Load a `.keras` model in safe mode; refuse anything that could run code from the file.
 

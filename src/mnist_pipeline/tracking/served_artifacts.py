@@ -1,0 +1,114 @@
+"""Where a model version's served artifacts are on this machine: the folder with `model.onnx`
+and `calibration.json` that `mnist_onnx.OnnxDigitModel` loads.
+
+The model server and `mnist-predict` answer without TensorFlow or MLflow; only finding the
+folder needs the registry. In the default SQLite store that is one SQL query (the version's
+storage location is a local folder already), as the champion stage reads the champion
+(`champion_record`): no MLflow import, so a picture is answered in about a second. Any other
+store (the team server) goes through MLflow's client, which downloads the model once into
+`cache`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from ..config import TrackingConfig
+from ..errors import ModelError
+from . import champion_record, store
+from .mnist_onnx import ONNX_FILE
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+_VERSION_QUERY = """
+    SELECT v.version, v.storage_location FROM model_versions AS v
+    WHERE v.workspace = ? AND v.name = ? AND v.version = ? AND v.current_stage != 'Deleted_Internal'
+"""
+_ALIAS_QUERY = """
+    SELECT v.version, v.storage_location FROM registered_model_aliases AS a
+    JOIN model_versions AS v ON v.workspace = a.workspace AND v.name = a.name
+                             AND v.version = a.version
+    WHERE a.workspace = ? AND a.name = ? AND a.alias = ? AND v.current_stage != 'Deleted_Internal'
+"""
+
+
+@dataclass(frozen=True)
+class Served:
+    folder: Path   # holds model.onnx and calibration.json
+    name: str      # registered model
+    version: str
+
+
+def locate(cfg: TrackingConfig, model_uri: str, cache: str | os.PathLike[str]) -> Served:
+    """The served artifacts of `model_uri` (`models:/<name>@<alias>` or
+    `models:/<name>/<version>`), downloaded into `cache` when they are not on this disk."""
+    match = MODEL_URI.match(model_uri)
+    if match is None:
+        raise ModelError(f"{model_uri}: expected models:/<name>@<alias> or "
+                         "models:/<name>/<version>")
+    name = match["name"]
+    found = _from_sqlite(cfg, model_uri, name, match["alias"], match["version"])
+    if found is None:
+        found = _from_mlflow(cfg, model_uri, name, match["alias"], match["version"], cache)
+    if not (found.folder / ONNX_FILE).exists():
+        raise ModelError(f"{model_uri}: version {found.version} of '{name}' was logged "
+                         "before models were exported to ONNX: retrain it (dvc repro), or "
+                         "serve it with MLflow's own server (--mlflow)")
+    return found
+
+
+def missing(name: str, alias: str | None, version: str | None, model_uri: str) -> str:
+    return (f"{model_uri}: no version of '{name}' is '{alias}' yet" if alias
+            else f"{model_uri}: '{name}' has no version {version}")
+
+
+def _from_sqlite(cfg: TrackingConfig, model_uri: str, name: str, alias: str | None,
+                 version: str | None) -> Served | None:
+    """The version's local artifacts, read with plain SQL where MLflow would read this same
+    SQLite file (as champion_record decides); None when it cannot be trusted."""
+    database = store.sqlite_file(store.tracking_uri(cfg))
+    if database is None or any(os.environ.get(key) for key in champion_record.ELSEWHERE_ENV):
+        return None
+    try:
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
+                                     timeout=30)
+        with contextlib.closing(connection):
+            revision = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+            if revision != [(champion_record.SCHEMA_REVISION,)]:
+                return None
+            query, key = (_ALIAS_QUERY, alias) if alias else (_VERSION_QUERY, version)
+            rows = connection.execute(query, (champion_record.DEFAULT_WORKSPACE, name,
+                                              key)).fetchall()
+    except (sqlite3.Error, OSError, ValueError, RuntimeError):
+        return None
+    if not rows:
+        raise ModelError(missing(name, alias, version, model_uri))
+    if len(rows) != 1 or not str(rows[0][1] or "").startswith("file:"):
+        return None
+    folder = Path(unquote(urlparse(rows[0][1]).path))
+    return Served(folder=folder / "artifacts", name=name, version=str(rows[0][0]))
+
+
+def _from_mlflow(cfg: TrackingConfig, model_uri: str, name: str, alias: str | None,
+                 number: str | None, cache: str | os.PathLike[str]) -> Served:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from . import registry
+
+    store.use_store(cfg)
+    version = registry.by_alias(name, alias) if alias else registry.version(name, str(number))
+    if version is None:
+        raise ModelError(missing(name, alias, number, model_uri))
+    try:
+        folder = store.retry(lambda: mlflow.artifacts.download_artifacts(
+            registry.version_uri(name, str(version.version)), dst_path=str(cache)))
+    except MlflowException as err:
+        raise ModelError(f"{model_uri}: {str(err).splitlines()[0]}") from None
+    return Served(folder=Path(folder) / "artifacts", name=name, version=str(version.version))
