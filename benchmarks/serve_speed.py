@@ -1,19 +1,29 @@
-"""Serving speed: MLflow's Keras flavour (as models were logged before) against the served pyfunc.
+"""Serving speed: the ONNX model server against the TensorFlow pyfunc it replaced, and against
+an echo server that marks what HTTP alone costs on this machine.
 
-    python benchmarks/serve_speed.py --model mlp=models/model.keras --model cnn=cnn.keras
-    python benchmarks/serve_speed.py --model cnn=cnn.keras --soak 10000     # and a soak
+    python benchmarks/serve_speed.py --model mlp=mlp.keras --model best=best.keras
+    python benchmarks/serve_speed.py --model best=best.keras --soak 10000   # and a soak
 
-For each `.keras` file it logs the model twice into a throwaway SQLite store, with MLflow's
-Keras flavour (`logged_models.log_keras_flavour`) and as the served pyfunc
-(`logged_models.log_keras_model`, what the train stage logs), and serves each with the same
-commands: `mlflow models serve` (`--plain`, what `make serve` ran before) and `make serve`'s
-server (MLflow's scoring app behind `serve/guard.py`). The same clients then measure, on
-real test images (data/processed): one client sending single images,
-8 concurrent clients sending single images, one client sending batches of 256. Printed per
-server: start-up time (until /ping answers), p50/p99 latency, requests/s, images/s, errors,
-and the server's resident memory (its whole process tree). `--soak N` then sends N single
-images from 16 clients to `make serve`'s server of each model and prints the latency and the
-memory after each thousand. Nothing is asserted. Run it when the machine is quiet (`uptime`).
+For each `.keras` file, in a throwaway SQLite store, the model is logged twice: as the train
+stage logs it now (its ONNX export, `training.job.log_served`) and as the TensorFlow pyfunc
+`make serve` served before (`benchmarks/tf_pyfunc.py`, a `tf.function` over the `.keras`
+file). Three servers, one worker each, on loopback, each started and measured in turn:
+
+- echo: `benchmarks/echo_app.py` under the same uvicorn: reads the body, answers a fixed
+  document. The HTTP ceiling.
+- tf pyfunc: `mlflow models serve` on the TensorFlow pyfunc (MLflow's request parsing; the
+  earlier `make serve` put a guard in front that parsed well-formed batches itself).
+- onnx: `make serve`'s server (`serve/app.py`) on the ONNX export, micro-batching on.
+
+The same clients (`serve/load.py`: keep-alive connections, one thread each, bodies encoded
+before the clock starts) send real test images (data/processed): one client with single
+images, 8 clients with single images, one client with batches of 256. Printed per server:
+time from process start to the first 200 on /ping, p50/p99 latency, requests/s, images/s,
+errors, resident memory; then the ratios of the onnx server to the echo (the targets) and
+to the tf pyfunc. Then `mnist-predict` on one picture, against loading the TensorFlow pyfunc
+for one picture, each a fresh process timed from its start. `--soak N` sends N single images
+from 16 clients to the onnx server and prints its memory after every thousand. Nothing is
+asserted; run it when the machine is quiet (`uptime` is printed).
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,17 +41,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from mnist_pipeline.config.loading import tracking_config  # noqa: E402
 from mnist_pipeline.data.splits import load_split  # noqa: E402
 from mnist_pipeline.serve import load  # noqa: E402
 from mnist_pipeline.serve.model_server import model_server_command  # noqa: E402
-from mnist_pipeline.serve.process import start, stop, wait_until_ready  # noqa: E402
+from mnist_pipeline.serve.process import ServerCommand, server_path, start, stop, url_for  # noqa: E402
 
-SERVERS = (("keras flavour", "keras", True),     # what `make serve` answered with before
-           ("pyfunc", "pyfunc", True),           # the served model, `mlflow models serve`
-           ("pyfunc + guard", "pyfunc", False))  # the served model, `make serve`'s server
+SERVERS = ("echo", "tf pyfunc", "onnx")
+REGISTERED = "serve-speed"
 
 
 def test_images(data: Path, n: int) -> np.ndarray:
@@ -56,42 +68,158 @@ def bodies(images: np.ndarray, batch: int) -> tuple[list[bytes], list[bytes]]:
 
 
 def log_both(keras_file: Path, store_dir: Path) -> dict[str, str]:
-    """The model logged with each flavour in a fresh SQLite store; their `models:/` URIs."""
+    """The model as the train stage logs it (ONNX) and as the TensorFlow pyfunc, registered
+    as versions 1 and 2 of REGISTERED in a fresh SQLite store; their version URIs."""
     import mlflow
 
-    from mnist_pipeline.tracking import logged_models
-    from mnist_pipeline.training import models
+    from mnist_pipeline.tracking import logged_models, registry
+    from mnist_pipeline.training import calibration, job, models
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store_dir / 'mlflow.db'}"
     # Artifacts beside the throwaway store, not in ./mlruns (MLflow's default for SQLite).
     mlflow.set_experiment(experiment_id=mlflow.create_experiment(
         "serve-speed", artifact_location=(store_dir / "artifacts").as_uri()))
     model = models.load(keras_file)
+    keras_copy = store_dir / "model.keras"
+    model.save(keras_copy)
     with mlflow.start_run():
-        return {"keras": logged_models.log_keras_flavour(model),
-                "pyfunc": logged_models.log_keras_model(model)}
+        onnx_uri = job.log_served(model, calibration.IDENTITY)
+        tf_uri = mlflow.pyfunc.log_model(
+            name="tf-pyfunc", python_model=str(BENCHMARKS / "tf_pyfunc.py"),
+            artifacts={"keras_model": str(keras_copy)}, signature=logged_models.image_signature(),
+            pip_requirements=logged_models.pinned_requirements(
+                logged_models.KERAS_REQUIREMENTS)).model_uri
+    uris = {}
+    for label, uri in (("onnx", onnx_uri), ("tf pyfunc", tf_uri)):
+        version = registry.register(uri, REGISTERED, tags={})
+        uris[label] = registry.version_uri(REGISTERED, str(version.version))
+    return uris
+
+
+def echo_command(port: int) -> ServerCommand:
+    base = url_for("127.0.0.1", port)
+    return ServerCommand(
+        argv=[sys.executable, "-m", "uvicorn", "--app-dir", str(BENCHMARKS), "echo_app:app",
+              "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+              "--no-access-log"],
+        env_overrides={"PATH": server_path()}, url=f"{base}/invocations",
+        ready_url=f"{base}/ping")
+
+
+def ready_after(process, url: str, started: float, timeout_s: float = 300) -> float:
+    """Seconds from `started` (just before the process was started) to the first 200."""
+    import urllib.error
+    import urllib.request
+
+    deadline = started + timeout_s
+    while time.perf_counter() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"serve_speed: the server exited ({process.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                if answer.status == 200:
+                    return time.perf_counter() - started
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.02)
+    raise SystemExit(f"serve_speed: {url} did not answer within {timeout_s} s")
 
 
 def line(label: str, result: load.Result, images_per_request: int = 1) -> str:
     per_s = result.per_s()
-    return (f"    {label:<22} p50 {result.quantile_ms(0.5):8.1f} ms  p99 "
-            f"{result.quantile_ms(0.99):8.1f} ms  {per_s:8.1f} req/s  "
+    return (f"    {label:<22} p50 {result.quantile_ms(0.5):8.2f} ms  p99 "
+            f"{result.quantile_ms(0.99):8.2f} ms  {per_s:8.1f} req/s  "
             f"{per_s * images_per_request:9.0f} images/s  errors {result.failed}"
             + (f"  {result.errors[0]}" if result.errors else ""))
 
 
-def measure(url: str, singles: list[bytes], batches: list[bytes], args, slow: bool,
-            pid: int) -> None:
-    scale = 0.1 if slow else 1.0  # the Keras flavour answers ~20x slower: fewer requests
-    load.run_clients(url, singles, 20, 1)  # warm-up
-    rows = [("1 client, 1 image", load.run_clients(url, singles, int(args.single * scale), 1), 1),
-            (f"{args.clients} clients, 1 image",
-             load.run_clients(url, singles, int(args.concurrent * scale), args.clients), 1),
-            (f"1 client, {args.batch} images",
-             load.run_clients(url, batches, max(3, int(args.batches * scale)), 1), args.batch)]
-    for label, result, per_request in rows:
-        print(line(label, result, per_request), flush=True)
-    print(f"    server RSS {load.tree_rss_bytes(pid) / 2**20:.0f} MiB", flush=True)
+def measure(url: str, singles: list[bytes], batches: list[bytes], args,
+            pid: int) -> dict[str, load.Result | float]:
+    load.run_clients(url, singles, 50, 1)  # warm-up
+    load.run_clients(url, batches, 2, 1)
+    rows = {"single": load.run_clients(url, singles, args.single, 1),
+            "concurrent": load.run_clients(url, singles, args.concurrent, args.clients),
+            "batch": load.run_clients(url, batches, args.batches, 1)}
+    print(line("1 client, 1 image", rows["single"]), flush=True)
+    print(line(f"{args.clients} clients, 1 image", rows["concurrent"]), flush=True)
+    print(line(f"1 client, {args.batch} images", rows["batch"], args.batch), flush=True)
+    rss = load.tree_rss_bytes(pid) / 2 ** 20
+    print(f"    server RSS {rss:.0f} MiB", flush=True)
+    batching = version_stats(url)
+    if batching:
+        print(f"    {batching['requests']} requests answered by {batching['model_calls']} model "
+              "calls", flush=True)
+    return {**rows, "rss_mib": rss}
+
+
+def version_stats(url: str) -> dict:
+    """The onnx server's /version counters (other servers have none)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.replace("/invocations", "/version"), timeout=5) as answer:
+            stats = json.loads(answer.read())
+    except (OSError, ValueError):
+        return {}
+    return stats if "model_calls" in stats else {}
+
+
+def ratios(name: str, measured: dict[str, dict], batch: int) -> None:
+    echo, tf, onnx = (measured.get(k) for k in SERVERS)
+    if onnx is None:
+        return
+    print(f"{name}: targets, onnx server against echo (same client, same run):")
+    if echo is not None:
+        print(f"    single-image p50: {onnx['single'].quantile_ms(0.5):.2f} / "
+              f"{echo['single'].quantile_ms(0.5):.2f} ms = "
+              f"{onnx['single'].quantile_ms(0.5) / echo['single'].quantile_ms(0.5):.2f}x "
+              "(target <= 1.5x)")
+        print(f"    8 clients: {onnx['concurrent'].per_s():.0f} / "
+              f"{echo['concurrent'].per_s():.0f} req/s = "
+              f"{onnx['concurrent'].per_s() / echo['concurrent'].per_s():.2f}x (target >= 0.7x); "
+              f"p99 {onnx['concurrent'].quantile_ms(0.99):.2f} / "
+              f"{echo['concurrent'].quantile_ms(0.99):.2f} ms = "
+              f"{onnx['concurrent'].quantile_ms(0.99) / echo['concurrent'].quantile_ms(0.99):.2f}x"
+              " (target <= 3x)")
+    print(f"    batches of {batch}: {onnx['batch'].per_s() * batch:.0f} images/s "
+          "(target >= 5,000); errors "
+          f"{sum(onnx[k].failed for k in ('single', 'concurrent', 'batch'))} (target 0); "
+          f"RSS {onnx['rss_mib']:.0f} MiB (target <= 250); ready in {onnx['ready_s']:.2f} s "
+          "(target <= 3)")
+    if tf is not None:
+        print(f"    against the tf pyfunc: p50 {tf['single'].quantile_ms(0.5):.2f} -> "
+              f"{onnx['single'].quantile_ms(0.5):.2f} ms, 8 clients "
+              f"{tf['concurrent'].per_s():.0f} -> {onnx['concurrent'].per_s():.0f} req/s, "
+              f"batches {tf['batch'].per_s() * batch:.0f} -> "
+              f"{onnx['batch'].per_s() * batch:.0f} images/s, RSS {tf['rss_mib']:.0f} -> "
+              f"{onnx['rss_mib']:.0f} MiB, ready {tf['ready_s']:.1f} -> "
+              f"{onnx['ready_s']:.2f} s")
+
+
+def one_picture(store_uri: str, uris: dict[str, str]) -> None:
+    """`mnist-predict` on one picture (the ONNX version), against loading the TensorFlow
+    pyfunc and predicting one picture, each a fresh process, three times."""
+    picture = ROOT / "examples" / "three.png"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    script = Path(sys.executable).parent / "mnist-predict"
+    tf_code = ("import mlflow, numpy as np\n"
+               "from mnist_pipeline.serve import imaging\n"
+               f"model = mlflow.pyfunc.load_model({uris['tf pyfunc']!r})\n"
+               f"print(model.predict(imaging.convert({str(picture)!r})[None]).argmax())\n")
+    for label, argv in (("mnist-predict (onnx)", [str(script), str(picture), "--model-uri",
+                                                  uris["onnx"]]),
+                        ("tf pyfunc, one picture", [sys.executable, "-c", tf_code])):
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT,
+                                  timeout=300)
+            times.append(time.perf_counter() - started)
+            if done.returncode != 0:
+                raise SystemExit(f"serve_speed: {label} failed:\n{done.stderr[-2000:]}")
+        print(f"    {label:<24} {statistics.median(times):.2f} s median of 3 "
+              f"({', '.join(f'{t:.2f}' for t in times)}); said: {done.stdout.strip()}",
+              flush=True)
 
 
 def soak(url: str, singles: list[bytes], n: int, pid: int) -> None:
@@ -115,41 +243,51 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, metavar="NAME=FILE.keras")
     parser.add_argument("--data", type=Path, default=ROOT / "data" / "processed")
-    parser.add_argument("--single", type=int, default=1000, help="requests, one client")
-    parser.add_argument("--concurrent", type=int, default=3000, help="requests, all clients")
+    parser.add_argument("--single", type=int, default=2000, help="requests, one client")
+    parser.add_argument("--concurrent", type=int, default=4000, help="requests, all clients")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batches", type=int, default=40, help="batch requests")
     parser.add_argument("--soak", type=int, default=0, help="requests, 16 clients")
-    parser.add_argument("--servers", default="keras flavour,pyfunc,pyfunc + guard")
+    parser.add_argument("--servers", default=",".join(SERVERS))
     args = parser.parse_args()
     wanted = args.servers.split(",")
     images = test_images(args.data, 4 * args.batch)
     singles, batches = bodies(images, args.batch)
-    print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs; {len(images)} test images")
+    from train_speed import cpu_model
+
+    print(f"{cpu_model()}; load average {os.getloadavg()}, {os.cpu_count()} CPUs; "
+          f"{len(images)} test images", flush=True)
     for spec in args.model:
         name, _, path = spec.partition("=")
         with tempfile.TemporaryDirectory() as tmp:
             uris = log_both(Path(path), Path(tmp))
             cfg = tracking_config(ROOT)
-            for label, flavour, plain in SERVERS:
+            measured: dict[str, dict] = {}
+            for label in SERVERS:
                 if label not in wanted:
                     continue
                 port = load_port()
-                command = model_server_command(cfg, model_uri=uris[flavour], port=port,
-                                               plain=plain)
-                with open(Path(tmp) / f"{flavour}-{plain}.log", "wb") as log:
+                if label == "echo":
+                    command = echo_command(port)
+                else:
+                    command = model_server_command(cfg, model_uri=uris[label], port=port,
+                                                   mlflow=label == "tf pyfunc",
+                                                   cache=str(Path(tmp) / "cache"))
+                with open(Path(tmp) / f"{label}.log", "wb") as log:
+                    started = time.perf_counter()
                     process = start(command, log=log)
                     try:
-                        ready_s = wait_until_ready(process, command.ready_url)
-                        print(f"{name}: {label} ({'mlflow models serve' if plain else 'make serve'}"
-                              f"), ready in {ready_s:.1f} s", flush=True)
-                        measure(command.url, singles, batches, args, flavour == "keras",
-                                process.pid)
-                        if args.soak and not plain:
+                        ready_s = ready_after(process, command.ready_url, started)
+                        print(f"{name}: {label}, ready in {ready_s:.2f} s", flush=True)
+                        measured[label] = {**measure(command.url, singles, batches, args,
+                                                     process.pid), "ready_s": ready_s}
+                        if args.soak and label == "onnx":
                             soak(command.url, singles, args.soak, process.pid)
                     finally:
                         stop(process)
+            ratios(name, measured, args.batch)
+            one_picture(os.environ["MLFLOW_TRACKING_URI"], uris)
     print(f"load average {os.getloadavg()}")
     return 0
 

@@ -83,7 +83,7 @@ def _facts(tmp_path, passed: bool = True, params: dict | None = None) -> card.Fa
               "dvc.experiment": "wider-cnn", "dvc.dep.data/processed": "f00d.dir"},
         scores=scores, shift=_shift(labels, probabilities),
         champion_corrupted={"fog": 0.9, "translate": 0.95},
-        budget=reuse.budget([False, True], 0.05),
+        budget=reuse.budget([False, True], 0.05), served_bytes=729_641,
         test_sha256="t" * 64, verdict=verdict, champion_before="1",
         champion_after="3" if passed else "1",
         pictures={"Confusion matrix (test set)": tmp_path / "confusion.png",
@@ -145,6 +145,7 @@ def test_the_card_reports_corrupted_suite_calibration_and_abstention(tmp_path):
     assert "rotate 0.05 resembles rotate; noise 0.2 resembles shot noise and impulse noise" in text
     assert "blur" not in text.split("Training augmented")[1].split(".")[0]  # 0: not used
     assert "None of the suite's corruption functions or images was used in training" in text
+    assert "## What is served" in text and "ONNX export (0.73 MB)" in text
     assert "weakest on fog (0.800), translate (0.966)" in text
 
 

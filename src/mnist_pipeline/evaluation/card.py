@@ -50,6 +50,7 @@ class Facts:
     shift: Shift                # the corrupted suite, calibration and abstention
     champion_corrupted: Mapping[str, float] | None  # the champion's accuracy per corruption
     budget: Budget              # the decisions made on this test set before this one
+    served_bytes: float | None  # the size of the served ONNX export (the run's onnx_bytes)
     test_sha256: str
     verdict: Mapping[str, Any]  # gate.Verdict.to_dict()
     champion_before: str | None
@@ -90,6 +91,7 @@ def build(facts: Facts) -> list[Block]:
         *[("p", text) for text in _shift_limits(facts)],
         *_robustness(facts),
         *_calibration(facts.shift),
+        *_served(facts),
         ("h2", "Gate verdict"),
         ("p", f"{'PASSED' if verdict['passed'] else 'REJECTED'}: {verdict['reason']}. "
               f"McNemar p-value: {_p(verdict.get('p_value'))}. {_reuse(verdict, facts.budget)}"),
@@ -167,6 +169,18 @@ def _calibration(shift: Shift) -> list[Block]:
          [answered("clean test set", shift.clean),
           answered("corrupted suite", shift.corrupted)]),
     ]
+
+
+def _served(facts: Facts) -> list[Block]:
+    """What `make serve` and `mnist-predict` run, and the gate's proof that it is this model."""
+    rule = next((r for r in facts.verdict["rules"] if r["name"] == "served_parity"), None)
+    size = (f" ({facts.served_bytes / 1e6:.2f} MB)" if facts.served_bytes else "")
+    proof = (f"Against the Keras model it was exported from, on the test images: "
+             f"{rule['detail']}." if rule else "Its parity with the Keras model was not checked.")
+    return [("h2", "What is served"),
+            ("p", f"The model's ONNX export{size}, run by ONNX Runtime with the calibration "
+                  "above: the model server and mnist-predict load neither TensorFlow nor "
+                  f"MLflow. {proof}")]
 
 
 def _shift_limits(facts: Facts) -> list[str]:

@@ -20,7 +20,7 @@ import os
 
 import orjson
 
-from ..tracking.mnist_onnx import OnnxDigitModel
+from ..tracking.mnist_onnx import THREADS_ENV, OnnxDigitModel
 from .batching import DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAIT_S, MicroBatcher
 from .guard import (
     DEFAULT_MAX_BODY_BYTES,
@@ -55,6 +55,7 @@ class ServingApp:
         self.name, self.version = name, version
         self.max_body_bytes = max_body_bytes
         self.batcher = MicroBatcher(model.predict, max_images=max_batch, max_wait_s=max_wait_s)
+        self.requests = 0  # answered by the model (with /version's model_calls: the batching)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -69,9 +70,9 @@ class ServingApp:
             else:
                 await refuse(send, 405, f"{path} answers GET")
         elif path == "/version":
-            await respond(send, 200, orjson.dumps({"model": self.name,
-                                                   "version": self.version,
-                                                   "runtime": "onnxruntime"}))
+            await respond(send, 200, orjson.dumps({
+                "model": self.name, "version": self.version, "runtime": "onnxruntime",
+                "requests": self.requests, "model_calls": self.batcher.calls}))
         elif path == "/invocations":
             if method != "POST":
                 await refuse(send, 405, "/invocations answers POST")
@@ -93,6 +94,7 @@ class ServingApp:
         except RequestRefused as refused:
             await refuse(send, refused.status, refused.reason)
             return
+        self.requests += 1
         probabilities = await self.batcher.submit(images)
         unsure = self.model.unsure(probabilities)
         await respond(send, 200, orjson.dumps(
@@ -115,10 +117,17 @@ async def lifespan(receive: Receive, send: Send) -> None:
             return
 
 
+# ONNX Runtime's intra-op threads in the server unless MNIST_SERVE_THREADS says otherwise: one
+# core computes while the event loop reads and answers on the other (measured: 8 clients got
+# 24% more requests/s than with both cores computing; batches of 256 lost 17%).
+SERVER_THREADS = "1"
+
+
 def create() -> ServingApp:
     """The app each server process runs (uvicorn --factory), configured by the environment."""
     return ServingApp(
-        OnnxDigitModel(os.environ[MODEL_DIR_ENV]),
+        OnnxDigitModel(os.environ[MODEL_DIR_ENV],
+                       os.environ.get(THREADS_ENV) or SERVER_THREADS),
         name=os.environ.get(MODEL_NAME_ENV, ""), version=os.environ.get(MODEL_VERSION_ENV, ""),
         max_body_bytes=_int(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES),
         max_batch=_int(MAX_BATCH_ENV, DEFAULT_MAX_IMAGES),
