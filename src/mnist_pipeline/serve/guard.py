@@ -63,8 +63,10 @@ async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> by
             return b"".join(chunks)
 
 
-def check(content_type: str | None, body: bytes) -> np.ndarray:
+def check(content_type: str | None, body: bytes | str) -> np.ndarray:
     """The uint8 (N, 28, 28) images of a well-formed request; RequestRefused otherwise."""
+    if isinstance(body, str):
+        body = body.encode("utf-8", "surrogatepass")
     if content_type is None or not content_type.strip():
         raise RequestRefused(415, "no Content-Type header: send 'Content-Type: "
                                   "application/json'")
