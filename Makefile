@@ -34,8 +34,10 @@ test: setup system-deps
 
 # The developer's loop, about a minute on 2 cores: config, data and the corrupted suite, gate
 # rules, scores, calibration, cards, imaging, the request guard, the CLI, the tracking
-# helpers. No training, no servers, no browser; `make test` runs everything.
+# helpers, the drift tests and accuracy estimates. No training, no servers, no browser;
+# `make test` runs everything.
 FAST_TESTS := tests/config tests/data tests/docs tests/evaluation tests/serve tests/tracking \
+              tests/monitoring \
               tests/pipeline/test_dvc_graph.py tests/training/test_calibration.py
 test-fast: setup
 	pytest -n 2 -m "not slow and not browser and not team and not network" $(FAST_TESTS)

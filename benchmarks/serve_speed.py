@@ -20,7 +20,9 @@ before the clock starts) send real test images (data/processed): one client with
 images, 8 clients with single images, one client with batches of 256. Printed per server:
 time from process start to the first 200 on /ping, p50/p99 latency, requests/s, images/s,
 errors, resident memory; then the ratios of the onnx server to the echo (the targets) and
-to the tf pyfunc. Then `mnist-predict` on one picture, against loading the TensorFlow pyfunc
+to the tf pyfunc. Then what the request log costs: the onnx server without and with it
+(`monitoring.log`, SQLite), both running, measured in turns (`--log-rounds`), medians of
+single-image p50 and 8-client req/s. Then `mnist-predict` on one picture, against loading the TensorFlow pyfunc
 for one picture, each a fresh process timed from its start. `--soak N` sends N single images
 from 16 clients to the onnx server and prints its memory after every thousand. Nothing is
 asserted; run it when the machine is quiet (`uptime` is printed).
@@ -196,6 +198,47 @@ def ratios(name: str, measured: dict[str, dict], batch: int) -> None:
               f"{onnx['ready_s']:.2f} s")
 
 
+def log_cost(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int) -> None:
+    """What the request log costs a single image: the ONNX server without it and with it
+    (SQLite in `tmp`), both running, measured in turns, `rounds` times each."""
+    from mnist_pipeline.config.loading import checkout_section
+
+    monitoring = checkout_section("monitoring", ROOT).model_copy(
+        update={"log": f"sqlite:///{tmp / 'requests.db'}", "log_requests": True})
+    servers = {}
+    for label, with_log in (("onnx", None), ("onnx+log", monitoring)):
+        command = model_server_command(cfg, model_uri=uri, port=load_port(),
+                                       cache=str(tmp / "cache"), monitoring=with_log)
+        out = open(tmp / f"{label}-cost.log", "wb")
+        servers[label] = (command, start(command, log=out), out)
+    try:
+        for command, process, _ in servers.values():
+            ready_after(process, command.ready_url, time.perf_counter())
+            load.run_clients(command.url, singles, 200, 1)  # warm-up
+        p50: dict[str, list[float]] = {label: [] for label in servers}
+        per_s: dict[str, list[float]] = {label: [] for label in servers}
+        for _ in range(rounds):
+            for label, (command, _, _) in servers.items():
+                single = load.run_clients(command.url, singles, n, 1)
+                crowd = load.run_clients(command.url, singles, n, 8)
+                p50[label].append(single.quantile_ms(0.5))
+                per_s[label].append(crowd.per_s())
+        logged = version_stats(servers["onnx+log"][0].url).get("log", {})
+    finally:
+        for _, process, out in servers.values():
+            stop(process)
+            out.close()
+    plain, logging = (statistics.median(p50[k]) for k in ("onnx", "onnx+log"))
+    crowd_plain, crowd_log = (statistics.median(per_s[k]) for k in ("onnx", "onnx+log"))
+    print(f"    request log, {rounds} turns of {n} single images each (1 client, then 8): "
+          f"p50 {plain:.3f} -> {logging:.3f} ms = {logging / plain:.3f}x (target <= 1.10x); "
+          f"8 clients {crowd_plain:.0f} -> {crowd_log:.0f} req/s = {crowd_log / crowd_plain:.3f}x;"
+          f" rows written {logged.get('rows_written')}, dropped {logged.get('rows_dropped')}",
+          flush=True)
+    print(f"      p50 per turn: without {', '.join(f'{v:.3f}' for v in p50['onnx'])}; with "
+          f"{', '.join(f'{v:.3f}' for v in p50['onnx+log'])} ms", flush=True)
+
+
 def one_picture(store_uri: str, uris: dict[str, str]) -> None:
     """`mnist-predict` on one picture (the ONNX version), against loading the TensorFlow
     pyfunc and predicting one picture, each a fresh process, three times."""
@@ -250,6 +293,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=40, help="batch requests")
     parser.add_argument("--soak", type=int, default=0, help="requests, 16 clients")
     parser.add_argument("--servers", default=",".join(SERVERS))
+    parser.add_argument("--log-rounds", type=int, default=5,
+                        help="turns of the request log's cost measurement (0: skip it)")
     args = parser.parse_args()
     wanted = args.servers.split(",")
     images = test_images(args.data, 4 * args.batch)
@@ -287,6 +332,8 @@ def main() -> int:
                     finally:
                         stop(process)
             ratios(name, measured, args.batch)
+            if args.log_rounds:
+                log_cost(cfg, uris["onnx"], singles, Path(tmp), args.log_rounds, args.single)
             one_picture(os.environ["MLFLOW_TRACKING_URI"], uris)
     print(f"load average {os.getloadavg()}")
     return 0

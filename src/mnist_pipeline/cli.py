@@ -1,8 +1,10 @@
-"""`mnist-pipeline`: the champion's history, a guarded rollback, and the review report.
+"""`mnist-pipeline`: the champion's history, a guarded rollback, the review report, and the
+production monitor.
 
     mnist-pipeline champion history [--model NAME] [--json] [--limit N]
     mnist-pipeline champion rollback --to vN --reason "..." [--force] [--model NAME]
     mnist-pipeline review [--against main] [--exp NAME] [-o report.md]
+    mnist-pipeline monitor [--window N] [--windows K] [--log URL] [--report FILE]
 
 Run from the project's root (or set DVC_ROOT): the tracking store and the registered model
 come from params.yaml's `tracking` section, as for the stages.
@@ -61,7 +63,39 @@ def _parser() -> argparse.ArgumentParser:
     review.add_argument("--exp", metavar="NAME", help="a DVC experiment instead of the workspace")
     review.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     review.set_defaults(run=_review)
+
+    monitor = commands.add_parser(
+        "monitor", help="the newest requests the server answered against the champion's "
+                        "reference: drift tests and estimated accuracy; exits 3 on an alarm")
+    monitor.add_argument("--window", type=_positive, help="answers per window (default: "
+                                                          "monitoring.window)")
+    monitor.add_argument("--windows", type=_positive, help="how many of the newest windows "
+                                                           "(default: monitoring.windows)")
+    monitor.add_argument("--alpha", type=_fraction, help="false-alarm level of one window's "
+                                                         "tests (default: monitoring.alpha)")
+    monitor.add_argument("--estimator", choices=("atc", "cbpe"),
+                         help="default: monitoring.estimator")
+    monitor.add_argument("--log", metavar="URL", help="the request log (default: "
+                         "MNIST_MONITORING_LOG, else monitoring.log, else "
+                         "monitoring/requests.db)")
+    monitor.add_argument("--version", help="the served version to check (default: the one "
+                                           "that answered last)")
+    monitor.add_argument("--report", metavar="FILE", help="the HTML report (default: "
+                                                          "monitoring.report)")
+    monitor.add_argument("--no-mlflow", action="store_true",
+                         help="do not log the windows as runs of the monitoring experiment")
+    monitor.set_defaults(run=_monitor)
     return parser
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}, expected a number in (0, 1)")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -181,6 +215,71 @@ def _review(args: argparse.Namespace) -> int:
         print(f"{PROG}: wrote {args.output}")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+# --- monitor -------------------------------------------------------------------------------
+
+def _monitor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .monitoring import monitor, report, requestlog
+    from .monitoring.drift import Reference
+    from .tracking import monitor_runs, store
+
+    cfg = checkout_section("monitoring")
+    size, count = args.window or cfg.window, args.windows or cfg.windows
+    alpha, method = args.alpha or cfg.alpha, args.estimator or cfg.estimator
+    url = requestlog.log_url(args.log or cfg.log)
+    log = requestlog.RequestLog(url)
+    try:
+        windows = monitor.newest_windows(log, size, count, version=args.version)
+        total = log.count()
+    finally:
+        log.close()
+    if not windows:
+        print(f"{PROG} monitor: fewer than {size} answers of this version in "
+              f"{requestlog.display(url)} ({total} rows in all): nothing to check yet")
+        return 0
+    model, version = windows[-1].model, windows[-1].version
+    name, tracking = _connect(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = Reference.load(monitor_runs.download_reference(name, version, tmp))
+    checked = [monitor.check_window(w, reference, alpha=alpha, method=method,
+                                    min_distance=cfg.min_distance) for w in windows]
+    for result in checked:
+        print(f"{PROG} monitor: {result.line()}")
+        if result.caveat:
+            print(f"    note: {result.caveat}")
+    if not args.no_mlflow:
+        experiment_id = store.connect(tracking.model_copy(
+            update={"experiment_name": cfg.experiment}))
+        done = monitor_runs.logged_windows(experiment_id, [c.key for c in checked])
+        for result in checked:
+            if result.key in done:
+                continue
+            monitor_runs.log_window(
+                experiment_id, result.key,
+                name=f"v{version} {result.window.first_id}-{result.window.last_id}",
+                tags={"model": model, "version": version, "alarm": str(result.drift.alarm)
+                      .lower(), "fired": ",".join(result.drift.fired) or "-"},
+                metrics=result.metrics(),
+                timestamp_ms=int(float(result.window.times[-1]) * 1000),
+                report=result.as_dict())
+        print(f"{PROG} monitor: {len(checked) - len(done)} new window run(s) in experiment "
+              f"{cfg.experiment!r} of {store.current_uri()}")
+    target = Path(args.report) if args.report else project.root() / cfg.report
+    try:
+        report.write(target, checked, reference, log=requestlog.display(url), alpha=alpha)
+    except OSError as err:
+        raise DataError(f"--report {target}: {describe_error(err)}") from None
+    print(f"{PROG} monitor: wrote {target}")
+    alarms = sum(c.drift.alarm for c in checked)
+    if alarms:
+        print(f"{PROG} monitor: ALARM in {alarms} of {len(checked)} window(s): the traffic no "
+              "longer looks like the test set the champion was certified on (docs/"
+              "monitoring.md says what to do)", file=sys.stderr)
+        return monitor.ALARM_EXIT
     return 0
 
 

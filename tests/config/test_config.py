@@ -17,7 +17,7 @@ from mnist_pipeline.config.compose import compose
 from mnist_pipeline.errors import ConfigError, ServerError
 
 SECTIONS = ["paths", "fetch", "preprocess", "corrupt", "model", "optimizer", "train", "runtime",
-            "tracking", "evaluate", "gate"]
+            "tracking", "evaluate", "gate", "monitoring"]
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from .schema import (  # noqa: F401
     MirrorConfig,
     MLPConfig,
     ModelConfig,
+    MonitoringConfig,
     NpmMirror,
     OptimizerConfig,
     PathsConfig,

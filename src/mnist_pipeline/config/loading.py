@@ -25,6 +25,7 @@ from .schema import (
     FetchConfig,
     GateConfig,
     ModelConfig,
+    MonitoringConfig,
     OptimizerConfig,
     PathsConfig,
     PreprocessConfig,
@@ -48,6 +49,7 @@ SECTION_SCHEMAS: dict[str, Any] = {
     "tracking": TrackingConfig,
     "evaluate": EvaluateConfig,
     "gate": GateConfig,
+    "monitoring": MonitoringConfig,
     "sweep": SweepConfig,  # not in params.yaml: `pipelines/sweep.py +sweep=<space>` adds it
 }
 

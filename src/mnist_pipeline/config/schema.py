@@ -475,3 +475,25 @@ class GateConfig(Section):
     parity_accuracy_gap: Fraction
     # Exit non-zero on a rejected candidate (for CI pipelines that must stop).
     fail_on_reject: bool
+
+
+# --- monitoring ----------------------------------------------------------------------------
+
+class MonitoringConfig(Section):
+    # The request log. null: SQLite at monitoring/requests.db in the repository root; else a
+    # SQLAlchemy URL. MNIST_MONITORING_LOG, when set, wins.
+    log: Annotated[str, Field(pattern=r"^(sqlite|postgres(ql)?(\+psycopg)?)://"),
+                   Expect("null (monitoring/requests.db) or a sqlite:// or postgresql:// "
+                          "URL")] | None
+    log_requests: bool
+    max_rows: integer(1000)
+    flush_interval_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False),
+                                Expect("seconds in (0, 60]")]
+    image_sample_rate: Fraction
+    window: integer(20, text="an integer >= 20 (requests per window)")
+    windows: integer(1)
+    alpha: Factor
+    min_distance: OpenFraction
+    estimator: Literal["atc", "cbpe"]
+    experiment: Annotated[str, Field(pattern=r"\S"), Expect("a non-empty name")]
+    report: Annotated[str, Field(pattern=r"\S"), Expect("a file path")]

@@ -27,6 +27,7 @@ from ..data import suite
 from ..data.splits import Split, load_split, write_npz
 from ..errors import DataError, PipelineError
 from ..files import sha256_file, write_json
+from ..monitoring.drift import Reference
 from ..tracking import champion_record, history, locks, logged_models, registry, runs, store
 from ..training import calibration, models
 from ..training.fit import predict
@@ -147,6 +148,16 @@ def log_outcomes(run_id: str, scores: Scores, shift: Shift, probabilities: np.nd
             "test_sha256": np.array(test_sha256), "suite_sha256": np.array(shift.suite_sha256),
             "model_sha256": np.array(model_sha256)}, compress=True)
         runs.log_artifact(path, "evaluation", run_id=run_id)
+
+
+def log_reference(run_id: str, test: Split, calibrated: np.ndarray) -> None:
+    """What production traffic is compared with (`mnist-pipeline monitor`): the model's
+    calibrated outputs on the clean test set, the images' statistics and which answers were
+    right, as `monitoring/reference.npz` on the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reference.npz"
+        Reference.labelled(test.images, calibrated, test.labels).save(path)
+        runs.log_artifact(path, "monitoring", run_id=run_id)
 
 
 def recorded_corrupted(run_id: str, suite_sha256: str, names: list[str]) -> np.ndarray | None:
@@ -292,6 +303,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     write_reports(paths, test, probabilities, scores, shift, champion_accuracy, eval_cfg)
     log_to_run(run["run_id"], scores, shift, paths)
     log_outcomes(run["run_id"], scores, shift, probabilities, candidate.test_sha256, model_sha)
+    log_reference(run["run_id"], test, calibration.scale(probabilities, fitted.temperature))
     report = {**decided, "candidate_version": version_id,
               "champion_version_before": champion_before, "champion_version": champion_after,
               "registered_model": name, "run_id": run["run_id"],

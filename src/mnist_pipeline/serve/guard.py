@@ -172,8 +172,9 @@ def error(status: int, reason: str) -> bytes:
     return json.dumps({"error_code": code, "message": reason}).encode()
 
 
-async def respond(send: Send, status: int, payload: bytes) -> None:
+async def respond(send: Send, status: int, payload: bytes,
+                  content_type: str = "application/json") -> None:
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
+                "headers": [(b"content-type", content_type.encode()),
                             (b"content-length", str(len(payload)).encode())]})
     await send({"type": "http.response.body", "body": payload})

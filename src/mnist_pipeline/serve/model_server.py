@@ -26,8 +26,8 @@ import argparse
 import sys
 import tempfile
 
-from ..config import TrackingConfig
-from ..config.loading import tracking_config
+from ..config import MonitoringConfig, TrackingConfig
+from ..config.loading import checkout_section, tracking_config
 from ..errors import ModelError, ServerError, reported
 from ..tracking import registry, served_artifacts, store
 from . import app
@@ -71,13 +71,15 @@ def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None 
                          max_batch: int = DEFAULT_MAX_IMAGES,
                          max_wait_ms: int = round(DEFAULT_MAX_WAIT_S * 1000),
                          mlflow: bool = False, cache: str | None = None,
-                         served: served_artifacts.Served | None = None) -> ServerCommand:
+                         served: served_artifacts.Served | None = None,
+                         monitoring: MonitoringConfig | None = None) -> ServerCommand:
     """The server for `model_uri` (default: the champion) from this repo's store.
 
     The served artifacts are found now (downloaded into `cache`, a new temporary folder by
     default, when they are not on this disk), unless `served` says where they are. `mlflow`: `mlflow models serve --env-manager
     local` on the logged model instead, without this server's request checks, limits and
-    batching.
+    batching. `monitoring`: where and how the server logs what it answers (no log without
+    it, or with `log_requests: false`); /metrics is served either way.
     """
     warnings = check_address(host, port, workers)
     if max_body_bytes < 1:
@@ -107,6 +109,13 @@ def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None 
                     app.MODEL_VERSION_ENV: served.version,
                     app.MAX_BODY_ENV: str(max_body_bytes), app.MAX_BATCH_ENV: str(max_batch),
                     app.MAX_WAIT_ENV: str(max_wait_ms)})
+        if monitoring is not None and monitoring.log_requests:
+            from ..monitoring import requestlog  # SQLAlchemy: only for a server that logs
+
+            env.update({app.LOG_ENV: requestlog.log_url(monitoring.log),
+                        app.LOG_MAX_ROWS_ENV: str(monitoring.max_rows),
+                        app.LOG_FLUSH_ENV: repr(monitoring.flush_interval_s),
+                        app.LOG_IMAGES_ENV: repr(monitoring.image_sample_rate)})
     return ServerCommand(argv=argv, env_overrides=env, url=f"{base}/invocations",
                          ready_url=f"{base}/ping", warnings=warnings)
 
@@ -132,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-ms", type=int, default=round(DEFAULT_MAX_WAIT_S * 1000),
                         help="how long a batch waits for a request being read (default "
                              f"{round(DEFAULT_MAX_WAIT_S * 1000)} ms)")
+    parser.add_argument("--no-log", action="store_true",
+                        help="do not record answered requests in the request log "
+                             "(params.yaml: monitoring.log_requests)")
     parser.add_argument("--mlflow", action="store_true",
                         help="run `mlflow models serve` on the logged model instead, without "
                              "this server's checks, limits and batching")
@@ -141,11 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     with reported("serve"):
         cfg = tracking_config()
         require_store(cfg)
+        monitoring = None if args.no_log else checkout_section("monitoring")
         command = model_server_command(cfg, model_uri=args.model_uri, host=args.host,
                                        port=args.port, workers=args.workers,
                                        max_body_bytes=args.max_body_bytes,
                                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                       mlflow=args.mlflow)
+                                       mlflow=args.mlflow, monitoring=monitoring)
         for warning in command.warnings:
             print(f"serve: WARNING: {warning}", file=sys.stderr)
         if args.print_command:
@@ -158,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
                 "(ONNX Runtime)")
         print(f"serve: starting {what} for {model} (store {store.tracking_uri(cfg)})",
               flush=True)
+        if app.LOG_ENV in env:
+            from ..monitoring import requestlog
+
+            print(f"serve: logging answers to {requestlog.display(env[app.LOG_ENV])}; "
+                  f"metrics at {command.url.rsplit('/', 1)[0]}/metrics", flush=True)
         return run_foreground(command, "serve", f"{model} answers POST {command.url}")
     return 1  # unreachable: `reported` exits on failure
 

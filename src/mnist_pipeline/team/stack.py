@@ -36,10 +36,11 @@ from .postgres import Cluster
 DEFAULT_DIR = ".team"
 DEFAULT_PORT = 5050           # the MLflow server (the local UI takes 5000, serving 5001)
 DEFAULT_POSTGRES_PORT = 5433  # beside a system PostgreSQL on 5432
-DATABASES = ("mlflow", "optuna")
+DATABASES = ("mlflow", "optuna", "monitoring")
 # Two uvicorn workers: parallel sweep workers and evaluations call the server at once.
 SERVER_WORKERS = 2
 LOCK_ENV = "MNIST_PIPELINE_LOCK_URL"
+MONITORING_ENV = "MNIST_MONITORING_LOG"  # monitoring.requestlog.LOG_ENV: the request log
 
 
 @dataclass
@@ -72,6 +73,10 @@ class Stack:
         return self.cluster.url("optuna")
 
     @property
+    def request_log(self) -> str:
+        return self.cluster.url("monitoring")
+
+    @property
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
@@ -88,7 +93,8 @@ class Stack:
 
     def exports(self) -> str:
         return (f"export MLFLOW_TRACKING_URI={self.tracking_uri}\n"
-                f"export {LOCK_ENV}={self.lock_url}\n")
+                f"export {LOCK_ENV}={self.lock_url}\n"
+                f"export {MONITORING_ENV}={self.request_log}\n")
 
 
 def load(folder: Path) -> Stack | None:
