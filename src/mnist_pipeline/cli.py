@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,7 @@ def _monitor(args: argparse.Namespace) -> int:
         return 0
     model, version = windows[-1].model, windows[-1].version
     name, tracking = _connect(model)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line each
     with tempfile.TemporaryDirectory() as tmp:
         reference = Reference.load(monitor_runs.download_reference(name, version, tmp))
     checked = [monitor.check_window(w, reference, alpha=alpha, method=method,

@@ -49,7 +49,8 @@ def render(checked: Sequence[Checked], reference: Reference, *, log: str, alpha:
         f"window; reference: the version's calibrated outputs on the clean test set "
         f"({len(reference)} images, accuracy {reference.accuracy:.4f}). A window raises an "
         f"alarm when any of its {len(newest.drift.tests)} tests has p below "
-        f"{newest.drift.level:.2g} (alpha {alpha:g} over the window, Bonferroni). Generated "
+        f"{newest.drift.level:.2g} (alpha {alpha:g} over the window, Bonferroni) and, for a KS "
+        f"test, its distance D is at least {newest.drift.min_distance:g}. Generated "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC.</p>",
         "<table><tr><th>requests</th><th>from (UTC)</th><th>to</th><th>estimated accuracy"
         "</th><th>interval</th><th>CBPE</th><th>unsure</th><th>verdict</th><th>note</th></tr>",
@@ -121,6 +122,8 @@ def _trend(checked: Sequence[Checked]):
     for i, c in enumerate(checked):
         if c.drift.alarm:
             left.axvspan(i - 0.4, i + 0.4, color="red", alpha=0.12)
+    if len(checked) <= 30:
+        left.set_xticks(x)
     left.set(xlabel="window (oldest first; red: alarm)", ylabel="accuracy",
              title="Estimated accuracy")
     left.legend(fontsize=8)
@@ -131,7 +134,10 @@ def _trend(checked: Sequence[Checked]):
         right.plot(x, -np.log10(np.maximum(p, 1e-300)), marker=".", label=name)
     right.axhline(-np.log10(checked[0].drift.level), color="red", ls="--", lw=1,
                   label="alarm level")
-    right.set(xlabel="window", ylabel="-log10 p", title="Drift tests")
+    if len(checked) <= 30:
+        right.set_xticks(x)
+    right.set(xlabel="window", ylabel="-log10 p", title="Drift tests (KS fires only with "
+              f"D >= {checked[0].drift.min_distance:g})")
     right.legend(fontsize=6, ncol=2)
     return figure
 
