@@ -36,4 +36,4 @@ def running_stack() -> Iterator[team_stack.Stack]:
 def client_env(stack: team_stack.Stack) -> dict[str, str]:
     """What a checkout exports to work against the stack (as `team env` prints it)."""
     return {"MLFLOW_TRACKING_URI": stack.tracking_uri,
-            team_stack.LOCK_ENV: stack.lock_url}
+            team_stack.LOCK_ENV: stack.lock_url, team_stack.MONITORING_ENV: stack.request_log}

@@ -47,7 +47,8 @@ def test_the_team_walkthrough(tmp_path, team_stack):
     #    its own. 2. Point a checkout at it.
     env = _exports(team_stack.root)
     assert env == {"MLFLOW_TRACKING_URI": team_stack.tracking_uri,
-                   "MNIST_PIPELINE_LOCK_URL": team_stack.lock_url}
+                   "MNIST_PIPELINE_LOCK_URL": team_stack.lock_url,
+                   "MNIST_MONITORING_LOG": team_stack.request_log}
     a = repo.make(tmp_path / "a")
     remote = str(team_stack.dvc_remote)
     repo.run(["dvc", "remote", "add", "--local", "-f", "-d", "team", remote], a)
