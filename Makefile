@@ -79,6 +79,7 @@ bench: setup
 
 # The team stack in .team/: PostgreSQL, an MLflow server on it, a DVC remote (docs/team.md).
 #   make team-up [ARGS="--port 5050 --postgres-port 5433"]; then: eval "$$(make -s team-env)"
+#   make team-up ARGS=--network: logins, roles, TLS; mnist-pipeline team user add NAME --role R
 team-up: setup
 	python -m mnist_pipeline.team up $(ARGS)
 

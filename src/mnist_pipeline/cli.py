@@ -5,6 +5,7 @@ production monitor.
     mnist-pipeline champion rollback --to vN --reason "..." [--force] [--model NAME]
     mnist-pipeline review [--against main] [--exp NAME] [-o report.md]
     mnist-pipeline monitor [--window N] [--windows K] [--log URL] [--report FILE]
+    mnist-pipeline team up|down|status|env|user ...   (python -m mnist_pipeline.team)
 
 Run from the project's root (or set DVC_ROOT): the tracking store and the registered model
 come from params.yaml's `tracking` section, as for the stages.
@@ -86,7 +87,19 @@ def _parser() -> argparse.ArgumentParser:
     monitor.add_argument("--no-mlflow", action="store_true",
                          help="do not log the windows as runs of the monitoring experiment")
     monitor.set_defaults(run=_monitor)
+
+    team = commands.add_parser("team", help="the team stack: up [--network], down, status, "
+                                            "env, user add NAME --role R, user remove NAME",
+                               add_help=False)
+    team.add_argument("rest", nargs=argparse.REMAINDER)
+    team.set_defaults(run=_team)
     return parser
+
+
+def _team(args: argparse.Namespace) -> int:
+    from .team import stack
+
+    return stack.main(args.rest)
 
 
 def _fraction(text: str) -> float:

@@ -20,11 +20,11 @@ from mnist_pipeline.team import stack as team_stack
 
 
 @contextlib.contextmanager
-def running_stack() -> Iterator[team_stack.Stack]:
+def running_stack(network: bool = False) -> Iterator[team_stack.Stack]:
     folder = Path(tempfile.mkdtemp(prefix="mnist-team-"))
     os.chmod(folder, 0o755)
     try:
-        stack, _ = team_stack.up(folder / "stack", free_port(), free_port())
+        stack, _ = team_stack.up(folder / "stack", free_port(), free_port(), network=network)
         try:
             yield stack
         finally:

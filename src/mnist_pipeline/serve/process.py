@@ -113,13 +113,20 @@ def start(command: ServerCommand, *, log: IO[bytes] | None = None,
 
 
 def wait_until_ready(process: subprocess.Popen, url: str,
-                     timeout_s: float = READY_TIMEOUT_S) -> float:
-    """Poll `url` until it answers 200; return the seconds waited.
+                     timeout_s: float = READY_TIMEOUT_S, cafile: str | None = None) -> float:
+    """Poll `url` until it answers 200; return the seconds waited. An https `url` is checked
+    against the CA certificate `cafile` when given.
 
     Fails at once if the server exits (a port already in use, a missing model, a broken store).
     """
+    import ssl
+
     started = time.monotonic()
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxy
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # loopback
+    if cafile:
+        handlers.append(urllib.request.HTTPSHandler(
+            context=ssl.create_default_context(cafile=cafile)))
+    opener = urllib.request.build_opener(*handlers)
     while True:
         code = process.poll()
         if code is not None:
