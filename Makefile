@@ -9,7 +9,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export PYTHONUNBUFFERED := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup repro test test-fast test-offline system-deps lock params ui serve predict sweep bench \
+.PHONY: setup repro test test-fast lint test-offline system-deps lock params ui serve predict sweep bench \
         team-up team-down team-status team-env
 
 setup: $(STAMP)
@@ -29,8 +29,12 @@ system-deps:
 repro: setup
 	dvc repro
 
-test: setup system-deps
+test: setup system-deps lint
 	pytest -n 2 --dist loadfile
+
+# Style and likely bugs (pyproject.toml's [tool.ruff.lint]); `make test` runs it first.
+lint: setup
+	ruff check src tests pipelines benchmarks
 
 # The developer's loop, about a minute on 2 cores: config, data and the corrupted suite, gate
 # rules, scores, calibration, cards, imaging, the request guard, the CLI, the tracking

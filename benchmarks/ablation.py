@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     keras.mixed_precision.set_global_policy("float32")
 
     for epoch in range(args.rounds + 1):
-        for number, variant, one_epoch, times in runs:
+        for _number, _variant, one_epoch, times in runs:
             wall, cpu = time.perf_counter(), time.process_time()
             history = one_epoch(epoch)
             times.append((time.perf_counter() - wall, time.process_time() - cpu,

@@ -172,12 +172,13 @@ def main(argv: list[str] | None = None) -> None:
                              steps_per_execution=variant.steps_per_execution,
                              jit_compile=variant.jit_compile)
         loop = EpochLoop(model, train, val, batch_size=variant.batch_size, shuffle=True,
-                         seed=42, augment=variant.augment, steps_per_call=variant.steps_per_execution,
+                         seed=42, augment=variant.augment,
+                         steps_per_call=variant.steps_per_execution,
                          jit_compile=variant.jit_compile)
         runs.append((number, variant, loop, forward_macs(model), []))
 
     for epoch in range(args.rounds + 1):
-        for number, variant, loop, macs, times in runs:
+        for _number, _variant, loop, _macs, times in runs:
             wall, cpu = time.perf_counter(), time.process_time()
             history = loop.run([], epochs=epoch + 1, initial_epoch=epoch)
             times.append((time.perf_counter() - wall, time.process_time() - cpu,

@@ -115,7 +115,8 @@ def report(name: str, checked: list[monitor.Checked], truth: list[float]) -> dic
     cells = "  ".join(f"{t:.3f}/{c.estimate.accuracy:.3f}/{c.cbpe.accuracy:.3f}"
                       for c, t in zip(checked, truth, strict=True))
     print(f"{name:<15} {sum(alarms):>2}/{len(alarms):<2} {first or '-':>5}  "
-          f"{max(errors) * 100:5.1f}  {cells}  {','.join(f.replace('input:', '') for f in fired) or '-'}",
+          f"{max(errors) * 100:5.1f}  {cells}  "
+          f"{','.join(f.replace('input:', '') for f in fired) or '-'}",
           flush=True)
     unexplained = sum(err > 0.03 and not c.caveat
                       for c, err in zip(checked, errors, strict=True))

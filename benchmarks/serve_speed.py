@@ -22,7 +22,8 @@ time from process start to the first 200 on /ping, p50/p99 latency, requests/s, 
 errors, resident memory; then the ratios of the onnx server to the echo (the targets) and
 to the tf pyfunc. Then what the request log costs: the onnx server without and with it
 (`monitoring.log`, SQLite), both running, measured in turns (`--log-rounds`), medians of
-single-image p50 and 8-client req/s. Then `mnist-predict` on one picture, against loading the TensorFlow pyfunc
+single-image p50 and 8-client req/s. Then `mnist-predict` on one picture, against loading the
+TensorFlow pyfunc
 for one picture, each a fresh process timed from its start. `--soak N` sends N single images
 from 16 clients to the onnx server and prints its memory after every thousand. Nothing is
 asserted; run it when the machine is quiet (`uptime` is printed).

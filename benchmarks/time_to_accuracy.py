@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def time_to(threshold: float, times: Sequence[float], accuracies: Sequence[float]) -> float:
     """Seconds at the end of the first epoch whose accuracy reaches `threshold`; NaN if none."""
-    for seconds, accuracy in zip(times, accuracies):
+    for seconds, accuracy in zip(times, accuracies, strict=True):
         if accuracy >= threshold:
             return seconds
     return float("nan")

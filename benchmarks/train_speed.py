@@ -103,7 +103,7 @@ def mlp_flops_per_sample(layers: Sequence[int] = LAYERS) -> tuple[int, int]:
     Training = forward + weight gradients + input gradients of every layer but the first
     (nothing needs the gradient of the images).
     """
-    products = [a * b for a, b in zip(layers[:-1], layers[1:])]
+    products = [a * b for a, b in zip(layers[:-1], layers[1:], strict=True)]
     forward = 2 * sum(products)
     return forward, forward + 2 * sum(products) + 2 * sum(products[1:])
 
@@ -142,7 +142,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     lines = []
     for row in [header, *rows]:
         cells = [str(row[0]).ljust(widths[0])]
-        cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:])]
+        cells += [str(c).rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -550,7 +550,8 @@ def report_training(tutorials: list[Measured], stages: list[Measured], probe: di
     med = medians("tutorial", tutorials)
     params = stages[-1].extra["params"]
     lines += ["", f"stage ran {params.get('runtime.resolved_precision')}, XLA "
-                  f"{params.get('runtime.resolved_jit_compile')}, on {params.get('runtime.device')}"]
+                  f"{params.get('runtime.resolved_jit_compile')}, on "
+                  f"{params.get('runtime.device')}"]
     variants = [("stage", stages, "the pipeline's split")]
     if same_split:
         variants.append(("same_split", same_split, "the tutorial's own split, the same work"))

@@ -168,7 +168,8 @@ def table(entries: list[dict[str, Any]]) -> str:
     """The history as an aligned plain-text table, one row per entry, in the given order."""
     rows = [COLUMNS, *(_row(entry) for entry in entries)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+    return "\n".join("  ".join(cell.ljust(width)
+                               for cell, width in zip(row, widths, strict=True)).rstrip()
                      for row in rows)
 
 

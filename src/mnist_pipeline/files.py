@@ -42,7 +42,8 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
 @contextlib.contextmanager
 def atomic_open(target: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file beside `target` for writing; replace `target` on success."""
-    with atomic_path(target) as tmp, open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+    encoding = {} if "b" in mode else {"encoding": "utf-8"}
+    with atomic_path(target) as tmp, open(tmp, mode, **encoding) as fh:
         yield fh
 
 

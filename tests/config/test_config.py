@@ -179,7 +179,8 @@ def test_cross_field_rules_name_their_key(composed):
         config.section(_with(composed, "fetch.mirrors", [{**mirror, "name": "a"}] * 2), "fetch")
     with pytest.raises(ConfigError, match=r"'fetch.mirrors\[cvdf-gcs\].kind': got 'ftp'"):
         config.section(_with(composed, "fetch.mirrors", [{**mirror, "kind": "ftp"}]), "fetch")
-    with pytest.raises(ConfigError, match=r"'model.filters': got \[8, 8, 8, 8\], expected at most 3"):
+    with pytest.raises(ConfigError,
+                       match=r"'model.filters': got \[8, 8, 8, 8\], expected at most 3"):
         config.section(_with(compose(ROOT / "conf", ["model=cnn"]), "model.filters", [8] * 4),
                        "model")
 

@@ -155,7 +155,8 @@ def test_pickled_arrays_are_refused_without_unpickling(tmp_path):
         buffer = io.BytesIO()
         np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
         archive.writestr("images.npy", buffer.getvalue())
-    with pytest.raises(DataError, match="images: expected a C-ordered array of numbers, got object"):
+    with pytest.raises(DataError,
+                       match="images: expected a C-ordered array of numbers, got object"):
         load_split(tmp_path, "train")
 
 

@@ -96,7 +96,8 @@ def test_the_card_says_what_the_model_is_saw_scores_and_is_for(tmp_path):
     assert text.startswith("# Model card: mnist-classifier v3\n")
     for needle in ("| model.name | cnn |", "| optimizer.learning_rate | 0.001 |",
                    "| train.epochs | 5 |", "| git commit | c0ffee (with uncommitted changes) |",
-                   "| DVC experiment | wider-cnn |", "| dvc.lock md5 of data/processed | f00d.dir |",
+                   "| DVC experiment | wider-cnn |",
+                   "| dvc.lock md5 of data/processed | f00d.dir |",
                    f"| dataset SHA-256 (train, val, test) | {'d' * 64} |",
                    "PASSED: beats champion v1 by +0.0100", "McNemar p-value: 0.0123",
                    "| test_data_matches_training | yes | aaaaaaaaaaaa… |",
@@ -123,7 +124,7 @@ def test_the_html_card_is_self_contained(tmp_path):
     assert not re.search(r"<script|<link|<iframe|href=|url\(|@import", page, re.IGNORECASE)
     sources = re.findall(r'<img [^>]*src="([^"]+)"', page)
     assert len(sources) == 2
-    for source, name in zip(sources, ("confusion.png", "class_recall.png")):
+    for source, name in zip(sources, ("confusion.png", "class_recall.png"), strict=True):
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1]) == (tmp_path / name).read_bytes()
 

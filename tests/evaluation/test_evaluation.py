@@ -55,7 +55,7 @@ def test_known_confusion_matrix_and_per_class_scores():
     preds = np.array([0, 0, 1, 1, 1, 2, 2, 0, 3, 3])
     scores = score(labels, one_hot(preds))
     expected = np.zeros((10, 10), dtype=int)
-    for true, pred in zip(labels, preds):
+    for true, pred in zip(labels, preds, strict=True):
         expected[true, pred] += 1
     np.testing.assert_array_equal(scores.confusion, expected)
     assert scores.confusion[2, 0] == 1 and scores.confusion[0, 2] == 0  # rows are true labels

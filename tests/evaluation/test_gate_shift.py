@@ -104,7 +104,8 @@ def test_corrupt_robustness_needs_the_same_suite():
 def test_calibration_ceiling_passes_and_rejects():
     ok = decide(candidate(ece=0.004), None, CFG)
     assert rule(ok, "calibrated").passed
-    assert rule(ok, "calibrated").detail == "test ECE after temperature scaling 0.0040 <= max_ece 0.0200"
+    assert rule(ok, "calibrated").detail == ("test ECE after temperature scaling 0.0040 <= "
+                                             "max_ece 0.0200")
     bad = decide(candidate(ece=0.095), None, CFG)
     assert not bad.passed and bad.reason == (
         "calibrated: test ECE after temperature scaling 0.0950 > max_ece 0.0200")

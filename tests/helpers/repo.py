@@ -130,7 +130,8 @@ def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+            raise AssertionError(f"process ended early ({proc.returncode}): "
+                                 f"{proc.stderr.read()[-3000:]}")
         if db.exists():
             try:
                 with sqlite3.connect(db, timeout=5) as conn:
@@ -143,7 +144,8 @@ def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"no epoch {epoch} logged within {timeout} s")
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 120) -> tuple[int, str]:
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM,
+         timeout: float = 120) -> tuple[int, str]:
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err

@@ -5,7 +5,8 @@ corrupted suite, trains a small MLP with `job.train`,
 writes the train stage's outputs, runs `promotion.evaluate` with a lenient gate (so the
 model becomes `champion`), and logs a sweep: a parent run with two nested trials. The
 store lives in `root` exactly as the pipeline lays it out, beside the composed params.yaml
-(`root` plays the repository root through DVC_ROOT). Also: digits rendered from a font, for the picture-to-MNIST path.
+(`root` plays the repository root through DVC_ROOT). Also: digits rendered from a font, for the
+picture-to-MNIST path.
 """
 
 from __future__ import annotations

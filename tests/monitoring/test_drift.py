@@ -78,7 +78,8 @@ def thicker(images: np.ndarray) -> np.ndarray:
 # --- features --------------------------------------------------------------------------------
 
 def test_monitor_input_statistics_of_a_blank_image():
-    stats = dict(zip(INPUT_STATISTICS, input_statistics(np.zeros((1, 28, 28), np.uint8))[0]))
+    blank = input_statistics(np.zeros((1, 28, 28), np.uint8))[0]
+    stats = dict(zip(INPUT_STATISTICS, blank, strict=True))
     assert stats == {"ink": 0, "mean": 0, "contrast": 0, "height": 0, "width": 0,
                      "row_centre": 13.5, "col_centre": 13.5}
 
@@ -86,7 +87,7 @@ def test_monitor_input_statistics_of_a_blank_image():
 def test_monitor_input_statistics_of_a_rectangle():
     image = np.zeros((1, 28, 28), np.uint8)
     image[0, 5:8, 10:15] = 255  # 3 rows x 5 columns: 15 of 784 pixels
-    stats = dict(zip(INPUT_STATISTICS, input_statistics(image)[0].tolist()))
+    stats = dict(zip(INPUT_STATISTICS, input_statistics(image)[0].tolist(), strict=True))
     fraction = 15 / 784
     assert stats["ink"] == pytest.approx(fraction)
     assert stats["mean"] == pytest.approx(fraction)

@@ -170,13 +170,13 @@ def test_monitor_log_keeps_sampled_pixels_only_when_asked(onnx_folder, tmp_path)
 
 def test_monitor_log_rotation_keeps_the_newest_rows(tmp_path):
     log = RequestLog(f"sqlite:///{tmp_path / 'r.db'}", create=True)
-    for start in range(0, 2500, 500):
+    for first in range(0, 2500, 500):
         n = 500
-        images = IMAGES[np.arange(start, start + n) % len(IMAGES)]
+        images = IMAGES[np.arange(first, first + n) % len(IMAGES)]
         predicted, confidence, entropy = features.output_statistics(
             np.full((n, 10), 0.1, np.float32))
         log.append("m", "1", Rows(
-            time=np.full(n, 1.0), request=np.arange(start, start + n), predicted=predicted,
+            time=np.full(n, 1.0), request=np.arange(first, first + n), predicted=predicted,
             confidence=confidence, entropy=entropy, unsure=np.zeros(n, bool),
             inputs=features.input_statistics(images)), max_rows=1200)
     window = log.rows("m", "1")

@@ -40,7 +40,8 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     assert set(lock["stages"]) == stages
     assert json.loads((pipeline / "gate.json").read_text())["champion_version"] == "1"
     report = json.loads((pipeline / "metrics/data.json").read_text())
-    assert (report["train"]["count"], report["val"]["count"], report["test"]["count"]) == (500, 100, 200)
+    counts = (report["train"]["count"], report["val"]["count"], report["test"]["count"])
+    assert counts == (500, 100, 200)
 
     metrics = json.loads(repo.run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
     shown = json.dumps(metrics)
@@ -94,7 +95,8 @@ def test_queued_grid_runs_every_experiment_into_the_root_store(pipeline):
         time.sleep(3)
     else:
         pytest.fail(f"queue did not finish:\n{status}")
-    assert status.count("Success") == 2, status + repo.run(["dvc", "queue", "logs", "-h"], pipeline, check=False).stdout
+    assert status.count("Success") == 2, status + repo.run(
+        ["dvc", "queue", "logs", "-h"], pipeline, check=False).stdout
 
     shown = json.loads(repo.run(["dvc", "exp", "show", "--json"], pipeline).stdout)
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]

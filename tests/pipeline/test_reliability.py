@@ -123,8 +123,10 @@ def test_nan_loss_stops_the_pipeline_and_registers_nothing(tmp_path):
 # --- row 9: invalid config ------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, needle", [
-    ("optimizer.learning_rate=-0.5", "config 'optimizer.learning_rate': got -0.5, expected a finite number > 0"),
-    ("train.batch_size=lots", "config 'train.batch_size': got 'lots', expected a value of type integer"),
+    ("optimizer.learning_rate=-0.5",
+     "config 'optimizer.learning_rate': got -0.5, expected a finite number > 0"),
+    ("train.batch_size=lots",
+     "config 'train.batch_size': got 'lots', expected a value of type integer"),
     ("optimizer=adagrad", "Could not find 'optimizer/adagrad'"),
     ("train.epocs=3", "Could not override 'train.epocs'"),
     ("+train.epocs=3", "config 'train.epocs': got 3, expected one of the known keys: batch_size"),

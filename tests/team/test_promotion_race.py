@@ -98,7 +98,7 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
         better = int(rng.integers(0, 3))
         worse = int(rng.integers(better + 1, 6))
         order = [better, worse] if rng.random() < 0.5 else [worse, better]
-        for checkout, broken in zip(checkouts, order):
+        for checkout, broken in zip(checkouts, order, strict=True):
             folder = checkout / "race" / str(index)
             folder.mkdir(parents=True)
             model = graded_model(tuple(range(broken)))
@@ -117,7 +117,7 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
             for checkout in checkouts:
                 (checkout / "race" / f"go-{index}").touch()
             outcomes = [_wait_for(checkout / "race" / f"done-{index}", worker)
-                        for checkout, worker in zip(checkouts, workers)]
+                        for checkout, worker in zip(checkouts, workers, strict=True)]
             for outcome in outcomes:
                 assert "error" not in outcome, outcome.get("error")
             held = registry.champion(name)

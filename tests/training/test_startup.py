@@ -29,7 +29,8 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("prepare, loaded", [
     ("from mnist_pipeline import startup; startup.prepare()", "NoneType"),
-    ("import mnist_pipeline.training.models", "module"),  # importing the library alone changes nothing
+    # importing the library alone changes nothing
+    ("import mnist_pipeline.training.models", "module"),
 ])
 def test_scikit_learn_is_skipped_only_by_stage_start_up(prepare, loaded):
     out = subprocess.run([sys.executable, "-c", PROBE.format(prepare=prepare)],

@@ -133,8 +133,8 @@ def test_onecycle_rises_from_a_25th_to_the_peak_then_anneals_to_the_floor():
     assert schedule_factor(cfg, 1) == onecycle_factor(cfg, 1.0)  # epoch starts agree
     rates = [onecycle_factor(cfg, step / 10) for step in range(41)]
     peak = rates.index(max(rates))
-    assert peak == 10 and all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))
-    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:]))
+    assert peak == 10 and all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:], strict=False))
 
 
 def test_warmup_ramps_up():
@@ -244,7 +244,8 @@ def test_dvc_exp_run_set_values_reach_the_model(prepared_repo):
               "-S", "optimizer.learning_rate=0.05", "-S", "train.epochs=1"], prepared_repo)
     model = models.load(prepared_repo / "models/model.keras")
     import keras
-    assert [layer.units for layer in model.layers if isinstance(layer, keras.layers.Dense)] == [24, 12, 10]
+    dense = [layer.units for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    assert dense == [24, 12, 10]
     run_id = json.loads((prepared_repo / "models/run.json").read_text())["run_id"]
     run = MlflowClient(tracking_uri=repo.store(prepared_repo)).get_run(run_id)
     assert run.data.params["optimizer.learning_rate"] == "0.05"

@@ -54,7 +54,7 @@ def test_the_loop_trains_exactly_as_keras_fit(splits):
     keras_history = theirs.fit(dataset(train, batch_size=64),
                                validation_data=dataset(val, batch_size=1000),
                                epochs=3, verbose=0, shuffle=False)
-    for mine, reference in zip(ours.get_weights(), theirs.get_weights()):
+    for mine, reference in zip(ours.get_weights(), theirs.get_weights(), strict=True):
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
     assert sorted(history.history) == sorted(keras_history.history)
     for key, values in keras_history.history.items():
@@ -187,7 +187,7 @@ def test_every_model_family_trains_through_the_loop(splits, model_changes):
     before = [w.copy() for w in model.get_weights()]
     history = _loop(model, train, val, shuffle=True).run([], epochs=2)
     assert all(math.isfinite(v) for v in history.history["val_loss"])
-    changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights())]
+    changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True)]
     assert all(changed), "every weight (and batch-norm statistic) is updated"
     assert int(model.optimizer.iterations) == 2 * 6
 

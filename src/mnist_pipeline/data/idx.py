@@ -29,10 +29,12 @@ def read(path: str | os.PathLike[str], *, ndim: int,
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found (run the fetch stage first: dvc repro fetch)") from None
+        raise DataError(f"{path}: file not found (run the fetch stage first: "
+                        "dvc repro fetch)") from None
     header_len = 4 + 4 * ndim
     if len(data) < 4:
-        raise DataError(f"{path}: magic number: file is {len(data)} bytes, too short for an IDX header")
+        raise DataError(f"{path}: magic number: file is {len(data)} bytes, too short for an "
+                        "IDX header")
     zero, dtype_code, dims = struct.unpack(">HBB", data[:4])
     magic = int.from_bytes(data[:4], "big")
     expected_magic = (UBYTE << 8) | ndim
@@ -40,7 +42,8 @@ def read(path: str | os.PathLike[str], *, ndim: int,
         raise DataError(f"{path}: magic number: got 0x{magic:08x}, expected 0x{expected_magic:08x} "
                         f"(unsigned-byte IDX with {ndim} dimension{'s' if ndim > 1 else ''})")
     if len(data) < header_len:
-        raise DataError(f"{path}: dimensions: header needs {header_len} bytes, file has {len(data)}")
+        raise DataError(f"{path}: dimensions: header needs {header_len} bytes, file has "
+                        f"{len(data)}")
     shape = struct.unpack(f">{ndim}I", data[4:header_len])
     if shape_tail and tuple(shape[1:]) != tuple(shape_tail):
         raise DataError(f"{path}: dimensions: got {'x'.join(map(str, shape[1:]))} per item, "
@@ -70,7 +73,8 @@ def read_labels(path: str | os.PathLike[str]) -> np.ndarray:
 def write(path: str | os.PathLike[str], array: np.ndarray) -> None:
     """Write a uint8 array as IDX (atomically)."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = struct.pack(">HBB", 0, UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = (struct.pack(">HBB", 0, UBYTE, array.ndim)
+              + struct.pack(f">{array.ndim}I", *array.shape))
     with atomic_open(path, "wb") as fh:
         fh.write(header)
         fh.write(array.tobytes())

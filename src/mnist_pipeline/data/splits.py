@@ -30,7 +30,8 @@ class Split:
     labels: np.ndarray  # (N,) uint8
 
     def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 3 or self.images.shape[1:] != (28, 28):
+        if (self.images.dtype != np.uint8 or self.images.ndim != 3
+                or self.images.shape[1:] != (28, 28)):
             raise DataError(f"images: got {self.images.dtype} {self.images.shape}, "
                             "expected uint8 (N, 28, 28)")
         if self.labels.dtype != np.uint8 or self.labels.shape != (self.images.shape[0],):
@@ -122,7 +123,8 @@ def load_split(processed_dir: str | os.PathLike[str], name: str) -> Split:
             return Split(_read_aligned(archive, "images"), _read_aligned(archive, "labels"))
     except (KeyError, ValueError, OSError, EOFError, MemoryError, OverflowError,
             zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a valid processed split ({err}); rerun: dvc repro preprocess") from None
+        raise DataError(f"{path}: not a valid processed split ({err}); rerun: "
+                        "dvc repro preprocess") from None
 
 
 # Arrays start on a 64-byte boundary, so TensorFlow can train from their memory as it is

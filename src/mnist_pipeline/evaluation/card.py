@@ -237,7 +237,7 @@ def _lineage(facts: Facts) -> list[tuple[str, str]]:
 
 def _recall_rows(s: Scores) -> list[tuple[str, str, str, str]]:
     rows = []
-    for cls, (recall, support) in enumerate(zip(s.recall, s.support)):
+    for cls, (recall, support) in enumerate(zip(s.recall, s.support, strict=True)):
         hits = int(s.confusion[cls, cls])
         low, high = wilson_interval(hits, int(support))
         rows.append((str(cls), f"{recall:.4f}", f"{low:.4f}–{high:.4f}", str(support)))
@@ -247,9 +247,9 @@ def _recall_rows(s: Scores) -> list[tuple[str, str, str, str]]:
 def _limits(s: Scores) -> list[str]:
     weakest = [cls for cls in sorted(range(len(s.recall)), key=lambda cls: s.recall[cls])
                if s.recall[cls] < 1.0][:WEAKEST]
-    named = "none: every class was read without a miss" if not weakest else ", ".join(f"{cls} (recall {s.recall[cls]:.4f}, "
+    named = ", ".join(f"{cls} (recall {s.recall[cls]:.4f}, "
                       f"{int(s.support[cls]) - int(s.confusion[cls, cls])} of {s.support[cls]} "
-                      "missed)" for cls in weakest)
+                      "missed)" for cls in weakest) or "none: every class was read without a miss"
     return [
         "Intended use: reading one handwritten digit, 0 to 9, from a centred 28x28 greyscale "
         "image with white ink on a black background, the way MNIST's digits are made.",

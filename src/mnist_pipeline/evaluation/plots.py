@@ -31,7 +31,7 @@ def write_confusion_csv(path: str | os.PathLike[str], labels: np.ndarray,
                          "expected two 1-D arrays of the same length")
     with atomic_open(path, "w") as fh:
         fh.write("actual,predicted\n")
-        fh.writelines(f"{int(a)},{int(p)}\n" for a, p in zip(labels, predictions))
+        fh.writelines(f"{int(a)},{int(p)}\n" for a, p in zip(labels, predictions, strict=True))
 
 
 def write_class_recall_csv(path: str | os.PathLike[str], recall: list[float]) -> None:
@@ -156,7 +156,7 @@ def plot_class_recall_png(path: str | os.PathLike[str], recall: list[float],
     fig = _figure(6.4, 3.6)
     ax = fig.add_subplot()
     bars = ax.bar(range(values.size), np.nan_to_num(values, nan=0.0), color="tab:blue")
-    for bar, value in zip(bars, values):
+    for bar, value in zip(bars, values, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{value:.3f}",
                 ha="center", va="bottom", fontsize=7)
     if threshold is not None:

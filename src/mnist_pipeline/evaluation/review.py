@@ -2,8 +2,9 @@
 
 It compares the workspace (or one DVC experiment) with a git revision: the params that
 changed (`dvc params diff`), the metrics with their deltas (`dvc metrics diff --all`;
-per-class ones folded, unchanged ones counted), the gate's verdict and reason from `gate.json` on both sides, and where the plots are. DVC does
-the comparing; this module only reads its JSON and writes the text.
+per-class ones folded, unchanged ones counted), the gate's verdict and reason from
+`gate.json` on both sides, and where the plots are. DVC does the comparing; this module only
+reads its JSON and writes the text.
 """
 
 from __future__ import annotations

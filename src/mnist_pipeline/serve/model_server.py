@@ -76,7 +76,8 @@ def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None 
     """The server for `model_uri` (default: the champion) from this repo's store.
 
     The served artifacts are found now (downloaded into `cache`, a new temporary folder by
-    default, when they are not on this disk), unless `served` says where they are. `mlflow`: `mlflow models serve --env-manager
+    default, when they are not on this disk), unless `served` says where they are.
+    `mlflow`: `mlflow models serve --env-manager
     local` on the logged model instead, without this server's request checks, limits and
     batching. `monitoring`: where and how the server logs what it answers (no log without
     it, or with `log_requests: false`); /metrics is served either way.

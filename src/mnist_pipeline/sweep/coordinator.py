@@ -122,7 +122,7 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
         summary = summarize(study, cfg, conf_dir, fixed, parent_run_id)
         summary.ran, summary.workers = after.done - before.done, n_workers
         summary.wall_s = time.perf_counter() - started
-        crashed = [plan.worker for plan, code in zip(plans, exit_codes) if code]
+        crashed = [plan.worker for plan, code in zip(plans, exit_codes, strict=True) if code]
         if crashed:
             raise PipelineError(f"worker(s) {crashed} stopped with an error (see above); "
                                 "rerun the same command to continue the study")

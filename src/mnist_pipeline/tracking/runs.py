@@ -106,7 +106,8 @@ def reap_orphans(experiment_id: str) -> list[str]:
     client = MlflowClient()
     host = socket.gethostname()
     running = retry(lambda: client.search_runs(
-        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
         max_results=1000))
     reaped = []
     for stale in running:
@@ -267,7 +268,7 @@ def child_runs(parent_run_id: str) -> list[Any]:
     runs: list[Any] = []
     token: str | None = None
     while True:
-        page = retry(lambda: client.search_runs(
+        page = retry(lambda token=token: client.search_runs(
             [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
             max_results=1000, page_token=token))
         runs.extend(page)

@@ -33,7 +33,7 @@ def plot_history_png(path: str | os.PathLike[str], history: dict[str, list[float
 
     epochs = range(1, len(history.get("loss", [])) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, metric in zip(axes, ("loss", "accuracy")):
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for key, label in ((metric, "train"), (f"val_{metric}", "validation")):
             if key in history:
                 ax.plot(epochs, history[key], marker="o", markersize=3, label=label)

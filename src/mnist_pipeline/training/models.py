@@ -29,7 +29,8 @@ def build(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
         return build_cnn(cfg, num_classes)
     if isinstance(cfg, RNNConfig):
         return build_rnn(cfg, num_classes)
-    raise ValueError(f"model config: got {type(cfg).__name__}, expected MLPConfig, CNNConfig or RNNConfig")
+    raise ValueError(f"model config: got {type(cfg).__name__}, expected MLPConfig, CNNConfig "
+                     "or RNNConfig")
 
 
 def _inputs() -> keras.KerasTensor:
@@ -196,7 +197,8 @@ def load(path: str | os.PathLike[str]) -> keras.Model:
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except ValueError as err:
-        raise ModelError(f"{path}: refused by Keras safe mode: {str(err).splitlines()[0]}") from None
+        raise ModelError(f"{path}: refused by Keras safe mode: "
+                         f"{str(err).splitlines()[0]}") from None
 
 
 def _unsafe_layers(node: object) -> set[str]:
