@@ -192,7 +192,7 @@ def main() -> int:
     results, at = [], 0
     for name, images, labels in phases:
         n = len(images)
-        part = requestlog.split(_slice(everything, at, at + n), size)
+        part = requestlog.split(everything.take(slice(at, at + n)), size)
         truth = [float((w.outputs.predicted == labels[i * size:(i + 1) * size]).mean())
                  for i, w in enumerate(part)]
         checked = [monitor.check_window(w, reference, alpha=alpha, method=method,
@@ -236,19 +236,11 @@ def main() -> int:
     return 0
 
 
-def _slice(window: requestlog.Window, start: int, stop_: int) -> requestlog.Window:
-    part = slice(start, stop_)
-    return requestlog.Window(model=window.model, version=window.version,
-                             ids=window.ids[part], times=window.times[part],
-                             unsure=window.unsure[part], outputs=window.outputs.take(part))
-
-
 def _window(outputs: drift.Outputs) -> requestlog.Window:
+    """Outputs computed here (not logged by a server) as a window of the monitor's."""
     n = len(outputs)
-    plain = drift.Outputs(predicted=outputs.predicted, confidence=outputs.confidence,
-                          entropy=outputs.entropy, inputs=outputs.inputs)
     return requestlog.Window(model="", version="", ids=np.arange(1, n + 1),
-                             times=np.zeros(n), unsure=np.zeros(n, bool), outputs=plain)
+                             times=np.zeros(n), unsure=np.zeros(n, bool), outputs=outputs)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import project
+from . import project, startup
 from .config.loading import checkout_section
 from .errors import DataError, PromotionError, ReviewError, TrackingError, describe_error, reported
 
@@ -258,7 +258,7 @@ def _monitor(args: argparse.Namespace) -> int:
         return 0
     model, version = windows[-1].model, windows[-1].version
     name, tracking = _connect(model)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line each
+    os.environ.update(startup.quiet_env())  # no download bar: one line per window
     with tempfile.TemporaryDirectory() as tmp:
         reference = Reference.load(monitor_runs.download_reference(name, version, tmp))
     checked = [monitor.check_window(w, reference, alpha=alpha, method=method,

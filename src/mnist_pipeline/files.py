@@ -17,11 +17,14 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike[str], suffix: str = "",
+                mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success move it onto `target`.
 
     On any exception the temporary file is removed and `target` is left as it was.
-    `suffix` keeps an extension some writers insist on (Keras wants `.keras`).
+    `suffix` keeps an extension some writers insist on (Keras wants `.keras`). `mode`: the
+    file's permissions (0o600 for secrets: the file is never readable by others, even
+    before it is moved into place).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -31,7 +34,7 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary readable files
+        os.chmod(tmp, mode)  # mkstemp makes 0600; outputs are ordinary readable files
         _fsync(tmp)
         os.replace(tmp, target)
     finally:
@@ -40,20 +43,21 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
 
 
 @contextlib.contextmanager
-def atomic_open(target: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+def atomic_open(target: str | os.PathLike[str], mode: str = "w",
+                permissions: int = 0o644) -> Iterator[IO[Any]]:
     """Open a temporary file beside `target` for writing; replace `target` on success."""
     encoding = {} if "b" in mode else {"encoding": "utf-8"}
-    with atomic_path(target) as tmp, open(tmp, mode, **encoding) as fh:
+    with atomic_path(target, mode=permissions) as tmp, open(tmp, mode, **encoding) as fh:
         yield fh
 
 
-def write_bytes(target: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_open(target, "wb") as fh:
+def write_bytes(target: str | os.PathLike[str], data: bytes, permissions: int = 0o644) -> None:
+    with atomic_open(target, "wb", permissions) as fh:
         fh.write(data)
 
 
-def write_text(target: str | os.PathLike[str], text: str) -> None:
-    with atomic_open(target, "w") as fh:
+def write_text(target: str | os.PathLike[str], text: str, permissions: int = 0o644) -> None:
+    with atomic_open(target, "w", permissions) as fh:
         fh.write(text)
 
 

@@ -108,6 +108,12 @@ class Window:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def take(self, index: Any) -> Window:
+        """The rows `index` selects (a slice, indices or a mask), as a window."""
+        return Window(model=self.model, version=self.version, ids=self.ids[index],
+                      times=self.times[index], unsure=self.unsure[index],
+                      outputs=self.outputs.take(index))
+
 
 class RequestLog:
     """A connection to the log at `url`; `create=True` makes the table (and SQLite's folder)."""
@@ -212,16 +218,7 @@ def split(window: Window, size: int) -> list[Window]:
     (the oldest rows that do not fill a window are left out)."""
     count = len(window) // size
     start = len(window) - count * size
-    parts = []
-    for i in range(count):
-        part = slice(start + i * size, start + (i + 1) * size)
-        out = window.outputs
-        parts.append(Window(
-            model=window.model, version=window.version, ids=window.ids[part],
-            times=window.times[part], unsure=window.unsure[part],
-            outputs=Outputs(predicted=out.predicted[part], confidence=out.confidence[part],
-                            entropy=out.entropy[part], inputs=out.inputs[part])))
-    return parts
+    return [window.take(slice(start + i * size, start + (i + 1) * size)) for i in range(count)]
 
 
 def _sqlite_writer(dbapi_connection: Any, _record: Any) -> None:

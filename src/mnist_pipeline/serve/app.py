@@ -21,6 +21,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -162,8 +163,8 @@ def create() -> ServingApp:
         model=name, version=version, metrics=ServerMetrics(model=name, version=version),
         log_url=os.environ.get(LOG_ENV) or None,
         max_rows=_int(LOG_MAX_ROWS_ENV, 1_000_000),
-        flush_interval_s=_float(LOG_FLUSH_ENV, 0.5),
-        image_sample_rate=_float(LOG_IMAGES_ENV, 0.0))
+        flush_interval_s=_number(LOG_FLUSH_ENV, 0.5, float),
+        image_sample_rate=_number(LOG_IMAGES_ENV, 0.0, float))
     return ServingApp(
         OnnxDigitModel(os.environ[MODEL_DIR_ENV],
                        os.environ.get(THREADS_ENV) or SERVER_THREADS),
@@ -175,16 +176,14 @@ def create() -> ServingApp:
 
 
 def _int(name: str, default: int) -> int:
-    text = os.environ.get(name, "")
-    try:
-        return int(text) if text else default
-    except ValueError:
-        raise ValueError(f"{name}: got {text!r}, expected an integer") from None
+    return _number(name, default, int)
 
 
-def _float(name: str, default: float) -> float:
+def _number(name: str, default: Any, parse: Callable[[str], Any]) -> Any:
+    """Environment variable `name` read by `parse` (int or float); `default` when unset."""
     text = os.environ.get(name, "")
     try:
-        return float(text) if text else default
+        return parse(text) if text else default
     except ValueError:
-        raise ValueError(f"{name}: got {text!r}, expected a number") from None
+        expected = "an integer" if parse is int else "a number"
+        raise ValueError(f"{name}: got {text!r}, expected {expected}") from None

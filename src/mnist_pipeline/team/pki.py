@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import write_bytes
+
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest validity clients accept for a server certificate
 
@@ -70,7 +72,7 @@ def ensure(folder: Path, names: list[str]) -> Pki:
                        ca_key.public_key()), critical=False)
                    .sign(ca_key, hashes.SHA256()))
         _write_key(ca_key, pki.ca_key)
-        pki.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        write_bytes(pki.ca, ca_cert.public_bytes(serialization.Encoding.PEM))
     wanted = sorted(set(names))
     if pki.cert.is_file() and pki.key.is_file() and _covers(pki.cert, wanted):
         return pki
@@ -91,7 +93,7 @@ def ensure(folder: Path, names: list[str]) -> Pki:
                 ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     _write_key(key, pki.key)
-    pki.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_bytes(pki.cert, cert.public_bytes(serialization.Encoding.PEM))
     return pki
 
 
@@ -121,10 +123,6 @@ def _covers(cert_path: Path, names: list[str]) -> bool:
 def _write_key(key: object, path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    data = key.private_bytes(serialization.Encoding.PEM,  # type: ignore[attr-defined]
-                             serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.chmod(path, 0o600)
+    write_bytes(path, key.private_bytes(serialization.Encoding.PEM,  # type: ignore[attr-defined]
+                                        serialization.PrivateFormat.PKCS8,
+                                        serialization.NoEncryption()), permissions=0o600)

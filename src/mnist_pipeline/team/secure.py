@@ -18,6 +18,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import write_text
 from ..serve.process import ServerCommand
 from . import pki
 
@@ -45,7 +46,7 @@ def load_secrets(folder: Path) -> Secrets:
         return Secrets(**json.loads(path.read_text(encoding="utf-8")))
     made = Secrets(admin_password=secrets.token_urlsafe(18),
                    flask_secret_key=secrets.token_urlsafe(32))
-    _write_private(path, json.dumps(dataclasses.asdict(made), indent=2) + "\n")
+    write_text(path, json.dumps(dataclasses.asdict(made), indent=2) + "\n", permissions=0o600)
     return made
 
 
@@ -57,13 +58,13 @@ def secured(command: ServerCommand, folder: Path, *, auth_database: str,
     made = load_secrets(folder)
     certs = pki.ensure(folder / "pki", names)
     config = folder / AUTH_CONFIG
-    _write_private(config, "[mlflow]\n"
-                           "default_permission = NO_PERMISSIONS\n"
-                           f"database_uri = {auth_database}\n"
-                           f"admin_username = {ADMIN}\n"
-                           "authorization_function = "
-                           "mlflow.server.auth:authenticate_request_basic_auth\n"
-                           "grant_default_workspace_access = false\n")
+    write_text(config, "[mlflow]\n"
+                       "default_permission = NO_PERMISSIONS\n"
+                       f"database_uri = {auth_database}\n"
+                       f"admin_username = {ADMIN}\n"
+                       "authorization_function = "
+                       "mlflow.server.auth:authenticate_request_basic_auth\n"
+                       "grant_default_workspace_access = false\n", permissions=0o600)
     argv = [arg.replace("http://", "https://") if previous == "--cors-allowed-origins" else arg
             for previous, arg in zip(["", *command.argv[:-1]], command.argv, strict=True)]
     argv = [*argv, "--app-name", "mnist-auth", "--enable-workspaces",
@@ -77,9 +78,3 @@ def secured(command: ServerCommand, folder: Path, *, auth_database: str,
         command, argv=argv, env_overrides=env, url=url,
         ready_url=command.ready_url.replace("http://", "https://", 1)), certs
 
-
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.chmod(path, 0o600)
