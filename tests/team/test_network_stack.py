@@ -11,6 +11,7 @@ from helpers import team
 from helpers.tiny_store import free_port
 
 from mnist_pipeline import cli
+from mnist_pipeline.team import secure
 from mnist_pipeline.team import stack as team_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.team]
@@ -27,7 +28,7 @@ def exported(text: str) -> dict[str, str]:
                 if line.startswith("export "))
 
 
-def test_network_stack_adds_members_who_cannot_move_champion(network_stack, monkeypatch,
+def test_auth_network_stack_adds_members_whose_role_cannot_move_champion(network_stack, monkeypatch,
                                                              capsys, tmp_path):
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -38,9 +39,12 @@ def test_network_stack_adds_members_who_cannot_move_champion(network_stack, monk
     folder = str(network_stack.root)
     assert cli.main(["team", "user", "add", "alice", "--role", "member", "--dir", folder]) == 0
     alice = exported(capsys.readouterr().out)
-    assert cli.main(["team", "user", "add", "gate", "--role", "gate", "--dir", folder]) == 0
-    gate = exported(capsys.readouterr().out)
+    with pytest.raises(SystemExit):  # the gate service's own login
+        cli.main(["team", "user", "add", "gate", "--role", "gate", "--dir", folder])
+    assert "gate service's own login" in capsys.readouterr().err
+    gate = {**alice, **secure.load_secrets(network_stack.secrets).gate_env}
     assert alice["MLFLOW_TRACKING_URI"] == network_stack.tracking_uri
+    assert alice["MNIST_PIPELINE_GATE_SERVICE"] == "900"
 
     def use(env: dict[str, str]):
         for key, value in env.items():
@@ -67,9 +71,47 @@ def test_network_stack_adds_members_who_cannot_move_champion(network_stack, monk
         client.search_experiments()
 
 
-def test_network_user_commands_need_a_network_stack(tmp_path, capsys):
+def test_auth_user_commands_need_a_network_stack(tmp_path, capsys):
     plain = team_stack.Stack(str(tmp_path), free_port(), free_port())
     plain.save()
     with pytest.raises(SystemExit):
         cli.main(["team", "user", "add", "x", "--dir", str(tmp_path)])
     assert "ARGS=--network" in capsys.readouterr().err
+
+
+def test_tls_client_without_the_ca_fails_with_one_clear_line(network_stack, monkeypatch):
+    from mnist_pipeline import config
+    from mnist_pipeline.errors import TrackingError
+    from mnist_pipeline.tracking import store
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", network_stack.tracking_uri)
+    monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH", raising=False)
+    tracking = config.section({"tracking": {
+        "uri": None, "artifact_dir": "mlruns", "experiment_name": "no-ca",
+        "registered_model": "m", "lock_url": None}}, "tracking")
+    with pytest.raises(TrackingError) as caught:
+        store.connect(tracking)
+    message = str(caught.value)
+    assert "\n" not in message and "MLFLOW_TRACKING_SERVER_CERT_PATH" in message
+    assert "not signed by this machine's public CAs" in message
+
+
+def test_auth_postgres_refuses_a_connection_without_a_password(network_stack, monkeypatch):
+    import psycopg
+
+    rules = (network_stack.cluster.data / "pg_hba.conf").read_text()
+    assert "trust" not in rules.replace("no trust", "") and "scram-sha-256" in rules
+    url = network_stack.cluster.url("mlflow")
+    assert ":" not in url.split("@")[0].removeprefix("postgresql://")  # no password in it
+    monkeypatch.delenv("PGPASSFILE", raising=False)
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("HOME", str(network_stack.root))  # no ~/.pgpass either
+    for given in ({}, {"password": "not-the-password"}):
+        with pytest.raises(psycopg.OperationalError) as refused:
+            psycopg.connect(url, connect_timeout=5, **given)
+        assert "password" in str(refused.value)
+    monkeypatch.setenv("PGPASSFILE", str(network_stack.pgpass))  # what team env exports
+    assert stat.S_IMODE(os.stat(network_stack.pgpass).st_mode) == 0o600
+    with psycopg.connect(url, connect_timeout=5) as connection:
+        assert connection.execute("SELECT 1").fetchone() == (1,)
+    assert f"PGPASSFILE={network_stack.pgpass}" in network_stack.exports()

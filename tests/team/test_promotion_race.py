@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 from helpers import repo
-from helpers.digits import synthetic_digits
+from helpers.digits import graded_model, synthetic_digits
 from helpers.team import client_env
 
 from mnist_pipeline import config
@@ -30,28 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.team]
 ROUNDS = 20
 WORKER = Path(__file__).with_name("race_worker.py")
 TEST_IMAGES = 200  # 20 per class: a model that misreads k classes scores 1 - k/10
-
-
-def graded_model(broken: tuple[int, ...]):
-    """A linear model that reads each synthetic digit's bar, except that it sends the classes
-    in `broken` to the next class: exactly their images are wrong (accuracy 1 - k/10)."""
-    import keras
-
-    weights = np.zeros((28 * 28, 10), np.float32)
-    for cls in range(10):
-        mask = np.zeros((28, 28), np.float32)
-        row = 3 + 2 * cls
-        mask[row:row + 2, 4:24] = 10.0 / 40  # ~10 for the class's own bar, ~1 for noise
-        target = (cls + 1) % 10 if cls in broken else cls
-        weights[:, target] += mask.ravel()
-    # float32 whatever global policy an earlier test in this process left (training sets
-    # mixed_bfloat16 process-wide on CPUs where it is faster), as the train stage saves models.
-    model = keras.Sequential([
-        keras.Input((28, 28), dtype="uint8", name="image"),
-        keras.layers.Rescaling(1.0 / 255, dtype="float32"), keras.layers.Flatten(),
-        keras.layers.Dense(10, activation="softmax", dtype="float32", name="probabilities")])
-    model.layers[-1].set_weights([weights, np.zeros(10, np.float32)])
-    return model
 
 
 def logged(model, test: Split, name: str, experiment: str) -> dict:

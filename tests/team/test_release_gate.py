@@ -68,7 +68,7 @@ def denied(call) -> str:
     return str(caught.value)
 
 
-def test_secrets_and_keys_are_private_and_tls_is_required(server):
+def test_tls_is_required_and_secrets_and_keys_are_private(server):
     url, ca, _, _, folder = server
     for path in (folder / "secrets" / "secrets.json", folder / "secrets" / "basic_auth.ini",
                  folder / "secrets" / "pki" / "server-key.pem",
@@ -84,9 +84,18 @@ def test_secrets_and_keys_are_private_and_tls_is_required(server):
         urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
                                timeout=10, context=context)
     assert anonymous.value.code == 401
+    import base64
+
+    for password in ("wrong-password-1234", ""):  # a wrong password is no login either
+        request = urllib.request.Request(f"{url}/api/2.0/mlflow/experiments/search?max_results=1")
+        token = base64.b64encode(f"alice:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+        with pytest.raises(urllib.error.HTTPError) as wrong:
+            urllib.request.urlopen(request, timeout=10, context=context)
+        assert wrong.value.code == 401
 
 
-def test_release_gate_only_the_gate_moves_champion(server, monkeypatch, tmp_path):
+def test_role_member_registers_but_only_the_gate_moves_champion(server, monkeypatch, tmp_path):
     alice = as_user(monkeypatch, server, "alice")
     experiment = alice.create_experiment("alice-runs")
     run = alice.create_run(experiment)
@@ -127,7 +136,7 @@ def test_release_gate_only_the_gate_moves_champion(server, monkeypatch, tmp_path
     denied(lambda: alice.rename_registered_model(MODEL, "elsewhere"))
 
 
-def test_release_gate_a_viewer_reads_and_writes_nothing(server, monkeypatch):
+def test_role_viewer_reads_and_writes_nothing(server, monkeypatch):
     vera = as_user(monkeypatch, server, "vera")
     assert vera.search_experiments()  # reads what members logged
     denied(lambda: vera.create_experiment("vera-runs"))
@@ -136,7 +145,7 @@ def test_release_gate_a_viewer_reads_and_writes_nothing(server, monkeypatch):
         denied(lambda: vera.create_run(experiment.experiment_id))
 
 
-def test_release_gate_a_removed_user_is_locked_out(server, monkeypatch):
+def test_auth_removed_user_is_locked_out(server, monkeypatch):
     from mlflow.exceptions import MlflowException
 
     url, ca, admin, passwords, _ = server

@@ -3,8 +3,10 @@ as the `postgres` user when this process is root (PostgreSQL refuses to run as r
 
 `Cluster.init` runs `initdb` (trust authentication for connections from this machine only,
 superuser `mlflow`), `start`/`stop` run `pg_ctl`, and `create_databases` makes the
-databases the team stack uses. The cluster listens on 127.0.0.1 and on a Unix socket inside
-its folder; nothing outside this machine can reach it.
+databases the team stack uses. `require_passwords` (a stack with logins) sets the
+superuser's password and replaces every `trust` rule with `scram-sha-256`. The cluster
+listens on 127.0.0.1 and on a Unix socket inside its folder; nothing outside this machine
+can reach it.
 """
 
 from __future__ import annotations
@@ -17,14 +19,23 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ServerError
+from ..files import write_text
 
 SUPERUSER = "mlflow"
 SERVICE_USER = "postgres"
 # Debian installs the server binaries off PATH, one folder per major version.
 BINARY_GLOBS = ("/usr/lib/postgresql/*/bin", "/usr/local/pgsql/bin")
 START_TIMEOUT_S = 60
+# pg_hba.conf of a cluster that asks every client for a password (`require_passwords`).
+HBA_PASSWORDS = """# written by mnist-pipeline: a password for every connection, no trust
+# TYPE  DATABASE  USER  ADDRESS       METHOD
+local   all       all                 scram-sha-256
+host    all       all   127.0.0.1/32  scram-sha-256
+host    all       all   ::1/128       scram-sha-256
+"""
 
 
 def binaries() -> Path:
@@ -46,6 +57,9 @@ class Cluster:
 
     folder: Path
     port: int
+    # The superuser's password, once `require_passwords` made the cluster ask for one (clients
+    # find it in the stack's PGPASSFILE, so it is in no URL and no command line).
+    password: str | None = None
 
     @property
     def data(self) -> Path:
@@ -91,21 +105,40 @@ class Cluster:
         _run([str(binaries() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
              "pg_ctl stop")
 
-    def create_databases(self, names: tuple[str, ...]) -> None:
-        """Create each database in `names` that does not exist yet."""
+    def connect(self, database: str = "postgres") -> Any:
+        """An autocommit connection as the superuser, once the cluster accepts one."""
         import psycopg
 
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
-                connection = psycopg.connect(self.url("postgres"), autocommit=True,
-                                             connect_timeout=5)
-                break
+                return psycopg.connect(self.url(database), autocommit=True, connect_timeout=5,
+                                       **({"password": self.password} if self.password else {}))
             except psycopg.OperationalError as err:
                 if time.monotonic() > deadline:
                     raise ServerError(f"PostgreSQL on port {self.port} does not accept "
                                       f"connections: {str(err).strip()}") from None
                 time.sleep(0.2)
+
+    def require_passwords(self) -> None:
+        """Every connection, over TCP or the socket, must give a password (scram-sha-256):
+        the superuser's is set to `password` and pg_hba.conf keeps no `trust` rule."""
+        from psycopg import sql
+
+        if not self.password:
+            raise ServerError("require_passwords: the cluster has no password to set")
+        with self.connect() as connection:
+            connection.execute("SET password_encryption = 'scram-sha-256'")
+            connection.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(SUPERUSER), sql.Literal(self.password)))
+        rules = self.data / "pg_hba.conf"
+        write_text(rules, HBA_PASSWORDS, permissions=0o600)
+        _hand_over(rules)
+        _run([str(binaries() / "pg_ctl"), "-D", str(self.data), "reload"], "pg_ctl reload")
+
+    def create_databases(self, names: tuple[str, ...]) -> None:
+        """Create each database in `names` that does not exist yet."""
+        connection = self.connect()
         with connection:
             existing = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}
             for name in names:
@@ -121,7 +154,8 @@ def _as_service(argv: list[str]) -> list[str]:
 
 
 def _hand_over(folder: Path) -> None:
-    """As root, give the cluster's folder to `postgres`, and check it can reach it."""
+    """As root, give the cluster's folder (or one file) to `postgres`, and check it can reach
+    it."""
     if os.geteuid() != 0:
         return
     try:
@@ -130,8 +164,10 @@ def _hand_over(folder: Path) -> None:
         raise ServerError(f"running as root, PostgreSQL must run as the '{SERVICE_USER}' "
                           "user, which does not exist: install Debian's postgresql package "
                           "or run as an ordinary user") from None
-    for path in [folder, *folder.rglob("*")]:
+    for path in [folder, *(folder.rglob("*") if folder.is_dir() else ())]:
         os.chown(path, account.pw_uid, account.pw_gid)
+    if not folder.is_dir():
+        return  # a file inside a cluster folder already handed over
     for parent in folder.resolve().parents:
         if not os.stat(parent).st_mode & 0o001:
             raise ServerError(f"{parent} is not searchable by other users, so the "

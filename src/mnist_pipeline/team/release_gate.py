@@ -13,7 +13,8 @@ gate identity:
   alike: the hook matches the handler, not the URL);
 - renaming or deleting a registered model that carries a protected alias, and deleting the
   version a protected alias points at (both would move or drop it indirectly);
-- writing tags whose key starts with `gate.` (the gate's verdict and digest on a version).
+- writing tags whose key starts with `gate.` (the gate's verdict and digest on a version) or
+  `champion.` (the promotion history on a model, a rollback's withdrawal of a version).
 
 The server's environment configures it: MNIST_AUTH_GATE_USERS (default `gate`),
 MNIST_AUTH_PROTECTED_ALIASES (default `champion`). Admins are not exempt: the gate's decision
@@ -30,7 +31,9 @@ from typing import Any
 
 GATE_USERS_ENV = "MNIST_AUTH_GATE_USERS"
 PROTECTED_ENV = "MNIST_AUTH_PROTECTED_ALIASES"
-RESERVED_TAG_PREFIX = "gate."
+# The gate's verdict and digest on a version (gate.*), the promotion history on a model and a
+# rollback's withdrawal of a version (champion.*).
+RESERVED_TAG_PREFIXES = ("gate.", "champion.")
 
 _ALIAS = {"_set_registered_model_alias", "_delete_registered_model_alias"}
 _MODEL = {"_rename_registered_model", "_delete_registered_model"}
@@ -124,7 +127,7 @@ def gate_hook(gate_users: frozenset[str], protected: frozenset[str]) -> Callable
             return None
         if endpoint in _TAGS or endpoint in _CREATE_WITH_TAGS:
             reserved = sorted(key for key in _values("key") | _tag_keys()
-                              if key.casefold().startswith(RESERVED_TAG_PREFIX))
+                              if key.casefold().startswith(RESERVED_TAG_PREFIXES))
             if reserved:
                 return _deny(f"tags {reserved} are written by the gate only; user {user!r} may "
                              "not write them")

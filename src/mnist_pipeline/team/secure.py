@@ -10,6 +10,7 @@ protection needs, and the auth settings. Users and roles: `users.py`.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -20,17 +21,25 @@ from pathlib import Path
 
 from ..files import write_text
 from ..serve.process import ServerCommand
-from . import pki
+from . import pki, release_gate
 
 ADMIN = "admin"
 SECRETS_FILE = "secrets.json"
 AUTH_CONFIG = "basic_auth.ini"
 
 
+GATE_LOGIN = "gate"  # the gate service's login (release_gate.py's default gate user)
+WEBHOOK_SECRET_ENV = "MNIST_GATE_WEBHOOK_SECRET"  # how the gate service gets the HMAC secret
+
+
 @dataclass(frozen=True)
 class Secrets:
     admin_password: str
     flask_secret_key: str
+    gate_password: str = ""
+    webhook_secret: str = ""   # signs the registry webhook's deliveries to the gate service
+    webhook_key: str = ""      # the Fernet key MLflow encrypts stored webhook secrets with
+    postgres_password: str = ""  # the stack's PostgreSQL superuser (scram-sha-256)
 
     @property
     def admin_env(self) -> dict[str, str]:
@@ -38,16 +47,42 @@ class Secrets:
         return {"MLFLOW_TRACKING_USERNAME": ADMIN,
                 "MLFLOW_TRACKING_PASSWORD": self.admin_password}
 
+    @property
+    def gate_env(self) -> dict[str, str]:
+        """The gate service's client credentials, and the secret its deliveries are signed
+        with."""
+        return {"MLFLOW_TRACKING_USERNAME": GATE_LOGIN,
+                "MLFLOW_TRACKING_PASSWORD": self.gate_password,
+                WEBHOOK_SECRET_ENV: self.webhook_secret}
+
 
 def load_secrets(folder: Path) -> Secrets:
-    """The stack's secrets, generated into `folder/secrets.json` (mode 0600) the first time."""
+    """The stack's secrets, generated into `folder/secrets.json` (mode 0600) the first time
+    (and any a stack made by an older version lacks, added)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
     path = folder / SECRETS_FILE
-    if path.is_file():
-        return Secrets(**json.loads(path.read_text(encoding="utf-8")))
-    made = Secrets(admin_password=secrets.token_urlsafe(18),
-                   flask_secret_key=secrets.token_urlsafe(32))
-    write_text(path, json.dumps(dataclasses.asdict(made), indent=2) + "\n", permissions=0o600)
-    return made
+    saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    made = {"admin_password": secrets.token_urlsafe(18),
+            "flask_secret_key": secrets.token_urlsafe(32),
+            "gate_password": secrets.token_urlsafe(18),
+            "webhook_secret": secrets.token_urlsafe(32),
+            "webhook_key": base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
+            "postgres_password": secrets.token_urlsafe(24)}
+    if all(saved.get(key) for key in made):
+        return Secrets(**saved)
+    complete = Secrets(**{**made, **{k: v for k, v in saved.items() if v}})
+    write_text(path, json.dumps(dataclasses.asdict(complete), indent=2) + "\n",
+               permissions=0o600)
+    return complete
+
+
+def write_pgpass(path: Path, port: int, user: str, password: str) -> None:
+    """A libpq password file (mode 0600, or libpq ignores it) for the stack's PostgreSQL:
+    processes given `PGPASSFILE` connect with the password, which stays out of every URL,
+    command line and log."""
+    write_text(path, "".join(f"{host}:{port}:*:{user}:{password}\n"
+                             for host in ("127.0.0.1", "localhost")), permissions=0o600)
 
 
 def secured(command: ServerCommand, folder: Path, *, auth_database: str,
@@ -72,7 +107,15 @@ def secured(command: ServerCommand, folder: Path, *, auth_database: str,
                                           "--ssl-certfile", str(certs.cert)])]
     env = {**command.env_overrides, "MLFLOW_AUTH_CONFIG_PATH": str(config),
            "MLFLOW_AUTH_ADMIN_PASSWORD": made.admin_password,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": made.flask_secret_key}
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": made.flask_secret_key,
+           # Registry webhooks to the gate service: their secret is stored encrypted with
+           # this key (the same in every worker and after restarts), and the service listens
+           # on loopback over plain HTTP, which MLflow's SSRF guard refuses unless allowed.
+           # Only an admin may create a webhook.
+           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": made.webhook_key,
+           "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+           release_gate.GATE_USERS_ENV: GATE_LOGIN}
     url = command.url.replace("http://", "https://", 1)
     return dataclasses.replace(
         command, argv=argv, env_overrides=env, url=url,

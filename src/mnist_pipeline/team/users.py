@@ -29,6 +29,10 @@ ROLES: dict[str, list[tuple[str, str, str]]] = {
                ("registered_model", "*", "EDIT")],
     "gate": [("experiment", "*", "READ"), ("registered_model", "*", "MANAGE")],
 }
+# evaluation.promotion.GATE_SERVICE_ENV: how long a member's evaluate waits for the verdict
+# (a CNN's scoring on the full test set and suite takes a minute or two on 2 cores).
+GATE_SERVICE_ENV = "MNIST_PIPELINE_GATE_SERVICE"
+GATE_WAIT_S = 900
 PASSWORD_BYTES = 18  # 24 characters of URL-safe base64; MLflow wants at least 12
 
 
@@ -66,6 +70,20 @@ def add(auth: Any, name: str, role: str) -> str:
     return password
 
 
+def ensure(auth: Any, name: str, role: str, password: str) -> None:
+    """User `name` with `role` and `password`, created or given that password (the stack's
+    own logins, such as the gate service's, whose passwords live in its secrets)."""
+    roles = ensure_roles(auth)
+    try:
+        auth.get_user(name)
+    except Exception:  # noqa: BLE001 - MLflow's RestException: no such user yet
+        auth.create_user(name, password)
+    else:
+        auth.update_user_password(name, password)
+    if role not in {assigned.name for assigned in auth.list_user_roles(name)}:
+        auth.assign_role(name, roles[role])
+
+
 def remove(auth: Any, name: str) -> None:
     """Delete user `name`: its password stops working at once."""
     try:
@@ -75,8 +93,10 @@ def remove(auth: Any, name: str) -> None:
 
 
 def exports(tracking_uri: str, ca: str, name: str, password: str) -> str:
-    """What the user puts in their shell to work against the server."""
+    """What the user puts in their shell to work against the server (the evaluate stage then
+    leaves the decision to the gate service and waits up to GATE_WAIT_S for it)."""
     return (f"export MLFLOW_TRACKING_URI={tracking_uri}\n"
             f"export MLFLOW_TRACKING_SERVER_CERT_PATH={ca}\n"
             f"export MLFLOW_TRACKING_USERNAME={name}\n"
-            f"export MLFLOW_TRACKING_PASSWORD={password}\n")
+            f"export MLFLOW_TRACKING_PASSWORD={password}\n"
+            f"export {GATE_SERVICE_ENV}={GATE_WAIT_S:g}\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import getpass
 import json
+import os
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -36,11 +37,14 @@ ROLLED_BACK, FORCED = "rolled back", "forced"
 
 
 def context() -> dict[str, Any]:
-    """Who decides, when and from where: UTC time, user, host, git commit and dirty flag of
+    """Who decides, when and from where: UTC time, user (and their login on a team server
+    with logins), host, git commit and dirty flag of
     the working directory, and the DVC experiment (inside `dvc exp run`)."""
     commit = lineage.git_commit()
+    login = os.environ.get("MLFLOW_TRACKING_USERNAME")  # the server's login, when it has logins
     return {"time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "user": _user(), "host": socket.gethostname(),
+            "user": _user(), **({"login": login} if login else {}),
+            "host": socket.gethostname(),
             "git_commit": commit, "git_dirty": lineage.git_dirty(None, commit),
             "dvc_experiment": lineage.dvc_experiment().get("dvc.experiment")}
 

@@ -138,13 +138,45 @@ def load_keras(model_uri: str) -> Any:
     safe mode), or a model logged with MLflow's Keras flavour."""
     import mlflow
 
-    from ..training import models  # here: training imports this module
-
     if "keras" in mlflow.models.get_model_info(model_uri).flavors:
         return mlflow.keras.load_model(model_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(retry(lambda: mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)))
-        keras_files = sorted((folder / "artifacts").glob("*.keras"))
-        if not keras_files:
-            raise ModelError(f"{model_uri}: no .keras file among the model's artifacts")
-        return models.load(keras_files[0])
+        return keras_in(download(model_uri, tmp), model_uri)
+
+
+def download(model_uri: str, folder: str | Path) -> Path:
+    """Every file of the model behind `model_uri`, downloaded into `folder`."""
+    import mlflow
+
+    return Path(retry(lambda: mlflow.artifacts.download_artifacts(model_uri,
+                                                                   dst_path=str(folder))))
+
+
+def keras_in(folder: Path, model_uri: str) -> Any:
+    """The Keras model in a downloaded model folder (`download`): the served pyfunc's `.keras`
+    artifact, or MLflow's Keras flavour's file; loaded in safe mode."""
+    from ..training import models  # here: training imports this module
+
+    keras_files = sorted((folder / "artifacts").glob("*.keras")) or sorted(
+        (folder / "data").glob("*.keras"))
+    if not keras_files:
+        raise ModelError(f"{model_uri}: no .keras file among the model's artifacts")
+    return models.load(keras_files[0])
+
+
+def calibration_in(folder: Path) -> dict[str, float] | None:
+    """The calibration a downloaded served model applies (None: a model logged without one,
+    or with MLflow's Keras flavour)."""
+    import json
+
+    from . import mnist_onnx
+
+    path = folder / "artifacts" / mnist_onnx.CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        fitted = json.loads(path.read_text(encoding="utf-8"))
+        return {"temperature": float(fitted["temperature"]),
+                "threshold": float(fitted["threshold"])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelError(f"{path}: not a calibration ({err})") from None

@@ -29,6 +29,21 @@ def find_version(name: str, tag: str, value: str) -> Any | None:
     return found[0] if found else None
 
 
+def versions(name: str, page_size: int = 200) -> list[Any]:
+    """Every registered version of `name` ([] when it has none or does not exist)."""
+    from mlflow import MlflowClient
+
+    found: list[Any] = []
+    token = None
+    while True:
+        page = retry(lambda t=token: MlflowClient().search_model_versions(
+            f"name = {_quoted(name)}", max_results=page_size, page_token=t))
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
 def _quoted(value: str) -> str:
     """`value` as a string literal of MLflow's filter syntax, which has no escapes: it is
     taken verbatim between quotes of a kind it does not contain."""

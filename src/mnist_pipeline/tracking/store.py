@@ -92,11 +92,42 @@ def connect(cfg: TrackingConfig) -> str:
                 experiment_id = _get_or_create_experiment(cfg, artifacts)
                 _use_wal(database)
             return experiment_id
+        if uri.startswith("https://"):
+            check_certificate(uri)
         return retry(lambda: _get_or_create_experiment(cfg, artifacts))
     except (MlflowException, OSError, sqlite3.Error) as err:
         raise TrackingError(
             f"tracking store {uri} is not usable: {str(err).splitlines()[0][:300]} "
             "(check MLFLOW_TRACKING_URI / tracking.uri, and that the server is up)") from None
+
+
+CERT_ENV = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+
+
+def check_certificate(uri: str) -> None:
+    """One clear line when an https tracking server's certificate is not trusted (MLflow
+    itself would retry for a minute, then print a stack of connection errors)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    cafile = os.environ.get(CERT_ENV) or None
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as err:
+        raise TrackingError(f"{CERT_ENV}={cafile}: not a CA certificate file "
+                            f"({getattr(err, 'strerror', None) or err})") from None
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=30, context=context).close()
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, ssl.SSLCertVerificationError):
+            trusted = f"the CA in {cafile}" if cafile else "this machine's public CAs"
+            raise TrackingError(
+                f"{uri}: its TLS certificate is not signed by {trusted} "
+                f"({err.reason.verify_message}); set {CERT_ENV} to the team's CA "
+                "certificate (the ca.pem that came with your login)") from None
+    except OSError:
+        pass  # any other failure: MLflow's own retries and message
 
 
 def _use_wal(db_path: Path) -> None:
