@@ -174,23 +174,21 @@ def table(entries: list[dict[str, Any]]) -> str:
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
+    from .tracking.registry import label
+
     before, after = entry.get("champion_before"), entry.get("champion_after")
-    champion = _v(after) if before == after else f"{_v(before)} -> {_v(after)}"
+    champion = label(after) if before == after else f"{label(before)} -> {label(after)}"
     p_value, level = entry.get("p_value"), entry.get("level")
     commit = (entry.get("git_commit") or "")[:8] + ("+dirty" if entry.get("git_dirty") else "")
     reason = " ".join(str(entry.get("reason", "")).split())
     if len(reason) > REASON_CHARS:
         reason = reason[:REASON_CHARS - 1] + "…"
     return (str(entry.get("seq", "")), str(entry.get("time", "")).replace("T", " ").rstrip("Z"),
-            str(entry.get("outcome", "")), _v(entry.get("candidate")), champion,
+            str(entry.get("outcome", "")), label(entry.get("candidate")), champion,
             "" if p_value is None else f"{p_value:.3g}",
             "" if level is None or p_value is None else f"{level:.3g}",
             f"{entry.get('user', '?')}@{entry.get('host', '?')}", commit or "-",
             entry.get("dvc_experiment") or "-", reason)
-
-
-def _v(version: str | None) -> str:
-    return f"v{version}" if version else "none"
 
 
 def _rollback(args: argparse.Namespace) -> int:

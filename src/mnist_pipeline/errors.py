@@ -85,6 +85,11 @@ def reported(stage: str) -> Iterator[None]:
             raise
         print(f"{stage}: error: {err}", file=sys.stderr)
         print(f"{stage}: (set {DEBUG_ENV}=1 for a traceback)", file=sys.stderr)
+        from .project import experiment_params_hint
+
+        hint = experiment_params_hint()
+        if hint:
+            print(f"{stage}: {hint}", file=sys.stderr)
         raise SystemExit(1) from None
 
 def describe_error(err: object) -> str:

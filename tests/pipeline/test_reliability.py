@@ -120,6 +120,33 @@ def test_nan_loss_stops_the_pipeline_and_registers_nothing(tmp_path):
     assert [r.info.status for r in runs] == ["FAILED"]
 
 
+# --- row 24: a failed experiment ------------------------------------------------------------
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epochs=0", "config 'train.epochs': got 0"),  # a bad value, refused at once
+    ("optimizer.learning_rate=1e12", "loss became NaN"),  # a crash mid-run, while training
+])
+def test_failed_exp_leaves_the_workspace_as_it_was(tmp_path, override, needle):
+    path = repo.make(tmp_path / "repo")
+    repo.run(["dvc", "repro"], path)
+    kept = {str(file.relative_to(path)): sha256_file(file)
+            for folder in ("models", "metrics", "plots", "data/processed", "data/corrupted")
+            for file in sorted((path / folder).rglob("*")) if file.is_file()}
+    assert "models/model.keras" in kept and "plots/evaluate/confusion.png" in kept
+    params = (path / "params.yaml").read_text()
+    done = repo.run(["dvc", "exp", "run", "-S", override], path, check=False)
+    assert done.returncode != 0 and needle in done.stderr + done.stdout, done.stderr[-2000:]
+    after = {name: sha256_file(path / name) for name in kept if (path / name).is_file()}
+    assert after == kept, "a failed experiment changed or removed workspace outputs"
+    assert (path / "params.yaml").read_text() != params  # DVC left the -S value there...
+    ours = [line for line in done.stderr.splitlines() if line.startswith("train: ")]
+    assert ours[-1].endswith("git checkout -- params.yaml"), ours  # ...and we say how back
+    repo.run(["git", "checkout", "--", "params.yaml"], path)
+    assert (path / "params.yaml").read_text() == params
+    status = repo.run(["dvc", "status", "train"], path)
+    assert "up to date" in status.stdout, status.stdout
+
+
 # --- row 9: invalid config ------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, needle", [

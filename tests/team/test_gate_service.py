@@ -227,6 +227,68 @@ def test_gate_service_killed_mid_decision_leaves_the_alias_and_decides_when_back
     assert judgement.verdict.passed and champion(world) == number
 
 
+def test_gate_service_digest_refuses_a_champion_whose_files_were_rewritten(
+        world, monkeypatch, tmp_path):
+    import base64
+    import ssl
+
+    from mlflow import MlflowClient
+
+    from mnist_pipeline.errors import ModelError
+    from mnist_pipeline.tracking import registry, served_artifacts
+
+    as_member(world, "alice", monkeypatch)
+    name = model_name(world)
+    import yaml
+
+    tracking = config.section(yaml.safe_load((world.checkout / "params.yaml").read_text()),
+                              "tracking")
+    served = served_artifacts.locate(tracking, registry.champion_uri(name), tmp_path / "a")
+    assert (served.folder / "model.onnx").is_file() and served.version == champion(world)
+    # A member may write the experiment's artifacts, the approved version's among them
+    # (MLflow's artifact routes check the experiment, not the registry)...
+    root = MlflowClient().get_model_version_download_uri(name, served.version)
+    path = root.removeprefix("mlflow-artifacts:").lstrip("/")
+    request = urllib.request.Request(
+        f"{world.stack.tracking_uri}/api/2.0/mlflow-artifacts/artifacts/{path}/artifacts/"
+        "calibration.json", data=b'{"temperature": 0.01, "threshold": 0.0}', method="PUT")
+    login = world.members["alice"]
+    token = base64.b64encode(f"{login['MLFLOW_TRACKING_USERNAME']}:"
+                             f"{login['MLFLOW_TRACKING_PASSWORD']}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    context = ssl.create_default_context(cafile=str(world.stack.ca))
+    with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+        assert answer.status == 200
+    # ...but what serves the champion checks the files against the digest the gate approved.
+    with pytest.raises(ModelError, match="rewritten after approval"):
+        served_artifacts.locate(tracking, registry.champion_uri(name), tmp_path / "b")
+
+
+def test_role_rollback_needs_the_gate_login_and_records_who_asked(world, monkeypatch):
+    from mnist_pipeline.errors import PromotionError
+    from mnist_pipeline.evaluation import rollback
+    from mnist_pipeline.tracking import history, registry
+
+    as_member(world, "alice", monkeypatch)
+    name = model_name(world)
+    held = champion(world)
+    earlier = next(e for e in reversed(history.entries(name))
+                   if e.get("outcome") == "promoted" and e["candidate"] != held)["candidate"]
+    with pytest.raises(PromotionError, match="only the gate service's login moves it"):
+        rollback.move(name, earlier, "alice tries", test_sha256=world.test.sha256(),
+                      lock_url=world.stack.lock_url)
+    assert champion(world) == held
+    for key, value in secure.load_secrets(world.stack.secrets).gate_env.items():
+        monkeypatch.setenv(key, value)
+    moved = rollback.move(name, earlier, "the files of the champion were rewritten",
+                          test_sha256=world.test.sha256(), lock_url=world.stack.lock_url)
+    assert champion(world) == earlier == moved.version
+    entry = history.entries(name)[-1]
+    assert entry["outcome"] == "rolled back" and entry["login"] == secure.GATE_LOGIN
+    assert entry["user"]  # the person (OS account) who ran it
+    assert registry.version(name, held).tags[registry.WITHDRAWN]
+
+
 def test_gate_service_refuses_unsigned_and_forged_deliveries(world):
     body = json.dumps({"entity": "model_version", "action": "created",
                        "data": {"name": model_name(world), "version": "1"}}).encode()

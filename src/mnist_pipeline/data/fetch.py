@@ -36,7 +36,6 @@ from .npm import NpmTarballs, tar_member_chunks
 # A `.part` file sits beside its target: same filesystem, so `os.replace` is atomic.
 PART_SUFFIX = ".part"
 ALREADY_PRESENT = "already present"
-NPM_MISSING = "npm client not found on PATH (install Node.js/npm)"
 
 
 Log = Callable[[str], None]

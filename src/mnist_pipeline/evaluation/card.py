@@ -20,6 +20,7 @@ import numpy as np
 
 from ..files import write_text
 from ..tracking import runs
+from ..tracking.registry import label
 from .reuse import Budget
 from .robustness import Confidence, Shift
 from .scores import Scores, wilson_interval
@@ -79,8 +80,8 @@ def build(facts: Facts) -> list[Block]:
     blocks: list[Block] = [
         ("h1", title(facts)),
         ("p", f"Training run {facts.run_id}. Registered as version {facts.version} of "
-              f"{facts.registered_model}; champion {_v(facts.champion_before)} before this "
-              f"evaluation, {_v(facts.champion_after)} after it. Gate: "
+              f"{facts.registered_model}; champion {label(facts.champion_before)} before this "
+              f"evaluation, {label(facts.champion_after)} after it. Gate: "
               f"{'PASSED' if verdict['passed'] else 'REJECTED'}."),
         ("h2", "Test metrics, with 95% confidence intervals"),
         ("p", f"Accuracy {s.accuracy:.4f} (95% CI {low:.4f}–{high:.4f}, Wilson score "
@@ -332,6 +333,3 @@ def _value(value: Any) -> str:
 def _p(value: float | None) -> str:
     return "n/a (no champion to compare with)" if value is None else f"{value:.4g}"
 
-
-def _v(version: str | None) -> str:
-    return f"v{version}" if version else "none"

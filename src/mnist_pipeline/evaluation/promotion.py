@@ -52,7 +52,7 @@ OUTCOMES = "outcomes.npz"
 # Set (to the seconds to wait), a checkout leaves the decision to the team's gate service.
 GATE_SERVICE_ENV = "MNIST_PIPELINE_GATE_SERVICE"
 VERDICT_TAG = "gate.verdict"  # the gate service's decision on a version, written last
-DIGEST_TAG = "gate.sha256"    # the approved model's files (files.tree_sha256)
+DIGEST_TAG = registry.APPROVED_DIGEST  # the approved model's files (files.tree_sha256)
 # A version's recorded per-image results on a corrupted suite, or None.
 Records = Callable[[str, str, list[str]], "np.ndarray | None"]
 
@@ -527,7 +527,9 @@ def rescore(name: str, number: str, test: Split, corrupted: suite.Suite,
     with locks.held("registry", lock_url) as lock:
         judgement = judge(name, version, candidate, scores, shift, fitted, test, corrupted,
                           eval_cfg, gate_cfg, lock, run_id=run_id, records=recorded,
-                          tags={DIGEST_TAG: digest})
+                          tags={DIGEST_TAG: digest,
+                                # What it was scored on (rollback checks it), not the claim.
+                                "data.test_sha256": test.sha256()})
         registry.set_version_tags(name, number, {VERDICT_TAG: verdict_tag(judgement, scored={
             "test_accuracy": scores.accuracy, "corrupted_mean_accuracy": shift.mean_accuracy,
             "test_ece": shift.clean.ece, "test_sha256": test.sha256(),

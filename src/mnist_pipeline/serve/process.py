@@ -23,7 +23,6 @@ from .. import startup
 from ..errors import ServerError
 
 DEFAULT_WORKERS = 1
-REQUEST_TIMEOUT_S = 60
 READY_TIMEOUT_S = 300       # loading TensorFlow and the model takes ~30 s on 2 busy cores
 
 

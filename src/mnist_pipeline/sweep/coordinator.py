@@ -29,7 +29,7 @@ from .study import (
     storage_url,
     worker_seed,
 )
-from .workers import Plan, _run_workers, _sigterm_interrupts, cores
+from .workers import Plan, run_workers, sigterm_interrupts, cores
 
 
 def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
@@ -93,7 +93,7 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
             parent = runs.create(experiment_id, run_name=f"sweep-{cfg.name}", tags=tags)
             study.set_user_attr(PARENT_ATTR, parent)
     started = time.perf_counter()
-    with _sigterm_interrupts(), runs.run(experiment_id, resume_run_id=parent,
+    with sigterm_interrupts(), runs.run(experiment_id, resume_run_id=parent,
                                          tags=tags) as parent_run_id:
         if created:
             runs.log_params({"sweep.name": cfg.name, "sweep.metric": cfg.metric,
@@ -116,7 +116,7 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
                       parent_run_id=parent_run_id, worker=index,
                       seed=worker_seed(cfg.sampler.seed, index, trials_before))
                  for index in range(n_workers)]
-        exit_codes = _run_workers(plans)
+        exit_codes = run_workers(plans)
 
         after = progress(study)
         summary = summarize(study, cfg, conf_dir, fixed, parent_run_id)

@@ -151,7 +151,7 @@ def describe(values: Mapping[str, Any]) -> str:
                     for k, v in values.items())
 
 
-def _run_workers(plans: Sequence[Plan]) -> list[int]:
+def run_workers(plans: Sequence[Plan]) -> list[int]:
     """Start one process per plan and wait; on Ctrl-C/SIGTERM stop them and re-raise."""
     context = multiprocessing.get_context("spawn")  # never fork a process that ran TF/MLflow
     processes = [context.Process(target=work, args=(plan,), name=f"sweep-worker-{plan.worker}")
@@ -174,7 +174,7 @@ def _run_workers(plans: Sequence[Plan]) -> list[int]:
 
 
 @contextlib.contextmanager
-def _sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts() -> Iterator[None]:
     """SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the coordinator."""
     if threading.current_thread() is not threading.main_thread():
         yield

@@ -39,6 +39,7 @@ from ..errors import ServerError, reported
 from ..files import write_json, write_text
 from ..serve import process
 from ..serve.ui import tracking_server_command
+from ..tracking import locks
 from .postgres import SUPERUSER, Cluster
 
 DEFAULT_DIR = ".team"
@@ -47,7 +48,7 @@ DEFAULT_POSTGRES_PORT = 5433  # beside a system PostgreSQL on 5432
 DATABASES = ("mlflow", "optuna", "monitoring", "mlflow_auth")
 # Two uvicorn workers: parallel sweep workers and evaluations call the server at once.
 SERVER_WORKERS = 2
-LOCK_ENV = "MNIST_PIPELINE_LOCK_URL"
+LOCK_ENV = locks.LOCK_URL_ENV
 MONITORING_ENV = "MNIST_MONITORING_LOG"  # monitoring.requestlog.LOG_ENV: the request log
 PASSWORD_FILE_ENV = "PGPASSFILE"  # libpq's: where clients find the PostgreSQL password
 

@@ -11,6 +11,9 @@ from .store import retry
 CHAMPION = "champion"
 # A version's tag saying why a rollback took `champion` away from it (the gate refuses it).
 WITHDRAWN = "champion.withdrawn"
+# The digest of a version's files when the team's gate service approved them
+# (files.tree_sha256); what serves it from the team server checks it.
+APPROVED_DIGEST = "gate.sha256"
 
 
 # --- registry ------------------------------------------------------------------------------
@@ -109,9 +112,30 @@ def by_alias(name: str, alias: str) -> Any | None:
 
 
 def promote(name: str, version: str) -> None:
-    from mlflow import MlflowClient
+    import os
 
-    retry(lambda: MlflowClient().set_registered_model_alias(name, CHAMPION, version))
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from ..errors import PromotionError
+
+    try:
+        retry(lambda: MlflowClient().set_registered_model_alias(name, CHAMPION, version))
+    except MlflowException as err:
+        if getattr(err, "error_code", "") != "PERMISSION_DENIED":
+            raise
+        login = os.environ.get("MLFLOW_TRACKING_USERNAME", "(none)")
+        raise PromotionError(
+            f"the tracking server refused to move '{CHAMPION}' of {name} for login {login!r}: "
+            "on a team server with logins only the gate service's login moves it. To have the "
+            "evaluate stage leave the decision to the service: export "
+            "MNIST_PIPELINE_GATE_SERVICE=900; to roll back: run the command with the gate's "
+            "login (docs/team.md)") from None
+
+
+def label(version: str | None) -> str:
+    """How a version is written for people: 'v3', or 'none'."""
+    return f"v{version}" if version else "none"
 
 
 def version_uri(name: str, version: str) -> str:

@@ -6,7 +6,8 @@ folder needs the registry. In the default SQLite store that is one SQL query (th
 storage location is a local folder already), as the champion stage reads the champion
 (`champion_record`): no MLflow import, so a picture is answered in about a second. Any other
 store (the team server) goes through MLflow's client, which downloads the model once into
-`cache`.
+`cache`, and checks the files against the digest the team's gate service approved, when it
+approved them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 from ..config import TrackingConfig
 from ..errors import ModelError
+from ..files import tree_sha256
 from . import champion_record, store
 from .mnist_onnx import ONNX_FILE
 
@@ -111,4 +113,13 @@ def _from_mlflow(cfg: TrackingConfig, model_uri: str, name: str, alias: str | No
             registry.version_uri(name, str(version.version)), dst_path=str(cache)))
     except MlflowException as err:
         raise ModelError(f"{model_uri}: {str(err).splitlines()[0]}") from None
+    approved = (version.tags or {}).get(registry.APPROVED_DIGEST)
+    if approved:  # the team's gate service approved these files: are they still those?
+        found = tree_sha256(folder)
+        if found != approved:
+            raise ModelError(
+                f"{model_uri}: version {version.version}'s files are not the ones the gate "
+                f"approved (sha256 {found[:12]}…, {registry.APPROVED_DIGEST} {approved[:12]}…):"
+                " its artifacts were rewritten after approval; refusing to serve them (roll "
+                "back to another version, and find who wrote to the artifact store)")
     return Served(folder=Path(folder) / "artifacts", name=name, version=str(version.version))

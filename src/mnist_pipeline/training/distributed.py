@@ -29,7 +29,7 @@ import tensorflow as tf
 from ..config import AugmentationConfig
 from ..data.splits import NUM_CLASSES, Split
 from ..errors import TrainingError
-from .loop import EpochLoop, _correct
+from .loop import EpochLoop, count_correct
 
 STALLED = 75  # the exit status of a worker whose step stalled (EX_TEMPFAIL)
 
@@ -102,7 +102,7 @@ class WorkerLoop(EpochLoop):
             # gradients are the global batch's); weighting it back by the share's size
             # makes the sum over workers the global batch's total loss.
             total = tf.cast(loss, tf.float32) * tf.cast(size * self.workers, tf.float32)
-            return total, _correct(scores, y), size
+            return total, count_correct(scores, y), size
 
         sums = self.strategy.run(replica, args=(x, y))  # type: ignore[attr-defined]
         reduce = self.strategy.reduce  # type: ignore[attr-defined]

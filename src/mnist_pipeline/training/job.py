@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import statistics
 import tempfile
@@ -71,7 +72,9 @@ def interruptible() -> Iterator[Callable[[], None]]:
     land while Python runs a finaliser (TensorFlow tears down each epoch's input iterator in
     one, at the epoch boundary); an exception raised there is printed and dropped and
     training would go on, so training calls `raise_pending` after every group of steps.
-    SIGINT is left alone where it is ignored (sweep workers, `nohup`).
+    A signal that lands inside a write to the tracking store is only recorded, so that
+    write is never cut in two; `raise_pending` raises it right after. SIGINT is left alone
+    where it is ignored (sweep workers, `nohup`).
     """
     received: list[int] = []
 
@@ -85,6 +88,8 @@ def interruptible() -> Iterator[Callable[[], None]]:
 
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
+        if _writing_to_a_database(frame):
+            return  # raised by the next `raise_pending`, once the write is whole
         raise Interrupted(f"received signal {signum}")
 
     handled = [signal.SIGTERM]
@@ -96,6 +101,19 @@ def interruptible() -> Iterator[Callable[[], None]]:
     finally:
         for signum, before in previous.items():
             signal.signal(signum, before)
+
+
+# Code an exception must not cut in two: a write to the tracking store raised out of halfway
+# leaves its SQLite transaction open, and the KILLED status after it waits on that lock.
+_DATABASE_CODE = tuple(f"{os.sep}{part}{os.sep}" for part in ("sqlalchemy", "sqlite3", "alembic"))
+
+
+def _writing_to_a_database(frame: Any) -> bool:
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in _DATABASE_CODE):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | None = None,
@@ -184,6 +202,7 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
             checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume,
             extra_callbacks=[callbacks.Calls(raise_pending)])
+        raise_pending()  # a signal that came during the last epoch's writes
         wall = time.perf_counter() - started
         metrics = final_metrics(result, wall)
         runs.log_metrics(metrics)

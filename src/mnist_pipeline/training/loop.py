@@ -124,7 +124,7 @@ class EpochLoop:
                 x, _ = self.augment(x, y)
             loss, scores = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
             loss_sum += tf.cast(loss, tf.float32) * size
-            correct += _correct(scores, y)
+            correct += count_correct(scores, y)
             seen += size
             if not tf.math.is_finite(loss):
                 diverged_at = step
@@ -142,7 +142,7 @@ class EpochLoop:
             loss = self.model.compute_loss(x=x, y=tf.one_hot(y, NUM_CLASSES, dtype=tf.float32),
                                            y_pred=predicted, training=False)
             loss_sum += tf.cast(loss, tf.float32) * tf.cast(tf.shape(y)[0], tf.float32)
-            correct += _correct(predicted, y)
+            correct += count_correct(predicted, y)
         total = tf.cast(n, tf.float32)
         return loss_sum / total, tf.cast(correct, tf.float32) / total
 
@@ -200,7 +200,7 @@ def _scores(predicted: tf.Tensor) -> tf.Tensor:
     return getattr(predicted, "_keras_logits", predicted)
 
 
-def _correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+def count_correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """How many rows of `predicted` put their highest score on the (integer) label."""
     hits = tf.equal(tf.argmax(_scores(predicted), axis=-1, output_type=tf.int32),
                     tf.cast(labels, tf.int32))
