@@ -3,15 +3,19 @@
 Every expected failure (bad config, bad data, unreachable mirrors, a refused model) is
 raised as a subclass of `PipelineError` with a one-line message that names what was wrong
 and what to do. Stages print that line and exit non-zero; anything else is a bug and keeps
-its traceback.
+its traceback. `interruptible` turns SIGINT and SIGTERM into `Interrupted`, so a run or a
+sweep ends as KILLED instead of staying RUNNING.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
 
 DEBUG_ENV = "MNIST_PIPELINE_DEBUG"
 
@@ -102,3 +106,55 @@ def describe_error(err: object) -> str:
         text = str(err) or type(err).__name__
     text = " ".join(text.split())
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Callable[[], None]]:
+    """SIGINT and SIGTERM raise `Interrupted`, so runs end KILLED, not RUNNING.
+
+    Yields `raise_pending`, which raises again for a signal already received. A signal can
+    land while Python runs a finaliser (TensorFlow tears down each epoch's input iterator in
+    one, at the epoch boundary); an exception raised there is printed and dropped and
+    training would go on, so training calls `raise_pending` after every group of steps.
+    A signal that lands inside a write to the tracking store is only recorded, so that
+    write is never cut in two; `raise_pending` raises it right after. SIGINT is left alone
+    where it is ignored (sweep workers, `nohup`).
+    """
+    received: list[int] = []
+
+    def raise_pending() -> None:
+        if received:
+            raise Interrupted(f"received signal {received[0]}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield raise_pending
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        if _writing_to_a_database(frame):
+            return  # raised by the next `raise_pending`, once the write is whole
+        raise Interrupted(f"received signal {signum}")
+
+    handled = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        handled.append(signal.SIGINT)
+    previous = {signum: signal.signal(signum, handler) for signum in handled}
+    try:
+        yield raise_pending
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
+
+
+# Code an exception must not cut in two: a write to the tracking store raised out of halfway
+# leaves its SQLite transaction open, and the KILLED status after it waits on that lock.
+_DATABASE_CODE = tuple(f"{os.sep}{part}{os.sep}" for part in ("sqlalchemy", "sqlite3", "alembic"))
+
+
+def _writing_to_a_database(frame: Any) -> bool:
+    while frame is not None:
+        if any(part in frame.f_code.co_filename for part in _DATABASE_CODE):
+            return True
+        frame = frame.f_back
+    return False

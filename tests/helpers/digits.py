@@ -34,10 +34,16 @@ def graded_model(broken: tuple[int, ...]):
         target = (cls + 1) % 10 if cls in broken else cls
         weights[:, target] += mask.ravel()
     # float32 whatever global policy an earlier test in this process left (training sets
-    # mixed_bfloat16 process-wide on CPUs where it is faster), as the train stage saves models.
-    model = keras.Sequential([
-        keras.Input((28, 28), dtype="uint8", name="image"),
-        keras.layers.Rescaling(1.0 / 255, dtype="float32"), keras.layers.Flatten(),
-        keras.layers.Dense(10, activation="softmax", dtype="float32", name="probabilities")])
+    # mixed_bfloat16 process-wide on CPUs where it is faster), as the train stage saves models
+    # (and as the ONNX export insists).
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    try:
+        model = keras.Sequential([
+            keras.Input((28, 28), dtype="uint8", name="image"),
+            keras.layers.Rescaling(1.0 / 255), keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax", name="probabilities")])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     model.layers[-1].set_weights([weights, np.zeros(10, np.float32)])
     return model

@@ -7,6 +7,7 @@ thresholds are changed, so whole pipelines run in seconds without the internet.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -159,3 +160,31 @@ def _update(path: Path, values: dict) -> None:
     data = yaml.safe_load(path.read_text()) or {}
     data.update(values)
     _dump(path, data)
+
+
+def run_queue(path: Path, jobs: int, timeout: float = 900, **extra_env: str) -> str:
+    """`dvc queue start -j <jobs>`, wait until nothing is queued or running, and return
+    `dvc queue status`; then end any worker left idle.
+
+    `dvc queue start` leaves a daemon holding its stdout, so its output goes to a file, not a
+    pipe: with two workers, DVC's celery sometimes leaves one waiting for a shutdown message
+    sent to the other, and a pipe would keep the caller waiting with it.
+    """
+    with open(path / ".dvc" / "tmp" / "queue-start.log", "ab") as log:
+        done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=path,
+                              env=env(**extra_env), stdout=log, stderr=subprocess.STDOUT,
+                              timeout=120)
+    assert done.returncode == 0, (path / ".dvc" / "tmp" / "queue-start.log").read_text()
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], path, **extra_env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    else:
+        raise AssertionError(f"the queue did not finish:\n{status}")
+    for pid_file in (path / ".dvc" / "tmp" / "exps" / "celery").glob("*.pid"):
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+    return status

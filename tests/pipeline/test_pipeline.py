@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import yaml
@@ -86,15 +85,7 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
 def test_queued_grid_runs_every_experiment_into_the_root_store(pipeline):
     repo.run(["dvc", "exp", "run", "--queue", "-S", "optimizer=sgd,adam",
               "-S", "train.epochs=1"], pipeline)
-    repo.run(["dvc", "queue", "start", "-j", "2"], pipeline)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = repo.run(["dvc", "queue", "status"], pipeline).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        time.sleep(3)
-    else:
-        pytest.fail(f"queue did not finish:\n{status}")
+    status = repo.run_queue(pipeline, 2)
     assert status.count("Success") == 2, status + repo.run(
         ["dvc", "queue", "logs", "-h"], pipeline, check=False).stdout
 

@@ -294,3 +294,26 @@ def test_cli_rejects_a_bad_sweep_before_any_work(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 1 and "+sweep=<one of cnn, mlp>" in missing.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # no outputs/, .hydra/, sweeps/
+
+
+def test_a_sweep_never_replaces_a_hand_written_recipe_kept_in_git(tmp_path):
+    import subprocess
+
+    from mnist_pipeline.errors import ConfigError
+    from mnist_pipeline.sweep.report import check_target, sweep_marker
+
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    hand = conf / "experiment" / "picked.yaml"
+    hand.write_text("# @package _global_\n# picked by hand\n")
+    assert check_target(conf, "picked") == hand  # not in git yet: a sweep may write it
+    subprocess.run(["git", "add", "conf"], cwd=tmp_path, check=True)
+    with pytest.raises(ConfigError, match="sweep.name=picked-sweep"):
+        check_target(conf, "picked")
+    assert hand.read_text() == "# @package _global_\n# picked by hand\n"
+    swept = conf / "experiment" / "found.yaml"  # one a sweep wrote, then committed
+    swept.write_text(f"# @package _global_\n# Best trial (3) {sweep_marker('found')}: ...\n")
+    subprocess.run(["git", "add", "conf"], cwd=tmp_path, check=True)
+    assert check_target(conf, "found") == swept
+    assert check_target(conf, "new") == conf / "experiment" / "new.yaml"

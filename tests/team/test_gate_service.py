@@ -122,6 +122,9 @@ def test_gate_service_rejects_a_member_s_forged_metrics_and_scores_the_real_mode
 
     as_member(world, "alice", monkeypatch)
     name = model_name(world)
+    # Nothing registered yet: a server with logins answers 403 for the missing model, which
+    # is no champion (the champion stage of a member's first dvc repro asks just this).
+    assert champion(world) is None
     # A model that misreads 6 of 10 classes (accuracy 0.4), whose run claims 100%.
     forged = member_run(world, tuple(range(6)), "forged",
                         metrics={"test_accuracy": 1.0, "test_macro_f1": 1.0})

@@ -30,16 +30,6 @@ def _exports(stack_dir) -> dict[str, str]:
     return exports
 
 
-def _queue_done(path) -> str:
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        status = repo.run(["dvc", "queue", "status"], path).stdout
-        if "Queued" not in status and "Running" not in status:
-            return status
-        time.sleep(3)
-    pytest.fail(f"the queue did not finish:\n{status}")
-
-
 def test_the_team_walkthrough(tmp_path, team_stack):
     from mlflow import MlflowClient
 
@@ -77,8 +67,7 @@ def test_the_team_walkthrough(tmp_path, team_stack):
 
     # 5. Experiments from a queue with two workers, both clients of the server.
     repo.run(["dvc", "exp", "run", "--queue", "-S", "train.seed=7,8"], a, **env)
-    repo.run(["dvc", "queue", "start", "-j", "2"], a, **env)
-    status = _queue_done(a)
+    status = repo.run_queue(a, 2, **env)
     assert status.count("Success") == 2, status
     assert not list(a.rglob("mlflow.db"))
     client = MlflowClient(team_stack.tracking_uri)

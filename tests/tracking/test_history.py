@@ -90,6 +90,7 @@ from mnist_pipeline.config import section
 import yaml
 worker, count, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 store.use_store(section(yaml.safe_load(Path(sys.argv[4]).read_text()), "tracking"))
+(go.parent / f"ready-{worker}").touch()  # MLflow imported: waiting for the go
 while not go.exists():
     time.sleep(0.005)
 for index in range(count):
@@ -110,8 +111,12 @@ def test_two_processes_appending_at_once_get_distinct_ordered_numbers(model, tmp
     workers = [subprocess.Popen([sys.executable, "-c", WORKER, name, str(count), str(go),
                                  str(params)], env=env, stderr=subprocess.PIPE, text=True)
                for name in ("a", "b")]
-    time.sleep(3)  # both have imported MLflow and wait for the go
-    go.touch()
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / f"ready-{name}").exists() for name in ("a", "b")):
+        assert time.monotonic() < deadline, "the workers never got ready"
+        assert all(w.poll() is None for w in workers), [w.stderr.read() for w in workers]
+        time.sleep(0.01)
+    go.touch()  # both have imported MLflow and wait for it
     for worker in workers:
         assert worker.wait(timeout=300) == 0, worker.stderr.read()[-3000:]
     entries = history.entries(model)

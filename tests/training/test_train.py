@@ -219,9 +219,13 @@ def test_killed_run_resumes_from_its_checkpoint(prepared_repo):
     proc = repo.start(repo.python(TRAIN, "train.epochs=6"), prepared_repo)
     repo.wait_for_epoch(prepared_repo / "mlflow.db", 2, proc)
     import time
-    time.sleep(0.5)  # let the epoch's checkpoint land (written before the metrics hook)
+    saved = prepared_repo / ".checkpoints/train/state.json"
+    deadline = time.monotonic() + 120  # the epoch's checkpoint lands beside its metrics
+    while not (saved.exists() and json.loads(saved.read_text())["epoch"] >= 2):
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint of epoch 2"
+        time.sleep(0.02)
     repo.stop(proc, signal.SIGKILL)
-    state = json.loads((prepared_repo / ".checkpoints/train/state.json").read_text())
+    state = json.loads(saved.read_text())
     assert state["epoch"] >= 2
     repo.run(repo.python(TRAIN, "train.epochs=6", "train.checkpoint.resume=true"), prepared_repo)
     run_id = json.loads((prepared_repo / "models/run.json").read_text())["run_id"]

@@ -16,7 +16,7 @@ from ..config import loading as config
 from ..config.compose import compose_with_choices as compose
 from ..errors import ConfigError, DataError, PipelineError
 from ..tracking import runs, store
-from .report import Summary, summarize
+from .report import Summary, check_target, summarize
 from .space import fixed_keys, parse_space, split_overrides
 from .study import (
     PARENT_ATTR,
@@ -29,7 +29,7 @@ from .study import (
     storage_url,
     worker_seed,
 )
-from .workers import Plan, run_workers, sigterm_interrupts, cores
+from .workers import Plan, cores, run_workers, sigterm_interrupts
 
 
 def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
@@ -44,6 +44,7 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
         raise ConfigError("sweep", None, f"a search space: +sweep=<one of {options}>")
     cfg: SweepConfig = config.section(composed, "sweep")
     tracking_cfg = config.section(composed, "tracking")
+    check_target(conf_dir, cfg.name)  # before hours of trials, not after
 
     # Fixed overrides win: a key set on the command line or in sweep.overrides is not searched.
     in_file, _ = split_overrides(cfg.overrides)

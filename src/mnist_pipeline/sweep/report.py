@@ -22,7 +22,7 @@ from ..config import SweepConfig
 from ..config import compose as params
 from ..config import loading as config
 from ..config.compose import compose_with_choices as compose
-from ..errors import PipelineError
+from ..errors import ConfigError, PipelineError
 from ..files import write_text
 from ..tracking import runs
 from .space import SEARCHED_SECTIONS
@@ -81,7 +81,7 @@ def summarize(study: optuna.Study, cfg: SweepConfig, conf_dir: Path, fixed: Sequ
         summary.best_params = dict(best.params)
         metrics.update({f"best_{cfg.metric}": best.value, "best_trial": best.number})
         best_cfg, choices = compose(conf_dir, [*fixed, *best.user_attrs[OVERRIDES_ATTR]])
-        header = (f"Best trial ({best.number}) of the Bayesian sweep '{cfg.name}': "
+        header = (f"Best trial ({best.number}) {sweep_marker(cfg.name)}: "
                   f"{cfg.metric} {best.value:.4f} on the validation split; {finished} trials: "
                   f"{now.complete} complete, {now.pruned} pruned, {now.failed} failed.")
         summary.experiment = write_experiment(conf_dir, cfg.name, best_cfg, choices, header)
@@ -155,6 +155,33 @@ def experiment_text(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[st
             + "\n" + yaml.dump(body, Dumper=_ExperimentDumper, sort_keys=False))
 
 
+def sweep_marker(name: str) -> str:
+    """The words every experiment file a sweep writes carries (in its header)."""
+    return f"of the Bayesian sweep '{name}'"
+
+
+def check_target(conf_dir: str | os.PathLike[str], name: str) -> Path:
+    """`conf/experiment/<name>.yaml`, which sweep `name` will write; refused when it is a recipe
+    kept in git that no sweep wrote (a hand-picked one), before any trial runs."""
+    import subprocess
+
+    target = Path(conf_dir) / "experiment" / f"{name}.yaml"
+    if not target.is_file() or sweep_marker(name) in target.read_text(encoding="utf-8"):
+        return target
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", target.name],
+                                 cwd=target.parent, capture_output=True, timeout=20,
+                                 check=False).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        tracked = True  # cannot tell: keep the file
+    if tracked:
+        raise ConfigError("sweep.name", name, f"a name whose experiment file is not a recipe "
+                          f"kept in git: {target} is one, written by hand, and the sweep would "
+                          f"replace it with its best trial (pick another name, e.g. "
+                          f"sweep.name={name}-sweep)")
+    return target
+
+
 def write_experiment(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[str, Any],
                      choices: Mapping[str, str], header: str) -> Path:
     """Write `conf/experiment/<name>.yaml` for `cfg`, once a copy of `conf/` proves it.
@@ -164,7 +191,7 @@ def write_experiment(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[s
     model/optimizer/train must equal `cfg`'s. Only then is the real file replaced.
     """
     text = experiment_text(conf_dir, name, cfg, choices, header)
-    target = Path(conf_dir) / "experiment" / f"{name}.yaml"
+    target = check_target(conf_dir, name)
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "conf"
         shutil.copytree(conf_dir, copy)

@@ -106,9 +106,21 @@ def by_alias(name: str, alias: str) -> Any | None:
         return retry(lambda: MlflowClient().get_model_version_by_alias(name, alias))
     except MlflowException as err:
         if "not found" in str(err).lower() or "RESOURCE_DOES_NOT_EXIST" in str(err) \
-                or "does not exist" in str(err).lower():
+                or "does not exist" in str(err).lower() or _refused_for_a_missing_model(
+                    err, name):
             return None
         raise
+
+
+def _refused_for_a_missing_model(err: Exception, name: str) -> bool:
+    """A server with logins answers 403, not 404, for a registered model that does not exist
+    (there is nothing to hold a grant); a search, which it filters instead, tells them apart."""
+    from mlflow import MlflowClient
+
+    if getattr(err, "error_code", "") != "PERMISSION_DENIED" and "403" not in str(err):
+        return False
+    return not retry(lambda: MlflowClient().search_registered_models(
+        f"name = {_quoted(name)}", max_results=1))
 
 
 def promote(name: str, version: str) -> None:

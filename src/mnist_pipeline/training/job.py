@@ -6,16 +6,11 @@ Used by the `train` stage (which also writes the DVC outputs) and by each sweep 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import signal
 import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +19,7 @@ from .. import config
 from ..config import RUN_SECTIONS, CalibrationConfig, PathsConfig, TrainJob
 from ..data.splits import Split, load_split
 from ..data.splits import digest as data_digest
-from ..errors import Interrupted
+from ..errors import interruptible
 from ..files import write_json
 from ..tracking import lineage, logged_models, runs, store
 from . import calibration, callbacks, curves, models
@@ -62,58 +57,6 @@ def run_params(job: TrainJob) -> dict[str, Any]:
 def config_digest(params: dict[str, Any]) -> str:
     kept = {k: v for k, v in params.items() if k not in NOT_IN_DIGEST}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def interruptible() -> Iterator[Callable[[], None]]:
-    """SIGINT and SIGTERM raise `Interrupted`, so runs end KILLED, not RUNNING.
-
-    Yields `raise_pending`, which raises again for a signal already received. A signal can
-    land while Python runs a finaliser (TensorFlow tears down each epoch's input iterator in
-    one, at the epoch boundary); an exception raised there is printed and dropped and
-    training would go on, so training calls `raise_pending` after every group of steps.
-    A signal that lands inside a write to the tracking store is only recorded, so that
-    write is never cut in two; `raise_pending` raises it right after. SIGINT is left alone
-    where it is ignored (sweep workers, `nohup`).
-    """
-    received: list[int] = []
-
-    def raise_pending() -> None:
-        if received:
-            raise Interrupted(f"received signal {received[0]}")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield raise_pending
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        received.append(signum)
-        if _writing_to_a_database(frame):
-            return  # raised by the next `raise_pending`, once the write is whole
-        raise Interrupted(f"received signal {signum}")
-
-    handled = [signal.SIGTERM]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        handled.append(signal.SIGINT)
-    previous = {signum: signal.signal(signum, handler) for signum in handled}
-    try:
-        yield raise_pending
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
-
-
-# Code an exception must not cut in two: a write to the tracking store raised out of halfway
-# leaves its SQLite transaction open, and the KILLED status after it waits on that lock.
-_DATABASE_CODE = tuple(f"{os.sep}{part}{os.sep}" for part in ("sqlalchemy", "sqlite3", "alembic"))
-
-
-def _writing_to_a_database(frame: Any) -> bool:
-    while frame is not None:
-        if any(part in frame.f_code.co_filename for part in _DATABASE_CODE):
-            return True
-        frame = frame.f_back
-    return False
 
 
 def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | None = None,
