@@ -172,16 +172,22 @@ def recorded_corrupted(run_id: str, suite_sha256: str, names: list[str]) -> np.n
     them for these corruptions."""
     with tempfile.TemporaryDirectory() as tmp:
         path = runs.download_artifact(run_id, f"evaluation/{OUTCOMES}", tmp)
-        if path is None:
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as record:
-                if (str(record["suite_sha256"]) != suite_sha256
-                        or list(record["corruptions"]) != names):
-                    return None
-                return np.asarray(record["corrupted_correct"], dtype=bool)
-        except (OSError, KeyError, ValueError):
-            return None
+        return None if path is None else corrupted_in(path, suite_sha256, names)
+
+
+def corrupted_in(path: str | os.PathLike[str], suite_sha256: str,
+                 names: list[str]) -> np.ndarray | None:
+    """The per-image results on the corrupted suite `suite_sha256` recorded in the npz file
+    `path` (an evaluation's outcomes, or the gate service's record), if it holds them for
+    these corruptions."""
+    try:
+        with np.load(path, allow_pickle=False) as record:
+            if (str(record["suite_sha256"]) != suite_sha256
+                    or list(record["corruptions"]) != names):
+                return None
+            return np.asarray(record["corrupted_correct"], dtype=bool)
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def served_parity(model_uri: str, test: Split, keras_probabilities: np.ndarray) -> gate.Parity:
@@ -515,14 +521,7 @@ def rescore(name: str, number: str, test: Split, corrupted: suite.Suite,
         on_scored(scores, shift)
 
     def recorded(champion: str, suite_sha256: str, names: list[str]) -> np.ndarray | None:
-        try:
-            with np.load(records / f"{champion}.npz", allow_pickle=False) as record:
-                if (str(record["suite_sha256"]) == suite_sha256
-                        and list(record["corruptions"]) == names):
-                    return np.asarray(record["corrupted_correct"], dtype=bool)
-        except (OSError, KeyError, ValueError):
-            pass
-        return None
+        return corrupted_in(records / f"{champion}.npz", suite_sha256, names)
 
     with locks.held("registry", lock_url) as lock:
         judgement = judge(name, version, candidate, scores, shift, fitted, test, corrupted,

@@ -390,18 +390,8 @@ def down(folder: Path) -> Stack | None:
     if stack is None:
         return None
     _stop_group(stack.gate_pid)
-    stack.gate_pid = None
-    if server_alive(stack):
-        try:
-            os.killpg(stack.server_pid, signal.SIGTERM)  # the group `process.start` made
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 20
-        while server_alive(stack) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if server_alive(stack):
-            os.killpg(stack.server_pid, signal.SIGKILL)
-    stack.server_pid = None
+    _stop_group(stack.server_pid)
+    stack.gate_pid = stack.server_pid = None
     stack.cluster.stop()
     stack.save()
     return stack
