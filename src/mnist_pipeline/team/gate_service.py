@@ -122,7 +122,6 @@ class Service:
         self.records.mkdir(parents=True, exist_ok=True)
         self.wake = threading.Event()
         self.state = State()
-        self.lock = threading.Lock()
 
     # --- deciding ----------------------------------------------------------------------------
 
