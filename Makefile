@@ -32,9 +32,12 @@ repro: setup
 test: setup system-deps lint
 	pytest -n 2 --dist loadfile
 
-# Style and likely bugs (pyproject.toml's [tool.ruff.lint]); `make test` runs it first.
+# Likely bugs and style (pyproject.toml's [tool.ruff.lint]), formatting (`ruff format` fixes
+# it) and the library's types ([tool.mypy]); `make test` runs it first.
+LINTED := src tests pipelines benchmarks scripts examples
 lint: setup
-	ruff check src tests pipelines benchmarks
+	ruff check $(LINTED)
+	ruff format --check $(LINTED)
 
 # The developer's loop, about a minute on 2 cores: config, data and the corrupted suite, gate
 # rules, scores, calibration, cards, imaging, the request guard, the CLI, the tracking

@@ -37,36 +37,51 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Variant:
     label: str
-    precision: str = "float32"       # float32 | mixed (bfloat16/float16 where supported)
+    precision: str = "float32"  # float32 | mixed (bfloat16/float16 where supported)
     steps_per_execution: int = 1
     jit_compile: bool = False
-    pipeline: str = "legacy"         # legacy | legacy-fixed | gather | loop (EpochLoop)
-    softmax_accuracy: bool = False   # loop only: accuracy from the softmax, not the logits
+    pipeline: str = "legacy"  # legacy | legacy-fixed | gather | loop (EpochLoop)
+    softmax_accuracy: bool = False  # loop only: accuracy from the softmax, not the logits
 
 
 def ablation_steps() -> list[Variant]:
     """Cumulative steps from plain Keras to the stage's defaults, then alternatives."""
     base = Variant("plain Keras: float32, 1 step/call, per-image shuffle + autotune")
-    bf16 = replace(base, label="+ mixed precision (bfloat16 compute, float32 weights)",
-                   precision="mixed")
+    bf16 = replace(
+        base, label="+ mixed precision (bfloat16 compute, float32 weights)", precision="mixed"
+    )
     spe = replace(bf16, label="+ steps_per_execution 32", steps_per_execution=32)
     fixed = replace(spe, label="+ tf.data autotuner off, fixed prefetch", pipeline="legacy-fixed")
-    gather = replace(fixed, label="+ per-epoch permutation, one gather per batch",
-                     pipeline="gather")
-    loop = replace(gather, label="+ own epoch loop, batches gathered in-graph (= stage)",
-                   pipeline="loop")
+    gather = replace(
+        fixed, label="+ per-epoch permutation, one gather per batch", pipeline="gather"
+    )
+    loop = replace(
+        gather, label="+ own epoch loop, batches gathered in-graph (= stage)", pipeline="loop"
+    )
     return [
-        base, bf16, spe, fixed, gather, loop,
+        base,
+        bf16,
+        spe,
+        fixed,
+        gather,
+        loop,
         replace(loop, label="  alt: + XLA jit_compile on each step", jit_compile=True),
         replace(loop, label="  alt: steps_per_execution 1", steps_per_execution=1),
-        replace(loop, label="  alt: steps_per_execution 512 (1 call/epoch)",
-                steps_per_execution=512),
-        replace(loop, label="  alt: accuracy from the softmax output (computed every step)",
-                softmax_accuracy=True),
+        replace(
+            loop, label="  alt: steps_per_execution 512 (1 call/epoch)", steps_per_execution=512
+        ),
+        replace(
+            loop,
+            label="  alt: accuracy from the softmax output (computed every step)",
+            softmax_accuracy=True,
+        ),
         replace(loop, label="  alt: float32", precision="float32"),
         replace(loop, label="  alt: float32 + XLA", precision="float32", jit_compile=True),
-        replace(spe, label="  alt: an earlier stage (fit, bf16, spe 32, XLA, shuffle buffer)",
-                jit_compile=True),
+        replace(
+            spe,
+            label="  alt: an earlier stage (fit, bf16, spe 32, XLA, shuffle buffer)",
+            jit_compile=True,
+        ),
     ]
 
 
@@ -78,8 +93,10 @@ def legacy_dataset(split, batch_size: int, shuffle: bool, seed: int, autotune: b
     if shuffle:
         ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
-    ds = ds.map(lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), 10)),
-                num_parallel_calls=tf.data.AUTOTUNE if autotune else 1)
+    ds = ds.map(
+        lambda x, y: (x, tf.one_hot(tf.cast(y, tf.int32), 10)),
+        num_parallel_calls=tf.data.AUTOTUNE if autotune else 1,
+    )
     if autotune:
         return ds.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
@@ -122,9 +139,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # The tutorial model and optimizer as conf/ composes them for the stage, and the stage's
     # runtime set-up (threads, allocators); each variant then sets its own precision and XLA.
-    tutorial = TrainJob.from_config(compose(ROOT / "conf", [
-        f"runtime.intra_op_threads={args.intra_op_threads}",
-        f"runtime.inter_op_threads={args.inter_op_threads}"]))
+    tutorial = TrainJob.from_config(
+        compose(
+            ROOT / "conf",
+            [
+                f"runtime.intra_op_threads={args.intra_op_threads}",
+                f"runtime.inter_op_threads={args.inter_op_threads}",
+            ],
+        )
+    )
     configure_runtime(tutorial.runtime, seed=42)
     mixed = resolve_precision("auto")
     train = load_split(args.processed, "train")
@@ -136,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for number, variant in chosen:
         keras.utils.set_random_seed(42)
-        keras.mixed_precision.set_global_policy(mixed if variant.precision == "mixed"
-                                                else variant.precision)
+        keras.mixed_precision.set_global_policy(
+            mixed if variant.precision == "mixed" else variant.precision
+        )
         if variant.pipeline == "loop":
             train_ds = val_ds = None  # the loop gathers its batches itself
         elif variant.pipeline == "gather":
@@ -148,24 +172,43 @@ def main(argv: list[str] | None = None) -> None:
             train_ds = legacy_dataset(train, 128, True, 42, autotune)
             val_ds = legacy_dataset(val, 1000, False, 42, autotune)
         model = models.build(tutorial.model)
-        models.compile_model(model, models.build_optimizer(tutorial.optimizer),
-                             "categorical_crossentropy",
-                             steps_per_execution=variant.steps_per_execution,
-                             jit_compile=variant.jit_compile)
+        models.compile_model(
+            model,
+            models.build_optimizer(tutorial.optimizer),
+            "categorical_crossentropy",
+            steps_per_execution=variant.steps_per_execution,
+            jit_compile=variant.jit_compile,
+        )
         if variant.pipeline == "loop":
             kind = SoftmaxAccuracyLoop if variant.softmax_accuracy else EpochLoop
-            loop = kind(model, train, val, batch_size=128, shuffle=True, seed=42,
-                        augment=False, steps_per_call=variant.steps_per_execution,
-                        jit_compile=variant.jit_compile)
+            loop = kind(
+                model,
+                train,
+                val,
+                batch_size=128,
+                shuffle=True,
+                seed=42,
+                augment=False,
+                steps_per_call=variant.steps_per_execution,
+                jit_compile=variant.jit_compile,
+            )
 
             def one_epoch(epoch: int, loop=loop) -> keras.callbacks.History:
                 return loop.run([], epochs=epoch + 1, initial_epoch=epoch)
         else:
 
-            def one_epoch(epoch: int, model=model, train_ds=train_ds,
-                          val_ds=val_ds) -> keras.callbacks.History:
-                return model.fit(train_ds, validation_data=val_ds, initial_epoch=epoch,
-                                 epochs=epoch + 1, verbose=0, shuffle=False)  # data shuffled
+            def one_epoch(
+                epoch: int, model=model, train_ds=train_ds, val_ds=val_ds
+            ) -> keras.callbacks.History:
+                return model.fit(
+                    train_ds,
+                    validation_data=val_ds,
+                    initial_epoch=epoch,
+                    epochs=epoch + 1,
+                    verbose=0,
+                    shuffle=False,
+                )  # data shuffled
+
         runs.append((number, variant, one_epoch, []))
     keras.mixed_precision.set_global_policy("float32")
 
@@ -173,24 +216,31 @@ def main(argv: list[str] | None = None) -> None:
         for _number, _variant, one_epoch, times in runs:
             wall, cpu = time.perf_counter(), time.process_time()
             history = one_epoch(epoch)
-            times.append((time.perf_counter() - wall, time.process_time() - cpu,
-                          history.history["loss"][-1]))
+            times.append(
+                (time.perf_counter() - wall, time.process_time() - cpu, history.history["loss"][-1])
+            )
         print(f"round {epoch + 1}/{args.rounds + 1} done", file=sys.stderr, flush=True)
 
-    print(f"ablation: {len(train)} training images/epoch + {len(val)} validated, batch 128; "
-          f"mixed precision here = {mixed}; threads intra {args.intra_op_threads or 'auto'}, "
-          f"inter {args.inter_op_threads or 'auto'}; {args.rounds} timed epochs each "
-          f"(first left out); load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"ablation: {len(train)} training images/epoch + {len(val)} validated, batch 128; "
+        f"mixed precision here = {mixed}; threads intra {args.intra_op_threads or 'auto'}, "
+        f"inter {args.inter_op_threads or 'auto'}; {args.rounds} timed epochs each "
+        f"(first left out); load average {os.getloadavg()[0]:.1f}"
+    )
     baseline = None
-    print(f"{'#':>2} {'variant':64s} {'s/epoch':>8s} {'min':>6s} {'cpu s':>6s} "
-          f"{'speed-up':>8s} {'loss':>8s}")
+    print(
+        f"{'#':>2} {'variant':64s} {'s/epoch':>8s} {'min':>6s} {'cpu s':>6s} "
+        f"{'speed-up':>8s} {'loss':>8s}"
+    )
     for number, variant, _, times in runs:
         walls = [t[0] for t in times[1:]]
         cpus = [t[1] for t in times[1:]]
         median = statistics.median(walls)
         baseline = baseline or median
-        print(f"{number:>2} {variant.label:64s} {median:8.3f} {min(walls):6.3f} "
-              f"{statistics.median(cpus):6.3f} {baseline / median:7.2f}x {times[-1][2]:8.5f}")
+        print(
+            f"{number:>2} {variant.label:64s} {median:8.3f} {min(walls):6.3f} "
+            f"{statistics.median(cpus):6.3f} {baseline / median:7.2f}x {times[-1][2]:8.5f}"
+        )
 
 
 if __name__ == "__main__":

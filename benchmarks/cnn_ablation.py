@@ -33,37 +33,58 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Model overrides (conf/model/cnn.yaml keys) of the architectures compared.
 PIPELINE_CNN: dict = {}  # conf/model/cnn.yaml as it is
-KERAS_EXAMPLE = {"filters": [32, 64], "convs_per_block": 1, "batch_norm": False,
-                 "padding": "valid", "dense_units": 0, "dropout": 0.5}
+KERAS_EXAMPLE = {
+    "filters": [32, 64],
+    "convs_per_block": 1,
+    "batch_norm": False,
+    "padding": "valid",
+    "dense_units": 0,
+    "dropout": 0.5,
+}
 
 
 @dataclass(frozen=True)
 class Variant:
     label: str
     model: dict = field(default_factory=dict)
-    conv_precision: str = "float32"      # float32 | mixed_bfloat16
+    conv_precision: str = "float32"  # float32 | mixed_bfloat16
     dense_precision: str = "float32"
-    norm_precision: str = ""             # batch norm's; "": as the convolutions
+    norm_precision: str = ""  # batch norm's; "": as the convolutions
     batch_size: int = 128
     steps_per_execution: int = 32
     jit_compile: bool = False
-    augment: bool = False            # train.augment: random shifts, rotations, zooms
+    augment: bool = False  # train.augment: random shifts, rotations, zooms
 
 
 def variants() -> list[Variant]:
     base = Variant("model=cnn, float32, batch 128, 32 steps/call", PIPELINE_CNN)
-    bf16 = replace(base, label="  bf16 convs and dense (runtime.precision auto, as shipped)",
-                   conv_precision="mixed_bfloat16", dense_precision="mixed_bfloat16")
-    example = Variant("Keras example convnet (model: padding valid, no BN), float32",
-                      KERAS_EXAMPLE)
-    best = Variant("one conv per block, same padding, BN, dense 128, float32",
-                   {"filters": [32, 64], "convs_per_block": 1, "batch_norm": True,
-                    "padding": "same", "dense_units": 128, "dropout": 0.3})
-    bn = replace(example, label="Keras example convnet + batch norm, float32",
-                 model={**KERAS_EXAMPLE, "batch_norm": True, "dropout": 0.25})
+    bf16 = replace(
+        base,
+        label="  bf16 convs and dense (runtime.precision auto, as shipped)",
+        conv_precision="mixed_bfloat16",
+        dense_precision="mixed_bfloat16",
+    )
+    example = Variant("Keras example convnet (model: padding valid, no BN), float32", KERAS_EXAMPLE)
+    best = Variant(
+        "one conv per block, same padding, BN, dense 128, float32",
+        {
+            "filters": [32, 64],
+            "convs_per_block": 1,
+            "batch_norm": True,
+            "padding": "same",
+            "dense_units": 128,
+            "dropout": 0.3,
+        },
+    )
+    bn = replace(
+        example,
+        label="Keras example convnet + batch norm, float32",
+        model={**KERAS_EXAMPLE, "batch_norm": True, "dropout": 0.25},
+    )
     both = {"conv_precision": "mixed_bfloat16", "dense_precision": "mixed_bfloat16"}
     return [
-        base, bf16,
+        base,
+        bf16,
         replace(base, label="  bf16 convs only", conv_precision="mixed_bfloat16"),
         replace(base, label="  bf16 dense only", dense_precision="mixed_bfloat16"),
         replace(base, label="  batch 64", batch_size=64),
@@ -74,21 +95,29 @@ def variants() -> list[Variant]:
         replace(bf16, label="  bf16 + XLA jit_compile", jit_compile=True),
         replace(bf16, label="  bf16 + augmentation (train.augment)", augment=True),
         example,
-        replace(example, label="  bf16", conv_precision="mixed_bfloat16",
-                dense_precision="mixed_bfloat16"),
+        replace(
+            example,
+            label="  bf16",
+            conv_precision="mixed_bfloat16",
+            dense_precision="mixed_bfloat16",
+        ),
         best,
         replace(best, label="  bf16", **both),
         replace(best, label="  batch 256", batch_size=256),
-        replace(bf16, label="model=cnn, bf16 but batch norm in float32",
-                norm_precision="float32"),
+        replace(bf16, label="model=cnn, bf16 but batch norm in float32", norm_precision="float32"),
         bn,
         replace(bn, label="  bf16", **both),
         replace(bn, label="  bf16, batch norm in float32", **both, norm_precision="float32"),
-        replace(best, label="one conv per block... (row 14), bf16 but batch norm in float32",
-                **both, norm_precision="float32"),
+        replace(
+            best,
+            label="one conv per block... (row 14), bf16 but batch norm in float32",
+            **both,
+            norm_precision="float32",
+        ),
         replace(example, label="Keras example convnet, bf16, batch 256", **both, batch_size=256),
-        replace(example, label="Keras example convnet, bf16, 1 step/call", **both,
-                steps_per_execution=1),
+        replace(
+            example, label="Keras example convnet, bf16, 1 step/call", **both, steps_per_execution=1
+        ),
     ]
 
 
@@ -127,8 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--processed", default=str(ROOT / "data/processed"))
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per variant")
-    parser.add_argument("--images", type=int, default=6400,
-                        help="training images per epoch (the first N of the split)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=6400,
+        help="training images per epoch (the first N of the split)",
+    )
     parser.add_argument("--only", type=int, nargs="*", help="variant numbers to run (1-based)")
     parser.add_argument("--intra-op-threads", type=int, default=0)
     parser.add_argument("--inter-op-threads", type=int, default=0)
@@ -149,13 +182,21 @@ def main(argv: list[str] | None = None) -> None:
     from mnist_pipeline.training.loop import EpochLoop
     from mnist_pipeline.training.runtime import configure_runtime
 
-    job = TrainJob.from_config(compose(ROOT / "conf", [
-        "model=cnn", "optimizer=adam", "runtime.precision=float32",
-        f"runtime.intra_op_threads={args.intra_op_threads}",
-        f"runtime.inter_op_threads={args.inter_op_threads}"]))
+    job = TrainJob.from_config(
+        compose(
+            ROOT / "conf",
+            [
+                "model=cnn",
+                "optimizer=adam",
+                "runtime.precision=float32",
+                f"runtime.intra_op_threads={args.intra_op_threads}",
+                f"runtime.inter_op_threads={args.inter_op_threads}",
+            ],
+        )
+    )
     configure_runtime(job.runtime, seed=42)
     full = load_split(args.processed, "train")
-    train = Split(full.images[:args.images].copy(), full.labels[:args.images].copy())
+    train = Split(full.images[: args.images].copy(), full.labels[: args.images].copy())
     val = load_split(args.processed, "val")
     val = Split(val.images[:1000].copy(), val.labels[:1000].copy())
 
@@ -165,41 +206,59 @@ def main(argv: list[str] | None = None) -> None:
         keras.utils.set_random_seed(42)
         cfg = job.model.model_copy(update=variant.model)
         model = models.build(cfg)
-        set_layer_precision(model, variant.conv_precision, variant.dense_precision,
-                            variant.norm_precision)
-        models.compile_model(model, models.build_optimizer(job.optimizer),
-                             "categorical_crossentropy",
-                             steps_per_execution=variant.steps_per_execution,
-                             jit_compile=variant.jit_compile)
-        loop = EpochLoop(model, train, val, batch_size=variant.batch_size, shuffle=True,
-                         seed=42, augment=variant.augment,
-                         steps_per_call=variant.steps_per_execution,
-                         jit_compile=variant.jit_compile)
+        set_layer_precision(
+            model, variant.conv_precision, variant.dense_precision, variant.norm_precision
+        )
+        models.compile_model(
+            model,
+            models.build_optimizer(job.optimizer),
+            "categorical_crossentropy",
+            steps_per_execution=variant.steps_per_execution,
+            jit_compile=variant.jit_compile,
+        )
+        loop = EpochLoop(
+            model,
+            train,
+            val,
+            batch_size=variant.batch_size,
+            shuffle=True,
+            seed=42,
+            augment=variant.augment,
+            steps_per_call=variant.steps_per_execution,
+            jit_compile=variant.jit_compile,
+        )
         runs.append((number, variant, loop, forward_macs(model), []))
 
     for epoch in range(args.rounds + 1):
         for _number, _variant, loop, _macs, times in runs:
             wall, cpu = time.perf_counter(), time.process_time()
             history = loop.run([], epochs=epoch + 1, initial_epoch=epoch)
-            times.append((time.perf_counter() - wall, time.process_time() - cpu,
-                          history.history["loss"][-1]))
+            times.append(
+                (time.perf_counter() - wall, time.process_time() - cpu, history.history["loss"][-1])
+            )
         print(f"round {epoch + 1}/{args.rounds + 1} done", file=sys.stderr, flush=True)
 
     per_k = 1000 / len(train)
-    print(f"cnn ablation: {len(train)} training images/epoch + {len(val)} validated, Adam; "
-          f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; threads "
-          f"intra {args.intra_op_threads or 'auto'}, inter {args.inter_op_threads or 'auto'}; "
-          f"{args.rounds} timed epochs each (first left out); load average "
-          f"{os.getloadavg()[0]:.1f}")
-    print(f"{'#':>2} {'variant':62s} {'ms/1k img':>9s} {'cpu ms':>7s} {'speed-up':>8s} "
-          f"{'MMAC/img':>8s}")
+    print(
+        f"cnn ablation: {len(train)} training images/epoch + {len(val)} validated, Adam; "
+        f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; threads "
+        f"intra {args.intra_op_threads or 'auto'}, inter {args.inter_op_threads or 'auto'}; "
+        f"{args.rounds} timed epochs each (first left out); load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'#':>2} {'variant':62s} {'ms/1k img':>9s} {'cpu ms':>7s} {'speed-up':>8s} "
+        f"{'MMAC/img':>8s}"
+    )
     baseline = None
     for number, variant, loop, macs, times in runs:
         wall = statistics.median(t[0] for t in times[1:]) * 1000 * per_k
         cpu = statistics.median(t[1] for t in times[1:]) * 1000 * per_k
         baseline = baseline or wall
-        print(f"{number:>2} {variant.label:62s} {wall:9.1f} {cpu:7.1f} {baseline / wall:7.2f}x "
-              f"{macs / 1e6:8.2f}")
+        print(
+            f"{number:>2} {variant.label:62s} {wall:9.1f} {cpu:7.1f} {baseline / wall:7.2f}x "
+            f"{macs / 1e6:8.2f}"
+        )
         loop.close()
 
 

@@ -20,7 +20,14 @@ async def app(scope, receive, send):
         message = await receive()
         more = message.get("more_body", False)
     body = ANSWER if scope["path"] == "/invocations" else b"\n"
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -51,8 +51,7 @@ epochs = 15
 
 model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
 
-model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, validation_split=0.1,
-          verbose=2)
+model.fit(x_train, y_train, batch_size=batch_size, epochs=epochs, validation_split=0.1, verbose=2)
 
 score = model.evaluate(x_test, y_test, verbose=0)
 print("Test loss:", score[0])

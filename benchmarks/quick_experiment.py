@@ -58,8 +58,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each scenario")
     parser.add_argument("--experiment", default="quick", help="conf/experiment/<name>.yaml")
-    parser.add_argument("--raw", type=Path, default=ROOT / "data" / "raw",
-                        help="the fetched MNIST files (default: data/raw)")
+    parser.add_argument(
+        "--raw",
+        type=Path,
+        default=ROOT / "data" / "raw",
+        help="the fetched MNIST files (default: data/raw)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per command")
     args = parser.parse_args(argv)
     if args.runs < 1:
@@ -75,27 +79,45 @@ def run(command: list[str], repo: Path, timeout: float, what: str) -> None:
 
 def experiment(repo: Path, name: str, seed: int, timeout: float) -> dict:
     """One cold `dvc exp run`: wall and CPU seconds, seconds per stage, and the result."""
-    done = run_measured(["dvc", "exp", "run", "-S", f"experiment={name}", "-S",
-                         f"train.seed={seed}"], cwd=repo, env=child_env(), timeout=timeout,
-                        stamp_lines=True).check(f"dvc exp run ({name}, seed {seed})", PROGRAM)
+    done = run_measured(
+        ["dvc", "exp", "run", "-S", f"experiment={name}", "-S", f"train.seed={seed}"],
+        cwd=repo,
+        env=child_env(),
+        timeout=timeout,
+        stamp_lines=True,
+    ).check(f"dvc exp run ({name}, seed {seed})", PROGRAM)
     before, stages = stage_times(done.output)
     ran = sum(stages.values())
     metrics = json.loads((repo / "metrics" / "evaluate.json").read_text())
     gate = json.loads((repo / "gate.json").read_text())
-    return {"wall_s": done.wall_s, "cpu_s": done.cpu_s, "dvc_before_s": before,
-            "stages": stages, "dvc_after_s": done.wall_s - before - ran,
-            "test_accuracy": metrics["test_accuracy"],
-            "gate": "passed" if gate.get("passed") else "rejected"}
+    return {
+        "wall_s": done.wall_s,
+        "cpu_s": done.cpu_s,
+        "dvc_before_s": before,
+        "stages": stages,
+        "dvc_after_s": done.wall_s - before - ran,
+        "test_accuracy": metrics["test_accuracy"],
+        "gate": "passed" if gate.get("passed") else "rejected",
+    }
 
 
 def startup_probe(repo: Path, timeout: float) -> tuple[float, float]:
     """Seconds for `python -c pass` and for one stage process's start-up (median of 3)."""
     store = f"sqlite:///{repo / 'mlflow.db'}"
-    empty = [run_measured([sys.executable, "-c", "pass"], cwd=repo, env=child_env(),
-                          timeout=timeout).wall_s for _ in range(3)]
-    probe = [run_measured([sys.executable, "-c", STARTUP_PROBE, store], cwd=repo,
-                          env=child_env(), timeout=timeout).check("start-up probe", PROGRAM).wall_s
-             for _ in range(3)]
+    empty = [
+        run_measured(
+            [sys.executable, "-c", "pass"], cwd=repo, env=child_env(), timeout=timeout
+        ).wall_s
+        for _ in range(3)
+    ]
+    probe = [
+        run_measured(
+            [sys.executable, "-c", STARTUP_PROBE, store], cwd=repo, env=child_env(), timeout=timeout
+        )
+        .check("start-up probe", PROGRAM)
+        .wall_s
+        for _ in range(3)
+    ]
     return statistics.median(empty), statistics.median(probe)
 
 
@@ -114,8 +136,11 @@ def scenario(work: Path, label: str, args: argparse.Namespace, seeds: range) -> 
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         result = experiment(repo, args.experiment, seed, args.timeout)
         results.append(result)
-        print(f"{label} #{len(results)}: {result['wall_s']:.1f} s, test accuracy "
-              f"{result['test_accuracy']:.4f}, gate {result['gate']}", flush=True)
+        print(
+            f"{label} #{len(results)}: {result['wall_s']:.1f} s, test accuracy "
+            f"{result['test_accuracy']:.4f}, gate {result['gate']}",
+            flush=True,
+        )
     return results
 
 
@@ -123,27 +148,46 @@ def report(results: dict[str, list[dict]], empty_s: float, startup_s: float) -> 
     rows = []
     for label, runs in results.items():
         for number, r in enumerate(runs, 1):
-            rows.append([f"{label} #{number}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
-                         f"{r['dvc_before_s']:.1f}",
-                         *(f"{r['stages'].get(s, 0):.1f}" for s in STAGES),
-                         f"{r['dvc_after_s']:.1f}", f"{r['test_accuracy']:.4f}", r["gate"]])
-    lines = [table(rows, ["run", "wall s", "CPU s", "DVC before", *STAGES, "DVC after",
-                          "test acc", "gate"]), ""]
+            rows.append(
+                [
+                    f"{label} #{number}",
+                    f"{r['wall_s']:.1f}",
+                    f"{r['cpu_s']:.1f}",
+                    f"{r['dvc_before_s']:.1f}",
+                    *(f"{r['stages'].get(s, 0):.1f}" for s in STAGES),
+                    f"{r['dvc_after_s']:.1f}",
+                    f"{r['test_accuracy']:.4f}",
+                    r["gate"],
+                ]
+            )
+    lines = [
+        table(
+            rows, ["run", "wall s", "CPU s", "DVC before", *STAGES, "DVC after", "test acc", "gate"]
+        ),
+        "",
+    ]
     for label, runs in results.items():
         walls = [r["wall_s"] for r in runs]
         accuracies = [r["test_accuracy"] for r in runs]
-        lines.append(f"{label}: wall median {statistics.median(walls):.1f} s (min "
-                     f"{min(walls):.1f}, max {max(walls):.1f}); test accuracy "
-                     f"{min(accuracies):.4f}-{max(accuracies):.4f}")
-    lines.append(f"one stage process's start-up (TensorFlow + Keras + MLflow, store opened): "
-                 f"{startup_s:.2f} s median; `python -c pass`: {empty_s:.2f} s")
+        lines.append(
+            f"{label}: wall median {statistics.median(walls):.1f} s (min "
+            f"{min(walls):.1f}, max {max(walls):.1f}); test accuracy "
+            f"{min(accuracies):.4f}-{max(accuracies):.4f}"
+        )
+    lines.append(
+        f"one stage process's start-up (TensorFlow + Keras + MLflow, store opened): "
+        f"{startup_s:.2f} s median; `python -c pass`: {empty_s:.2f} s"
+    )
     return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average at start: "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average at start: "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="quick-experiment-") as tmp:
         work = Path(tmp)
         results = {"first": scenario(work, "first", args, range(1, args.runs + 1))}

@@ -35,16 +35,28 @@ BASELINE = "fast"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES),
-                        help="mlp or experiment names (default: %(default)s)")
-    parser.add_argument("--max-epochs", type=int, default=0,
-                        help="train each recipe for this many epochs instead, its schedule "
-                             "fitted to them (more than its warm-up; 0: its own)")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=list(DEFAULT_RECIPES),
+        help="mlp or experiment names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=0,
+        help="train each recipe for this many epochs instead, its schedule "
+        "fitted to them (more than its warm-up; 0: its own)",
+    )
     parser.add_argument("--processed", type=Path, default=ROOT / "data" / "processed")
     parser.add_argument("--corrupted", type=Path, default=ROOT / "data" / "corrupted")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="seconds allowed to each recipe's training (default 1800)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds allowed to each recipe's training (default 1800)",
+    )
     parser.add_argument("--recipe-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.recipe_child:
@@ -62,6 +74,7 @@ def overrides(name: str, max_epochs: int) -> list[str]:
 
 # --- the child: train one recipe -----------------------------------------------------------
 
+
 def recipe_child(name: str, processed: Path, out: Path, max_epochs: int) -> None:
     """Train `name` with the stage's `fit`; save the float32 model and its calibration."""
     from mnist_pipeline import startup
@@ -78,18 +91,31 @@ def recipe_child(name: str, processed: Path, out: Path, max_epochs: int) -> None
     runtime = configure_runtime(train_job.runtime, train_job.train.seed, train_job.model.name)
     splits = {part: load_split(processed, part) for part in ("train", "val")}
     started = time.perf_counter()
-    result = fit(train_job, runtime, splits["train"], splits["val"],
-                 steps_per_execution=train_job.runtime.steps_per_execution)
+    result = fit(
+        train_job,
+        runtime,
+        splits["train"],
+        splits["val"],
+        steps_per_execution=train_job.runtime.steps_per_execution,
+    )
     train_s = time.perf_counter() - started
     model = models.as_float32(result.model, train_job.model)
     fitted = job.calibrate(model, splits["val"], train_job.train.calibration)
     models.save(model, out / "model.keras")
-    (out / "record.json").write_text(json.dumps({
-        "train_s": train_s, "epochs": result.epochs_run, "precision": runtime.precision,
-        "calibration": fitted.to_dict()}))
+    (out / "record.json").write_text(
+        json.dumps(
+            {
+                "train_s": train_s,
+                "epochs": result.epochs_run,
+                "precision": runtime.precision,
+                "calibration": fitted.to_dict(),
+            }
+        )
+    )
 
 
 # --- the parent: score every model ---------------------------------------------------------
+
 
 def score(folder: Path, processed: Path, corrupted: Path) -> dict[str, Any]:
     """Evaluate's measurements of the model in `folder` (clean test set, suite, confidence)."""
@@ -111,31 +137,77 @@ def score(folder: Path, processed: Path, corrupted: Path) -> dict[str, Any]:
     started = time.perf_counter()
     shift = promotion.measure_shift(model, probabilities, corrupted_suite, fitted, cfg)
     shift_s = time.perf_counter() - started
-    return {"train_s": record["train_s"], "epochs": record["epochs"],
-            "clean": scores.accuracy, "mean_corrupted": shift.mean_accuracy,
-            "worst": shift.worst, "per_corruption": shift.accuracy,
-            "temperature": fitted.temperature, "threshold": fitted.threshold,
-            "ece_raw": shift.clean.ece_raw, "ece": shift.clean.ece,
-            "corrupted_ece_raw": shift.corrupted.ece_raw, "corrupted_ece": shift.corrupted.ece,
-            "coverage": shift.clean.coverage, "selective": shift.clean.selective_accuracy,
-            "corrupted_coverage": shift.corrupted.coverage,
-            "corrupted_selective": shift.corrupted.selective_accuracy, "shift_s": shift_s}
+    return {
+        "train_s": record["train_s"],
+        "epochs": record["epochs"],
+        "clean": scores.accuracy,
+        "mean_corrupted": shift.mean_accuracy,
+        "worst": shift.worst,
+        "per_corruption": shift.accuracy,
+        "temperature": fitted.temperature,
+        "threshold": fitted.threshold,
+        "ece_raw": shift.clean.ece_raw,
+        "ece": shift.clean.ece,
+        "corrupted_ece_raw": shift.corrupted.ece_raw,
+        "corrupted_ece": shift.corrupted.ece,
+        "coverage": shift.clean.coverage,
+        "selective": shift.clean.selective_accuracy,
+        "corrupted_coverage": shift.corrupted.coverage,
+        "corrupted_selective": shift.corrupted.selective_accuracy,
+        "shift_s": shift_s,
+    }
 
 
 def report(results: dict[str, dict[str, Any]]) -> str:
     """The tables: per recipe, then per corruption, then each recipe against `fast`."""
-    rows = [[name, f"{r['train_s']:.0f}", f"{r['clean']:.4f}", f"{r['mean_corrupted']:.4f}",
-             f"{r['worst'][0]} {r['worst'][1]:.3f}", f"{r['ece_raw']:.4f}", f"{r['ece']:.4f}",
-             f"{r['temperature']:.3g}", f"{r['coverage']:.3f}", f"{r['selective']:.4f}",
-             f"{r['corrupted_ece_raw']:.4f}", f"{r['corrupted_ece']:.4f}",
-             f"{r['corrupted_coverage']:.3f}", f"{r['shift_s']:.1f}"]
-            for name, r in results.items()]
-    lines = [table(rows, ["recipe", "train s", "clean", "corrupted", "worst", "ECE",
-                          "ECE scaled", "T", "coverage", "sel. acc", "c. ECE", "c. ECE scaled",
-                          "c. coverage", "suite s"]), ""]
+    rows = [
+        [
+            name,
+            f"{r['train_s']:.0f}",
+            f"{r['clean']:.4f}",
+            f"{r['mean_corrupted']:.4f}",
+            f"{r['worst'][0]} {r['worst'][1]:.3f}",
+            f"{r['ece_raw']:.4f}",
+            f"{r['ece']:.4f}",
+            f"{r['temperature']:.3g}",
+            f"{r['coverage']:.3f}",
+            f"{r['selective']:.4f}",
+            f"{r['corrupted_ece_raw']:.4f}",
+            f"{r['corrupted_ece']:.4f}",
+            f"{r['corrupted_coverage']:.3f}",
+            f"{r['shift_s']:.1f}",
+        ]
+        for name, r in results.items()
+    ]
+    lines = [
+        table(
+            rows,
+            [
+                "recipe",
+                "train s",
+                "clean",
+                "corrupted",
+                "worst",
+                "ECE",
+                "ECE scaled",
+                "T",
+                "coverage",
+                "sel. acc",
+                "c. ECE",
+                "c. ECE scaled",
+                "c. coverage",
+                "suite s",
+            ],
+        ),
+        "",
+    ]
     names = list(next(iter(results.values()))["per_corruption"])
-    lines.append(table([[c, *(f"{r['per_corruption'][c]:.4f}" for r in results.values())]
-                        for c in names], ["corruption", *results]))
+    lines.append(
+        table(
+            [[c, *(f"{r['per_corruption'][c]:.4f}" for r in results.values())] for c in names],
+            ["corruption", *results],
+        )
+    )
     base = results.get(BASELINE)
     if base is not None:
         lines.append("")
@@ -143,10 +215,12 @@ def report(results: dict[str, dict[str, Any]]) -> str:
             if name == BASELINE:
                 continue
             wins = sum(r["per_corruption"][c] > base["per_corruption"][c] for c in names)
-            lines.append(f"{name} against {BASELINE}: mean corruption accuracy "
-                         f"{r['mean_corrupted'] - base['mean_corrupted']:+.4f}, better on "
-                         f"{wins} of {len(names)} corruptions; clean "
-                         f"{r['clean'] - base['clean']:+.4f}")
+            lines.append(
+                f"{name} against {BASELINE}: mean corruption accuracy "
+                f"{r['mean_corrupted'] - base['mean_corrupted']:+.4f}, better on "
+                f"{wins} of {len(names)} corruptions; clean "
+                f"{r['clean'] - base['clean']:+.4f}"
+            )
     return "\n".join(lines)
 
 
@@ -165,13 +239,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name in args.recipes:
             out = Path(work) / name
             out.mkdir()
-            run_measured([sys.executable, __file__, "--recipe-child", name, str(args.processed),
-                          str(out), str(args.max_epochs)], cwd=ROOT, env=child_env(),
-                         timeout=args.timeout).check(f"training {name}", "robustness")
+            run_measured(
+                [
+                    sys.executable,
+                    __file__,
+                    "--recipe-child",
+                    name,
+                    str(args.processed),
+                    str(out),
+                    str(args.max_epochs),
+                ],
+                cwd=ROOT,
+                env=child_env(),
+                timeout=args.timeout,
+            ).check(f"training {name}", "robustness")
             results[name] = score(out, args.processed, args.corrupted)
-            print(f"robustness: {name}: clean {results[name]['clean']:.4f}, corrupted "
-                  f"{results[name]['mean_corrupted']:.4f} ({results[name]['train_s']:.0f} s "
-                  "training)", flush=True)
+            print(
+                f"robustness: {name}: clean {results[name]['clean']:.4f}, corrupted "
+                f"{results[name]['mean_corrupted']:.4f} ({results[name]['train_s']:.0f} s "
+                "training)",
+                flush=True,
+            )
     print()
     print(report(results))
     if args.json:

@@ -64,9 +64,11 @@ def test_images(data: Path, n: int) -> np.ndarray:
 
 
 def bodies(images: np.ndarray, batch: int) -> tuple[list[bytes], list[bytes]]:
-    singles = [json.dumps({"inputs": images[i:i + 1].tolist()}).encode() for i in range(64)]
-    batches = [json.dumps({"inputs": images[i:i + batch].tolist()}).encode()
-               for i in range(0, 4 * batch, batch)]
+    singles = [json.dumps({"inputs": images[i : i + 1].tolist()}).encode() for i in range(64)]
+    batches = [
+        json.dumps({"inputs": images[i : i + batch].tolist()}).encode()
+        for i in range(0, 4 * batch, batch)
+    ]
     return singles, batches
 
 
@@ -80,18 +82,23 @@ def log_both(keras_file: Path, store_dir: Path) -> dict[str, str]:
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store_dir / 'mlflow.db'}"
     # Artifacts beside the throwaway store, not in ./mlruns (MLflow's default for SQLite).
-    mlflow.set_experiment(experiment_id=mlflow.create_experiment(
-        "serve-speed", artifact_location=(store_dir / "artifacts").as_uri()))
+    mlflow.set_experiment(
+        experiment_id=mlflow.create_experiment(
+            "serve-speed", artifact_location=(store_dir / "artifacts").as_uri()
+        )
+    )
     model = models.load(keras_file)
     keras_copy = store_dir / "model.keras"
     model.save(keras_copy)
     with mlflow.start_run():
         onnx_uri = job.log_served(model, calibration.IDENTITY)
         tf_uri = mlflow.pyfunc.log_model(
-            name="tf-pyfunc", python_model=str(BENCHMARKS / "tf_pyfunc.py"),
-            artifacts={"keras_model": str(keras_copy)}, signature=logged_models.image_signature(),
-            pip_requirements=logged_models.pinned_requirements(
-                logged_models.KERAS_REQUIREMENTS)).model_uri
+            name="tf-pyfunc",
+            python_model=str(BENCHMARKS / "tf_pyfunc.py"),
+            artifacts={"keras_model": str(keras_copy)},
+            signature=logged_models.image_signature(),
+            pip_requirements=logged_models.pinned_requirements(logged_models.KERAS_REQUIREMENTS),
+        ).model_uri
     uris = {}
     for label, uri in (("onnx", onnx_uri), ("tf pyfunc", tf_uri)):
         version = registry.register(uri, REGISTERED, tags={})
@@ -102,11 +109,25 @@ def log_both(keras_file: Path, store_dir: Path) -> dict[str, str]:
 def echo_command(port: int) -> ServerCommand:
     base = url_for("127.0.0.1", port)
     return ServerCommand(
-        argv=[sys.executable, "-m", "uvicorn", "--app-dir", str(BENCHMARKS), "echo_app:app",
-              "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-              "--no-access-log"],
-        env_overrides={"PATH": server_path()}, url=f"{base}/invocations",
-        ready_url=f"{base}/ping")
+        argv=[
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(BENCHMARKS),
+            "echo_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--no-access-log",
+        ],
+        env_overrides={"PATH": server_path()},
+        url=f"{base}/invocations",
+        ready_url=f"{base}/ping",
+    )
 
 
 def ready_after(process, url: str, started: float, timeout_s: float = 300) -> float:
@@ -130,28 +151,36 @@ def ready_after(process, url: str, started: float, timeout_s: float = 300) -> fl
 
 def line(label: str, result: load.Result, images_per_request: int = 1) -> str:
     per_s = result.per_s()
-    return (f"    {label:<22} p50 {result.quantile_ms(0.5):8.2f} ms  p99 "
-            f"{result.quantile_ms(0.99):8.2f} ms  {per_s:8.1f} req/s  "
-            f"{per_s * images_per_request:9.0f} images/s  errors {result.failed}"
-            + (f"  {result.errors[0]}" if result.errors else ""))
+    return (
+        f"    {label:<22} p50 {result.quantile_ms(0.5):8.2f} ms  p99 "
+        f"{result.quantile_ms(0.99):8.2f} ms  {per_s:8.1f} req/s  "
+        f"{per_s * images_per_request:9.0f} images/s  errors {result.failed}"
+        + (f"  {result.errors[0]}" if result.errors else "")
+    )
 
 
-def measure(url: str, singles: list[bytes], batches: list[bytes], args,
-            pid: int) -> dict[str, load.Result | float]:
+def measure(
+    url: str, singles: list[bytes], batches: list[bytes], args, pid: int
+) -> dict[str, load.Result | float]:
     load.run_clients(url, singles, 50, 1)  # warm-up
     load.run_clients(url, batches, 2, 1)
-    rows = {"single": load.run_clients(url, singles, args.single, 1),
-            "concurrent": load.run_clients(url, singles, args.concurrent, args.clients),
-            "batch": load.run_clients(url, batches, args.batches, 1)}
+    rows = {
+        "single": load.run_clients(url, singles, args.single, 1),
+        "concurrent": load.run_clients(url, singles, args.concurrent, args.clients),
+        "batch": load.run_clients(url, batches, args.batches, 1),
+    }
     print(line("1 client, 1 image", rows["single"]), flush=True)
     print(line(f"{args.clients} clients, 1 image", rows["concurrent"]), flush=True)
     print(line(f"1 client, {args.batch} images", rows["batch"], args.batch), flush=True)
-    rss = load.tree_rss_bytes(pid) / 2 ** 20
+    rss = load.tree_rss_bytes(pid) / 2**20
     print(f"    server RSS {rss:.0f} MiB", flush=True)
     batching = version_stats(url)
     if batching:
-        print(f"    {batching['requests']} requests answered by {batching['model_calls']} model "
-              "calls", flush=True)
+        print(
+            f"    {batching['requests']} requests answered by {batching['model_calls']} model "
+            "calls",
+            flush=True,
+        )
     return {**rows, "rss_mib": rss}
 
 
@@ -173,30 +202,38 @@ def ratios(name: str, measured: dict[str, dict], batch: int) -> None:
         return
     print(f"{name}: targets, onnx server against echo (same client, same run):")
     if echo is not None:
-        print(f"    single-image p50: {onnx['single'].quantile_ms(0.5):.2f} / "
-              f"{echo['single'].quantile_ms(0.5):.2f} ms = "
-              f"{onnx['single'].quantile_ms(0.5) / echo['single'].quantile_ms(0.5):.2f}x "
-              "(target <= 1.5x)")
-        print(f"    8 clients: {onnx['concurrent'].per_s():.0f} / "
-              f"{echo['concurrent'].per_s():.0f} req/s = "
-              f"{onnx['concurrent'].per_s() / echo['concurrent'].per_s():.2f}x (target >= 0.7x); "
-              f"p99 {onnx['concurrent'].quantile_ms(0.99):.2f} / "
-              f"{echo['concurrent'].quantile_ms(0.99):.2f} ms = "
-              f"{onnx['concurrent'].quantile_ms(0.99) / echo['concurrent'].quantile_ms(0.99):.2f}x"
-              " (target <= 3x)")
-    print(f"    batches of {batch}: {onnx['batch'].per_s() * batch:.0f} images/s "
-          "(target >= 5,000); errors "
-          f"{sum(onnx[k].failed for k in ('single', 'concurrent', 'batch'))} (target 0); "
-          f"RSS {onnx['rss_mib']:.0f} MiB (target <= 250); ready in {onnx['ready_s']:.2f} s "
-          "(target <= 3)")
+        print(
+            f"    single-image p50: {onnx['single'].quantile_ms(0.5):.2f} / "
+            f"{echo['single'].quantile_ms(0.5):.2f} ms = "
+            f"{onnx['single'].quantile_ms(0.5) / echo['single'].quantile_ms(0.5):.2f}x "
+            "(target <= 1.5x)"
+        )
+        print(
+            f"    8 clients: {onnx['concurrent'].per_s():.0f} / "
+            f"{echo['concurrent'].per_s():.0f} req/s = "
+            f"{onnx['concurrent'].per_s() / echo['concurrent'].per_s():.2f}x (target >= 0.7x); "
+            f"p99 {onnx['concurrent'].quantile_ms(0.99):.2f} / "
+            f"{echo['concurrent'].quantile_ms(0.99):.2f} ms = "
+            f"{onnx['concurrent'].quantile_ms(0.99) / echo['concurrent'].quantile_ms(0.99):.2f}x"
+            " (target <= 3x)"
+        )
+    print(
+        f"    batches of {batch}: {onnx['batch'].per_s() * batch:.0f} images/s "
+        "(target >= 5,000); errors "
+        f"{sum(onnx[k].failed for k in ('single', 'concurrent', 'batch'))} (target 0); "
+        f"RSS {onnx['rss_mib']:.0f} MiB (target <= 250); ready in {onnx['ready_s']:.2f} s "
+        "(target <= 3)"
+    )
     if tf is not None:
-        print(f"    against the tf pyfunc: p50 {tf['single'].quantile_ms(0.5):.2f} -> "
-              f"{onnx['single'].quantile_ms(0.5):.2f} ms, 8 clients "
-              f"{tf['concurrent'].per_s():.0f} -> {onnx['concurrent'].per_s():.0f} req/s, "
-              f"batches {tf['batch'].per_s() * batch:.0f} -> "
-              f"{onnx['batch'].per_s() * batch:.0f} images/s, RSS {tf['rss_mib']:.0f} -> "
-              f"{onnx['rss_mib']:.0f} MiB, ready {tf['ready_s']:.1f} -> "
-              f"{onnx['ready_s']:.2f} s")
+        print(
+            f"    against the tf pyfunc: p50 {tf['single'].quantile_ms(0.5):.2f} -> "
+            f"{onnx['single'].quantile_ms(0.5):.2f} ms, 8 clients "
+            f"{tf['concurrent'].per_s():.0f} -> {onnx['concurrent'].per_s():.0f} req/s, "
+            f"batches {tf['batch'].per_s() * batch:.0f} -> "
+            f"{onnx['batch'].per_s() * batch:.0f} images/s, RSS {tf['rss_mib']:.0f} -> "
+            f"{onnx['rss_mib']:.0f} MiB, ready {tf['ready_s']:.1f} -> "
+            f"{onnx['ready_s']:.2f} s"
+        )
 
 
 def log_cost(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int) -> None:
@@ -205,11 +242,13 @@ def log_cost(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int
     from mnist_pipeline.config.loading import checkout_section
 
     monitoring = checkout_section("monitoring", ROOT).model_copy(
-        update={"log": f"sqlite:///{tmp / 'requests.db'}", "log_requests": True})
+        update={"log": f"sqlite:///{tmp / 'requests.db'}", "log_requests": True}
+    )
     servers = {}
     for label, with_log in (("onnx", None), ("onnx+log", monitoring)):
-        command = model_server_command(cfg, model_uri=uri, port=load_port(),
-                                       cache=str(tmp / "cache"), monitoring=with_log)
+        command = model_server_command(
+            cfg, model_uri=uri, port=load_port(), cache=str(tmp / "cache"), monitoring=with_log
+        )
         out = open(tmp / f"{label}-cost.log", "wb")
         servers[label] = (command, start(command, log=out), out)
     try:
@@ -231,13 +270,18 @@ def log_cost(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int
             out.close()
     plain, logging = (statistics.median(p50[k]) for k in ("onnx", "onnx+log"))
     crowd_plain, crowd_log = (statistics.median(per_s[k]) for k in ("onnx", "onnx+log"))
-    print(f"    request log, {rounds} turns of {n} single images each (1 client, then 8): "
-          f"p50 {plain:.3f} -> {logging:.3f} ms = {logging / plain:.3f}x (target <= 1.10x); "
-          f"8 clients {crowd_plain:.0f} -> {crowd_log:.0f} req/s = {crowd_log / crowd_plain:.3f}x;"
-          f" rows written {logged.get('rows_written')}, dropped {logged.get('rows_dropped')}",
-          flush=True)
-    print(f"      p50 per turn: without {', '.join(f'{v:.3f}' for v in p50['onnx'])}; with "
-          f"{', '.join(f'{v:.3f}' for v in p50['onnx+log'])} ms", flush=True)
+    print(
+        f"    request log, {rounds} turns of {n} single images each (1 client, then 8): "
+        f"p50 {plain:.3f} -> {logging:.3f} ms = {logging / plain:.3f}x (target <= 1.10x); "
+        f"8 clients {crowd_plain:.0f} -> {crowd_log:.0f} req/s = {crowd_log / crowd_plain:.3f}x;"
+        f" rows written {logged.get('rows_written')}, dropped {logged.get('rows_dropped')}",
+        flush=True,
+    )
+    print(
+        f"      p50 per turn: without {', '.join(f'{v:.3f}' for v in p50['onnx'])}; with "
+        f"{', '.join(f'{v:.3f}' for v in p50['onnx+log'])} ms",
+        flush=True,
+    )
 
 
 def one_picture(store_uri: str, uris: dict[str, str]) -> None:
@@ -246,24 +290,30 @@ def one_picture(store_uri: str, uris: dict[str, str]) -> None:
     picture = ROOT / "examples" / "three.png"
     env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
     script = Path(sys.executable).parent / "mnist-predict"
-    tf_code = ("import mlflow, numpy as np\n"
-               "from mnist_pipeline.serve import imaging\n"
-               f"model = mlflow.pyfunc.load_model({uris['tf pyfunc']!r})\n"
-               f"print(model.predict(imaging.convert({str(picture)!r})[None]).argmax())\n")
-    for label, argv in (("mnist-predict (onnx)", [str(script), str(picture), "--model-uri",
-                                                  uris["onnx"]]),
-                        ("tf pyfunc, one picture", [sys.executable, "-c", tf_code])):
+    tf_code = (
+        "import mlflow, numpy as np\n"
+        "from mnist_pipeline.serve import imaging\n"
+        f"model = mlflow.pyfunc.load_model({uris['tf pyfunc']!r})\n"
+        f"print(model.predict(imaging.convert({str(picture)!r})[None]).argmax())\n"
+    )
+    for label, argv in (
+        ("mnist-predict (onnx)", [str(script), str(picture), "--model-uri", uris["onnx"]]),
+        ("tf pyfunc, one picture", [sys.executable, "-c", tf_code]),
+    ):
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT,
-                                  timeout=300)
+            done = subprocess.run(
+                argv, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300
+            )
             times.append(time.perf_counter() - started)
             if done.returncode != 0:
                 raise SystemExit(f"serve_speed: {label} failed:\n{done.stderr[-2000:]}")
-        print(f"    {label:<24} {statistics.median(times):.2f} s median of 3 "
-              f"({', '.join(f'{t:.2f}' for t in times)}); said: {done.stdout.strip()}",
-              flush=True)
+        print(
+            f"    {label:<24} {statistics.median(times):.2f} s median of 3 "
+            f"({', '.join(f'{t:.2f}' for t in times)}); said: {done.stdout.strip()}",
+            flush=True,
+        )
 
 
 def soak(url: str, singles: list[bytes], n: int, pid: int) -> None:
@@ -273,14 +323,20 @@ def soak(url: str, singles: list[bytes], n: int, pid: int) -> None:
     def sample(done: int) -> None:
         rss.append(load.tree_rss_bytes(pid))
         marks.append(time.perf_counter())
-        print(f"      {done:6d} requests: RSS {rss[-1] / 2**20:.1f} MiB, last thousand at "
-              f"{1000 / (marks[-1] - marks[-2]):.0f} req/s", flush=True)
+        print(
+            f"      {done:6d} requests: RSS {rss[-1] / 2**20:.1f} MiB, last thousand at "
+            f"{1000 / (marks[-1] - marks[-2]):.0f} req/s",
+            flush=True,
+        )
 
     result = load.run_clients(url, singles, n, 16, every=1000, on_every=sample)
     print(line("soak, 16 clients", result), flush=True)
     if len(rss) >= 2:
-        print(f"    RSS first -> last thousand: {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB "
-              f"({100 * (rss[-1] / rss[0] - 1):+.1f}%)", flush=True)
+        print(
+            f"    RSS first -> last thousand: {rss[0] / 2**20:.1f} -> {rss[-1] / 2**20:.1f} MiB "
+            f"({100 * (rss[-1] / rss[0] - 1):+.1f}%)",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -294,16 +350,23 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=40, help="batch requests")
     parser.add_argument("--soak", type=int, default=0, help="requests, 16 clients")
     parser.add_argument("--servers", default=",".join(SERVERS))
-    parser.add_argument("--log-rounds", type=int, default=5,
-                        help="turns of the request log's cost measurement (0: skip it)")
+    parser.add_argument(
+        "--log-rounds",
+        type=int,
+        default=5,
+        help="turns of the request log's cost measurement (0: skip it)",
+    )
     args = parser.parse_args()
     wanted = args.servers.split(",")
     images = test_images(args.data, 4 * args.batch)
     singles, batches = bodies(images, args.batch)
     from train_speed import cpu_model
 
-    print(f"{cpu_model()}; load average {os.getloadavg()}, {os.cpu_count()} CPUs; "
-          f"{len(images)} test images", flush=True)
+    print(
+        f"{cpu_model()}; load average {os.getloadavg()}, {os.cpu_count()} CPUs; "
+        f"{len(images)} test images",
+        flush=True,
+    )
     for spec in args.model:
         name, _, path = spec.partition("=")
         with tempfile.TemporaryDirectory() as tmp:
@@ -317,17 +380,23 @@ def main() -> int:
                 if label == "echo":
                     command = echo_command(port)
                 else:
-                    command = model_server_command(cfg, model_uri=uris[label], port=port,
-                                                   mlflow=label == "tf pyfunc",
-                                                   cache=str(Path(tmp) / "cache"))
+                    command = model_server_command(
+                        cfg,
+                        model_uri=uris[label],
+                        port=port,
+                        mlflow=label == "tf pyfunc",
+                        cache=str(Path(tmp) / "cache"),
+                    )
                 with open(Path(tmp) / f"{label}.log", "wb") as log:
                     started = time.perf_counter()
                     process = start(command, log=log)
                     try:
                         ready_s = ready_after(process, command.ready_url, started)
                         print(f"{name}: {label}, ready in {ready_s:.2f} s", flush=True)
-                        measured[label] = {**measure(command.url, singles, batches, args,
-                                                     process.pid), "ready_s": ready_s}
+                        measured[label] = {
+                            **measure(command.url, singles, batches, args, process.pid),
+                            "ready_s": ready_s,
+                        }
                         if args.soak and label == "onnx":
                             soak(command.url, singles, args.soak, process.pid)
                     finally:

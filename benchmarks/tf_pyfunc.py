@@ -55,8 +55,10 @@ def load_keras_safely(path: str):
     with zipfile.ZipFile(path) as archive:
         unsafe = _bytecode_layers(json.loads(archive.read("config.json")))
     if unsafe:
-        raise MlflowException(f"{path}: refused: layers that would run code from the file "
-                              f"({', '.join(sorted(unsafe))})")
+        raise MlflowException(
+            f"{path}: refused: layers that would run code from the file "
+            f"({', '.join(sorted(unsafe))})"
+        )
     return keras.saving.load_model(path, safe_mode=True, compile=False)
 
 
@@ -69,8 +71,9 @@ def _set_threads(tf) -> None:
     try:
         threads = (int(intra) if intra else 0, int(inter) if inter else 1)
     except ValueError:
-        raise MlflowException(f"{THREADS_ENV}: got {spec!r}, expected '<intra>[,<inter>]' "
-                              "(integers)") from None
+        raise MlflowException(
+            f"{THREADS_ENV}: got {spec!r}, expected '<intra>[,<inter>]' (integers)"
+        ) from None
     tf.config.threading.set_intra_op_parallelism_threads(threads[0])
     tf.config.threading.set_inter_op_parallelism_threads(threads[1])
 
@@ -91,18 +94,20 @@ class DigitClassifier(mlflow.pyfunc.PythonModel):
             pass  # TensorFlow already runs (another model in this process): keep its threads
         model = load_keras_safely(context.artifacts[KERAS_ARTIFACT])
         # One trace for every batch size: the batch axis is None in the signature.
-        self._infer = tf.function(lambda images: model(images, training=False),
-                                  input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE),
-                                                                 tf.uint8)],
-                                  reduce_retracing=True)
+        self._infer = tf.function(
+            lambda images: model(images, training=False),
+            input_signature=[tf.TensorSpec((None, *IMAGE_SHAPE), tf.uint8)],
+            reduce_retracing=True,
+        )
         self._infer(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # trace now, not on a request
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
         images = np.asarray(model_input)
         if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-            raise MlflowException(f"expected uint8 images of shape (N, 28, 28), got "
-                                  f"{images.dtype} {images.shape}",
-                                  error_code=INVALID_PARAMETER_VALUE)
+            raise MlflowException(
+                f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
         return np.asarray(self._infer(images), dtype=np.float32)
 
 

@@ -57,19 +57,35 @@ DEFAULT_RECIPES = ("peer", "mlp", "mlp-tuned", "cnn", "quick", "fast", "best")
 
 # --- arguments -----------------------------------------------------------------------------
 
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipes", nargs="+", default=list(DEFAULT_RECIPES),
-                        help="peer, mlp or experiment names (default: %(default)s)")
-    parser.add_argument("--max-epochs", type=int, default=0,
-                        help="stop each recipe after this many epochs (0: its own count)")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="learnable synthetic digits instead of data/ (plumbing tests)")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=list(DEFAULT_RECIPES),
+        help="peer, mlp or experiment names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-epochs",
+        type=int,
+        default=0,
+        help="stop each recipe after this many epochs (0: its own count)",
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="learnable synthetic digits instead of data/ (plumbing tests)",
+    )
     parser.add_argument("--raw", type=Path, default=ROOT / "data" / "raw")
     parser.add_argument("--processed", type=Path, default=ROOT / "data" / "processed")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="seconds allowed to each recipe's process (default 1800)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds allowed to each recipe's process (default 1800)",
+    )
     parser.add_argument("--peer-child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--recipe-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -82,6 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --- arithmetic (pure; tested) --------------------------------------------------------------
+
 
 def time_to(threshold: float, times: Sequence[float], accuracies: Sequence[float]) -> float:
     """Seconds at the end of the first epoch whose accuracy reaches `threshold`; NaN if none."""
@@ -97,16 +114,32 @@ def row(name: str, record: dict[str, Any]) -> list[str]:
 
     accuracies = record["test_accuracy"]
     reached = [seconds(time_to(t, record["since_start_s"], accuracies)) for t in THRESHOLDS]
-    return [name, f"{steady_epoch_time(record['epoch_time_s']):.2f}", *reached,
-            f"{accuracies[-1]:.4f}" if accuracies else "-", str(len(accuracies)),
-            f"{record['peak_rss_mb']:,.0f}", f"{record['wall_s']:.1f}"]
+    return [
+        name,
+        f"{steady_epoch_time(record['epoch_time_s']):.2f}",
+        *reached,
+        f"{accuracies[-1]:.4f}" if accuracies else "-",
+        str(len(accuracies)),
+        f"{record['peak_rss_mb']:,.0f}",
+        f"{record['wall_s']:.1f}",
+    ]
 
 
-HEADER = ["recipe", "s/epoch", "t 98%", "t 99%", "t 99.5%", "final acc", "epochs", "peak MB",
-          "wall s"]
+HEADER = [
+    "recipe",
+    "s/epoch",
+    "t 98%",
+    "t 99%",
+    "t 99.5%",
+    "final acc",
+    "epochs",
+    "peak MB",
+    "wall s",
+]
 
 
 # --- children: one recipe each -------------------------------------------------------------
+
 
 class Clock:
     """Seconds since the process started, less the time the benchmark spent scoring."""
@@ -118,8 +151,14 @@ class Clock:
         return time.time() - self.started - self.scoring
 
 
-def scorer(clock: Clock, record: dict[str, Any], test_x: Any, test_y: Any, max_epochs: int,
-           float32_copy: Any = None) -> Any:
+def scorer(
+    clock: Clock,
+    record: dict[str, Any],
+    test_x: Any,
+    test_y: Any,
+    max_epochs: int,
+    float32_copy: Any = None,
+) -> Any:
     """A Keras callback: times each epoch, scores the test set after it, stops at the cap."""
     import keras
     import numpy as np
@@ -166,8 +205,10 @@ def peer_child(npz: Path, report: Path, started: float, max_epochs: int) -> None
     original_fit = keras.Model.fit
 
     def fit(self: keras.Model, *args: Any, **kwargs: Any) -> Any:
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []),
-                               scorer(clock, record, test_x, arrays["y_test"], max_epochs)]
+        kwargs["callbacks"] = [
+            *(kwargs.get("callbacks") or []),
+            scorer(clock, record, test_x, arrays["y_test"], max_epochs),
+        ]
         return original_fit(self, *args, **kwargs)
 
     keras.datasets.mnist.load_data = load_data
@@ -178,8 +219,7 @@ def peer_child(npz: Path, report: Path, started: float, max_epochs: int) -> None
     report.write_text(json.dumps(record))
 
 
-def recipe_child(name: str, processed: Path, report: Path, started: float,
-                 max_epochs: int) -> None:
+def recipe_child(name: str, processed: Path, report: Path, started: float, max_epochs: int) -> None:
     """Train one pipeline recipe with the stage's `fit` (child mode)."""
     clock = Clock(started)
     from mnist_pipeline import startup
@@ -197,15 +237,28 @@ def recipe_child(name: str, processed: Path, report: Path, started: float,
     runtime = configure_runtime(job.runtime, job.train.seed, job.model.name)
     splits = {part: load_split(processed, part) for part in ("train", "val", "test")}
     record = new_record()
-    score = scorer(clock, record, splits["test"].images, splits["test"].labels, max_epochs,
-                   float32_copy=lambda model: models.as_float32(model, job.model))
-    fit(job, runtime, splits["train"], splits["val"],
-        steps_per_execution=job.runtime.steps_per_execution, extra_callbacks=[score])
+    score = scorer(
+        clock,
+        record,
+        splits["test"].images,
+        splits["test"].labels,
+        max_epochs,
+        float32_copy=lambda model: models.as_float32(model, job.model),
+    )
+    fit(
+        job,
+        runtime,
+        splits["train"],
+        splits["val"],
+        steps_per_execution=job.runtime.steps_per_execution,
+        extra_callbacks=[score],
+    )
     record["precision"] = runtime.precision
     report.write_text(json.dumps(record))
 
 
 # --- the parent ----------------------------------------------------------------------------
+
 
 def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """The peer's mnist.npz and the pipeline's processed splits, of the same images."""
@@ -228,19 +281,36 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     return npz, processed
 
 
-def run_recipe(name: str, npz: Path, processed: Path, work: Path,
-               args: argparse.Namespace) -> dict[str, Any]:
+def run_recipe(
+    name: str, npz: Path, processed: Path, work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     report = work / f"{name}.json"
     script = str(Path(__file__).resolve())
     started = time.time()
     if name == "peer":
-        command = [sys.executable, script, "--peer-child", str(npz), str(report),
-                   repr(started), str(args.max_epochs)]
+        command = [
+            sys.executable,
+            script,
+            "--peer-child",
+            str(npz),
+            str(report),
+            repr(started),
+            str(args.max_epochs),
+        ]
     else:
-        command = [sys.executable, script, "--recipe-child", name, str(processed.resolve()),
-                   str(report), repr(started), str(args.max_epochs)]
-    done = run_measured(command, cwd=work, env=child_env(KERAS_HOME=str(work)),
-                        timeout=args.timeout).check(f"recipe '{name}'", "time_to_accuracy")
+        command = [
+            sys.executable,
+            script,
+            "--recipe-child",
+            name,
+            str(processed.resolve()),
+            str(report),
+            repr(started),
+            str(args.max_epochs),
+        ]
+    done = run_measured(
+        command, cwd=work, env=child_env(KERAS_HOME=str(work)), timeout=args.timeout
+    ).check(f"recipe '{name}'", "time_to_accuracy")
     record = json.loads(report.read_text())
     record.update(peak_rss_mb=done.peak_rss_mb, wall_s=done.wall_s, cpu_s=done.cpu_s)
     return record
@@ -255,19 +325,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         name, processed, report, started, cap = args.recipe_child
         return recipe_child(name, Path(processed), Path(report), float(started), int(cap))
 
-    print(f"device: CPU: {cpu_model()} ({os.cpu_count()} cores); load average at start "
-          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    print(
+        f"device: CPU: {cpu_model()} ({os.cpu_count()} cores); load average at start "
+        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+        flush=True,
+    )
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="time-to-accuracy-") as tmp:
         work = Path(tmp)
         npz, processed = prepare_data(args, work)
         for name in args.recipes:
             results[name] = run_recipe(name, npz, processed, work, args)
-            print(f"  {name}: done in {results[name]['wall_s']:.1f} s "
-                  f"({results[name]['precision']})", file=sys.stderr, flush=True)
+            print(
+                f"  {name}: done in {results[name]['wall_s']:.1f} s ({results[name]['precision']})",
+                file=sys.stderr,
+                flush=True,
+            )
     print(table([row(name, record) for name, record in results.items()], HEADER))
-    print("t: seconds from process start to the end of the first epoch at that test accuracy "
-          "(scoring time left out); '-': not reached")
+    print(
+        "t: seconds from process start to the end of the first epoch at that test accuracy "
+        "(scoring time left out); '-': not reached"
+    )
     if "peer" in results:
         peer = time_to(0.99, results["peer"]["since_start_s"], results["peer"]["test_accuracy"])
         for name, record in results.items():

@@ -55,36 +55,63 @@ VENV_BIN = Path(sys.executable).parent
 # The tutorial MLP and the stage's default model: 784 -> 512 -> 256 -> 10.
 LAYERS = (784, 512, 256, 10)
 TUTORIAL_VALIDATION_SPLIT = 0.2  # as in benchmarks/tutorial_mlp.py
-RAW_FILES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+RAW_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
 # What a throwaway copy of the repository needs for `dvc repro`.
 REPO_FILES = ("conf", "pipelines", "src", "dvc.yaml", "params.yaml", ".dvcignore", ".gitignore")
 
 
 # --- arguments -----------------------------------------------------------------------------
 
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Train speed of the train stage vs the tutorial script, and the wall time "
-                    "of a cold `dvc repro`.")
-    parser.add_argument("--epochs", type=int, default=20,
-                        help="epochs for both the tutorial and the stage (default 20)")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="tutorial/stage pairs, alternating (default 1)")
-    parser.add_argument("--skip-repro", action="store_true",
-                        help="skip the cold `dvc repro` measurements")
-    parser.add_argument("--skip-fetch", action="store_true",
-                        help="skip the `dvc repro` that fetches the raw files from scratch")
-    parser.add_argument("--synthetic", action="store_true",
-                        help="learnable synthetic digits instead of data/ (smoke tests)")
-    parser.add_argument("--raw", type=Path, default=ROOT / "data" / "raw",
-                        help="folder of the four MNIST IDX files")
-    parser.add_argument("--processed", type=Path, default=ROOT / "data" / "processed",
-                        help="folder of the train/val/test .npz splits the stage reads")
+        "of a cold `dvc repro`."
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=20,
+        help="epochs for both the tutorial and the stage (default 20)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="tutorial/stage pairs, alternating (default 1)"
+    )
+    parser.add_argument(
+        "--skip-repro", action="store_true", help="skip the cold `dvc repro` measurements"
+    )
+    parser.add_argument(
+        "--skip-fetch",
+        action="store_true",
+        help="skip the `dvc repro` that fetches the raw files from scratch",
+    )
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="learnable synthetic digits instead of data/ (smoke tests)",
+    )
+    parser.add_argument(
+        "--raw", type=Path, default=ROOT / "data" / "raw", help="folder of the four MNIST IDX files"
+    )
+    parser.add_argument(
+        "--processed",
+        type=Path,
+        default=ROOT / "data" / "processed",
+        help="folder of the train/val/test .npz splits the stage reads",
+    )
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="seconds allowed to each measured process (default 1800)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800,
+        help="seconds allowed to each measured process (default 1800)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.epochs <= 1000:
         parser.error(f"--epochs: got {args.epochs}, expected an integer in [1, 1000]")
@@ -96,6 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --- arithmetic and formatting (pure; tested) -----------------------------------------------
+
 
 def mlp_flops_per_sample(layers: Sequence[int] = LAYERS) -> tuple[int, int]:
     """(forward, training) multiply-add FLOPs per sample of a dense stack, biases ignored.
@@ -126,14 +154,17 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
-def check_recipes(parser: argparse.ArgumentParser, recipes: Sequence[str],
-                  named: Sequence[str]) -> None:
+def check_recipes(
+    parser: argparse.ArgumentParser, recipes: Sequence[str], named: Sequence[str]
+) -> None:
     """Fail the parse unless every recipe is one of `named` or a conf/experiment/ file."""
     experiments = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
     unknown = [r for r in recipes if r not in {*named, *experiments}]
     if unknown:
-        parser.error(f"--recipes: got {', '.join(unknown)}, expected {', '.join(named)} or "
-                     f"one of conf/experiment/: {', '.join(sorted(experiments))}")
+        parser.error(
+            f"--recipes: got {', '.join(unknown)}, expected {', '.join(named)} or "
+            f"one of conf/experiment/: {', '.join(sorted(experiments))}"
+        )
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -165,12 +196,15 @@ def stage_times(output: str) -> tuple[float, dict[str, float]]:
         started = re.match(r"Running stage '([^']+)'", text)
         if started:
             marks.append((stamp, started.group(1)))
-    times = {name: (marks[i + 1][0] if i + 1 < len(marks) else last) - stamp
-             for i, (stamp, name) in enumerate(marks)}
+    times = {
+        name: (marks[i + 1][0] if i + 1 < len(marks) else last) - stamp
+        for i, (stamp, name) in enumerate(marks)
+    }
     return (marks[0][0] if marks else last), times
 
 
 # --- processes -----------------------------------------------------------------------------
+
 
 @dataclass
 class Finished:
@@ -183,8 +217,9 @@ class Finished:
 
     def check(self, what: str, program: str = "train_speed") -> Finished:
         if self.returncode != 0:
-            raise SystemExit(f"{program}: {what} failed (exit {self.returncode}):\n"
-                             f"{self.output[-4000:]}")
+            raise SystemExit(
+                f"{program}: {what} failed (exit {self.returncode}):\n{self.output[-4000:]}"
+            )
         return self
 
 
@@ -198,8 +233,9 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_measured(command: list[str], *, cwd: Path, env: dict[str, str], timeout: float,
-                 stamp_lines: bool = False) -> Finished:
+def run_measured(
+    command: list[str], *, cwd: Path, env: dict[str, str], timeout: float, stamp_lines: bool = False
+) -> Finished:
     """Run `command` to completion; its wall time, own peak RSS and CPU seconds.
 
     `os.wait4` returns the rusage of this one child (and the grandchildren it waited for),
@@ -207,9 +243,16 @@ def run_measured(command: list[str], *, cwd: Path, env: dict[str, str], timeout:
     With `stamp_lines`, each output line is prefixed with the seconds since the start.
     """
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace",
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     timer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
     timer.start()
     lines: list[str] = []
@@ -222,12 +265,18 @@ def run_measured(command: list[str], *, cwd: Path, env: dict[str, str], timeout:
         timer.cancel()
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Finished(command=command, returncode=proc.returncode, wall_s=wall,
-                    peak_rss_mb=usage.ru_maxrss / 1024, cpu_s=usage.ru_utime + usage.ru_stime,
-                    output="".join(lines))
+    return Finished(
+        command=command,
+        returncode=proc.returncode,
+        wall_s=wall,
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        output="".join(lines),
+    )
 
 
 # --- data ----------------------------------------------------------------------------------
+
 
 def synthetic_arrays(n_train: int = 60000, n_test: int = 10000) -> dict[str, Any]:
     """Learnable digits in MNIST's shapes: a bright bar at a class-specific row."""
@@ -261,9 +310,11 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
         arrays = synthetic_arrays()
         processed = work / "processed"
         train_idx, val_idx = stratified_split(arrays["y_train"], 5000, seed=42)
-        splits = {"train": (arrays["x_train"][train_idx], arrays["y_train"][train_idx]),
-                  "val": (arrays["x_train"][val_idx], arrays["y_train"][val_idx]),
-                  "test": (arrays["x_test"], arrays["y_test"])}
+        splits = {
+            "train": (arrays["x_train"][train_idx], arrays["y_train"][train_idx]),
+            "val": (arrays["x_train"][val_idx], arrays["y_train"][val_idx]),
+            "test": (arrays["x_test"], arrays["y_test"]),
+        }
         for name, (images, labels) in splits.items():
             save_split(processed, name, Split(images, labels))
     else:
@@ -273,9 +324,10 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
     same = work / "processed-tutorial-split"
     cut = round(len(arrays["y_train"]) * (1 - TUTORIAL_VALIDATION_SPLIT))
     for name, images, labels in (
-            ("train", arrays["x_train"][:cut], arrays["y_train"][:cut]),
-            ("val", arrays["x_train"][cut:], arrays["y_train"][cut:]),
-            ("test", arrays["x_test"], arrays["y_test"])):
+        ("train", arrays["x_train"][:cut], arrays["y_train"][:cut]),
+        ("val", arrays["x_train"][cut:], arrays["y_train"][cut:]),
+        ("test", arrays["x_test"], arrays["y_test"]),
+    ):
         save_split(same, name, Split(images, labels))
     return npz, processed, same
 
@@ -284,8 +336,12 @@ def raw_arrays(raw: Path) -> dict[str, Any]:
     """The four MNIST files in `raw` as Keras' `mnist.load_data` names them."""
     train = load_raw(raw, RAW_FILES["x_train"], RAW_FILES["y_train"])
     test = load_raw(raw, RAW_FILES["x_test"], RAW_FILES["y_test"])
-    return {"x_train": train.images, "y_train": train.labels,
-            "x_test": test.images, "y_test": test.labels}
+    return {
+        "x_train": train.images,
+        "y_train": train.labels,
+        "x_test": test.images,
+        "y_test": test.labels,
+    }
 
 
 def split_sizes(processed: Path) -> dict[str, int]:
@@ -299,6 +355,7 @@ def split_sizes(processed: Path) -> dict[str, int]:
 
 
 # --- the tutorial --------------------------------------------------------------------------
+
 
 def tutorial_child(script: Path, npz: Path, report: Path) -> None:
     """Run the tutorial script unchanged, with local data and an epoch timer (child mode)."""
@@ -329,8 +386,12 @@ def tutorial_child(script: Path, npz: Path, report: Path) -> None:
     def fit(self: keras.Model, *args: Any, **kwargs: Any) -> Any:
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochTimer()]
         x = args[0] if args else kwargs.get("x")
-        record["fit"].append({"samples": int(getattr(x, "shape", [0])[0]),
-                              "validation_split": float(kwargs.get("validation_split", 0.0))})
+        record["fit"].append(
+            {
+                "samples": int(getattr(x, "shape", [0])[0]),
+                "validation_split": float(kwargs.get("validation_split", 0.0)),
+            }
+        )
         fitting.append(True)
         try:
             return original_fit(self, *args, **kwargs)
@@ -388,42 +449,84 @@ def run_tutorial(npz: Path, work: Path, epochs: int, timeout: float) -> Measured
     report.unlink(missing_ok=True)
     keras_home = npz.parent.parent
     done = run_measured(
-        [sys.executable, str(Path(__file__).resolve()), "--tutorial-child", str(script),
-         str(npz), str(report)],
-        cwd=work, env=child_env(KERAS_HOME=str(keras_home)),
-        timeout=timeout).check("the tutorial script")
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--tutorial-child",
+            str(script),
+            str(npz),
+            str(report),
+        ],
+        cwd=work,
+        env=child_env(KERAS_HOME=str(keras_home)),
+        timeout=timeout,
+    ).check("the tutorial script")
     record = json.loads(report.read_text())
     fitted = record["fit"][0]
     train = round(fitted["samples"] * (1 - fitted["validation_split"]))
-    return Measured("tutorial script", record["epoch_time_s"], train,
-                    fitted["samples"] - train, record.get("test_accuracy", float("nan")), done,
-                    {"epoch_cpu_s": record["epoch_cpu_s"]})
+    return Measured(
+        "tutorial script",
+        record["epoch_time_s"],
+        train,
+        fitted["samples"] - train,
+        record.get("test_accuracy", float("nan")),
+        done,
+        {"epoch_cpu_s": record["epoch_cpu_s"]},
+    )
 
 
 # --- the train stage -----------------------------------------------------------------------
 
-def run_stage(processed: Path, sizes: dict[str, int], work: Path, folder_name: str,
-              epochs: int, timeout: float, name: str = "train stage") -> Measured:
+
+def run_stage(
+    processed: Path,
+    sizes: dict[str, int],
+    work: Path,
+    folder_name: str,
+    epochs: int,
+    timeout: float,
+    name: str = "train stage",
+) -> Measured:
     folder = work / folder_name
     folder.mkdir()
     store = folder / "mlflow.db"
-    overrides = [f"paths.processed={processed.resolve()}", f"paths.model={folder}/model.keras",
-                 f"paths.run={folder}/run.json", f"paths.train_metrics={folder}/train.json",
-                 f"paths.train_history={folder}/history.csv",
-                 f"paths.checkpoints={folder}/checkpoints", f"train.epochs={epochs}"]
+    overrides = [
+        f"paths.processed={processed.resolve()}",
+        f"paths.model={folder}/model.keras",
+        f"paths.run={folder}/run.json",
+        f"paths.train_metrics={folder}/train.json",
+        f"paths.train_history={folder}/history.csv",
+        f"paths.checkpoints={folder}/checkpoints",
+        f"train.epochs={epochs}",
+    ]
     # cwd is the temporary folder: MLflow's default artifact root (./mlruns) lands there.
-    done = run_measured([sys.executable, str(STAGE), *overrides], cwd=folder,
-                        env=child_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}"),
-                        timeout=timeout).check("the train stage")
+    done = run_measured(
+        [sys.executable, str(STAGE), *overrides],
+        cwd=folder,
+        env=child_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}"),
+        timeout=timeout,
+    ).check("the train stage")
     with sqlite3.connect(store) as db:
-        times = [v for _, v in db.execute(
-            "select step, value from metrics where key = 'epoch_time_s' order by step")]
+        times = [
+            v
+            for _, v in db.execute(
+                "select step, value from metrics where key = 'epoch_time_s' order by step"
+            )
+        ]
         params = dict(db.execute("select key, value from params where key like 'runtime.%'"))
-    return Measured(name, times, sizes["train"], sizes["val"], float("nan"), done,
-                    {"model": folder / "model.keras", "params": params})
+    return Measured(
+        name,
+        times,
+        sizes["train"],
+        sizes["val"],
+        float("nan"),
+        done,
+        {"model": folder / "model.keras", "params": params},
+    )
 
 
 # --- the probe: device, matmul peaks, the stage model's test accuracy ------------------------
+
 
 def probe_child(report: Path, processed: Path, models_json: str) -> None:
     """Device name, large fp32/bf16 matmul FLOP/s, and test accuracy of saved models."""
@@ -444,22 +547,26 @@ def probe_child(report: Path, processed: Path, models_json: str) -> None:
     for dtype in (tf.float32, tf.bfloat16):
         a = tf.cast(tf.random.uniform((n, n)), dtype)
         b = tf.cast(tf.random.uniform((n, n)), dtype)
-        matmul = tf.function(lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1],
-                                                                 tf.float32)))
+        matmul = tf.function(
+            lambda x, y: tf.reduce_sum(tf.cast(tf.matmul(x, y)[:1, :1], tf.float32))
+        )
         float(matmul(a, b))  # trace and warm up
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
             float(matmul(a, b))
             best = min(best, time.perf_counter() - start)
-        peaks[dtype.name] = 2 * n ** 3 / best
+        peaks[dtype.name] = 2 * n**3 / best
     test = load_split(processed, "test")
     accuracy = {}
     for path in json.loads(models_json):
         probabilities = predict_probabilities(models.load(path), test.images)
         accuracy[path] = float(np.mean(probabilities.argmax(1) == test.labels))
-    report.write_text(json.dumps({"device": device, "matmul_flops": peaks, "matmul_n": n,
-                                  "test_accuracy": accuracy}))
+    report.write_text(
+        json.dumps(
+            {"device": device, "matmul_flops": peaks, "matmul_n": n, "test_accuracy": accuracy}
+        )
+    )
 
 
 def cpu_model() -> str:
@@ -474,13 +581,24 @@ def cpu_model() -> str:
 
 def run_probe(work: Path, processed: Path, model_paths: list[Path], timeout: float) -> dict:
     report = work / "probe.json"
-    run_measured([sys.executable, str(Path(__file__).resolve()), "--probe-child", str(report),
-                  str(processed.resolve()), json.dumps([str(p) for p in model_paths])],
-                 cwd=work, env=child_env(), timeout=timeout).check("the probe")
+    run_measured(
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--probe-child",
+            str(report),
+            str(processed.resolve()),
+            json.dumps([str(p) for p in model_paths]),
+        ],
+        cwd=work,
+        env=child_env(),
+        timeout=timeout,
+    ).check("the probe")
     return json.loads(report.read_text())
 
 
 # --- cold `dvc repro` ----------------------------------------------------------------------
+
 
 def make_repo(path: Path, raw: Path | None) -> None:
     """A git + DVC copy of the project; with `raw`, the fetch stage is already done."""
@@ -488,15 +606,23 @@ def make_repo(path: Path, raw: Path | None) -> None:
     for name in REPO_FILES:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, path / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                source, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         else:
             shutil.copy2(source, path / name)
-    env = child_env(GIT_AUTHOR_NAME="bench", GIT_COMMITTER_NAME="bench",
-                    GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_EMAIL="bench@localhost")
-    commands = [["git", "init", "-q"], ["dvc", "init", "-q"],
-                ["dvc", "config", "core.analytics", "false"],
-                ["dvc", "config", "hydra.enabled", "True"]]
+    env = child_env(
+        GIT_AUTHOR_NAME="bench",
+        GIT_COMMITTER_NAME="bench",
+        GIT_AUTHOR_EMAIL="bench@localhost",
+        GIT_COMMITTER_EMAIL="bench@localhost",
+    )
+    commands = [
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+        ["dvc", "config", "hydra.enabled", "True"],
+    ]
     if raw is not None:
         shutil.copytree(raw, path / "data" / "raw")
         # `dvc repro` deletes a stage's outputs before running it, so "already fetched"
@@ -512,46 +638,83 @@ def make_repo(path: Path, raw: Path | None) -> None:
 def cold_repro(work: Path, name: str, raw: Path | None, timeout: float) -> dict[str, Any]:
     repo = work / name
     make_repo(repo, raw)
-    done = run_measured(["dvc", "repro"], cwd=repo, env=child_env(), timeout=timeout,
-                        stamp_lines=True).check(f"dvc repro ({name})")
+    done = run_measured(
+        ["dvc", "repro"], cwd=repo, env=child_env(), timeout=timeout, stamp_lines=True
+    ).check(f"dvc repro ({name})")
     before, stages = stage_times(done.output)
     served = re.findall(r"fetch: \d+ files verified in \S+ \((.*)\)", done.output)
-    return {"wall_s": done.wall_s, "dvc_startup_s": before, "stages": stages,
-            "fetch": served[0] if served else None, "peak_rss_mb": done.peak_rss_mb}
+    return {
+        "wall_s": done.wall_s,
+        "dvc_startup_s": before,
+        "stages": stages,
+        "fetch": served[0] if served else None,
+        "peak_rss_mb": done.peak_rss_mb,
+    }
 
 
 # --- report --------------------------------------------------------------------------------
 
+
 def environment_lines() -> list[str]:
     site = Path(shutil.which("python", path=str(VENV_BIN)) or sys.executable).parent.parent
     cached = any((site / "lib").glob("python3*/site-packages/tensorflow/__pycache__/*.pyc"))
-    lines = [f"python {platform.python_version()}; bytecode cache of site-packages: "
-             f"{'present' if cached else 'MISSING (every process compiles TF/Keras/MLflow)'}"
-             f"; PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"]
+    lines = [
+        f"python {platform.python_version()}; bytecode cache of site-packages: "
+        f"{'present' if cached else 'MISSING (every process compiles TF/Keras/MLflow)'}"
+        f"; PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"
+    ]
     return lines
 
 
-def report_training(tutorials: list[Measured], stages: list[Measured], probe: dict,
-                    same_split: list[Measured] | None = None) -> tuple[list[str], dict[str, float]]:
+def report_training(
+    tutorials: list[Measured],
+    stages: list[Measured],
+    probe: dict,
+    same_split: list[Measured] | None = None,
+) -> tuple[list[str], dict[str, float]]:
     """The table of every run, then the ratios of each stage variant to the tutorial."""
     peaks = probe["matmul_flops"]
     same_split = same_split or []
     rows = []
     for number, group in enumerate(itertools.zip_longest(tutorials, stages, same_split), 1):
         for m in filter(None, group):
-            rows.append([f"{m.name} #{number}",
-                         f"{m.s_per_epoch:.3f}", f"{m.epoch_times[0]:.2f}",
-                         f"{m.samples_per_s:,.0f}", f"{m.test_accuracy:.4f}",
-                         f"{m.process.peak_rss_mb:,.0f}", f"{m.process.wall_s:.1f}",
-                         f"{m.flops_per_s / 1e9:.0f}",
-                         f"{m.train_samples}+{m.val_samples}"])
-    lines = [table(rows, ["", "s/epoch", "1st", "samples/s", "test acc", "peak MB", "wall s",
-                          "GFLOP/s", "train+val"])]
+            rows.append(
+                [
+                    f"{m.name} #{number}",
+                    f"{m.s_per_epoch:.3f}",
+                    f"{m.epoch_times[0]:.2f}",
+                    f"{m.samples_per_s:,.0f}",
+                    f"{m.test_accuracy:.4f}",
+                    f"{m.process.peak_rss_mb:,.0f}",
+                    f"{m.process.wall_s:.1f}",
+                    f"{m.flops_per_s / 1e9:.0f}",
+                    f"{m.train_samples}+{m.val_samples}",
+                ]
+            )
+    lines = [
+        table(
+            rows,
+            [
+                "",
+                "s/epoch",
+                "1st",
+                "samples/s",
+                "test acc",
+                "peak MB",
+                "wall s",
+                "GFLOP/s",
+                "train+val",
+            ],
+        )
+    ]
     med = medians("tutorial", tutorials)
     params = stages[-1].extra["params"]
-    lines += ["", f"stage ran {params.get('runtime.resolved_precision')}, XLA "
-                  f"{params.get('runtime.resolved_jit_compile')}, on "
-                  f"{params.get('runtime.device')}"]
+    lines += [
+        "",
+        f"stage ran {params.get('runtime.resolved_precision')}, XLA "
+        f"{params.get('runtime.resolved_jit_compile')}, on "
+        f"{params.get('runtime.device')}",
+    ]
     variants = [("stage", stages, "the pipeline's split")]
     if same_split:
         variants.append(("same_split", same_split, "the tutorial's own split, the same work"))
@@ -560,8 +723,9 @@ def report_training(tutorials: list[Measured], stages: list[Measured], probe: di
         med.update(ours)
         r = {
             "epoch_ratio": ratio(ours[f"{prefix}_s_per_epoch"], med["tutorial_s_per_epoch"]),
-            "sample_time_ratio": ratio(med["tutorial_samples_per_s"],
-                                       ours[f"{prefix}_samples_per_s"]),
+            "sample_time_ratio": ratio(
+                med["tutorial_samples_per_s"], ours[f"{prefix}_samples_per_s"]
+            ),
             "rss_ratio": ratio(ours[f"{prefix}_rss_mb"], med["tutorial_rss_mb"]),
             "accuracy_points": 100 * (ours[f"{prefix}_accuracy"] - med["tutorial_accuracy"]),
             "wall_ratio": ratio(ours[f"{prefix}_wall_s"], med["tutorial_wall_s"]),
@@ -596,19 +760,25 @@ def report_training(tutorials: list[Measured], stages: list[Measured], probe: di
 def medians(prefix: str, runs: list[Measured]) -> dict[str, float]:
     """Medians over runs of the per-run figures, keyed `<prefix>_<figure>`."""
     figures = {
-        "s_per_epoch": lambda m: m.s_per_epoch, "samples_per_s": lambda m: m.samples_per_s,
-        "rss_mb": lambda m: m.process.peak_rss_mb, "wall_s": lambda m: m.process.wall_s,
-        "accuracy": lambda m: m.test_accuracy, "flops": lambda m: m.flops_per_s,
+        "s_per_epoch": lambda m: m.s_per_epoch,
+        "samples_per_s": lambda m: m.samples_per_s,
+        "rss_mb": lambda m: m.process.peak_rss_mb,
+        "wall_s": lambda m: m.process.wall_s,
+        "accuracy": lambda m: m.test_accuracy,
+        "flops": lambda m: m.flops_per_s,
     }
-    return {f"{prefix}_{name}": statistics.median(get(m) for m in runs)
-            for name, get in figures.items()}
+    return {
+        f"{prefix}_{name}": statistics.median(get(m) for m in runs) for name, get in figures.items()
+    }
 
 
 def report_repro(name: str, result: dict[str, Any], tutorial_wall: float) -> list[str]:
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stages"].items())
-    line = (f"{name}: {result['wall_s']:.1f} s = {ratio(result['wall_s'], tutorial_wall):.2f}x "
-            f"the tutorial script's {tutorial_wall:.1f} s (dvc start-up "
-            f"{result['dvc_startup_s']:.1f} s; stages, s: {stages})")
+    line = (
+        f"{name}: {result['wall_s']:.1f} s = {ratio(result['wall_s'], tutorial_wall):.2f}x "
+        f"the tutorial script's {tutorial_wall:.1f} s (dvc start-up "
+        f"{result['dvc_startup_s']:.1f} s; stages, s: {stages})"
+    )
     if result.get("fetch"):
         line += f"; fetch served: {result['fetch']}"
     return [line]
@@ -626,9 +796,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="train-speed-"))
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     try:
-        print(f"train_speed: {args.epochs} epochs, {args.repeats} repeat(s), "
-              f"{'synthetic data' if args.synthetic else 'data/'}; load average "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start", flush=True)
+        print(
+            f"train_speed: {args.epochs} epochs, {args.repeats} repeat(s), "
+            f"{'synthetic data' if args.synthetic else 'data/'}; load average "
+            f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at start",
+            flush=True,
+        )
         npz, processed, same = prepare_data(args, work)
         sizes, same_sizes = split_sizes(processed), split_sizes(same)
         tutorials: list[Measured] = []
@@ -641,39 +814,62 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if which == "tutorial":
                     tutorials.append(run_tutorial(npz, work, args.epochs, args.timeout))
                 elif which == "stage":
-                    stages.append(run_stage(processed, sizes, work, f"stage{run}", args.epochs,
-                                            args.timeout))
+                    stages.append(
+                        run_stage(processed, sizes, work, f"stage{run}", args.epochs, args.timeout)
+                    )
                 else:
-                    same_split.append(run_stage(same, same_sizes, work, f"same{run}",
-                                                args.epochs, args.timeout,
-                                                name="stage, tutorial's split"))
-        probe = run_probe(work, processed, [m.extra["model"] for m in stages + same_split],
-                          args.timeout)
+                    same_split.append(
+                        run_stage(
+                            same,
+                            same_sizes,
+                            work,
+                            f"same{run}",
+                            args.epochs,
+                            args.timeout,
+                            name="stage, tutorial's split",
+                        )
+                    )
+        probe = run_probe(
+            work, processed, [m.extra["model"] for m in stages + same_split], args.timeout
+        )
         for m in stages + same_split:
             m.test_accuracy = probe["test_accuracy"][str(m.extra["model"])]
         lines, med = report_training(tutorials, stages, probe, same_split)
         results.update(device=probe["device"], matmul_flops=probe["matmul_flops"], **med)
-        results["runs"] = [{"name": m.name, "epoch_time_s": m.epoch_times,
-                            "wall_s": m.process.wall_s, "peak_rss_mb": m.process.peak_rss_mb,
-                            "test_accuracy": m.test_accuracy, "train_samples": m.train_samples}
-                           for m in tutorials + stages + same_split]
+        results["runs"] = [
+            {
+                "name": m.name,
+                "epoch_time_s": m.epoch_times,
+                "wall_s": m.process.wall_s,
+                "peak_rss_mb": m.process.peak_rss_mb,
+                "test_accuracy": m.test_accuracy,
+                "train_samples": m.train_samples,
+            }
+            for m in tutorials + stages + same_split
+        ]
         print()
         print(f"device: {probe['device']}; {environment_lines()[0]}")
         print("\n".join(lines))
         if not args.skip_repro:
             tutorial_wall = med["tutorial_wall_s"]
-            print("\ncold dvc repro of the whole pipeline (fresh repo copy and tracking store):",
-                  flush=True)
+            print(
+                "\ncold dvc repro of the whole pipeline (fresh repo copy and tracking store):",
+                flush=True,
+            )
             warm = cold_repro(work, "repro-fetched", args.raw, args.timeout)
             results["repro_fetch_excluded"] = warm
-            print("\n".join(report_repro("  raw files already fetched", warm, tutorial_wall)),
-                  flush=True)
+            print(
+                "\n".join(report_repro("  raw files already fetched", warm, tutorial_wall)),
+                flush=True,
+            )
             if not args.skip_fetch:
                 scratch = cold_repro(work, "repro-scratch", None, args.timeout)
                 results["repro_from_scratch"] = scratch
                 print("\n".join(report_repro("  fetch from scratch", scratch, tutorial_wall)))
-        print(f"\nload average {os.getloadavg()[0]:.1f} at the end "
-              "(other processes' load inflates wall times; compare the ratios)")
+        print(
+            f"\nload average {os.getloadavg()[0]:.1f} at the end "
+            "(other processes' load inflates wall times; compare the ratios)"
+        )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
     finally:

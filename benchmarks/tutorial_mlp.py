@@ -1,4 +1,4 @@
-'''Trains a simple deep NN on the MNIST dataset: the tutorial this project grew from.
+"""Trains a simple deep NN on the MNIST dataset: the tutorial this project grew from.
 
 The classic Keras MNIST MLP script as published (784 -> 512 relu -> 256 relu -> 10
 softmax, SGD with learning rate 0.01, batch 128, 20 epochs, 20% of the training images held
@@ -8,7 +8,7 @@ out for validation), with only the renames Keras 3 needs: `keras.utils.to_catego
 logs) instead of the published 1 (a per-batch progress bar), so neither side pays for a
 progress bar. The benchmark (benchmarks/train_speed.py) runs it unchanged: it supplies
 `mnist.load_data()` from the local files and times the epochs from outside.
-'''
+"""
 
 from __future__ import print_function
 
@@ -36,32 +36,35 @@ VALIDATION_SPLIT = 0.2  # how much TRAIN is reserved for VALIDATION
 RESHAPED = 784
 X_train = X_train.reshape(60000, RESHAPED)
 X_test = X_test.reshape(10000, RESHAPED)
-X_train = X_train.astype('float32')
-X_test = X_test.astype('float32')
+X_train = X_train.astype("float32")
+X_test = X_test.astype("float32")
 
 # normalize
 X_train /= 255
 X_test /= 255
-print(X_train.shape[0], 'train samples')
-print(X_test.shape[0], 'test samples')
+print(X_train.shape[0], "train samples")
+print(X_test.shape[0], "test samples")
 
 # convert class vectors to binary class matrices
 Y_train = to_categorical(y_train, NB_CLASSES)
 Y_test = to_categorical(y_test, NB_CLASSES)
 
 model = Sequential()
-model.add(Dense(512, activation='relu', input_shape=(RESHAPED,)))
-model.add(Dense(256, activation='relu'))
-model.add(Dense(NB_CLASSES, activation='softmax'))
+model.add(Dense(512, activation="relu", input_shape=(RESHAPED,)))
+model.add(Dense(256, activation="relu"))
+model.add(Dense(NB_CLASSES, activation="softmax"))
 model.summary()
 
-model.compile(loss='categorical_crossentropy',
-              optimizer=OPTIMIZER,
-              metrics=['accuracy'])
+model.compile(loss="categorical_crossentropy", optimizer=OPTIMIZER, metrics=["accuracy"])
 
-history = model.fit(X_train, Y_train,
-                    batch_size=BATCH_SIZE, epochs=NB_EPOCH,
-                    verbose=VERBOSE, validation_split=VALIDATION_SPLIT)
+history = model.fit(
+    X_train,
+    Y_train,
+    batch_size=BATCH_SIZE,
+    epochs=NB_EPOCH,
+    verbose=VERBOSE,
+    validation_split=VALIDATION_SPLIT,
+)
 score = model.evaluate(X_test, Y_test, verbose=VERBOSE)
 print("Test score:", score[0])
-print('Test accuracy:', score[1])
+print("Test accuracy:", score[1])

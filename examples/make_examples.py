@@ -7,7 +7,8 @@ Each picture is made from a fixed seed with Pillow's built-in font or pen stroke
 gives the same pictures. They are what `mnist-predict` is for, not MNIST images: dark ink on
 light paper with uneven light, blur, noise and a tilt; a JPEG from a phone with a shadow at
 its edge; a drawing with a transparent background; chalk on a board (light on dark, JPEG); a thin
-pencil line, scanned in grayscale. `mnist-predict examples/*` should name the digit in each file's name.
+pencil line, scanned in grayscale. `mnist-predict examples/*` should name the digit in each
+file's name.
 """
 
 from __future__ import annotations
@@ -22,21 +23,37 @@ HERE = Path(__file__).resolve().parent
 SIZE = 200  # pixels on each side: small files, still far larger than MNIST's 28
 
 
-def glyph(digit: int, *, paper: int, ink: int, size: int = 150, angle: float = 0.0,
-          offset: tuple[int, int] = (0, 0)) -> Image.Image:
+def glyph(
+    digit: int,
+    *,
+    paper: int,
+    ink: int,
+    size: int = 150,
+    angle: float = 0.0,
+    offset: tuple[int, int] = (0, 0),
+) -> Image.Image:
     """`digit` in Pillow's built-in font, centred (plus `offset`) on a square canvas."""
     image = Image.new("L", (SIZE, SIZE), paper)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=size)
     left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font)
-    at = ((SIZE - (right - left)) // 2 - left + offset[0],
-          (SIZE - (bottom - top)) // 2 - top + offset[1])
+    at = (
+        (SIZE - (right - left)) // 2 - left + offset[0],
+        (SIZE - (bottom - top)) // 2 - top + offset[1],
+    )
     draw.text(at, str(digit), fill=ink, font=font)
     return image.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=paper)
 
 
-def photographed(image: Image.Image, rng: np.random.Generator, *, light: tuple[float, float],
-                 blur: float, noise: float, tint: tuple[float, float, float]) -> Image.Image:
+def photographed(
+    image: Image.Image,
+    rng: np.random.Generator,
+    *,
+    light: tuple[float, float],
+    blur: float,
+    noise: float,
+    tint: tuple[float, float, float],
+) -> Image.Image:
     """`image` as a camera sees it: light falling off across the page, blur, sensor noise,
     and the colour of the paper and the light."""
     pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(blur)), dtype=np.float32)
@@ -50,8 +67,7 @@ def photographed(image: Image.Image, rng: np.random.Generator, *, light: tuple[f
 def three(rng: np.random.Generator) -> Image.Image:
     """A photo of a printed 3: dark ink on light paper, tilted, soft, noisy."""
     digit = glyph(3, paper=225, ink=45, angle=-7, offset=(6, -4))
-    return photographed(digit, rng, light=(0.82, 1.05), blur=1.4, noise=4.0,
-                        tint=(1.0, 0.97, 0.9))
+    return photographed(digit, rng, light=(0.82, 1.05), blur=1.4, noise=4.0, tint=(1.0, 0.97, 0.9))
 
 
 def seven(rng: np.random.Generator) -> Image.Image:
@@ -59,8 +75,14 @@ def seven(rng: np.random.Generator) -> Image.Image:
     digit = glyph(7, paper=215, ink=60, size=140, angle=9, offset=(-8, 4))
     shadow = np.asarray(digit, dtype=np.float32)
     shadow[:, :18] *= 0.45
-    return photographed(Image.fromarray(shadow.astype(np.uint8)), rng, light=(1.05, 0.85),
-                        blur=1.0, noise=5.0, tint=(0.95, 0.97, 1.0))
+    return photographed(
+        Image.fromarray(shadow.astype(np.uint8)),
+        rng,
+        light=(1.05, 0.85),
+        blur=1.0,
+        noise=5.0,
+        tint=(0.95, 0.97, 1.0),
+    )
 
 
 def four_drawn(rng: np.random.Generator) -> Image.Image:
@@ -80,8 +102,7 @@ def four_drawn(rng: np.random.Generator) -> Image.Image:
 def five_inverted(rng: np.random.Generator) -> Image.Image:
     """A 5 in chalk on a blackboard: light strokes on a dark, noisy background."""
     digit = glyph(5, paper=40, ink=215, size=145, angle=4, offset=(-3, 2))
-    return photographed(digit, rng, light=(0.9, 1.0), blur=1.2, noise=9.0,
-                        tint=(0.85, 1.0, 0.9))
+    return photographed(digit, rng, light=(0.9, 1.0), blur=1.2, noise=9.0, tint=(0.85, 1.0, 0.9))
 
 
 def two_pencil(rng: np.random.Generator) -> Image.Image:
@@ -90,13 +111,17 @@ def two_pencil(rng: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(image)
     draw.arc((55, 28, 145, 112), start=190, end=40, fill=105, width=4)
     draw.line([(139, 92), (58, 170), (150, 168)], fill=105, width=4, joint="curve")
-    scan = photographed(image, rng, light=(0.95, 1.02), blur=0.7, noise=4.0,
-                        tint=(1.0, 1.0, 1.0))
+    scan = photographed(image, rng, light=(0.95, 1.02), blur=0.7, noise=4.0, tint=(1.0, 1.0, 1.0))
     return scan.convert("L")  # a grayscale scan
 
 
-PICTURES = {"three.png": three, "seven.jpg": seven, "four-drawn.png": four_drawn,
-            "five-inverted.jpg": five_inverted, "two-pencil.png": two_pencil}
+PICTURES = {
+    "three.png": three,
+    "seven.jpg": seven,
+    "four-drawn.png": four_drawn,
+    "five-inverted.jpg": five_inverted,
+    "two-pencil.png": two_pencil,
+}
 
 
 def write_all(folder: Path) -> list[Path]:

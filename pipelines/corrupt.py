@@ -24,13 +24,16 @@ def main(cfg: DictConfig) -> None:
         paths = config.section(cfg, "paths")
         test = load_split(paths.processed, "test")
         started = time.perf_counter()
-        corrupted = corruptions.generate(test.images, corrupt.corruptions, corrupt.seed,
-                                         processes=min(os.cpu_count() or 1, 4))
+        corrupted = corruptions.generate(
+            test.images, corrupt.corruptions, corrupt.seed, processes=min(os.cpu_count() or 1, 4)
+        )
         digest = suite.save(paths.corrupted, corrupted, test, corrupt.seed)
         plot_corruption_examples(paths.corruption_examples, test.images, corrupted)
-        print(f"corrupt: wrote {len(corrupted)} corruptions of {len(test)} test images to "
-              f"{paths.corrupted}/ in {time.perf_counter() - started:.1f} s "
-              f"(suite sha256 {digest[:12]}; picture: {paths.corruption_examples})")
+        print(
+            f"corrupt: wrote {len(corrupted)} corruptions of {len(test)} test images to "
+            f"{paths.corrupted}/ in {time.perf_counter() - started:.1f} s "
+            f"(suite sha256 {digest[:12]}; picture: {paths.corruption_examples})"
+        )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from mnist_pipeline.errors import PipelineError, reported  # noqa: E402
 def main(cfg: DictConfig) -> None:
     with reported("evaluate"):
         paths = config.section(cfg, "paths")
-        eval_cfg, gate_cfg, tracking_cfg = (config.section(cfg, name)
-                                            for name in ("evaluate", "gate", "tracking"))
+        eval_cfg, gate_cfg, tracking_cfg = (
+            config.section(cfg, name) for name in ("evaluate", "gate", "tracking")
+        )
         from mnist_pipeline.evaluation import promotion
         from mnist_pipeline.tracking import store  # TensorFlow loads once config is valid
 
@@ -33,11 +34,13 @@ def main(cfg: DictConfig) -> None:
         decision = promotion.evaluate(paths, eval_cfg, gate_cfg, tracking_cfg)
         s, shift = decision.scores, decision.shift
         worst, worst_accuracy = shift.worst
-        print(f"evaluate: test accuracy {s.accuracy:.4f}, loss {s.loss:.4f}, "
-              f"macro F1 {s.macro_f1:.4f}; corrupted mean {shift.mean_accuracy:.4f} (worst "
-              f"{worst} {worst_accuracy:.4f}, {decision.shift_seconds:.1f} s); ECE "
-              f"{shift.clean.ece:.4f} calibrated, {shift.clean.ece_raw:.4f} raw "
-              f"(wrote {paths.eval_metrics}, {paths.gate})")
+        print(
+            f"evaluate: test accuracy {s.accuracy:.4f}, loss {s.loss:.4f}, "
+            f"macro F1 {s.macro_f1:.4f}; corrupted mean {shift.mean_accuracy:.4f} (worst "
+            f"{worst} {worst_accuracy:.4f}, {decision.shift_seconds:.1f} s); ECE "
+            f"{shift.clean.ece:.4f} calibrated, {shift.clean.ece_raw:.4f} raw "
+            f"(wrote {paths.eval_metrics}, {paths.gate})"
+        )
         print(decision.line)
         if gate_cfg.fail_on_reject and not decision.verdict.passed:
             raise PipelineError("candidate rejected and gate.fail_on_reject is set")

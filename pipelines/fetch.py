@@ -17,8 +17,10 @@ def main(cfg: DictConfig) -> None:
         fetch_cfg = config.section(cfg, "fetch")
         paths = config.section(cfg, "paths")
         served = fetch.fetch_all(fetch_cfg, Path(paths.raw))
-        sources = ", ".join(f"{n} {s}" if s == fetch.ALREADY_PRESENT else f"{n} from {s}"
-                            for s, n in Counter(served.values()).items())
+        sources = ", ".join(
+            f"{n} {s}" if s == fetch.ALREADY_PRESENT else f"{n} from {s}"
+            for s, n in Counter(served.values()).items()
+        )
         print(f"fetch: {len(served)} files verified in {paths.raw}/ ({sources})")
 
 

@@ -17,8 +17,10 @@ def main(cfg: DictConfig) -> None:
         prep = config.section(cfg, "preprocess")
         paths = config.section(cfg, "paths")
         raw = Path(paths.raw)
-        source = {"train": load_raw(raw, prep.train_images, prep.train_labels),
-                  "test": load_raw(raw, prep.test_images, prep.test_labels)}
+        source = {
+            "train": load_raw(raw, prep.train_images, prep.train_labels),
+            "test": load_raw(raw, prep.test_images, prep.test_labels),
+        }
         train_idx, val_idx = stratified_split(source["train"].labels, prep.val_size, prep.seed)
         splits = {
             "train": Split(source["train"].images[train_idx], source["train"].labels[train_idx]),
@@ -29,8 +31,9 @@ def main(cfg: DictConfig) -> None:
             save_split(paths.processed, name, split)
         write_json(paths.data_report, report(splits, source))
         sizes = ", ".join(f"{name} {len(split)}" for name, split in splits.items())
-        print(f"preprocess: wrote {sizes} images to {paths.processed}/ "
-              f"(report: {paths.data_report})")
+        print(
+            f"preprocess: wrote {sizes} images to {paths.processed}/ (report: {paths.data_report})"
+        )
 
 
 if __name__ == "__main__":

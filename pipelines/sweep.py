@@ -25,18 +25,23 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides; +sweep=<space> picks "
-                                                     "the space (conf/sweep/<space>.yaml)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="Hydra overrides; +sweep=<space> picks the space (conf/sweep/<space>.yaml)",
+    )
     parser.add_argument("--conf", default=str(CONF), help="the Hydra config folder")
     args = parser.parse_args()
     with reported("sweep"):
         try:
             summary = coordinator.run(args.conf, args.overrides)
         except KeyboardInterrupt:
-            print("sweep: interrupted; rerun the same command to continue the study",
-                  file=sys.stderr)
+            print(
+                "sweep: interrupted; rerun the same command to continue the study", file=sys.stderr
+            )
             raise SystemExit(130) from None
     print(summary.line)
 

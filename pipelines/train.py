@@ -28,8 +28,11 @@ def main(cfg: DictConfig) -> None:
         multirun = hydra_cfg.mode == RunMode.MULTIRUN
         if train_job.runtime.distribute == "multi_worker" and cluster.task() is None:
             if multirun:
-                raise ConfigError("runtime.distribute", "multi_worker",
-                                  "a single run (not -m), or TF_CONFIG set for each worker")
+                raise ConfigError(
+                    "runtime.distribute",
+                    "multi_worker",
+                    "a single run (not -m), or TF_CONFIG set for each worker",
+                )
             # This machine's workers, each this same command with its own TF_CONFIG.
             cluster.run_local(cluster.this_command(), train_job.runtime.workers)
             return
@@ -38,9 +41,11 @@ def main(cfg: DictConfig) -> None:
 
         store.silence()
         outcome = job.train(
-            train_job, checkpoint_dir=None if multirun else paths.checkpoints,
+            train_job,
+            checkpoint_dir=None if multirun else paths.checkpoints,
             run_name=f"multirun-{hydra_cfg.job.num}" if multirun else None,
-            tags={"hydra.overrides": " ".join(hydra_cfg.overrides.task)})
+            tags={"hydra.overrides": " ".join(hydra_cfg.overrides.task)},
+        )
         if not outcome.runtime.chief:
             task = outcome.runtime.task
             print(f"train: worker {task.index} of {task.workers} done")
@@ -48,11 +53,13 @@ def main(cfg: DictConfig) -> None:
         if not multirun:
             job.write_outputs(outcome, paths)
         m = outcome.metrics
-        print(f"train: {train_job.model.name} {int(m['epochs_run'])} epochs, "
-              f"val_accuracy {m.get('final_val_accuracy', float('nan')):.4f}, "
-              f"{m.get('epoch_time_s_median', float('nan')):.2f} s/epoch "
-              f"({outcome.runtime.precision}, {outcome.runtime.device}); "
-              f"run {outcome.run_id}" + ("" if multirun else f"; wrote {paths.model}"))
+        print(
+            f"train: {train_job.model.name} {int(m['epochs_run'])} epochs, "
+            f"val_accuracy {m.get('final_val_accuracy', float('nan')):.4f}, "
+            f"{m.get('epoch_time_s_median', float('nan')):.2f} s/epoch "
+            f"({outcome.runtime.precision}, {outcome.runtime.device}); "
+            f"run {outcome.run_id}" + ("" if multirun else f"; wrote {paths.model}")
+        )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ SHOWN_COLUMNS = ("test_accuracy", "best_val_accuracy", "model.name", "Version")
 def experiment_id(url: str, name: str) -> str:
     query = urllib.parse.urlencode({"experiment_name": name})
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback
-    with opener.open(f"{url}/api/2.0/mlflow/experiments/get-by-name?{query}",
-                     timeout=30) as response:
+    with opener.open(
+        f"{url}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=30
+    ) as response:
         return json.load(response)["experiment"]["experiment_id"]
 
 
@@ -57,8 +58,10 @@ def close_assistant(page) -> None:
 
 def runs_table(page, url: str, experiment: str, anchor_run: str, out: Path) -> None:
     page.set_viewport_size({"width": 1400, "height": 620})
-    page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning",
-              wait_until="domcontentloaded")
+    page.goto(
+        f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning",
+        wait_until="domcontentloaded",
+    )
     page.get_by_role("link", name=anchor_run, exact=True).wait_for()
     close_assistant(page)
     columns = page.get_by_role("button", name="Columns")
@@ -82,21 +85,24 @@ def model_page(page, url: str, model: str, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default="http://127.0.0.1:5000")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
     parser.add_argument("--experiment", default="mnist")
     parser.add_argument("--model", default="mnist-classifier")
-    parser.add_argument("--anchor-run", default="cnn-quick",
-                        help="a run whose link shows that the table has loaded")
+    parser.add_argument(
+        "--anchor-run", default="cnn-quick", help="a run whose link shows that the table has loaded"
+    )
     args = parser.parse_args()
     url = args.url.rstrip("/")
     experiment = experiment_id(url, args.experiment)
     args.out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS,
-                                             headless=True)
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=BROWSER_ARGS, headless=True
+        )
         try:
             page = browser.new_page()
             page.set_default_timeout(TIMEOUT_MS)

@@ -25,8 +25,19 @@ from .config.loading import checkout_section
 from .errors import DataError, PromotionError, ReviewError, TrackingError, describe_error, reported
 
 PROG = "mnist-pipeline"
-COLUMNS = ("#", "time (UTC)", "outcome", "version", "champion", "p-value", "level", "by",
-           "commit", "experiment", "reason")
+COLUMNS = (
+    "#",
+    "time (UTC)",
+    "outcome",
+    "version",
+    "champion",
+    "p-value",
+    "level",
+    "by",
+    "commit",
+    "experiment",
+    "reason",
+)
 REASON_CHARS = 70
 
 
@@ -52,45 +63,74 @@ def _parser() -> argparse.ArgumentParser:
     back = actions.add_parser("rollback", help="move the champion to an earlier version")
     back.add_argument("--to", required=True, metavar="vN", help="the version, e.g. v3")
     back.add_argument("--reason", required=True, help="why; recorded in the history")
-    back.add_argument("--force", action="store_true",
-                      help="skip the checks (passed the gate before, same test set); "
-                           "recorded as forced")
+    back.add_argument(
+        "--force",
+        action="store_true",
+        help="skip the checks (passed the gate before, same test set); recorded as forced",
+    )
     back.add_argument("--model", help="registered model (default: tracking.registered_model)")
     back.set_defaults(run=_rollback)
 
-    review = commands.add_parser("review", help="Markdown comparing this workspace (or an "
-                                                "experiment) with a git revision")
-    review.add_argument("--against", default="main", metavar="REV",
-                        help="git revision to compare with (default: main)")
+    review = commands.add_parser(
+        "review", help="Markdown comparing this workspace (or an experiment) with a git revision"
+    )
+    review.add_argument(
+        "--against",
+        default="main",
+        metavar="REV",
+        help="git revision to compare with (default: main)",
+    )
     review.add_argument("--exp", metavar="NAME", help="a DVC experiment instead of the workspace")
     review.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     review.set_defaults(run=_review)
 
     monitor = commands.add_parser(
-        "monitor", help="the newest requests the server answered against the champion's "
-                        "reference: drift tests and estimated accuracy; exits 3 on an alarm")
-    monitor.add_argument("--window", type=_positive, help="answers per window (default: "
-                                                          "monitoring.window)")
-    monitor.add_argument("--windows", type=_positive, help="how many of the newest windows "
-                                                           "(default: monitoring.windows)")
-    monitor.add_argument("--alpha", type=_fraction, help="false-alarm level of one window's "
-                                                         "tests (default: monitoring.alpha)")
-    monitor.add_argument("--estimator", choices=("atc", "cbpe"),
-                         help="default: monitoring.estimator")
-    monitor.add_argument("--log", metavar="URL", help="the request log (default: "
-                         "MNIST_MONITORING_LOG, else monitoring.log, else "
-                         "monitoring/requests.db)")
-    monitor.add_argument("--version", help="the served version to check (default: the one "
-                                           "that answered last)")
-    monitor.add_argument("--report", metavar="FILE", help="the HTML report (default: "
-                                                          "monitoring.report)")
-    monitor.add_argument("--no-mlflow", action="store_true",
-                         help="do not log the windows as runs of the monitoring experiment")
+        "monitor",
+        help="the newest requests the server answered against the champion's "
+        "reference: drift tests and estimated accuracy; exits 3 on an alarm",
+    )
+    monitor.add_argument(
+        "--window", type=_positive, help="answers per window (default: monitoring.window)"
+    )
+    monitor.add_argument(
+        "--windows",
+        type=_positive,
+        help="how many of the newest windows (default: monitoring.windows)",
+    )
+    monitor.add_argument(
+        "--alpha",
+        type=_fraction,
+        help="false-alarm level of one window's tests (default: monitoring.alpha)",
+    )
+    monitor.add_argument(
+        "--estimator", choices=("atc", "cbpe"), help="default: monitoring.estimator"
+    )
+    monitor.add_argument(
+        "--log",
+        metavar="URL",
+        help="the request log (default: "
+        "MNIST_MONITORING_LOG, else monitoring.log, else "
+        "monitoring/requests.db)",
+    )
+    monitor.add_argument(
+        "--version", help="the served version to check (default: the one that answered last)"
+    )
+    monitor.add_argument(
+        "--report", metavar="FILE", help="the HTML report (default: monitoring.report)"
+    )
+    monitor.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not log the windows as runs of the monitoring experiment",
+    )
     monitor.set_defaults(run=_monitor)
 
-    team = commands.add_parser("team", help="the team stack: up [--network], down, status, "
-                                            "env, user add NAME --role R, user remove NAME",
-                               add_help=False)
+    team = commands.add_parser(
+        "team",
+        help="the team stack: up [--network], down, status, "
+        "env, user add NAME --role R, user remove NAME",
+        add_help=False,
+    )
     team.add_argument("rest", nargs=argparse.REMAINDER)
     team.set_defaults(run=_team)
     return parser
@@ -120,6 +160,7 @@ def _positive(text: str) -> int:
 
 # --- champion ------------------------------------------------------------------------------
 
+
 def _connect(model: str | None) -> tuple[str, Any]:
     """The registered model's name and the tracking config, with MLflow pointed at it."""
     from .tracking import store
@@ -140,7 +181,7 @@ def _history(args: argparse.Namespace) -> int:
     recorded = history.entries(name)  # oldest first
     entries = recorded[::-1]
     if args.limit:
-        entries = entries[:args.limit]
+        entries = entries[: args.limit]
     if args.json:
         print(json.dumps(entries, indent=2))
     elif not entries:
@@ -156,11 +197,14 @@ def budgets(entries: list[dict[str, Any]], alpha: float) -> str:
     """What is left of each test set's false-promotion budget (oldest entries first)."""
     from .evaluation import reuse
 
-    test_sets = list(dict.fromkeys(reuse.test_set(entry) for entry in entries
-                                   if entry.get("action") == "gate"))
-    lines = [f"test set {sha[:12]}…: "
-             f"{reuse.budget(reuse.decisions_on(entries, sha), alpha).describe()}"
-             for sha in test_sets if sha]
+    test_sets = list(
+        dict.fromkeys(reuse.test_set(entry) for entry in entries if entry.get("action") == "gate")
+    )
+    lines = [
+        f"test set {sha[:12]}…: {reuse.budget(reuse.decisions_on(entries, sha), alpha).describe()}"
+        for sha in test_sets
+        if sha
+    ]
     return "\n".join(lines) or "no gate decisions yet: the whole budget is unspent"
 
 
@@ -168,9 +212,10 @@ def table(entries: list[dict[str, Any]]) -> str:
     """The history as an aligned plain-text table, one row per entry, in the given order."""
     rows = [COLUMNS, *(_row(entry) for entry in entries)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.ljust(width)
-                               for cell, width in zip(row, widths, strict=True)).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
@@ -182,13 +227,20 @@ def _row(entry: dict[str, Any]) -> tuple[str, ...]:
     commit = (entry.get("git_commit") or "")[:8] + ("+dirty" if entry.get("git_dirty") else "")
     reason = " ".join(str(entry.get("reason", "")).split())
     if len(reason) > REASON_CHARS:
-        reason = reason[:REASON_CHARS - 1] + "…"
-    return (str(entry.get("seq", "")), str(entry.get("time", "")).replace("T", " ").rstrip("Z"),
-            str(entry.get("outcome", "")), label(entry.get("candidate")), champion,
-            "" if p_value is None else f"{p_value:.3g}",
-            "" if level is None or p_value is None else f"{level:.3g}",
-            f"{entry.get('user', '?')}@{entry.get('host', '?')}", commit or "-",
-            entry.get("dvc_experiment") or "-", reason)
+        reason = reason[: REASON_CHARS - 1] + "…"
+    return (
+        str(entry.get("seq", "")),
+        str(entry.get("time", "")).replace("T", " ").rstrip("Z"),
+        str(entry.get("outcome", "")),
+        label(entry.get("candidate")),
+        champion,
+        "" if p_value is None else f"{p_value:.3g}",
+        "" if level is None or p_value is None else f"{level:.3g}",
+        f"{entry.get('user', '?')}@{entry.get('host', '?')}",
+        commit or "-",
+        entry.get("dvc_experiment") or "-",
+        reason,
+    )
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -202,18 +254,27 @@ def _rollback(args: argparse.Namespace) -> int:
         today = load_split(processed, "test").sha256()
     except DataError as err:
         if not args.force:
-            raise PromotionError(f"cannot check the test set ({err}); run: dvc repro "
-                                 "preprocess") from None
+            raise PromotionError(
+                f"cannot check the test set ({err}); run: dvc repro preprocess"
+            ) from None
         today = None
-    move = rollback.move(name, args.to, args.reason, test_sha256=today, force=args.force,
-                         lock_url=locks.lock_url(cfg.lock_url))
+    move = rollback.move(
+        name,
+        args.to,
+        args.reason,
+        test_sha256=today,
+        force=args.force,
+        lock_url=locks.lock_url(cfg.lock_url),
+    )
     print(move.line(name))
-    print(f"{PROG}: the next `dvc repro` re-evaluates this workspace's model against "
-          f"v{move.version}")
+    print(
+        f"{PROG}: the next `dvc repro` re-evaluates this workspace's model against v{move.version}"
+    )
     return 0
 
 
 # --- review --------------------------------------------------------------------------------
+
 
 def _review(args: argparse.Namespace) -> int:
     from .evaluation import review
@@ -233,6 +294,7 @@ def _review(args: argparse.Namespace) -> int:
 
 # --- monitor -------------------------------------------------------------------------------
 
+
 def _monitor(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -251,37 +313,52 @@ def _monitor(args: argparse.Namespace) -> int:
     finally:
         log.close()
     if not windows:
-        print(f"{PROG} monitor: fewer than {size} answers of this version in "
-              f"{requestlog.display(url)} ({total} rows in all): nothing to check yet")
+        print(
+            f"{PROG} monitor: fewer than {size} answers of this version in "
+            f"{requestlog.display(url)} ({total} rows in all): nothing to check yet"
+        )
         return 0
     model, version = windows[-1].model, windows[-1].version
     name, tracking = _connect(model)
     os.environ.update(startup.quiet_env())  # no download bar: one line per window
     with tempfile.TemporaryDirectory() as tmp:
         reference = Reference.load(monitor_runs.download_reference(name, version, tmp))
-    checked = [monitor.check_window(w, reference, alpha=alpha, method=method,
-                                    min_distance=cfg.min_distance) for w in windows]
+    checked = [
+        monitor.check_window(
+            w, reference, alpha=alpha, method=method, min_distance=cfg.min_distance
+        )
+        for w in windows
+    ]
     for result in checked:
         print(f"{PROG} monitor: {result.line()}")
         if result.caveat:
             print(f"    note: {result.caveat}")
     if not args.no_mlflow:
-        experiment_id = store.connect(tracking.model_copy(
-            update={"experiment_name": cfg.experiment}))
+        experiment_id = store.connect(
+            tracking.model_copy(update={"experiment_name": cfg.experiment})
+        )
         done = monitor_runs.logged_windows(experiment_id, [c.key for c in checked])
         for result in checked:
             if result.key in done:
                 continue
             monitor_runs.log_window(
-                experiment_id, result.key,
+                experiment_id,
+                result.key,
                 name=f"v{version} {result.window.first_id}-{result.window.last_id}",
-                tags={"model": model, "version": version, "alarm": str(result.drift.alarm)
-                      .lower(), "fired": ",".join(result.drift.fired) or "-"},
+                tags={
+                    "model": model,
+                    "version": version,
+                    "alarm": str(result.drift.alarm).lower(),
+                    "fired": ",".join(result.drift.fired) or "-",
+                },
                 metrics=result.metrics(),
                 timestamp_ms=int(float(result.window.times[-1]) * 1000),
-                report=result.as_dict())
-        print(f"{PROG} monitor: {len(checked) - len(done)} new window run(s) in experiment "
-              f"{cfg.experiment!r} of {store.current_uri()}")
+                report=result.as_dict(),
+            )
+        print(
+            f"{PROG} monitor: {len(checked) - len(done)} new window run(s) in experiment "
+            f"{cfg.experiment!r} of {store.current_uri()}"
+        )
     target = Path(args.report) if args.report else project.root() / cfg.report
     try:
         report.write(target, checked, reference, log=requestlog.display(url), alpha=alpha)
@@ -290,9 +367,12 @@ def _monitor(args: argparse.Namespace) -> int:
     print(f"{PROG} monitor: wrote {target}")
     alarms = sum(c.drift.alarm for c in checked)
     if alarms:
-        print(f"{PROG} monitor: ALARM in {alarms} of {len(checked)} window(s): the traffic no "
-              "longer looks like the test set the champion was certified on (docs/"
-              "monitoring.md says what to do)", file=sys.stderr)
+        print(
+            f"{PROG} monitor: ALARM in {alarms} of {len(checked)} window(s): the traffic no "
+            "longer looks like the test set the champion was certified on (docs/"
+            "monitoring.md says what to do)",
+            file=sys.stderr,
+        )
         return monitor.ALARM_EXIT
     return 0
 

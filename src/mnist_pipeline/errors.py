@@ -96,6 +96,7 @@ def reported(stage: str) -> Iterator[None]:
             print(f"{stage}: {hint}", file=sys.stderr)
         raise SystemExit(1) from None
 
+
 def describe_error(err: object) -> str:
     """A short, one-line description of an exception or URLError reason."""
     if isinstance(err, OSError) and err.strerror:

@@ -17,8 +17,9 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "",
-                mode: int = 0o644) -> Iterator[Path]:
+def atomic_path(
+    target: str | os.PathLike[str], suffix: str = "", mode: int = 0o644
+) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success move it onto `target`.
 
     On any exception the temporary file is removed and `target` is left as it was.
@@ -28,8 +29,9 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "",
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}",
-                                    dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -43,8 +45,9 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "",
 
 
 @contextlib.contextmanager
-def atomic_open(target: str | os.PathLike[str], mode: str = "w",
-                permissions: int = 0o644) -> Iterator[IO[Any]]:
+def atomic_open(
+    target: str | os.PathLike[str], mode: str = "w", permissions: int = 0o644
+) -> Iterator[IO[Any]]:
     """Open a temporary file beside `target` for writing; replace `target` on success."""
     encoding = {} if "b" in mode else {"encoding": "utf-8"}
     with atomic_path(target, mode=permissions) as tmp, open(tmp, mode, **encoding) as fh:

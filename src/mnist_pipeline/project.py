@@ -37,12 +37,19 @@ def experiment_params_hint() -> str | None:
     if Path(root).resolve() != Path.cwd().resolve():
         return None  # a queued or temporary copy: the workspace was not touched
     try:
-        done = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"],
-                              cwd=root, capture_output=True, timeout=20, check=False)
+        done = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--", "params.yaml"],
+            cwd=root,
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if done.returncode != 1:
         return None
-    return ("params.yaml keeps this experiment's -S values; the workspace's models, metrics "
-            "and plots are as they were; restore the committed params with: "
-            "git checkout -- params.yaml")
+    return (
+        "params.yaml keeps this experiment's -S values; the workspace's models, metrics "
+        "and plots are as they were; restore the committed params with: "
+        "git checkout -- params.yaml"
+    )

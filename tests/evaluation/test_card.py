@@ -18,12 +18,15 @@ from mnist_pipeline.training.calibration import Calibration
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Statistics in
 # Medicine 17:857-872, Table I, method 3 (score interval without continuity correction).
-@pytest.mark.parametrize(("successes", "trials", "low", "high"), [
-    (81, 263, 0.2553, 0.3662),
-    (15, 148, 0.0624, 0.1605),
-    (0, 20, 0.0, 0.1611),
-    (1, 29, 0.0061, 0.1718),
-])
+@pytest.mark.parametrize(
+    ("successes", "trials", "low", "high"),
+    [
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+    ],
+)
 def test_wilson_interval_matches_published_values(successes, trials, low, high):
     got = wilson_interval(successes, trials)
     assert got == pytest.approx((low, high), abs=5e-5)
@@ -41,10 +44,18 @@ def test_wilson_interval_edges():
         wilson_interval(5, 4)
 
 
-FITTED = Calibration(temperature=0.5, threshold=0.9, target_selective_accuracy=0.999,
-                     val_images=5000, val_sha256="v" * 64, val_nll_before=0.3,
-                     val_nll_after=0.2, val_ece_before=0.08, val_ece_after=0.004,
-                     val_coverage=0.97)
+FITTED = Calibration(
+    temperature=0.5,
+    threshold=0.9,
+    target_selective_accuracy=0.999,
+    val_images=5000,
+    val_sha256="v" * 64,
+    val_nll_before=0.3,
+    val_nll_after=0.2,
+    val_ece_before=0.08,
+    val_ece_after=0.004,
+    val_coverage=0.97,
+)
 
 
 def _shift(labels: np.ndarray, probabilities: np.ndarray) -> Shift:
@@ -53,8 +64,14 @@ def _shift(labels: np.ndarray, probabilities: np.ndarray) -> Shift:
     hit = np.isin(labels, (5, 8))
     fogged[hit] = 0.1
     fogged[hit, 0] = 0.1 + 1e-3  # a wrong, unsure answer
-    return Shift.measure(probabilities, np.stack([fogged, probabilities]), labels,
-                         ["fog", "translate"], "s" * 64, FITTED)
+    return Shift.measure(
+        probabilities,
+        np.stack([fogged, probabilities]),
+        labels,
+        ["fog", "translate"],
+        "s" * 64,
+        FITTED,
+    )
 
 
 def _facts(tmp_path, passed: bool = True, params: dict | None = None) -> card.Facts:
@@ -67,42 +84,83 @@ def _facts(tmp_path, passed: bool = True, params: dict | None = None) -> card.Fa
     scores = score(labels, probabilities)
     plots.plot_confusion_png(tmp_path / "confusion.png", scores.confusion)
     plots.plot_class_recall_png(tmp_path / "class_recall.png", scores.recall)
-    verdict = {"passed": passed, "p_value": 0.0123,
-               "reason": "beats champion v1 by +0.0100 (p=0.0123 < 0.05)" if passed
-               else "min_accuracy: 0.9700 < 0.9800",
-               "rules": [{"name": "min_accuracy", "passed": passed, "value": 0.97,
-                          "threshold": 0.95 if passed else 0.98, "detail": "0.9700 >= 0.9500"},
-                         {"name": "test_data_matches_training", "passed": True, "value": "a" * 64,
-                          "threshold": "a" * 64, "detail": "matches <the training run's>"}]}
+    verdict = {
+        "passed": passed,
+        "p_value": 0.0123,
+        "reason": "beats champion v1 by +0.0100 (p=0.0123 < 0.05)"
+        if passed
+        else "min_accuracy: 0.9700 < 0.9800",
+        "rules": [
+            {
+                "name": "min_accuracy",
+                "passed": passed,
+                "value": 0.97,
+                "threshold": 0.95 if passed else 0.98,
+                "detail": "0.9700 >= 0.9500",
+            },
+            {
+                "name": "test_data_matches_training",
+                "passed": True,
+                "value": "a" * 64,
+                "threshold": "a" * 64,
+                "detail": "matches <the training run's>",
+            },
+        ],
+    }
     return card.Facts(
-        registered_model="mnist-classifier", version="3", run_id="abc123",
-        params=params or {"model.name": "cnn", "optimizer.learning_rate": "0.001",
-                          "train.epochs": "5", "runtime.precision": "float32"},
-        tags={"data.sha256": "d" * 64, "data.test_sha256": "t" * 64,
-              "mlflow.source.git.commit": "c0ffee", "git.dirty": "true",
-              "dvc.experiment": "wider-cnn", "dvc.dep.data/processed": "f00d.dir"},
-        scores=scores, shift=_shift(labels, probabilities),
+        registered_model="mnist-classifier",
+        version="3",
+        run_id="abc123",
+        params=params
+        or {
+            "model.name": "cnn",
+            "optimizer.learning_rate": "0.001",
+            "train.epochs": "5",
+            "runtime.precision": "float32",
+        },
+        tags={
+            "data.sha256": "d" * 64,
+            "data.test_sha256": "t" * 64,
+            "mlflow.source.git.commit": "c0ffee",
+            "git.dirty": "true",
+            "dvc.experiment": "wider-cnn",
+            "dvc.dep.data/processed": "f00d.dir",
+        },
+        scores=scores,
+        shift=_shift(labels, probabilities),
         champion_corrupted={"fog": 0.9, "translate": 0.95},
-        budget=reuse.budget([False, True], 0.05), served_bytes=729_641,
-        test_sha256="t" * 64, verdict=verdict, champion_before="1",
+        budget=reuse.budget([False, True], 0.05),
+        served_bytes=729_641,
+        test_sha256="t" * 64,
+        verdict=verdict,
+        champion_before="1",
         champion_after="3" if passed else "1",
-        pictures={"Confusion matrix (test set)": tmp_path / "confusion.png",
-                  "Recall per class (test set)": tmp_path / "class_recall.png"})
+        pictures={
+            "Confusion matrix (test set)": tmp_path / "confusion.png",
+            "Recall per class (test set)": tmp_path / "class_recall.png",
+        },
+    )
 
 
 def test_the_card_says_what_the_model_is_saw_scores_and_is_for(tmp_path):
     md_path, html_path = card.write(tmp_path, _facts(tmp_path))
     text = md_path.read_text()
     assert text.startswith("# Model card: mnist-classifier v3\n")
-    for needle in ("| model.name | cnn |", "| optimizer.learning_rate | 0.001 |",
-                   "| train.epochs | 5 |", "| git commit | c0ffee (with uncommitted changes) |",
-                   "| DVC experiment | wider-cnn |",
-                   "| dvc.lock md5 of data/processed | f00d.dir |",
-                   f"| dataset SHA-256 (train, val, test) | {'d' * 64} |",
-                   "PASSED: beats champion v1 by +0.0100", "McNemar p-value: 0.0123",
-                   "| test_data_matches_training | yes | aaaaaaaaaaaa… |",
-                   "centred 28x28 greyscale", "mnist-predict",
-                   "![Confusion matrix (test set)](confusion.png)"):
+    for needle in (
+        "| model.name | cnn |",
+        "| optimizer.learning_rate | 0.001 |",
+        "| train.epochs | 5 |",
+        "| git commit | c0ffee (with uncommitted changes) |",
+        "| DVC experiment | wider-cnn |",
+        "| dvc.lock md5 of data/processed | f00d.dir |",
+        f"| dataset SHA-256 (train, val, test) | {'d' * 64} |",
+        "PASSED: beats champion v1 by +0.0100",
+        "McNemar p-value: 0.0123",
+        "| test_data_matches_training | yes | aaaaaaaaaaaa… |",
+        "centred 28x28 greyscale",
+        "mnist-predict",
+        "![Confusion matrix (test set)](confusion.png)",
+    ):
         assert needle in text, needle
     assert "runtime.precision" not in text  # only the model, optimizer and train sections
     # Accuracy 483/500 with its Wilson interval; class 8 (35/50) first among the weakest.
@@ -110,8 +168,10 @@ def test_the_card_says_what_the_model_is_saw_scores_and_is_for(tmp_path):
     assert f"Accuracy 0.9660 (95% CI {low:.4f}–{high:.4f}, Wilson" in text
     eight_low, eight_high = wilson_interval(35, 50)
     assert f"| 8 | 0.7000 | {eight_low:.4f}–{eight_high:.4f} | 50 |" in text
-    assert ("(the weakest classes on the test set): 8 (recall 0.7000, 15 of 50 missed), "
-            "5 (recall 0.9600, 2 of 50 missed). The test set") in text
+    assert (
+        "(the weakest classes on the test set): 8 (recall 0.7000, 15 of 50 missed), "
+        "5 (recall 0.9600, 2 of 50 missed). The test set"
+    ) in text
 
 
 def test_the_html_card_is_self_contained(tmp_path):
@@ -130,8 +190,13 @@ def test_the_html_card_is_self_contained(tmp_path):
 
 
 def test_the_card_reports_corrupted_suite_calibration_and_abstention(tmp_path):
-    params = {"model.name": "cnn", "train.augment": "True", "train.augmentation.rotate": "0.05",
-              "train.augmentation.noise": "0.2", "train.augmentation.blur": "0.0"}
+    params = {
+        "model.name": "cnn",
+        "train.augment": "True",
+        "train.augmentation.rotate": "0.05",
+        "train.augmentation.noise": "0.2",
+        "train.augmentation.blur": "0.0",
+    }
     md_path, _ = card.write(tmp_path, _facts(tmp_path, params=params))
     text = md_path.read_text()
     # fog: 400 of 500 right (the 100 fives and eights lost); translate: as clean (483).
@@ -155,9 +220,11 @@ def test_the_card_without_augmentation_or_calibration_says_so(tmp_path):
     from dataclasses import replace
 
     from mnist_pipeline.training.calibration import IDENTITY
+
     labels = np.repeat(np.arange(10), 50).astype(np.uint8)
-    bare = Shift.measure(np.eye(10)[labels], np.stack([np.eye(10)[labels]]), labels, ["fog"],
-                         "s" * 64, IDENTITY)
+    bare = Shift.measure(
+        np.eye(10)[labels], np.stack([np.eye(10)[labels]]), labels, ["fog"], "s" * 64, IDENTITY
+    )
     text = card.markdown(card.build(replace(facts, shift=bare, champion_corrupted=None)))
     assert "Training used no augmentation" in text
     assert "No calibration was fitted for this model" in text

@@ -101,13 +101,16 @@ def test_empty_input_gives_nan_headline_metrics():
     assert scores.predictions.shape == (0,) and scores.correct.shape == (0,)
 
 
-@pytest.mark.parametrize("labels, probs, message", [
-    (np.zeros(3, dtype=np.uint8), np.zeros((2, 10)), "probabilities"),
-    (np.zeros(3, dtype=np.uint8), np.zeros((3, 9)), "probabilities"),
-    (np.zeros((3, 1), dtype=np.uint8), np.zeros((3, 10)), "labels"),
-    (np.array([0.0, 1.0]), np.zeros((2, 10)), "labels"),
-    (np.array([0, 10], dtype=np.uint8), np.zeros((2, 10)), "0..9"),
-])
+@pytest.mark.parametrize(
+    "labels, probs, message",
+    [
+        (np.zeros(3, dtype=np.uint8), np.zeros((2, 10)), "probabilities"),
+        (np.zeros(3, dtype=np.uint8), np.zeros((3, 9)), "probabilities"),
+        (np.zeros((3, 1), dtype=np.uint8), np.zeros((3, 10)), "labels"),
+        (np.array([0.0, 1.0]), np.zeros((2, 10)), "labels"),
+        (np.array([0, 10], dtype=np.uint8), np.zeros((2, 10)), "0..9"),
+    ],
+)
 def test_shape_and_label_errors(labels, probs, message):
     with pytest.raises(ValueError, match=message):
         score(labels, probs)
@@ -118,11 +121,16 @@ def test_metrics_dict_rounds_and_writes_strict_json(tmp_path):
     metrics = metrics_dict(score(labels, one_hot([0, 1, 1])))
     assert metrics["test_accuracy"] == round(2 / 3, 6)
     assert set(metrics["per_class"]) == {str(c) for c in range(10)}
-    assert metrics["per_class"]["1"] == {"precision": 0.5, "recall": 1.0,
-                                         "f1": round(2 / 3, 6), "support": 1}
+    assert metrics["per_class"]["1"] == {
+        "precision": 0.5,
+        "recall": 1.0,
+        "f1": round(2 / 3, 6),
+        "support": 1,
+    }
 
-    empty = write_metrics(tmp_path / "m.json",
-                                     score(np.zeros(0, dtype=np.uint8), np.zeros((0, 10))))
+    empty = write_metrics(
+        tmp_path / "m.json", score(np.zeros(0, dtype=np.uint8), np.zeros((0, 10)))
+    )
     assert math.isnan(empty["test_accuracy"])  # in memory NaN stays NaN...
     text = (tmp_path / "m.json").read_text()
     loaded = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON token {c}"))
@@ -131,8 +139,15 @@ def test_metrics_dict_rounds_and_writes_strict_json(tmp_path):
 
 
 def test_json_safe_converts_numpy_and_non_finite():
-    out = files.json_safe({"a": np.float32(0.5), "b": [np.nan, np.inf], "c": np.int64(3),
-                                "d": np.array([True, False]), 4: (1.0,)})
+    out = files.json_safe(
+        {
+            "a": np.float32(0.5),
+            "b": [np.nan, np.inf],
+            "c": np.int64(3),
+            "d": np.array([True, False]),
+            4: (1.0,),
+        }
+    )
     assert out == {"a": 0.5, "b": [None, None], "c": 3, "d": [True, False], "4": [1.0]}
     json.dumps(out, allow_nan=False)
 
@@ -140,9 +155,9 @@ def test_json_safe_converts_numpy_and_non_finite():
 def test_mcnemar_counts_and_hand_computed_p():
     a = np.array([True] * 10 + [True] * 5 + [False] * 3)
     b = np.array([False] * 10 + [True] * 5 + [False] * 3)
-    assert mcnemar_exact(a, b) == (10, 0, pytest.approx(2 * 0.5 ** 10))
+    assert mcnemar_exact(a, b) == (10, 0, pytest.approx(2 * 0.5**10))
     bb, cc, p = mcnemar_exact(b, a)
-    assert (bb, cc) == (0, 10) and p == pytest.approx(2 * 0.5 ** 10)
+    assert (bb, cc) == (0, 10) and p == pytest.approx(2 * 0.5**10)
     # b=1, c=3: P(X <= 1 | n=4) = 5/16, two-sided 10/16
     a = np.array([True, False, False, False, True])
     b = np.array([False, True, True, True, True])
@@ -152,8 +167,18 @@ def test_mcnemar_counts_and_hand_computed_p():
 def test_exact_binomial_p_matches_scipy():
     from scipy import stats
 
-    for k, n in [(0, 1), (1, 2), (3, 7), (5, 10), (36, 75), (37, 75), (120, 300), (900, 2000),
-                 (4990, 10000), (5000, 10000)]:
+    for k, n in [
+        (0, 1),
+        (1, 2),
+        (3, 7),
+        (5, 10),
+        (36, 75),
+        (37, 75),
+        (120, 300),
+        (900, 2000),
+        (4990, 10000),
+        (5000, 10000),
+    ]:
         expected = stats.binomtest(k, n, 0.5).pvalue
         assert binomial_two_sided_half(k, n) == pytest.approx(expected, rel=1e-9, abs=1e-300)
     with pytest.raises(ValueError, match="k=6 of n=10"):
@@ -181,8 +206,9 @@ def test_plot_writers_produce_files_and_no_temp_files(tmp_path):
 
     write_confusion_csv(tmp_path / "confusion.csv", labels, scores.predictions)
     plot_confusion_png(tmp_path / "confusion.png", scores.confusion)
-    plot_misclassified_grid(tmp_path / "wrong.png", images, labels,
-                                       scores.predictions, probs, limit=2)
+    plot_misclassified_grid(
+        tmp_path / "wrong.png", images, labels, scores.predictions, probs, limit=2
+    )
     write_class_recall_csv(tmp_path / "recall.csv", scores.recall)
     plot_class_recall_png(tmp_path / "recall.png", scores.recall, threshold=0.9)
 
@@ -195,7 +221,12 @@ def test_plot_writers_produce_files_and_no_temp_files(tmp_path):
     for name in ("confusion.png", "wrong.png", "recall.png"):
         _assert_png(tmp_path / name)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "confusion.csv", "confusion.png", "recall.csv", "recall.png", "wrong.png"]
+        "confusion.csv",
+        "confusion.png",
+        "recall.csv",
+        "recall.png",
+        "wrong.png",
+    ]
 
 
 def test_misclassified_grid_with_no_mistakes_and_bad_args(tmp_path):
@@ -206,8 +237,7 @@ def test_misclassified_grid_with_no_mistakes_and_bad_args(tmp_path):
     with pytest.raises(ValueError, match="limit"):
         plot_misclassified_grid(tmp_path / "x.png", images, labels, labels, probs, 0)
     with pytest.raises(ValueError, match="same N"):
-        plot_misclassified_grid(tmp_path / "x.png", images[:5], labels, labels,
-                                           probs, 36)
+        plot_misclassified_grid(tmp_path / "x.png", images[:5], labels, labels, probs, 36)
     with pytest.raises(ValueError, match="same length"):
         write_confusion_csv(tmp_path / "x.csv", labels, labels[:3])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["none.png"]
@@ -233,9 +263,11 @@ def test_module_does_not_import_mlflow_or_keras():
     import subprocess
     import sys
 
-    code = ("import sys, mnist_pipeline.evaluation.scores, mnist_pipeline.evaluation.plots, "
-            "mnist_pipeline.evaluation.gate; "
-            "bad = [m for m in ('mlflow', 'keras', 'tensorflow', 'matplotlib.pyplot') "
-            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, mnist_pipeline.evaluation.scores, mnist_pipeline.evaluation.plots, "
+        "mnist_pipeline.evaluation.gate; "
+        "bad = [m for m in ('mlflow', 'keras', 'tensorflow', 'matplotlib.pyplot') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -17,9 +17,16 @@ SHA = "a" * 64
 OTHER_SHA = "b" * 64
 # The rules on clean test images alone: the robustness, calibration and reuse rules have
 # their own tests (test_gate_shift.py, test_reuse.py).
-GATE = dict(min_accuracy=0.95, min_class_recall=0.90, min_improvement=0.0,
-            require_significance=True, alpha=0.05, reuse=False, robustness_margin=None,
-            max_ece=None)
+GATE = dict(
+    min_accuracy=0.95,
+    min_class_recall=0.90,
+    min_improvement=0.0,
+    require_significance=True,
+    alpha=0.05,
+    reuse=False,
+    robustness_margin=None,
+    max_ece=None,
+)
 CFG = test_config.section("gate", **GATE)
 
 
@@ -32,20 +39,36 @@ def correct_with(n_wrong: int, n: int = N) -> np.ndarray:
 
 def parity(disagreements: int = 0, served_accuracy: float = 0.97, **changes) -> Parity:
     """The served ONNX model against Keras (accuracy 0.97 on N images)."""
-    return Parity(**{"images": N, "disagreements": disagreements, "keras_accuracy": 0.97,
-                     "served_accuracy": served_accuracy, "max_difference": 2e-6, **changes})
+    return Parity(
+        **{
+            "images": N,
+            "disagreements": disagreements,
+            "keras_accuracy": 0.97,
+            "served_accuracy": served_accuracy,
+            "max_difference": 2e-6,
+            **changes,
+        }
+    )
 
 
 def candidate(n_wrong: int = 30, **changes) -> Candidate:
-    base = Candidate(accuracy=(N - n_wrong) / N, loss=0.1, class_recall=[0.97] * 10,
-                     n_test=N, test_sha256=SHA, trained_test_sha256=SHA,
-                     correct=correct_with(n_wrong), parity=parity())
+    base = Candidate(
+        accuracy=(N - n_wrong) / N,
+        loss=0.1,
+        class_recall=[0.97] * 10,
+        n_test=N,
+        test_sha256=SHA,
+        trained_test_sha256=SHA,
+        correct=correct_with(n_wrong),
+        parity=parity(),
+    )
     return replace(base, **changes)
 
 
 def champion(n_wrong: int = 30, **changes) -> Champion:
-    base = Champion(version="2", accuracy=(N - n_wrong) / N, correct=correct_with(n_wrong),
-                    test_sha256=SHA)
+    base = Champion(
+        version="2", accuracy=(N - n_wrong) / N, correct=correct_with(n_wrong), test_sha256=SHA
+    )
     return replace(base, **changes)
 
 
@@ -63,8 +86,13 @@ def test_first_run_without_champion_passes_on_six_rules():
     verdict = decide(candidate(), None, CFG)
     assert verdict.passed
     assert [r.name for r in verdict.rules] == [
-        "test_set_nonempty", "metrics_present", "test_data_matches_training",
-        "min_accuracy", "min_class_recall", "served_parity"]
+        "test_set_nonempty",
+        "metrics_present",
+        "test_data_matches_training",
+        "min_accuracy",
+        "min_class_recall",
+        "served_parity",
+    ]
     assert verdict.p_value is None
     assert verdict.reason == "passed all 6 rules (no champion yet)"
 
@@ -74,27 +102,37 @@ def test_the_champion_re_checked_says_so():
     assert verdict.passed
     assert verdict.reason == "passed all 6 rules (already champion, re-checked)"
     assert summary_line(verdict, "2", "2") == (
-        "gate: PASSED — v2 passed all 6 rules (already champion, re-checked); v2 stays champion")
+        "gate: PASSED — v2 passed all 6 rules (already champion, re-checked); v2 stays champion"
+    )
 
 
-@pytest.mark.parametrize("changes, failing, words", [
-    ({"accuracy": math.nan}, "metrics_present", "accuracy (nan)"),
-    ({"loss": None}, "metrics_present", "loss (None)"),
-    ({"class_recall": None}, "metrics_present", "class_recall (None)"),
-    ({"class_recall": [0.97] * 9}, "metrics_present", "9 values"),
-    ({"class_recall": [0.97] * 9 + [math.nan]}, "metrics_present", "class_recall[9]"),
-    ({"n_test": 0, "correct": np.zeros(0, dtype=bool)}, "test_set_nonempty", "empty"),
-    ({"trained_test_sha256": OTHER_SHA}, "test_data_matches_training", "differs"),
-    ({"trained_test_sha256": None}, "test_data_matches_training", "recorded no test set hash"),
-    ({"accuracy": 0.941}, "min_accuracy", "0.9410 < 0.9500"),
-    ({"class_recall": [0.97] * 8 + [0.87, 0.95]}, "min_class_recall", "class 8 recall 0.8700"),
-    ({"parity": parity(disagreements=1)}, "served_parity",
-     "labels differ on 1 of 1000 test images (agreement 0.9990)"),
-    ({"parity": parity(served_accuracy=0.9694)}, "served_parity", "accuracy gap over 0.0005"),
-    ({"parity": parity(error="could not load/predict models:/m-1")}, "served_parity",
-     "could not be checked: could not load/predict models:/m-1"),
-    ({"parity": None}, "served_parity", "it was not checked"),
-])
+@pytest.mark.parametrize(
+    "changes, failing, words",
+    [
+        ({"accuracy": math.nan}, "metrics_present", "accuracy (nan)"),
+        ({"loss": None}, "metrics_present", "loss (None)"),
+        ({"class_recall": None}, "metrics_present", "class_recall (None)"),
+        ({"class_recall": [0.97] * 9}, "metrics_present", "9 values"),
+        ({"class_recall": [0.97] * 9 + [math.nan]}, "metrics_present", "class_recall[9]"),
+        ({"n_test": 0, "correct": np.zeros(0, dtype=bool)}, "test_set_nonempty", "empty"),
+        ({"trained_test_sha256": OTHER_SHA}, "test_data_matches_training", "differs"),
+        ({"trained_test_sha256": None}, "test_data_matches_training", "recorded no test set hash"),
+        ({"accuracy": 0.941}, "min_accuracy", "0.9410 < 0.9500"),
+        ({"class_recall": [0.97] * 8 + [0.87, 0.95]}, "min_class_recall", "class 8 recall 0.8700"),
+        (
+            {"parity": parity(disagreements=1)},
+            "served_parity",
+            "labels differ on 1 of 1000 test images (agreement 0.9990)",
+        ),
+        ({"parity": parity(served_accuracy=0.9694)}, "served_parity", "accuracy gap over 0.0005"),
+        (
+            {"parity": parity(error="could not load/predict models:/m-1")},
+            "served_parity",
+            "could not be checked: could not load/predict models:/m-1",
+        ),
+        ({"parity": None}, "served_parity", "it was not checked"),
+    ],
+)
 def test_each_bad_candidate_fails_naming_the_rule(changes, failing, words):
     verdict = decide(candidate(**changes), None, CFG)
     assert not verdict.passed
@@ -108,7 +146,7 @@ def test_nan_accuracy_fails_every_rule_that_needs_it_without_raising():
     verdict = decide(candidate(18, accuracy=math.nan), champion(), CFG)
     assert failed_names(verdict) == ["metrics_present", "min_accuracy", "beats_champion"]
     assert rule(verdict, "min_accuracy").value is not None  # the NaN is recorded...
-    json.dumps(verdict.to_dict(), allow_nan=False)          # ...and serialised as null
+    json.dumps(verdict.to_dict(), allow_nan=False)  # ...and serialised as null
     assert verdict.to_dict()["rules"][3]["value"] is None
 
 
@@ -125,7 +163,7 @@ def test_worse_model_fails_beats_champion():
     assert "champion v2" in beat.detail
     # 10 images broken, none fixed: significantly different, but not in the candidate's favour
     sig = rule(verdict, "significant")
-    assert not sig.passed and sig.value == pytest.approx(2 * 0.5 ** 10)
+    assert not sig.passed and sig.value == pytest.approx(2 * 0.5**10)
     assert "in the champion's favour" in sig.detail
 
 
@@ -150,7 +188,7 @@ def test_clearly_better_model_passes_with_small_p():
     # 12 images fixed, none broken: p = 2 * 0.5**12 ~= 0.00049
     verdict = decide(candidate(n_wrong=18), champion(n_wrong=30), CFG)
     assert verdict.passed, verdict.reason
-    assert verdict.p_value == pytest.approx(2 * 0.5 ** 12)
+    assert verdict.p_value == pytest.approx(2 * 0.5**12)
     assert verdict.reason == "beats champion v2 by +0.0120 (p=0.0005 < 0.05)"
     assert len(verdict.rules) == 8
 
@@ -159,21 +197,26 @@ def test_significance_uses_per_image_disagreements_not_just_accuracy():
     # Same +12 net gain, but with 100 images broken and 112 fixed: not significant.
     cand = np.ones(N, dtype=bool)
     champ = np.ones(N, dtype=bool)
-    cand[:100] = False          # candidate breaks 100 the champion got right
-    champ[100:212] = False      # and fixes 112 the champion got wrong
-    verdict = decide(candidate(accuracy=cand.mean(), correct=cand),
-                     champion(accuracy=champ.mean(), correct=champ), CFG)
+    cand[:100] = False  # candidate breaks 100 the champion got right
+    champ[100:212] = False  # and fixes 112 the champion got wrong
+    verdict = decide(
+        candidate(accuracy=cand.mean(), correct=cand),
+        champion(accuracy=champ.mean(), correct=champ),
+        CFG,
+    )
     assert rule(verdict, "beats_champion").passed
     assert not rule(verdict, "significant").passed
     assert verdict.p_value > 0.05
 
 
 def test_min_improvement_is_enforced_with_float_tolerance():
-    cfg = test_config.section("gate", **{**GATE, "min_accuracy": 0.9, "min_improvement": 0.003,
-                                         "require_significance": False})
+    cfg = test_config.section(
+        "gate",
+        **{**GATE, "min_accuracy": 0.9, "min_improvement": 0.003, "require_significance": False},
+    )
     exact = decide(candidate(n_wrong=62), champion(n_wrong=65), cfg)
     assert rule(exact, "beats_champion").value < 0.003  # 0.938 - 0.935 in binary floats...
-    assert exact.passed                                 # ...still meets min_improvement
+    assert exact.passed  # ...still meets min_improvement
     short = decide(candidate(n_wrong=63), champion(n_wrong=65), cfg)
     assert not rule(short, "beats_champion").passed
     assert "< min_improvement 0.0030" in rule(short, "beats_champion").detail
@@ -213,7 +256,8 @@ def test_to_dict_is_strict_json():
 def test_summary_lines():
     passed = decide(candidate(n_wrong=18), champion(n_wrong=30), CFG)
     assert summary_line(passed, "3", "2") == (
-        "gate: PASSED — v3 beats champion v2 by +0.0120 (p=0.0005 < 0.05); v3 is now champion")
+        "gate: PASSED — v3 beats champion v2 by +0.0120 (p=0.0005 < 0.05); v3 is now champion"
+    )
     rejected = decide(candidate(accuracy=0.941), champion(n_wrong=30), CFG)
     line = summary_line(rejected, "3", "2")
     assert line.startswith("gate: REJECTED — v3 fails min_accuracy: 0.9410 < 0.9500")
@@ -232,8 +276,7 @@ def test_a_version_withdrawn_by_a_rollback_is_not_promoted_back():
     assert not verdict.passed and failed_names(verdict) == ["not_withdrawn"]
     assert rule(verdict, "not_withdrawn").value == why
     assert verdict.reason.startswith(f"not_withdrawn: withdrawn by a rollback ({why})")
-    assert "not_withdrawn" not in [r.name for r in decide(candidate(10), champion(30),
-                                                          CFG).rules]
+    assert "not_withdrawn" not in [r.name for r in decide(candidate(10), champion(30), CFG).rules]
 
 
 def test_onnx_parity_rule_passes_within_both_bounds():
@@ -243,8 +286,11 @@ def test_onnx_parity_rule_passes_within_both_bounds():
     verdict = decide(candidate(parity=ok), None, CFG)
     rule_ = rule(verdict, "served_parity")
     assert rule_.passed and rule_.value == pytest.approx(0.9995) and rule_.threshold == 0.9995
-    assert "labels differ on 5 of 10000 test images (agreement 0.9995), accuracy 0.9705 " \
-           "served vs 0.9700 Keras (+0.0005)" in rule_.detail
+    assert (
+        "labels differ on 5 of 10000 test images (agreement 0.9995), accuracy 0.9705 "
+        "served vs 0.9700 Keras (+0.0005)" in rule_.detail
+    )
     six = decide(candidate(parity=parity(disagreements=6, images=many)), None, CFG)
     assert not six.passed and six.reason.startswith(
-        "served_parity: the served ONNX model's labels differ on 6 of 10000 test images")
+        "served_parity: the served ONNX model's labels differ on 6 of 10000 test images"
+    )

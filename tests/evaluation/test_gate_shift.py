@@ -14,8 +14,9 @@ from mnist_pipeline.evaluation.gate import Candidate, Champion, Parity, decide, 
 from mnist_pipeline.evaluation.scores import paired_difference
 
 N = 1000
-PARITY = Parity(images=1000, disagreements=0, keras_accuracy=0.99, served_accuracy=0.99,
-                max_difference=0.0)
+PARITY = Parity(
+    images=1000, disagreements=0, keras_accuracy=0.99, served_accuracy=0.99, max_difference=0.0
+)
 SHA, SUITE = "a" * 64, "s" * 64
 CFG = test_config.section("gate")  # the defaults: every rule on
 
@@ -25,22 +26,38 @@ def corrupted(accuracy: float, corruptions: int = 15, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).random((corruptions, N)) < accuracy
 
 
-def candidate(n_wrong: int = 10, *, robust: float = 0.95, ece: float = 0.004,
-              **changes) -> Candidate:
+def candidate(
+    n_wrong: int = 10, *, robust: float = 0.95, ece: float = 0.004, **changes
+) -> Candidate:
     correct = np.ones(N, dtype=bool)
     correct[:n_wrong] = False
-    base = Candidate(accuracy=correct.mean(), loss=0.05, class_recall=[0.99] * 10, n_test=N,
-                     test_sha256=SHA, trained_test_sha256=SHA, correct=correct,
-                     parity=PARITY, ece=ece,
-                     corrupted_correct=corrupted(robust, seed=1), suite_sha256=SUITE)
+    base = Candidate(
+        accuracy=correct.mean(),
+        loss=0.05,
+        class_recall=[0.99] * 10,
+        n_test=N,
+        test_sha256=SHA,
+        trained_test_sha256=SHA,
+        correct=correct,
+        parity=PARITY,
+        ece=ece,
+        corrupted_correct=corrupted(robust, seed=1),
+        suite_sha256=SUITE,
+    )
     return replace(base, **changes)
 
 
 def champion(n_wrong: int = 30, *, robust: float = 0.95, **changes) -> Champion:
     correct = np.ones(N, dtype=bool)
     correct[:n_wrong] = False
-    base = Champion(version="1", accuracy=correct.mean(), correct=correct, test_sha256=SHA,
-                    corrupted_correct=corrupted(robust, seed=2), suite_sha256=SUITE)
+    base = Champion(
+        version="1",
+        accuracy=correct.mean(),
+        correct=correct,
+        test_sha256=SHA,
+        corrupted_correct=corrupted(robust, seed=2),
+        suite_sha256=SUITE,
+    )
     return replace(base, **changes)
 
 
@@ -78,8 +95,9 @@ def test_corrupt_robustness_rule_rejects_a_cleaner_but_less_robust_candidate():
     assert robust.detail.startswith("significantly less robust: mean corruption accuracy")
     assert not verdict.passed and verdict.reason.startswith("robust_vs_champion: ")
     line = summary_line(verdict, "3", "1")
-    assert line.startswith("gate: REJECTED — v3 fails robust_vs_champion: significantly less "
-                           "robust") and line.endswith("champion stays v1")
+    assert line.startswith(
+        "gate: REJECTED — v3 fails robust_vs_champion: significantly less robust"
+    ) and line.endswith("champion stays v1")
 
 
 def test_corrupt_robustness_margin_is_configurable_and_can_be_off():
@@ -88,8 +106,9 @@ def test_corrupt_robustness_margin_is_configurable_and_can_be_off():
     wide = test_config.section("gate", robustness_margin=0.05)
     assert rule(decide(slightly_worse, champion(), wide), "robust_vs_champion").passed
     off = test_config.section("gate", robustness_margin=None)
-    assert "robust_vs_champion" not in [r.name for r in decide(slightly_worse, champion(),
-                                                               off).rules]
+    assert "robust_vs_champion" not in [
+        r.name for r in decide(slightly_worse, champion(), off).rules
+    ]
 
 
 def test_corrupt_robustness_needs_the_same_suite():
@@ -97,22 +116,28 @@ def test_corrupt_robustness_needs_the_same_suite():
     assert not rule(verdict, "robust_vs_champion").passed
     assert "not the same images" in rule(verdict, "robust_vs_champion").detail
     missing = decide(candidate(), champion(corrupted_correct=None), CFG)
-    assert "champion v1 was not scored on the corrupted suite" in \
-        rule(missing, "robust_vs_champion").detail
+    assert (
+        "champion v1 was not scored on the corrupted suite"
+        in rule(missing, "robust_vs_champion").detail
+    )
 
 
 def test_calibration_ceiling_passes_and_rejects():
     ok = decide(candidate(ece=0.004), None, CFG)
     assert rule(ok, "calibrated").passed
-    assert rule(ok, "calibrated").detail == ("test ECE after temperature scaling 0.0040 <= "
-                                             "max_ece 0.0200")
+    assert rule(ok, "calibrated").detail == (
+        "test ECE after temperature scaling 0.0040 <= max_ece 0.0200"
+    )
     bad = decide(candidate(ece=0.095), None, CFG)
     assert not bad.passed and bad.reason == (
-        "calibrated: test ECE after temperature scaling 0.0950 > max_ece 0.0200")
+        "calibrated: test ECE after temperature scaling 0.0950 > max_ece 0.0200"
+    )
     missing = decide(candidate(ece=None), None, CFG)
     assert not rule(missing, "calibrated").passed
-    assert "calibrated" not in [r.name for r in decide(
-        candidate(ece=0.5), None, test_config.section("gate", max_ece=None)).rules]
+    assert "calibrated" not in [
+        r.name
+        for r in decide(candidate(ece=0.5), None, test_config.section("gate", max_ece=None)).rules
+    ]
 
 
 def test_reuse_budget_sets_the_significance_level():
@@ -126,11 +151,11 @@ def test_reuse_budget_sets_the_significance_level():
     assert verdict.to_dict()["level"] == pytest.approx(0.05 / 110)
     # 6 fixed, none broken: p = 2 * 0.5**6 ~= 0.031, enough at 0.05 but not at the 10th level.
     weak = candidate(n_wrong=24)
-    assert decide(weak, champion(), test_config.section("gate", reuse=False),
-                  budget=spent).passed
+    assert decide(weak, champion(), test_config.section("gate", reuse=False), budget=spent).passed
     late = decide(weak, champion(), CFG, budget=spent)
-    assert not late.passed and late.reason.startswith("significant: McNemar exact p=0.0312 >= "
-                                                      "level 0.000455 (decision 10")
+    assert not late.passed and late.reason.startswith(
+        "significant: McNemar exact p=0.0312 >= level 0.000455 (decision 10"
+    )
 
 
 def test_reuse_first_comparison_is_tested_at_half_alpha():

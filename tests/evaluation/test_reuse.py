@@ -10,18 +10,19 @@ from helpers import config as test_config
 from mnist_pipeline.evaluation import gate, reuse
 from mnist_pipeline.evaluation.gate import Parity
 
-PARITY = Parity(images=1000, disagreements=0, keras_accuracy=0.99, served_accuracy=0.99,
-                max_difference=0.0)
+PARITY = Parity(
+    images=1000, disagreements=0, keras_accuracy=0.99, served_accuracy=0.99, max_difference=0.0
+)
 SHA = "t" * 64
 
 
 def test_reuse_levels_by_hand():
     first = reuse.budget([], 0.05)
-    assert first.decisions == 0 and first.level == pytest.approx(0.025)   # alpha / (1 * 2)
+    assert first.decisions == 0 and first.level == pytest.approx(0.025)  # alpha / (1 * 2)
     after_reject = reuse.budget([False], 0.05)
     assert after_reject.levels == pytest.approx((0.025,))
-    assert after_reject.level == pytest.approx(0.05 / 6)                  # alpha / (2 * 3)
-    after_promotion = reuse.budget([True], 0.05)                          # its level carries
+    assert after_reject.level == pytest.approx(0.05 / 6)  # alpha / (2 * 3)
+    after_promotion = reuse.budget([True], 0.05)  # its level carries
     assert after_promotion.level == pytest.approx(0.05 / 6 + 0.025)
     chain = reuse.budget([True, True, False], 0.05)
     assert chain.levels == pytest.approx((0.025, 0.025 + 0.05 / 6, 0.025 + 0.05 / 6 + 0.05 / 12))
@@ -33,8 +34,12 @@ def test_reuse_levels_by_hand():
 
 
 def test_reuse_counts_only_comparisons_on_the_same_test_set():
-    old_format = {"action": "gate", "outcome": "rejected", "p_value": 0.2,
-                  "rules": [{"rule": "test_data_matches_training", "value": SHA}]}
+    old_format = {
+        "action": "gate",
+        "outcome": "rejected",
+        "p_value": 0.2,
+        "rules": [{"rule": "test_data_matches_training", "value": SHA}],
+    }
     entries = [
         {"action": "gate", "outcome": "promoted", "p_value": None, "test_sha256": SHA},  # first
         {"action": "gate", "outcome": "promoted", "p_value": 1e-9, "test_sha256": SHA},
@@ -51,9 +56,17 @@ def test_reuse_counts_only_comparisons_on_the_same_test_set():
 # --- the simulation ------------------------------------------------------------------------
 
 N = 10_000
-CFG = test_config.section("gate", min_accuracy=0.5, min_class_recall=0.0, min_improvement=0.0,
-                          require_significance=True, alpha=0.05, reuse=True,
-                          robustness_margin=None, max_ece=None)
+CFG = test_config.section(
+    "gate",
+    min_accuracy=0.5,
+    min_class_recall=0.0,
+    min_improvement=0.0,
+    require_significance=True,
+    alpha=0.05,
+    reuse=True,
+    robustness_margin=None,
+    max_ece=None,
+)
 NAIVE = test_config.section("gate", **{**CFG.model_dump(), "reuse": False})
 
 
@@ -72,10 +85,18 @@ def _model(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _decide(cfg, challenger: np.ndarray, champion: np.ndarray, promoted: list[bool]):
     candidate = gate.Candidate(
-        accuracy=float(challenger.mean()), loss=0.05, class_recall=[1.0] * 10, n_test=N,
-        test_sha256=SHA, trained_test_sha256=SHA, correct=challenger, parity=PARITY)
-    holder = gate.Champion(version="1", accuracy=float(champion.mean()), correct=champion,
-                           test_sha256=SHA)
+        accuracy=float(challenger.mean()),
+        loss=0.05,
+        class_recall=[1.0] * 10,
+        n_test=N,
+        test_sha256=SHA,
+        trained_test_sha256=SHA,
+        correct=challenger,
+        parity=PARITY,
+    )
+    holder = gate.Champion(
+        version="1", accuracy=float(champion.mean()), correct=champion, test_sha256=SHA
+    )
     return gate.decide(candidate, holder, cfg, budget=reuse.budget(promoted, cfg.alpha))
 
 

@@ -15,12 +15,15 @@ from mnist_pipeline.evaluation import review
 def test_nested_metrics_fold_away_and_unchanged_ones_are_counted():
     """On `dvc metrics diff --all` JSON: headline metrics always in view, changed nested ones
     folded, unchanged nested ones counted per file, the verdict's file left out."""
-    diff = {"metrics/evaluate.json": {
-                "test_accuracy": {"old": 0.95, "new": 0.95, "diff": 0},
-                "per_class.3.recall": {"old": 0.9, "new": 0.93, "diff": 0.03},
-                "per_class.4.recall": {"old": 0.9, "new": 0.9, "diff": 0}},
-            "metrics/data.json": {"test.count": {"old": 10000, "new": 10000, "diff": 0}},
-            "gate.json": {"p_value": {"old": 0.1, "new": 0.01}}}
+    diff = {
+        "metrics/evaluate.json": {
+            "test_accuracy": {"old": 0.95, "new": 0.95, "diff": 0},
+            "per_class.3.recall": {"old": 0.9, "new": 0.93, "diff": 0.03},
+            "per_class.4.recall": {"old": 0.9, "new": 0.9, "diff": 0},
+        },
+        "metrics/data.json": {"test.count": {"old": 10000, "new": 10000, "diff": 0}},
+        "gate.json": {"p_value": {"old": 0.1, "new": 0.01}},
+    }
     text = "\n".join(review._metrics_section(diff, "gate.json"))
     headline, folded = text.split("<details>")
     assert "| `test_accuracy` | 0.9500 | 0.9500 | +0.0000 | metrics/evaluate.json |" in headline
@@ -42,8 +45,7 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
     repo.run(["git", "commit", "-qm", "baseline results"], path)
     baseline = json.loads((path / "metrics/evaluate.json").read_text())["test_accuracy"]
     repo.run(["dvc", "exp", "run", "-n", "one-epoch", "-S", "train.epochs=1"], path)
-    repo.run(["dvc", "exp", "run", "-n", "slow-sgd", "-S", "optimizer.learning_rate=0.001"],
-             path)
+    repo.run(["dvc", "exp", "run", "-n", "slow-sgd", "-S", "optimizer.learning_rate=0.001"], path)
 
     done = _review(path, "--exp", "one-epoch", "--against", "main", "-o", "review.md")
     assert done.returncode == 0, done.stderr
@@ -53,8 +55,11 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
     params = text.split("### Params that changed")[1].split("###")[0]
     assert "| `train.epochs` | 2 | 1 |" in params
     assert "learning_rate" not in params  # only what this experiment changed
-    row = re.search(r"\| `test_accuracy` \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+) \| "
-                    r"metrics/evaluate.json \|", text)
+    row = re.search(
+        r"\| `test_accuracy` \| ([\d.]+) \| ([\d.]+) \| ([+-][\d.]+) \| "
+        r"metrics/evaluate.json \|",
+        text,
+    )
     assert row, text
     before, after, delta = map(float, row.groups())
     assert before == pytest.approx(baseline, abs=1e-4)
@@ -64,8 +69,12 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
     assert re.search(r"- Experiment `one-epoch`: \*\*(PASSED|REJECTED)\*\* v\d+: \S", gate)
     assert "- `main`: **PASSED** v1: passed all 7 rules (no champion yet)" in gate
     plots = text.split("### Plots")[1]
-    for plot in ("plots/train_history.csv", "plots/evaluate/confusion.csv",
-                 "plots/evaluate/confusion.png", "plots/evaluate/class_recall.png"):
+    for plot in (
+        "plots/train_history.csv",
+        "plots/evaluate/confusion.csv",
+        "plots/evaluate/confusion.png",
+        "plots/evaluate/class_recall.png",
+    ):
         assert f"- `{plot}`" in plots
     assert "`dvc plots diff main one-epoch`" in plots
 
@@ -80,5 +89,6 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
     missing = _review(path, "--exp", "no-such-experiment")
     assert missing.returncode == 1
     first = missing.stderr.splitlines()[0]
-    assert first.startswith("mnist-pipeline: error: dvc params diff main no-such-experiment "
-                            "failed in ") and first.endswith("see: dvc exp list)")
+    assert first.startswith(
+        "mnist-pipeline: error: dvc params diff main no-such-experiment failed in "
+    ) and first.endswith("see: dvc exp list)")

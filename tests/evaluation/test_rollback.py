@@ -40,19 +40,32 @@ def checkout(tmp_path, monkeypatch):
     experiment_id = store.connect(cfg)
     client = MlflowClient()
     client.create_registered_model(NAME)
-    for passed, scored_on in (("true", today), ("true", today), ("false", today),
-                              ("true", "0" * 64)):
+    for passed, scored_on in (
+        ("true", today),
+        ("true", today),
+        ("false", today),
+        ("true", "0" * 64),
+    ):
         run_id = client.create_run(experiment_id).info.run_id
-        client.create_model_version(NAME, source=f"runs:/{run_id}/model", run_id=run_id,
-                                    tags={"gate.passed": passed, "data.test_sha256": scored_on})
+        client.create_model_version(
+            NAME,
+            source=f"runs:/{run_id}/model",
+            run_id=run_id,
+            tags={"gate.passed": passed, "data.test_sha256": scored_on},
+        )
     registry.promote(NAME, "2")
     return today
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run([sys.executable, "-m", "mnist_pipeline.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _champion() -> str:
@@ -66,19 +79,25 @@ def test_rollback_to_a_version_that_passed_moves_and_records_who_and_why(checkou
     assert _champion() == "1"
     [entry] = history.entries(NAME)
     assert (entry["action"], entry["outcome"]) == ("rollback", "rolled back")
-    assert (entry["candidate"], entry["champion_before"], entry["champion_after"]) == \
-        ("1", "2", "1")
+    assert (entry["candidate"], entry["champion_before"], entry["champion_after"]) == (
+        "1",
+        "2",
+        "1",
+    )
     assert entry["reason"] == "v2 misreads sevens" and entry["user"] and entry["time"]
     assert entry["checks"][0] == "passed the gate before"
 
 
-@pytest.mark.parametrize(("to", "why"), [
-    ("v3", "v3 of mnist-classifier never passed the gate"),
-    ("v4", "v4 of mnist-classifier was scored on test set 000000000000…, today's is "),
-    ("v9", "mnist-classifier has no version 9"),
-    ("v2", "v2 is already the champion of mnist-classifier; nothing moved"),
-    ("seven", "--to 'seven': expected a version such as v3 or 3"),
-])
+@pytest.mark.parametrize(
+    ("to", "why"),
+    [
+        ("v3", "v3 of mnist-classifier never passed the gate"),
+        ("v4", "v4 of mnist-classifier was scored on test set 000000000000…, today's is "),
+        ("v9", "mnist-classifier has no version 9"),
+        ("v2", "v2 is already the champion of mnist-classifier; nothing moved"),
+        ("seven", "--to 'seven': expected a version such as v3 or 3"),
+    ],
+)
 def test_refused_moves_change_nothing(checkout, to, why):
     with pytest.raises(PromotionError, match="^" + why.replace("(", r"\(").replace(")", r"\)")):
         rollback.move(NAME, to, "because", test_sha256=checkout)
@@ -90,7 +109,8 @@ def test_the_command_refuses_with_one_line_and_a_nonzero_status(checkout):
     assert done.returncode == 1
     assert done.stderr.splitlines()[0] == (
         "mnist-pipeline: error: v3 of mnist-classifier never passed the gate, so it cannot be "
-        "rolled back to; to promote it anyway: --force --reason '...'")
+        "rolled back to; to promote it anyway: --force --reason '...'"
+    )
     assert _champion() == "2"
     missing = _cli("champion", "rollback", "--to", "v1")
     assert missing.returncode == 2 and "--reason" in missing.stderr  # argparse: required
@@ -121,9 +141,16 @@ def test_a_version_that_passed_earlier_in_the_history_may_be_rolled_back_to(chec
     """Its tag says the last gate rejected it (re-evaluated later), but it passed before."""
     from mlflow import MlflowClient
 
-    history.append(NAME, history.gate_entry(
-        {"passed": True, "reason": "ok", "p_value": None, "rules": []}, candidate="3",
-        champion_before=None, champion_after="3", run_id="r"))
+    history.append(
+        NAME,
+        history.gate_entry(
+            {"passed": True, "reason": "ok", "p_value": None, "rules": []},
+            candidate="3",
+            champion_before=None,
+            champion_after="3",
+            run_id="r",
+        ),
+    )
     assert MlflowClient().get_model_version(NAME, "3").tags["gate.passed"] == "false"
     rollback.move(NAME, "3", "back to v3", test_sha256=checkout)
     assert _champion() == "3"
@@ -133,8 +160,15 @@ def test_after_a_rollback_the_champion_record_names_the_new_champion(checkout, t
     """gate.json still names the champion the last evaluate left (v2): the record becomes
     v1, so the next `dvc repro` re-evaluates this workspace's model against v1."""
     gate = tmp_path / "gate.json"
-    gate.write_text(json.dumps({"registered_model": NAME, "champion_version": "2",
-                                "champion_record": {"registered_model": NAME, "version": "1"}}))
+    gate.write_text(
+        json.dumps(
+            {
+                "registered_model": NAME,
+                "champion_version": "2",
+                "champion_record": {"registered_model": NAME, "version": "1"},
+            }
+        )
+    )
     cfg = test_config.section("tracking")
     assert champion_record.decide(cfg, gate).left_by_evaluate
     rollback.move(NAME, "v1", "v2 regressed", test_sha256=checkout)
@@ -143,9 +177,21 @@ def test_after_a_rollback_the_champion_record_names_the_new_champion(checkout, t
 
 
 def test_history_prints_newest_first_as_a_table_or_json(checkout):
-    history.append(NAME, history.gate_entry(
-        {"passed": False, "reason": "min_accuracy: 0.9410 < 0.9500", "p_value": 0.25,
-         "rules": []}, candidate="3", champion_before="2", champion_after="2", run_id="r"))
+    history.append(
+        NAME,
+        history.gate_entry(
+            {
+                "passed": False,
+                "reason": "min_accuracy: 0.9410 < 0.9500",
+                "p_value": 0.25,
+                "rules": [],
+            },
+            candidate="3",
+            champion_before="2",
+            champion_after="2",
+            run_id="r",
+        ),
+    )
     rollback.move(NAME, "v1", "v2 regressed", test_sha256=checkout)
     done = _cli("champion", "history")
     assert done.returncode == 0, done.stderr

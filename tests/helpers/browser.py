@@ -7,9 +7,15 @@ import shutil
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 SCREENSHOT_ENV = "MNIST_SCREENSHOT_DIR"
 PAGE_TIMEOUT_MS = 120_000  # a React app on two busy cores
 MISSING = f"{CHROMIUM} is missing (make system-deps installs Debian's chromium)"

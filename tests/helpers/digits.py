@@ -17,7 +17,7 @@ def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
     for i, label in enumerate(labels):
         row = 3 + 2 * int(label)
-        images[i, row:row + 2, 4:24] = 255
+        images[i, row : row + 2, 4:24] = 255
     return images, labels
 
 
@@ -30,7 +30,7 @@ def graded_model(broken: tuple[int, ...]):
     for cls in range(10):
         mask = np.zeros((28, 28), np.float32)
         row = 3 + 2 * cls
-        mask[row:row + 2, 4:24] = 10.0 / 40  # ~10 for the class's own bar, ~1 for noise
+        mask[row : row + 2, 4:24] = 10.0 / 40  # ~10 for the class's own bar, ~1 for noise
         target = (cls + 1) % 10 if cls in broken else cls
         weights[:, target] += mask.ravel()
     # float32 whatever global policy an earlier test in this process left (training sets
@@ -39,10 +39,14 @@ def graded_model(broken: tuple[int, ...]):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
-        model = keras.Sequential([
-            keras.Input((28, 28), dtype="uint8", name="image"),
-            keras.layers.Rescaling(1.0 / 255), keras.layers.Flatten(),
-            keras.layers.Dense(10, activation="softmax", name="probabilities")])
+        model = keras.Sequential(
+            [
+                keras.Input((28, 28), dtype="uint8", name="image"),
+                keras.layers.Rescaling(1.0 / 255),
+                keras.layers.Flatten(),
+                keras.layers.Dense(10, activation="softmax", name="probabilities"),
+            ]
+        )
     finally:
         keras.mixed_precision.set_global_policy(previous)
     model.layers[-1].set_weights([weights, np.zeros(10, np.float32)])

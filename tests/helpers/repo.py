@@ -26,16 +26,17 @@ from mnist_pipeline.data import idx
 
 VENV_BIN = Path(sys.executable).parent
 COPIED = ("conf", "pipelines", "src", "dvc.yaml", ".dvcignore", ".gitignore")
-RAW_NAMES = {"train-images-idx3-ubyte": ("train", "images"),
-             "train-labels-idx1-ubyte": ("train", "labels"),
-             "t10k-images-idx3-ubyte": ("test", "images"),
-             "t10k-labels-idx1-ubyte": ("test", "labels")}
+RAW_NAMES = {
+    "train-images-idx3-ubyte": ("train", "images"),
+    "train-labels-idx1-ubyte": ("train", "labels"),
+    "t10k-images-idx3-ubyte": ("test", "images"),
+    "t10k-labels-idx1-ubyte": ("test", "labels"),
+}
 
 
 def env(**extra: str) -> dict[str, str]:
     """The environment stages run with: the venv first on PATH, no outside tracking URI."""
-    out = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_"))}
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     out["PATH"] = f"{VENV_BIN}{os.pathsep}{out.get('PATH', '')}"
     out["TF_CPP_MIN_LOG_LEVEL"] = "3"
     out["PYTHONUNBUFFERED"] = "1"
@@ -57,34 +58,58 @@ def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[st
     return digests
 
 
-def make(path: Path, *, epochs: int = 2, val_size: int = 100, gate: dict | None = None,
-         train: dict | None = None, commit: bool = True, n_train: int = 600) -> Path:
+def make(
+    path: Path,
+    *,
+    epochs: int = 2,
+    val_size: int = 100,
+    gate: dict | None = None,
+    train: dict | None = None,
+    commit: bool = True,
+    n_train: int = 600,
+) -> Path:
     """A git + DVC repository at `path` whose pipeline runs on synthetic data."""
     path.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, path / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            shutil.copytree(
+                source, path / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+            )
         else:
             shutil.copy2(source, path / name)
     digests = write_mirror(path.parent / f"{path.name}-mirror", n_train=n_train)
     fetch = yaml.safe_load((path / "conf/fetch/default.yaml").read_text())
-    fetch["mirrors"] = [{"name": "local", "kind": "http",
-                         "url": (path.parent / f"{path.name}-mirror").as_uri() + "/",
-                         "suffix": ""}]
+    fetch["mirrors"] = [
+        {
+            "name": "local",
+            "kind": "http",
+            "url": (path.parent / f"{path.name}-mirror").as_uri() + "/",
+            "suffix": "",
+        }
+    ]
     fetch["files"] = digests
     _dump(path / "conf/fetch/default.yaml", fetch)
     _update(path / "conf/preprocess/default.yaml", {"val_size": val_size})
     # Small batches and a brisker learning rate: the synthetic digits are learnt in 2 epochs.
-    _update(path / "conf/train/default.yaml",
-            {"epochs": epochs, "verbose": 0, "batch_size": 32, **(train or {})})
+    _update(
+        path / "conf/train/default.yaml",
+        {"epochs": epochs, "verbose": 0, "batch_size": 32, **(train or {})},
+    )
     _update(path / "conf/optimizer/sgd.yaml", {"learning_rate": 0.05})
     # The robustness and calibration rules run, but with bounds two-epoch models on synthetic
     # digits always meet; each significance test is at alpha (their own tests check those).
-    _update(path / "conf/gate/default.yaml",
-            {"min_accuracy": 0.5, "min_class_recall": 0.0, "robustness_margin": 1.0,
-             "max_ece": 1.0, "reuse": False, **(gate or {})})
+    _update(
+        path / "conf/gate/default.yaml",
+        {
+            "min_accuracy": 0.5,
+            "min_class_recall": 0.0,
+            "robustness_margin": 1.0,
+            "max_ece": 1.0,
+            "reuse": False,
+            **(gate or {}),
+        },
+    )
     write_params(path / "conf", path / "params.yaml")
     run(["git", "init", "-q", "-b", "main"], path)
     run(["dvc", "init", "-q"], path)
@@ -96,13 +121,17 @@ def make(path: Path, *, epochs: int = 2, val_size: int = 100, gate: dict | None 
     return path
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600,
-        **extra_env: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True,
-                          timeout=timeout)
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, **extra_env: str
+) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout
+    )
     if check and done.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
-                             f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({done.returncode}):\n"
+            f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+        )
     return done
 
 
@@ -112,8 +141,15 @@ def start(cmd: list[str], cwd: Path, **extra_env: str) -> subprocess.Popen:
     them with SIGINT ignored, and every child would inherit that."""
     previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
-        return subprocess.Popen(cmd, cwd=cwd, env=env(**extra_env), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env(**extra_env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -131,8 +167,9 @@ def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"process ended early ({proc.returncode}): "
-                                 f"{proc.stderr.read()[-3000:]}")
+            raise AssertionError(
+                f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
+            )
         if db.exists():
             try:
                 with sqlite3.connect(db, timeout=5) as conn:
@@ -145,8 +182,9 @@ def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"no epoch {epoch} logged within {timeout} s")
 
 
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM,
-         timeout: float = 120) -> tuple[int, str]:
+def stop(
+    proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 120
+) -> tuple[int, str]:
     os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
@@ -171,9 +209,14 @@ def run_queue(path: Path, jobs: int, timeout: float = 900, **extra_env: str) -> 
     sent to the other, and a pipe would keep the caller waiting with it.
     """
     with open(path / ".dvc" / "tmp" / "queue-start.log", "ab") as log:
-        done = subprocess.run(["dvc", "queue", "start", "-j", str(jobs)], cwd=path,
-                              env=env(**extra_env), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=120)
+        done = subprocess.run(
+            ["dvc", "queue", "start", "-j", str(jobs)],
+            cwd=path,
+            env=env(**extra_env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
     assert done.returncode == 0, (path / ".dvc" / "tmp" / "queue-start.log").read_text()
     deadline = time.monotonic() + timeout
     status = ""

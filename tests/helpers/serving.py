@@ -6,9 +6,14 @@ import http.client
 import json
 
 
-def post(port: int, body: bytes | str | object, content_type: str | None = "application/json",
-         path: str = "/invocations", headers: dict[str, str] | None = None,
-         timeout_s: float = 60) -> tuple[int, bytes]:
+def post(
+    port: int,
+    body: bytes | str | object,
+    content_type: str | None = "application/json",
+    path: str = "/invocations",
+    headers: dict[str, str] | None = None,
+    timeout_s: float = 60,
+) -> tuple[int, bytes]:
     """POST `body` (JSON-encoded unless bytes or str); no Content-Type header when None."""
     if not isinstance(body, (bytes, str)):
         body = json.dumps(body)

@@ -20,13 +20,15 @@ from mnist_pipeline.team import stack as team_stack
 
 
 @contextlib.contextmanager
-def running_stack(network: bool = False,
-                  checkout: Path | None = None) -> Iterator[team_stack.Stack]:
+def running_stack(
+    network: bool = False, checkout: Path | None = None
+) -> Iterator[team_stack.Stack]:
     folder = Path(tempfile.mkdtemp(prefix="mnist-team-"))
     os.chmod(folder, 0o755)
     try:
-        stack, _ = team_stack.up(folder / "stack", free_port(), free_port(), network=network,
-                                 checkout=checkout)
+        stack, _ = team_stack.up(
+            folder / "stack", free_port(), free_port(), network=network, checkout=checkout
+        )
         try:
             yield stack
         finally:
@@ -37,6 +39,9 @@ def running_stack(network: bool = False,
 
 def client_env(stack: team_stack.Stack) -> dict[str, str]:
     """What a checkout exports to work against the stack (as `team env` prints it)."""
-    return {"MLFLOW_TRACKING_URI": stack.tracking_uri,
-            team_stack.LOCK_ENV: stack.lock_url, team_stack.MONITORING_ENV: stack.request_log,
-            **({team_stack.PASSWORD_FILE_ENV: str(stack.pgpass)} if stack.network else {})}
+    return {
+        "MLFLOW_TRACKING_URI": stack.tracking_uri,
+        team_stack.LOCK_ENV: stack.lock_url,
+        team_stack.MONITORING_ENV: stack.request_log,
+        **({team_stack.PASSWORD_FILE_ENV: str(stack.pgpass)} if stack.network else {}),
+    }

@@ -35,6 +35,11 @@ def unquieted_env(base: dict[str, str] | None = None, **extra: str) -> dict[str,
 @functools.cache
 def printed_here() -> tuple[str, ...]:
     """The start-up lines a bare `import tensorflow` prints on this machine."""
-    done = subprocess.run([sys.executable, "-c", "import tensorflow as tf; tf.constant(1) + 1"],
-                          capture_output=True, text=True, timeout=300, env=unquieted_env())
+    done = subprocess.run(
+        [sys.executable, "-c", "import tensorflow as tf; tf.constant(1) + 1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=unquieted_env(),
+    )
     return tuple(found(done.stderr))

@@ -55,6 +55,7 @@ def reference() -> Reference:
 
 # --- hand-made shifts of the synthetic digits (a bright bar at a class-specific row) -------
 
+
 def brighter_background(images: np.ndarray) -> np.ndarray:
     return np.where(images < 128, images + 60, images).astype(np.uint8)
 
@@ -71,17 +72,32 @@ def scaled(images: np.ndarray, factor: float = 1.5) -> np.ndarray:
 
 def thicker(images: np.ndarray) -> np.ndarray:
     """One-pixel dilation of the strokes."""
-    return np.maximum.reduce([images, np.roll(images, 1, axis=1), np.roll(images, -1, axis=1),
-                              np.roll(images, 1, axis=2), np.roll(images, -1, axis=2)])
+    return np.maximum.reduce(
+        [
+            images,
+            np.roll(images, 1, axis=1),
+            np.roll(images, -1, axis=1),
+            np.roll(images, 1, axis=2),
+            np.roll(images, -1, axis=2),
+        ]
+    )
 
 
 # --- features --------------------------------------------------------------------------------
 
+
 def test_monitor_input_statistics_of_a_blank_image():
     blank = input_statistics(np.zeros((1, 28, 28), np.uint8))[0]
     stats = dict(zip(INPUT_STATISTICS, blank, strict=True))
-    assert stats == {"ink": 0, "mean": 0, "contrast": 0, "height": 0, "width": 0,
-                     "row_centre": 13.5, "col_centre": 13.5}
+    assert stats == {
+        "ink": 0,
+        "mean": 0,
+        "contrast": 0,
+        "height": 0,
+        "width": 0,
+        "row_centre": 13.5,
+        "col_centre": 13.5,
+    }
 
 
 def test_monitor_input_statistics_of_a_rectangle():
@@ -119,9 +135,14 @@ def test_monitor_input_statistics_match_a_plain_computation_on_many_images():
     assert np.allclose(stats[:, 5], rows, atol=1e-4)
 
 
-@pytest.mark.parametrize("images", [np.zeros((2, 28, 27), np.uint8),
-                                    np.zeros((28, 28), np.uint8),
-                                    np.zeros((2, 28, 28), np.float32)])
+@pytest.mark.parametrize(
+    "images",
+    [
+        np.zeros((2, 28, 27), np.uint8),
+        np.zeros((28, 28), np.uint8),
+        np.zeros((2, 28, 28), np.float32),
+    ],
+)
 def test_monitor_input_statistics_refuse_what_is_not_raw_mnist(images):
     with pytest.raises(ValueError, match=r"images: got shape .* dtype .*, expected .*uint8"):
         input_statistics(images)
@@ -129,8 +150,8 @@ def test_monitor_input_statistics_refuse_what_is_not_raw_mnist(images):
 
 def test_monitor_output_statistics_of_known_probabilities():
     probabilities = np.zeros((3, 10))
-    probabilities[0] = 0.1                     # uniform
-    probabilities[1, 7] = 1.0                  # one-hot
+    probabilities[0] = 0.1  # uniform
+    probabilities[1, 7] = 1.0  # one-hot
     probabilities[2, [2, 5]] = [0.25, 0.75]
     predicted, confidence, entropy = output_statistics(probabilities)
     assert predicted.dtype == np.int64 and predicted[1:].tolist() == [7, 5]
@@ -148,10 +169,15 @@ def test_monitor_output_statistics_refuse_a_flat_array():
 
 # --- Outputs and Reference -------------------------------------------------------------------
 
+
 def test_monitor_outputs_name_the_field_whose_length_differs():
     with pytest.raises(ValueError, match="confidence: got 4 rows, expected 5"):
-        Outputs(predicted=np.zeros(5, int), confidence=np.zeros(4), entropy=np.zeros(5),
-                inputs=np.zeros((5, 7)))
+        Outputs(
+            predicted=np.zeros(5, int),
+            confidence=np.zeros(4),
+            entropy=np.zeros(5),
+            inputs=np.zeros((5, 7)),
+        )
 
 
 def test_drift_reference_round_trips_through_a_file(tmp_path, reference):
@@ -166,8 +192,9 @@ def test_drift_reference_round_trips_through_a_file(tmp_path, reference):
 
 def test_drift_reference_load_names_the_file_and_the_missing_key(tmp_path, reference):
     path = tmp_path / "reference.npz"
-    arrays = {name: getattr(reference, name)
-              for name in ("predicted", "confidence", "entropy", "inputs")}
+    arrays = {
+        name: getattr(reference, name) for name in ("predicted", "confidence", "entropy", "inputs")
+    }
     np.savez(path, format=drift.FORMAT, statistics=np.array(INPUT_STATISTICS), **arrays)
     with pytest.raises(DataError, match=rf"{path}: missing key 'correct'"):
         Reference.load(path)
@@ -186,6 +213,7 @@ def test_drift_reference_load_refuses_another_format_and_a_missing_file(tmp_path
 
 
 # --- each test on a hand-made shift, and on none ---------------------------------------------
+
 
 def test_drift_class_mix_fires_on_a_hand_made_shift():
     reference = np.arange(REFERENCE_SIZE) % 10  # every class a tenth
@@ -232,12 +260,16 @@ def test_drift_entropy_fires_alone_when_the_doubt_spreads_over_more_classes():
     assert ks_test("confidence", reference_confidence, window_confidence).p_value > 0.01
 
 
-@pytest.mark.parametrize(("transform", "watched"), [
-    (brighter_background, ("input:mean", "input:contrast")),
-    (translated, ("input:row_centre", "input:col_centre")),
-    (scaled, ("input:height", "input:width")),
-    (thicker, ("input:ink",)),
-], ids=["brighter", "translated", "scaled", "thicker"])
+@pytest.mark.parametrize(
+    ("transform", "watched"),
+    [
+        (brighter_background, ("input:mean", "input:contrast")),
+        (translated, ("input:row_centre", "input:col_centre")),
+        (scaled, ("input:height", "input:width")),
+        (thicker, ("input:ink",)),
+    ],
+    ids=["brighter", "translated", "scaled", "thicker"],
+)
 def test_drift_input_statistics_fire_on_a_hand_made_shift(reference, transform, watched):
     window = traffic(WINDOW, seed=12, transform=transform)
     result = compare(reference, window)
@@ -258,8 +290,12 @@ def test_drift_min_distance_silences_a_significant_but_small_shift():
     def outputs(n: int, ink_shift: float) -> Outputs:
         inputs = rng.normal(size=(n, len(INPUT_STATISTICS)))
         inputs[:, 0] += ink_shift
-        return Outputs(predicted=np.arange(n) % 10, confidence=rng.uniform(0.9, 1, n),
-                       entropy=rng.uniform(0, 0.3, n), inputs=inputs)
+        return Outputs(
+            predicted=np.arange(n) % 10,
+            confidence=rng.uniform(0.9, 1, n),
+            entropy=rng.uniform(0, 0.3, n),
+            inputs=inputs,
+        )
 
     reference, window = outputs(REFERENCE_SIZE, 0.0), outputs(WINDOW, 0.35)
     plain = compare(reference, window)
@@ -274,8 +310,12 @@ def test_drift_compare_is_quiet_on_fresh_traffic_from_the_same_source(reference)
     result = compare(reference, traffic(WINDOW, seed=13))
     assert not result.alarm and result.fired == ()
     names = [test.name for test in result.tests]
-    assert names == ["class_mix", "confidence", "entropy",
-                     *(f"input:{stat}" for stat in INPUT_STATISTICS)]
+    assert names == [
+        "class_mix",
+        "confidence",
+        "entropy",
+        *(f"input:{stat}" for stat in INPUT_STATISTICS),
+    ]
     assert result.level == pytest.approx(result.alpha / len(names))
     assert min(test.p_value for test in result.tests) > result.level
     json.dumps(result.as_dict(), allow_nan=False)
@@ -285,8 +325,10 @@ def test_drift_false_alarms_stay_within_alpha_over_many_clean_windows(reference)
     """200 fresh windows of 500, none from the reference itself: at alpha = 0.001 about
     0.2 alarms are expected; more than 2% would make the monitor noise."""
     windows = traffic(200 * WINDOW, seed=14)
-    alarms = sum(compare(reference, windows.take(slice(i, i + WINDOW))).alarm
-                 for i in range(0, len(windows), WINDOW))
+    alarms = sum(
+        compare(reference, windows.take(slice(i, i + WINDOW))).alarm
+        for i in range(0, len(windows), WINDOW)
+    )
     assert alarms <= 4
 
 
@@ -300,6 +342,7 @@ def test_drift_ks_on_constants_neither_warns_nor_returns_nan():
 
 
 # --- bad arguments ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("alpha", [0, 1, -0.1, 1.5, math.nan, True, "0.01"])
 def test_drift_compare_refuses_alpha_outside_zero_one(reference, alpha):

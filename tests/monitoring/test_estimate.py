@@ -27,9 +27,13 @@ def calibrated(n: int, rng: np.random.Generator, hard: float = 0.05):
 
 def reference_of(confidence: np.ndarray, correct: np.ndarray) -> Reference:
     n = confidence.size
-    return Reference(predicted=np.zeros(n, np.int64), confidence=confidence.astype(np.float32),
-                     entropy=np.zeros(n, np.float32), inputs=np.zeros((n, 7), np.float32),
-                     correct=correct)
+    return Reference(
+        predicted=np.zeros(n, np.int64),
+        confidence=confidence.astype(np.float32),
+        entropy=np.zeros(n, np.float32),
+        inputs=np.zeros((n, 7), np.float32),
+        correct=correct,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +96,20 @@ def test_monitor_atc_reproduces_the_reference_accuracy_even_with_tied_confidence
 
 
 def test_monitor_estimate_intervals_stay_inside_zero_one(reference):
-    for result in (mean_confidence(np.ones(50)), thresholded_confidence(reference, np.ones(50)),
-                   mean_confidence(np.zeros(50))):
+    for result in (
+        mean_confidence(np.ones(50)),
+        thresholded_confidence(reference, np.ones(50)),
+        mean_confidence(np.zeros(50)),
+    ):
         assert 0 <= result.low <= result.accuracy <= result.high <= 1
 
 
 def test_monitor_estimate_dispatches_by_method(reference):
     confidence, _ = calibrated(500, np.random.default_rng(5))
     assert estimate(reference, confidence, method="cbpe") == mean_confidence(confidence)
-    assert estimate(reference, confidence, method="atc", level=0.9) == \
-        thresholded_confidence(reference, confidence, level=0.9)
+    assert estimate(reference, confidence, method="atc", level=0.9) == thresholded_confidence(
+        reference, confidence, level=0.9
+    )
     assert isinstance(estimate(reference, confidence), Estimate)
     assert estimate(reference, confidence).as_dict()["n"] == 500
 
@@ -117,8 +125,9 @@ def test_monitor_estimate_refuses_a_level_outside_zero_one(level):
         mean_confidence(np.ones(10), level=level)
 
 
-@pytest.mark.parametrize("confidence", [np.array([]), np.array([0.5, 1.2]),
-                                        np.array([[0.5]]), np.array([np.nan])])
+@pytest.mark.parametrize(
+    "confidence", [np.array([]), np.array([0.5, 1.2]), np.array([[0.5]]), np.array([np.nan])]
+)
 def test_monitor_estimate_refuses_what_are_not_confidences(reference, confidence):
     with pytest.raises(ValueError, match="window_confidence: got"):
         thresholded_confidence(reference, confidence)

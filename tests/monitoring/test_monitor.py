@@ -29,8 +29,10 @@ WINDOW = 200
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    splits = {name: Split(*synthetic_digits(n, seed))
-              for name, n, seed in (("train", 600, 1), ("val", 200, 2), ("test", 1000, 3))}
+    splits = {
+        name: Split(*synthetic_digits(n, seed))
+        for name, n, seed in (("train", 600, 1), ("val", 200, 2), ("test", 1000, 3))
+    }
     return tiny_store.build(tmp_path_factory.mktemp("monitor-repo"), splits, epochs=4)
 
 
@@ -43,16 +45,18 @@ def served(store, tmp_path_factory):
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         patch.delenv("MNIST_MONITORING_LOG", raising=False)
         monitoring = checkout_section("monitoring", store.root).model_copy(
-            update={"flush_interval_s": 0.1})
-        command = model_server_command(tracking_config(store.root), port=port,
-                                       monitoring=monitoring)
+            update={"flush_interval_s": 0.1}
+        )
+        command = model_server_command(
+            tracking_config(store.root), port=port, monitoring=monitoring
+        )
         with tiny_store.running(command, tmp_path_factory.mktemp("monitor-log") / "s.log"):
             yield port
 
 
 def send(port: int, images: np.ndarray) -> None:
     for start in range(0, len(images), 10):
-        status, body = post(port, {"inputs": images[start:start + 10].tolist()})
+        status, body = post(port, {"inputs": images[start : start + 10].tolist()})
         assert status == 200, body
 
 
@@ -90,8 +94,9 @@ def window_runs(store):
     return mlflow.search_runs([experiment.experiment_id], output_format="list")
 
 
-def test_monitor_with_too_few_answers_checks_nothing_and_exits_0(store, served, monkeypatch,
-                                                                  capsys):
+def test_monitor_with_too_few_answers_checks_nothing_and_exits_0(
+    store, served, monkeypatch, capsys
+):
     before = counts(served)["log"]["rows_written"]
     send(served, store.test.images[:20])
     wait_for_rows(served, before + 20)
@@ -99,8 +104,9 @@ def test_monitor_with_too_few_answers_checks_nothing_and_exits_0(store, served, 
     assert "nothing to check yet" in capsys.readouterr().out
 
 
-def test_monitor_on_clean_traffic_exits_0_and_logs_one_run_per_window(store, served,
-                                                                      monkeypatch, capsys):
+def test_monitor_on_clean_traffic_exits_0_and_logs_one_run_per_window(
+    store, served, monkeypatch, capsys
+):
     before, runs_before = counts(served)["log"]["rows_written"], len(window_runs(store))
     send(served, store.test.images[20:620])
     wait_for_rows(served, before + 600)
@@ -108,10 +114,11 @@ def test_monitor_on_clean_traffic_exits_0_and_logs_one_run_per_window(store, ser
     assert monitor(store, monkeypatch, "--windows", "3", "--report", str(report)) == 0
     out = capsys.readouterr().out
     assert out.count("estimated accuracy") == 3 and "ALARM" not in out
-    runs = window_runs(store)[:len(window_runs(store)) - runs_before]  # newest first
+    runs = window_runs(store)[: len(window_runs(store)) - runs_before]  # newest first
     assert len(runs) == 3
-    first = min(runs, key=lambda r: int(r.data.tags["monitor.window"].rsplit("/", 1)[1]
-                                        .split("-")[0]))
+    first = min(
+        runs, key=lambda r: int(r.data.tags["monitor.window"].rsplit("/", 1)[1].split("-")[0])
+    )
     assert first.data.tags["version"] == store.version and first.data.tags["alarm"] == "false"
     assert first.data.metrics["requests"] == WINDOW
     assert 0 <= first.data.metrics["estimated_accuracy"] <= 1
@@ -123,11 +130,12 @@ def test_monitor_on_clean_traffic_exits_0_and_logs_one_run_per_window(store, ser
     assert len(window_runs(store)) == runs_before + 3
 
 
-def test_monitor_on_shifted_traffic_raises_the_alarm_and_exits_3(store, served, monkeypatch,
-                                                                 capsys):
+def test_monitor_on_shifted_traffic_raises_the_alarm_and_exits_3(
+    store, served, monkeypatch, capsys
+):
     before = counts(served)["log"]["rows_written"]
     brighter = corruptions.corrupt(store.test.images[620:1000], "brightness", seed=0)
-    send(served, brighter[:2 * WINDOW - 20])
+    send(served, brighter[: 2 * WINDOW - 20])
     send(served, corruptions.corrupt(store.test.images[:20], "brightness", seed=1))
     wait_for_rows(served, before + 2 * WINDOW)
     report = store.root / "shifted.html"

@@ -52,15 +52,17 @@ def test_ratio_is_nan_when_undefined(bench):
 
 
 def test_stage_times_split_dvc_output_at_each_stage(bench):
-    output = "\n".join([
-        "    0.50 Stage 'fetch' didn't change, skipping",
-        "    0.60 Running stage 'preprocess':",
-        "    2.00 Updating lock file 'dvc.lock'",
-        "    2.10 Running stage 'train':",
-        "    9.00 train: done",
-        "   12.10 Running stage 'evaluate':",
-        "   20.00 Use `dvc push` to send your updates to remote storage.",
-    ])
+    output = "\n".join(
+        [
+            "    0.50 Stage 'fetch' didn't change, skipping",
+            "    0.60 Running stage 'preprocess':",
+            "    2.00 Updating lock file 'dvc.lock'",
+            "    2.10 Running stage 'train':",
+            "    9.00 train: done",
+            "   12.10 Running stage 'evaluate':",
+            "   20.00 Use `dvc push` to send your updates to remote storage.",
+        ]
+    )
     before, stages = bench.stage_times(output)
     assert before == pytest.approx(0.6)
     assert stages == pytest.approx({"preprocess": 1.5, "train": 10.0, "evaluate": 7.9})
@@ -81,8 +83,12 @@ def test_table_aligns_columns(bench):
 
 @pytest.mark.slow
 def test_one_epoch_on_synthetic_data_reports_both_sides():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--epochs", "1", "--skip-repro",
-                           "--synthetic"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--epochs", "1", "--skip-repro", "--synthetic"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert "tutorial script #1" in out and "train stage #1" in out
@@ -93,16 +99,33 @@ def test_one_epoch_on_synthetic_data_reports_both_sides():
 @pytest.mark.slow
 def test_ablation_runs_its_variants_and_the_maths_stays_the_same(tmp_path):
     from helpers.digits import synthetic_digits
+
     pass
 
     for name, n, seed in (("train", 600, 1), ("val", 200, 2)):
         save_split(tmp_path, name, Split(*synthetic_digits(n, seed)))
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ablation.py"),
-                           "--processed", str(tmp_path), "--rounds", "1", "--only", "6", "10"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "ablation.py"),
+            "--processed",
+            str(tmp_path),
+            "--rounds",
+            "1",
+            "--only",
+            "6",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()
-            if line.strip() and line.split()[0] in {"6", "10"}}
+    rows = {
+        line.split()[0]: line.split()
+        for line in done.stdout.splitlines()
+        if line.strip() and line.split()[0] in {"6", "10"}
+    }
     assert sorted(rows) == ["10", "6"]
     assert "(= stage)" in " ".join(rows["6"]) and "softmax" in " ".join(rows["10"])
     # Scoring accuracy on the softmax changes no weight: the losses agree exactly.
@@ -141,10 +164,24 @@ def test_time_to_a_threshold_is_the_first_epoch_that_reaches_it(tta):
 
 
 def test_row_reports_reached_thresholds_and_dashes(tta):
-    record = {"epoch_time_s": [9.0, 4.0, 6.0], "since_start_s": [15.0, 19.0, 25.0],
-              "test_accuracy": [0.985, 0.992, 0.9951], "peak_rss_mb": 1234.0, "wall_s": 30.0}
-    assert tta.row("fast", record) == ["fast", "5.00", "15.0", "19.0", "25.0", "0.9951", "3",
-                                       "1,234", "30.0"]
+    record = {
+        "epoch_time_s": [9.0, 4.0, 6.0],
+        "since_start_s": [15.0, 19.0, 25.0],
+        "test_accuracy": [0.985, 0.992, 0.9951],
+        "peak_rss_mb": 1234.0,
+        "wall_s": 30.0,
+    }
+    assert tta.row("fast", record) == [
+        "fast",
+        "5.00",
+        "15.0",
+        "19.0",
+        "25.0",
+        "0.9951",
+        "3",
+        "1,234",
+        "30.0",
+    ]
     record["test_accuracy"] = [0.5, 0.6, 0.7]
     assert tta.row("fast", record)[2:5] == ["-", "-", "-"]
 
@@ -155,7 +192,8 @@ def test_recipes_and_epoch_cap_are_validated(tta, capsys):
     with pytest.raises(SystemExit):
         tta.parse_args(["--recipes", "nope"])
     assert "--recipes: got nope, expected peer, mlp or one of conf/experiment/" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         tta.parse_args(["--max-epochs", "-1"])
     assert "--max-epochs: got -1" in capsys.readouterr().err
@@ -164,9 +202,23 @@ def test_recipes_and_epoch_cap_are_validated(tta, capsys):
 @pytest.mark.slow
 def test_time_to_accuracy_runs_the_peer_and_a_recipe_on_synthetic_digits(tmp_path):
     report = tmp_path / "out.json"
-    done = subprocess.run([sys.executable, str(TTA_SCRIPT), "--synthetic", "--max-epochs", "1",
-                           "--recipes", "peer", "mlp", "--json", str(report)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(TTA_SCRIPT),
+            "--synthetic",
+            "--max-epochs",
+            "1",
+            "--recipes",
+            "peer",
+            "mlp",
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.strip()}
     assert lines["peer"][6] == "1" and lines["mlp"][6] == "1"  # one epoch each: the cap
@@ -199,13 +251,24 @@ def test_quick_experiment_arguments_are_validated(quick_experiment, tmp_path, ca
 
 def test_quick_experiment_report_has_every_run_and_the_medians(quick_experiment):
     def run(wall, accuracy, gate="passed"):
-        return {"wall_s": wall, "cpu_s": wall + 2, "dvc_before_s": 2.0,
-                "stages": {"train": 12.0, "champion": 1.0, "evaluate": wall - 15.3},
-                "dvc_after_s": 0.3, "test_accuracy": accuracy, "gate": gate}
+        return {
+            "wall_s": wall,
+            "cpu_s": wall + 2,
+            "dvc_before_s": 2.0,
+            "stages": {"train": 12.0, "champion": 1.0, "evaluate": wall - 15.3},
+            "dvc_after_s": 0.3,
+            "test_accuracy": accuracy,
+            "gate": gate,
+        }
 
     lines = quick_experiment.report(
-        {"first": [run(24.0, 0.98), run(26.0, 0.9812), run(25.0, 0.9805)],
-         "next": [run(23.5, 0.9821, "rejected")]}, empty_s=0.02, startup_s=6.5)
+        {
+            "first": [run(24.0, 0.98), run(26.0, 0.9812), run(25.0, 0.9805)],
+            "next": [run(23.5, 0.9821, "rejected")],
+        },
+        empty_s=0.02,
+        startup_s=6.5,
+    )
     text = "\n".join(lines)
     assert "first #3" in text and "next #1" in text and "rejected" in text
     assert "first: wall median 25.0 s (min 24.0, max 26.0); test accuracy 0.9800-0.9812" in text
@@ -228,30 +291,52 @@ def robustness():
 def test_corrupt_benchmark_arguments_are_validated(robustness, capsys):
     with pytest.raises(SystemExit):
         robustness.parse_args(["--recipes", "nope"])
-    assert "--recipes: got nope, expected mlp or one of conf/experiment/:" in \
-        capsys.readouterr().err
+    assert (
+        "--recipes: got nope, expected mlp or one of conf/experiment/:" in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         robustness.parse_args(["--max-epochs", "-2"])
     assert "--max-epochs: got -2" in capsys.readouterr().err
-    assert robustness.overrides("fast", 1) == ["experiment=fast", "train.epochs=1",
-                                               "train.verbose=0"]
+    assert robustness.overrides("fast", 1) == [
+        "experiment=fast",
+        "train.epochs=1",
+        "train.verbose=0",
+    ]
     assert robustness.overrides("mlp", 0) == ["train.verbose=0"]
 
 
 def test_corrupt_benchmark_report_compares_each_recipe_with_fast(robustness):
     def result(clean, per):
-        return {"train_s": 30.0, "epochs": 3, "clean": clean,
-                "mean_corrupted": sum(per.values()) / len(per),
-                "worst": min(per.items(), key=lambda item: item[1]), "per_corruption": per,
-                "temperature": 1.1, "threshold": 0.98, "ece_raw": 0.02, "ece": 0.004,
-                "corrupted_ece_raw": 0.1, "corrupted_ece": 0.08, "coverage": 0.95,
-                "selective": 0.999, "corrupted_coverage": 0.6, "corrupted_selective": 0.98,
-                "shift_s": 9.0}
+        return {
+            "train_s": 30.0,
+            "epochs": 3,
+            "clean": clean,
+            "mean_corrupted": sum(per.values()) / len(per),
+            "worst": min(per.items(), key=lambda item: item[1]),
+            "per_corruption": per,
+            "temperature": 1.1,
+            "threshold": 0.98,
+            "ece_raw": 0.02,
+            "ece": 0.004,
+            "corrupted_ece_raw": 0.1,
+            "corrupted_ece": 0.08,
+            "coverage": 0.95,
+            "selective": 0.999,
+            "corrupted_coverage": 0.6,
+            "corrupted_selective": 0.98,
+            "shift_s": 9.0,
+        }
 
-    text = robustness.report({"fast": result(0.99, {"fog": 0.7, "zigzag": 0.9}),
-                              "robust": result(0.995, {"fog": 0.95, "zigzag": 0.85})})
-    assert "robust against fast: mean corruption accuracy +0.1000, better on 1 of 2 " \
-           "corruptions; clean +0.0050" in text
+    text = robustness.report(
+        {
+            "fast": result(0.99, {"fog": 0.7, "zigzag": 0.9}),
+            "robust": result(0.995, {"fog": 0.95, "zigzag": 0.85}),
+        }
+    )
+    assert (
+        "robust against fast: mean corruption accuracy +0.1000, better on 1 of 2 "
+        "corruptions; clean +0.0050" in text
+    )
     assert "fog 0.700" in text  # fast's worst corruption
     rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
     assert rows["fog"][1:] == ["0.7000", "0.9500"] and rows["zigzag"][1:] == ["0.9000", "0.8500"]
@@ -268,10 +353,26 @@ def test_corrupt_benchmark_trains_and_scores_on_synthetic_digits(tmp_path):
     test = Split(*synthetic_digits(200, 3))
     suite.save(corrupted, corruptions.generate(test.images, ["fog", "stripe"], 0), test, 0)
     report = tmp_path / "out.json"
-    done = subprocess.run([sys.executable, str(ROBUSTNESS_SCRIPT), "--recipes", "fast", "mlp",
-                           "--max-epochs", "2", "--processed", str(processed), "--corrupted",
-                           str(corrupted), "--json", str(report)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROBUSTNESS_SCRIPT),
+            "--recipes",
+            "fast",
+            "mlp",
+            "--max-epochs",
+            "2",
+            "--processed",
+            str(processed),
+            "--corrupted",
+            str(corrupted),
+            "--json",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "mlp against fast: mean corruption accuracy" in done.stdout
     results = json.loads(report.read_text())["results"]

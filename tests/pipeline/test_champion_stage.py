@@ -23,8 +23,9 @@ def _repro(path) -> tuple[set[str], str]:
     out = repo.run(["dvc", "repro"], path).stdout
     ran = set(re.findall(r"Running stage '(\w+)'", out))
     for stage in {"fetch", "preprocess", "train", "champion", "evaluate"} - ran:
-        assert (f"Stage '{stage}' didn't change, skipping" in out
-                or f"Stage '{stage}' is cached" in out), out
+        assert (
+            f"Stage '{stage}' didn't change, skipping" in out or f"Stage '{stage}' is cached" in out
+        ), out
     return ran, out
 
 
@@ -65,13 +66,12 @@ def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves
 
 
 def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
-    path = repo.make(tmp_path / "repo", gate={"min_accuracy": 0.0,
-                                              "require_significance": False})
+    path = repo.make(tmp_path / "repo", gate={"min_accuracy": 0.0, "require_significance": False})
     _set(path, "optimizer", learning_rate=0.001)  # a weak first champion...
     _set(path, "train", epochs=1)
     ran, out = _repro(path)
     assert "gate: PASSED" in out
-    _set(path, "optimizer", learning_rate=0.05)   # ...that the next model beats
+    _set(path, "optimizer", learning_rate=0.05)  # ...that the next model beats
     _set(path, "train", epochs=3)
     ran, out = _repro(path)
     assert ran == {"champion", "train", "evaluate"} and "gate: PASSED" in out, out

@@ -21,6 +21,7 @@ PACKAGE_DIR = Path("src") / PACKAGE
 
 # --- the checker ---------------------------------------------------------------------------
 
+
 def module_file(root: Path, dotted: str) -> Path | None:
     """The file (relative to `root`) that defines module `dotted` of the package, if any."""
     parts = dotted.split(".")
@@ -52,7 +53,7 @@ def imported_names(root: Path, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 package = package_of(path)
-                base = package[:len(package) - node.level + 1]
+                base = package[: len(package) - node.level + 1]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
@@ -95,11 +96,13 @@ def entrypoint(root: Path, cmd: str) -> Path:
 
 def resolve(text: str, params: dict) -> str:
     """`${paths.model}` -> its value in params.yaml."""
+
     def value(match: re.Match) -> str:
         node = params
         for key in match.group(1).split("."):
             node = node[key]
         return str(node)
+
     return re.sub(r"\$\{([^}]+)\}", value, text)
 
 
@@ -108,8 +111,10 @@ def uncovered(root: Path, pipeline: dict, params: dict) -> list[str]:
     itself or a folder above it)."""
     gaps = []
     for name, stage in pipeline["stages"].items():
-        deps = [Path(resolve(dep if isinstance(dep, str) else next(iter(dep)), params))
-                for dep in stage.get("deps", [])]
+        deps = [
+            Path(resolve(dep if isinstance(dep, str) else next(iter(dep)), params))
+            for dep in stage.get("deps", [])
+        ]
         cmd = stage["cmd"] if isinstance(stage["cmd"], str) else " ".join(stage["cmd"])
         for path in sorted(import_closure(root, entrypoint(root, cmd))):
             if not any(path == dep or dep in path.parents for dep in deps):
@@ -118,11 +123,14 @@ def uncovered(root: Path, pipeline: dict, params: dict) -> list[str]:
 
 
 def load(root: Path) -> tuple[dict, dict]:
-    return (yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")),
-            yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")))
+    return (
+        yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")),
+        yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")),
+    )
 
 
 # --- the tests -----------------------------------------------------------------------------
+
 
 def test_every_stage_lists_every_file_it_imports():
     pipeline, params = load(ROOT)
@@ -131,25 +139,32 @@ def test_every_stage_lists_every_file_it_imports():
 
 def test_the_closure_follows_every_kind_of_import():
     closure = {p.as_posix() for p in import_closure(ROOT, Path("pipelines/train.py"))}
-    assert "src/mnist_pipeline/__init__.py" in closure             # a package's __init__
-    assert "src/mnist_pipeline/training/job.py" in closure         # imported inside main()
-    assert "src/mnist_pipeline/training/loop.py" in closure        # relative, transitively
-    assert "src/mnist_pipeline/files.py" in closure                # `from ..files import`
+    assert "src/mnist_pipeline/__init__.py" in closure  # a package's __init__
+    assert "src/mnist_pipeline/training/job.py" in closure  # imported inside main()
+    assert "src/mnist_pipeline/training/loop.py" in closure  # relative, transitively
+    assert "src/mnist_pipeline/files.py" in closure  # `from ..files import`
     assert not any("serve/" in path or "sweep/" in path for path in closure)
 
 
-@pytest.mark.parametrize("stage, dep, reported", [
-    # a whole subpackage, imported only inside the stage's main()
-    ("train", "src/mnist_pipeline/training", "train: src/mnist_pipeline/training/job.py"),
-    # a top-level module that only relative imports reach
-    ("evaluate", "src/mnist_pipeline/files.py", "evaluate: src/mnist_pipeline/files.py"),
-    # the package's __init__, run by every import of the package
-    ("champion", "src/mnist_pipeline/__init__.py", "champion: src/mnist_pipeline/__init__.py"),
-    # the entrypoint itself
-    ("fetch", "pipelines/fetch.py", "fetch: pipelines/fetch.py"),
-    # a ${paths.*} dep is resolved, so dropping the tracking folder is what shows
-    ("champion", "src/mnist_pipeline/tracking", "champion: src/mnist_pipeline/tracking/store.py"),
-])
+@pytest.mark.parametrize(
+    "stage, dep, reported",
+    [
+        # a whole subpackage, imported only inside the stage's main()
+        ("train", "src/mnist_pipeline/training", "train: src/mnist_pipeline/training/job.py"),
+        # a top-level module that only relative imports reach
+        ("evaluate", "src/mnist_pipeline/files.py", "evaluate: src/mnist_pipeline/files.py"),
+        # the package's __init__, run by every import of the package
+        ("champion", "src/mnist_pipeline/__init__.py", "champion: src/mnist_pipeline/__init__.py"),
+        # the entrypoint itself
+        ("fetch", "pipelines/fetch.py", "fetch: pipelines/fetch.py"),
+        # a ${paths.*} dep is resolved, so dropping the tracking folder is what shows
+        (
+            "champion",
+            "src/mnist_pipeline/tracking",
+            "champion: src/mnist_pipeline/tracking/store.py",
+        ),
+    ],
+)
 def test_a_missing_dep_is_reported(stage, dep, reported):
     pipeline, params = load(ROOT)
     broken = copy.deepcopy(pipeline)
@@ -166,8 +181,12 @@ def test_dvc_status_sees_an_edit_to_a_module_train_imports(tmp_path):
     # Lock train without training: its deps and outputs exist, and `dvc commit` records them.
     (path / "data/processed").mkdir(parents=True)
     (path / "data/processed/test.npz").write_bytes(b"placeholder")
-    for out in ("models/model.keras", "models/run.json", "metrics/train.json",
-                "plots/train_history.csv"):
+    for out in (
+        "models/model.keras",
+        "models/run.json",
+        "metrics/train.json",
+        "plots/train_history.csv",
+    ):
         (path / out).parent.mkdir(parents=True, exist_ok=True)
         (path / out).write_text("placeholder\n")
     repo.run(["dvc", "commit", "--force", "train"], path)
@@ -180,8 +199,9 @@ def test_dvc_status_sees_an_edit_to_a_module_train_imports(tmp_path):
 
     loop = path / "src/mnist_pipeline/training/loop.py"
     loop.write_text(loop.read_text(encoding="utf-8") + "\n# edited\n", encoding="utf-8")
-    assert _status(path) == {"train": [{"changed deps": {
-        "src/mnist_pipeline/training": "modified"}}]}
+    assert _status(path) == {
+        "train": [{"changed deps": {"src/mnist_pipeline/training": "modified"}}]
+    }
 
 
 def _status(path: Path) -> dict:

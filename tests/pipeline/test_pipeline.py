@@ -44,18 +44,33 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
 
     metrics = json.loads(repo.run(["dvc", "metrics", "show", "--json"], pipeline).stdout)
     shown = json.dumps(metrics)
-    for key in ("test_accuracy", "final_val_accuracy", "class_counts", "passed",
-                "corrupted_mean_accuracy", "corrupted_worst", "ece_uncalibrated",
-                "selective_accuracy", "temperature"):
+    for key in (
+        "test_accuracy",
+        "final_val_accuracy",
+        "class_counts",
+        "passed",
+        "corrupted_mean_accuracy",
+        "corrupted_worst",
+        "ece_uncalibrated",
+        "selective_accuracy",
+        "temperature",
+    ):
         assert key in shown
     evaluated = json.loads((pipeline / "metrics/evaluate.json").read_text())
     assert len(evaluated["corrupted_accuracy"]) == 15
     assert 0 < evaluated["clean"]["coverage"] <= 1
-    for plot in ("corruption_accuracy.png", "corruption_accuracy.csv", "reliability.png",
-                 "reliability.csv", "model_card.md"):
+    for plot in (
+        "corruption_accuracy.png",
+        "corruption_accuracy.csv",
+        "reliability.png",
+        "reliability.csv",
+        "model_card.md",
+    ):
         assert (pipeline / "plots/evaluate" / plot).stat().st_size > 0, plot
-    assert "## Robustness: the corrupted test suite" in \
-        (pipeline / "plots/evaluate/model_card.md").read_text()
+    assert (
+        "## Robustness: the corrupted test suite"
+        in (pipeline / "plots/evaluate/model_card.md").read_text()
+    )
     assert (pipeline / "plots/corruptions.png").stat().st_size > 0
     # Hydra never leaves its folders in the repository.
     assert not (pipeline / "outputs").exists() and not list(pipeline.rglob(".hydra"))
@@ -78,16 +93,20 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     fitted = json.loads((pipeline / "models/run.json").read_text())["calibration"]
     assert fitted["temperature"] > 0 and fitted["val_images"] == 100
     assert rule_passed(pipeline, "served_parity")
-    assert "evaluation/outcomes.npz" in [a.path for a in client.list_artifacts(
-        champion.run_id, "evaluation")]
+    assert "evaluation/outcomes.npz" in [
+        a.path for a in client.list_artifacts(champion.run_id, "evaluation")
+    ]
 
 
 def test_queued_grid_runs_every_experiment_into_the_root_store(pipeline):
-    repo.run(["dvc", "exp", "run", "--queue", "-S", "optimizer=sgd,adam",
-              "-S", "train.epochs=1"], pipeline)
+    repo.run(
+        ["dvc", "exp", "run", "--queue", "-S", "optimizer=sgd,adam", "-S", "train.epochs=1"],
+        pipeline,
+    )
     status = repo.run_queue(pipeline, 2)
-    assert status.count("Success") == 2, status + repo.run(
-        ["dvc", "queue", "logs", "-h"], pipeline, check=False).stdout
+    assert status.count("Success") == 2, (
+        status + repo.run(["dvc", "queue", "logs", "-h"], pipeline, check=False).stdout
+    )
 
     shown = json.loads(repo.run(["dvc", "exp", "show", "--json"], pipeline).stdout)
     experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]

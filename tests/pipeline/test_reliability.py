@@ -29,11 +29,15 @@ def _lock(path):
 
 def _out_hashes(path) -> dict[str, str]:
     lock = yaml.safe_load((path / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in ("fetch", "preprocess", "corrupt")
-            for out in lock["stages"][stage]["outs"]}
+    return {
+        out["path"]: out["md5"]
+        for stage in ("fetch", "preprocess", "corrupt")
+        for out in lock["stages"][stage]["outs"]
+    }
 
 
 # --- row 6: a stage killed ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
@@ -50,6 +54,7 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
         repo.stop(proc, signal.SIGKILL)  # the whole process group, DVC and the stage
     else:
         import os
+
         os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C / a scheduler's TERM would
         proc.communicate(timeout=120)
     assert proc.returncode != 0
@@ -58,6 +63,7 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
     assert not list((path / "models").glob(".*tmp*")) if (path / "models").exists() else True
 
     from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=repo.store(path))
     experiment = client.get_experiment_by_name("mnist").experiment_id
     killed = client.search_runs([experiment])
@@ -69,7 +75,13 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
     assert "gate:" in done.stdout
     assert _out_hashes(path) == clean_hashes
     assert set(yaml.safe_load((path / "dvc.lock").read_text())["stages"]) == {
-        "fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
+        "fetch",
+        "preprocess",
+        "corrupt",
+        "train",
+        "champion",
+        "evaluate",
+    }
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
     assert statuses[killed[0].info.run_id] == "KILLED", "no run is left RUNNING"
     assert "RUNNING" not in statuses.values()
@@ -108,12 +120,14 @@ def test_killed_preprocess_never_leaves_a_trusted_partial_split(tmp_path):
 
 # --- row 8: NaN loss ------------------------------------------------------------------------
 
+
 def test_nan_loss_stops_the_pipeline_and_registers_nothing(tmp_path):
     path = repo.make(tmp_path / "repo")
     done = repo.run(["dvc", "exp", "run", "-S", "optimizer.learning_rate=1e12"], path, check=False)
     assert done.returncode != 0
     assert "loss became NaN" in done.stderr + done.stdout
     from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=repo.store(path))
     assert client.search_registered_models() == []
     runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
@@ -122,16 +136,23 @@ def test_nan_loss_stops_the_pipeline_and_registers_nothing(tmp_path):
 
 # --- row 24: a failed experiment ------------------------------------------------------------
 
-@pytest.mark.parametrize("override, needle", [
-    ("train.epochs=0", "config 'train.epochs': got 0"),  # a bad value, refused at once
-    ("optimizer.learning_rate=1e12", "loss became NaN"),  # a crash mid-run, while training
-])
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.epochs=0", "config 'train.epochs': got 0"),  # a bad value, refused at once
+        ("optimizer.learning_rate=1e12", "loss became NaN"),  # a crash mid-run, while training
+    ],
+)
 def test_failed_exp_leaves_the_workspace_as_it_was(tmp_path, override, needle):
     path = repo.make(tmp_path / "repo")
     repo.run(["dvc", "repro"], path)
-    kept = {str(file.relative_to(path)): sha256_file(file)
-            for folder in ("models", "metrics", "plots", "data/processed", "data/corrupted")
-            for file in sorted((path / folder).rglob("*")) if file.is_file()}
+    kept = {
+        str(file.relative_to(path)): sha256_file(file)
+        for folder in ("models", "metrics", "plots", "data/processed", "data/corrupted")
+        for file in sorted((path / folder).rglob("*"))
+        if file.is_file()
+    }
     assert "models/model.keras" in kept and "plots/evaluate/confusion.png" in kept
     params = (path / "params.yaml").read_text()
     done = repo.run(["dvc", "exp", "run", "-S", override], path, check=False)
@@ -149,15 +170,26 @@ def test_failed_exp_leaves_the_workspace_as_it_was(tmp_path, override, needle):
 
 # --- row 9: invalid config ------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, needle", [
-    ("optimizer.learning_rate=-0.5",
-     "config 'optimizer.learning_rate': got -0.5, expected a finite number > 0"),
-    ("train.batch_size=lots",
-     "config 'train.batch_size': got 'lots', expected a value of type integer"),
-    ("optimizer=adagrad", "Could not find 'optimizer/adagrad'"),
-    ("train.epocs=3", "Could not override 'train.epocs'"),
-    ("+train.epocs=3", "config 'train.epocs': got 3, expected one of the known keys: batch_size"),
-])
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (
+            "optimizer.learning_rate=-0.5",
+            "config 'optimizer.learning_rate': got -0.5, expected a finite number > 0",
+        ),
+        (
+            "train.batch_size=lots",
+            "config 'train.batch_size': got 'lots', expected a value of type integer",
+        ),
+        ("optimizer=adagrad", "Could not find 'optimizer/adagrad'"),
+        ("train.epocs=3", "Could not override 'train.epocs'"),
+        (
+            "+train.epocs=3",
+            "config 'train.epocs': got 3, expected one of the known keys: batch_size",
+        ),
+    ],
+)
 def test_invalid_config_fails_before_any_work(tmp_path, override, needle):
     path = repo.make(tmp_path / "repo")
     done = repo.run(repo.python("pipelines/train.py", override), path, check=False)
@@ -181,7 +213,7 @@ def test_bad_params_yaml_fails_dvc_repro_naming_the_key(tmp_path):
 
 # --- row 10: several writers on one SQLite store --------------------------------------------
 
-WRITER = textwrap.dedent('''
+WRITER = textwrap.dedent("""
     import json, sys, time
     from mnist_pipeline import config
     from mnist_pipeline.tracking.runs import log_metrics, log_params, run, set_tags
@@ -198,7 +230,7 @@ WRITER = textwrap.dedent('''
                 log_metrics({"loss": 1.0 / (step + 1), "acc": step / 3}, step=step)
             set_tags({"writer": sys.argv[3]})
     print("done", sys.argv[3])
-''')
+""")
 
 
 def test_parallel_writers_on_one_sqlite_store(tmp_path):
@@ -206,19 +238,27 @@ def test_parallel_writers_on_one_sqlite_store(tmp_path):
     writers, rounds = 4, 20
     start = time.time() + 6  # every process imported and waiting before the first write
     tracking = json.dumps(test_config.values("tracking"))
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(rounds), str(start), str(w),
-                               tracking],
-                              cwd=tmp_path, env=repo.env(DVC_ROOT=str(tmp_path)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for w in range(writers)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(rounds), str(start), str(w), tracking],
+            cwd=tmp_path,
+            env=repo.env(DVC_ROOT=str(tmp_path)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(writers)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     errors = "\n".join(err for _, err in outputs)
     assert [p.returncode for p in procs] == [0] * writers, errors[-3000:]
     assert "database is locked" not in errors
     from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id],
-                              max_results=1000)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mnist").experiment_id], max_results=1000
+    )
     assert len(runs) == writers * rounds
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 3 for r in runs[:10])

@@ -13,17 +13,31 @@ from mnist_pipeline.errors import DEBUG_ENV
 
 pytestmark = pytest.mark.slow
 
-SUMMARIES = ("fetch: 4 files verified", "preprocess: wrote", "train: mlp 2 epochs",
-             "champion: ", "evaluate: test accuracy", "gate: PASSED")
-EPOCH = (r"epoch (\d+)/2: loss [\d.]+, accuracy [\d.]+, val_loss [\d.]+, val_accuracy [\d.]+ "
-         r"\([\d.]+ s\)")
+SUMMARIES = (
+    "fetch: 4 files verified",
+    "preprocess: wrote",
+    "train: mlp 2 epochs",
+    "champion: ",
+    "evaluate: test accuracy",
+    "gate: PASSED",
+)
+EPOCH = (
+    r"epoch (\d+)/2: loss [\d.]+, accuracy [\d.]+, val_loss [\d.]+, val_accuracy [\d.]+ "
+    r"\([\d.]+ s\)"
+)
 
 
 def _dvc(path, *args: str, **env: str) -> str:
     """Both streams of `dvc <args>`, run as a log would capture them (not a terminal), with
     nothing set that quiets TensorFlow."""
-    done = subprocess.run(["dvc", *args], cwd=path, capture_output=True, text=True, timeout=900,
-                          env=tf_output.unquieted_env(repo.env(), **env))
+    done = subprocess.run(
+        ["dvc", *args],
+        cwd=path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=tf_output.unquieted_env(repo.env(), **env),
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
 

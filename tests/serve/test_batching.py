@@ -14,7 +14,6 @@ from helpers.digits import synthetic_digits
 from mnist_pipeline.serve.batching import MicroBatcher
 
 
-
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory):
     """A small MLP, exported and loaded as the server loads a version's ONNX export."""
@@ -24,10 +23,14 @@ def onnx_model(tmp_path_factory):
     from mnist_pipeline.training import models
 
     keras.utils.set_random_seed(1)
-    model = keras.Sequential([keras.Input((28, 28), dtype="uint8"),
-                              keras.layers.Rescaling(1 / 255, dtype="float32"),
-                              keras.layers.Flatten(dtype="float32"),
-                              keras.layers.Dense(10, activation="softmax", dtype="float32")])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28), dtype="uint8"),
+            keras.layers.Rescaling(1 / 255, dtype="float32"),
+            keras.layers.Flatten(dtype="float32"),
+            keras.layers.Dense(10, activation="softmax", dtype="float32"),
+        ]
+    )
     folder = tmp_path_factory.mktemp("onnx")
     models.export_onnx(model, folder / "model.onnx")
     return OnnxDigitModel(folder)
@@ -55,14 +58,14 @@ def test_batching_concurrent_requests_share_a_call(onnx_model):
     batcher = MicroBatcher(predict, max_images=256, max_wait_s=0.002)
 
     async def scenario():
-        return await asyncio.gather(*(batcher.submit(IMAGES[i:i + 1]) for i in range(16)))
+        return await asyncio.gather(*(batcher.submit(IMAGES[i : i + 1]) for i in range(16)))
 
     answers = asyncio.run(scenario())
     # The first call starts at once with the first request; the 15 that queued behind it
     # share the next one.
     assert len(predict.sizes) <= 3 and sum(predict.sizes) == 16, predict.sizes
     for i, answer in enumerate(answers):  # each request gets its own rows back
-        np.testing.assert_allclose(answer, onnx_model.predict(IMAGES[i:i + 1]), atol=1e-6)
+        np.testing.assert_allclose(answer, onnx_model.predict(IMAGES[i : i + 1]), atol=1e-6)
 
 
 def test_batching_a_lone_request_does_not_wait(onnx_model):
@@ -90,7 +93,7 @@ def test_batching_waits_briefly_for_a_request_being_parsed(onnx_model):
             return await batcher.submit(IMAGES[1:3])
 
         late = asyncio.ensure_future(slow_client())
-        await asyncio.sleep(0.01)   # the slow client has started reading
+        await asyncio.sleep(0.01)  # the slow client has started reading
         first = await batcher.submit(IMAGES[:1])
         return first, await late
 
@@ -104,8 +107,7 @@ def test_batching_keeps_every_call_within_its_bound(onnx_model):
     batcher = MicroBatcher(predict, max_images=8, max_wait_s=0.002)
 
     async def scenario():
-        return await asyncio.gather(*(batcher.submit(IMAGES[3 * i:3 * i + 3])
-                                      for i in range(10)))
+        return await asyncio.gather(*(batcher.submit(IMAGES[3 * i : 3 * i + 3]) for i in range(10)))
 
     answers = asyncio.run(scenario())
     assert sum(predict.sizes) == 30 and max(predict.sizes) <= 8, predict.sizes

@@ -48,10 +48,10 @@ def reference() -> dict[int, np.ndarray]:
 def test_big_inverted_off_centre_noisy_digit_becomes_mnist(digit, reference):
     picture = as_array(render_digit(digit, size=300, canvas=(700, 560), at=(20, 10)))
     rng = np.random.default_rng(digit)
-    picture = picture + rng.normal(0, 12, picture.shape)   # paper texture and sensor noise
-    picture[:10, :] = 0                                    # a dark frame on two edges
+    picture = picture + rng.normal(0, 12, picture.shape)  # paper texture and sensor noise
+    picture[:10, :] = 0  # a dark frame on two edges
     picture[:, -8:] = 0
-    picture[400:404, 600:604] = 0                          # a speck of dust
+    picture[400:404, 600:604] = 0  # a speck of dust
     converted = imaging.to_mnist(np.clip(picture, 0, 255))
     assert_mnist_like(converted)
     assert correlation(converted, reference[digit]) > 0.9
@@ -65,7 +65,7 @@ def test_mnist_image_stays_an_mnist_image(reference):
 
 def test_jpeg_photo_with_gray_uneven_paper(tmp_path, reference):
     ink = as_array(render_digit(5, size=220, canvas=(420, 320), at=(170, 30))) / 255.0
-    rows, cols = np.mgrid[0:ink.shape[0], 0:ink.shape[1]]
+    rows, cols = np.mgrid[0 : ink.shape[0], 0 : ink.shape[1]]
     paper = 150 + 40 * cols / ink.shape[1] + 15 * rows / ink.shape[0]  # light falls unevenly
     gray = paper * ink + 55 * (1 - ink) + np.random.default_rng(1).normal(0, 6, ink.shape)
     rgb = np.stack([gray, gray * 0.97, gray * 0.9], axis=-1).clip(0, 255).astype(np.uint8)
@@ -133,10 +133,13 @@ def test_thin_pen_stroke_is_thickened_to_mnist_width(tmp_path):
     assert np.median(ink_per_row[ink_per_row > 0]) >= 2  # not a 1-pixel hairline
 
 
-@pytest.mark.parametrize("content, reason", [
-    (b"hello, not a picture", "not a readable image"),
-    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a readable image"),
-])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"hello, not a picture", "not a readable image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "not a readable image"),
+    ],
+)
 def test_unreadable_files_are_named_in_the_error(tmp_path, content, reason):
     path = tmp_path / "bad.png"
     path.write_bytes(content)

@@ -24,10 +24,13 @@ LINE = re.compile(r"^(?P<file>.+): (?P<digit>\d) \((?P<probability>[01]\.\d{3})(
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tiny_store.Store:
     """A champion trained on font-drawn digits in MNIST format: it can read drawn digits."""
-    splits = {name: Split(*tiny_store.glyph_digits(n, seed))
-              for name, n, seed in (("train", 400, 1), ("val", 100, 2), ("test", 100, 3))}
-    return tiny_store.build(tmp_path_factory.mktemp("predict-repo"), splits, epochs=10,
-                            hidden_units=(64,))
+    splits = {
+        name: Split(*tiny_store.glyph_digits(n, seed))
+        for name, n, seed in (("train", 400, 1), ("val", 100, 2), ("test", 100, 3))
+    }
+    return tiny_store.build(
+        tmp_path_factory.mktemp("predict-repo"), splits, epochs=10, hidden_units=(64,)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +42,14 @@ def pictures(tmp_path_factory) -> dict[str, int]:
     for digit in range(10):
         dark_board = digit % 3 == 0
         picture = tiny_store.render_digit(
-            digit, size=int(rng.integers(120, 200)), canvas=(320, 280),
+            digit,
+            size=int(rng.integers(120, 200)),
+            canvas=(320, 280),
             at=(int(rng.integers(10, 120)), int(rng.integers(0, 40))),
-            ink=230 if dark_board else 40, paper=30 if dark_board else 200,
-            angle=float(rng.uniform(-8, 8)))
+            ink=230 if dark_board else 40,
+            paper=30 if dark_board else 200,
+            angle=float(rng.uniform(-8, 8)),
+        )
         pixels = np.asarray(picture, dtype=np.float32) + rng.normal(0, 5, picture.size[::-1])
         path = folder / f"digit-{digit}.{'jpg' if digit == 4 else 'png'}"
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path)
@@ -79,8 +86,9 @@ def test_each_picture_gets_the_champions_digit(in_repo, pictures, capsys):
 
 
 @pytest.mark.slow
-def test_unreadable_files_are_named_and_the_others_still_predicted(in_repo, pictures, tmp_path,
-                                                                   capsys):
+def test_unreadable_files_are_named_and_the_others_still_predicted(
+    in_repo, pictures, tmp_path, capsys
+):
     notes = tmp_path / "notes.png"
     notes.write_text("not a picture")
     blank = tmp_path / "blank.png"
@@ -140,8 +148,9 @@ def test_abstain_threshold_and_temperature_travel_with_the_model_version(in_repo
     fitted = json.loads((in_repo.root / "models/run.json").read_text())["calibration"]
     assert model.threshold == pytest.approx(fitted["threshold"]) == in_repo.threshold
     assert fitted["temperature"] == in_repo.temperature != 1.0
-    np.testing.assert_allclose(model.predict(in_repo.test.images),
-                               in_repo.served(in_repo.test.images), atol=1e-5)
+    np.testing.assert_allclose(
+        model.predict(in_repo.test.images), in_repo.served(in_repo.test.images), atol=1e-5
+    )
 
 
 def test_no_model_is_loaded_when_no_file_converts(tmp_path, monkeypatch, capsys):
@@ -159,8 +168,9 @@ def test_console_script_end_to_end(in_repo, pictures, tmp_path):
     bad = tmp_path / "photo.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     files = [*list(pictures)[:3], str(bad)]
-    done = subprocess.run([str(script), *files], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path)
+    done = subprocess.run(
+        [str(script), *files], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     results = parse(done.stdout)  # nothing but result lines on stdout
     assert {f: d for f, (d, _) in results.items()} == {f: pictures[f] for f in files[:3]}

@@ -35,8 +35,13 @@ def test_command_serves_the_onnx_model_on_loopback():
     command = model_server_command(test_config.section("tracking"), port=5124, served=SERVED)
     argv = command.argv
     # This package's app (MLflow's scoring protocol, ONNX Runtime) by uvicorn.
-    assert argv[:5] == [sys.executable, "-m", "uvicorn", "--factory",
-                        "mnist_pipeline.serve.app:create"]
+    assert argv[:5] == [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "mnist_pipeline.serve.app:create",
+    ]
 
     def option(name: str) -> str:
         return argv[argv.index(name) + 1]
@@ -46,8 +51,10 @@ def test_command_serves_the_onnx_model_on_loopback():
     assert option("--workers") == "1"
     env = command.env_overrides
     assert env["MNIST_SERVE_MODEL_DIR"] == "/models/v3/artifacts"
-    assert (env["MNIST_SERVE_MODEL_NAME"], env["MNIST_SERVE_MODEL_VERSION"]) == \
-        ("mnist-classifier", "3")
+    assert (env["MNIST_SERVE_MODEL_NAME"], env["MNIST_SERVE_MODEL_VERSION"]) == (
+        "mnist-classifier",
+        "3",
+    )
     assert env["MNIST_SERVE_MAX_BODY_BYTES"] == str(16 * 1024 * 1024)
     assert (env["MNIST_SERVE_MAX_BATCH"], env["MNIST_SERVE_MAX_WAIT_MS"]) == ("256", "2")
     assert "MLFLOW_TRACKING_URI" not in env  # the server never opens the store
@@ -64,8 +71,7 @@ def test_mlflow_is_mlflow_models_serve_itself(tmp_path, monkeypatch):
     assert argv[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
     assert argv[argv.index("--model-uri") + 1] == "models:/mnist-classifier@champion"
     assert argv[argv.index("--env-manager") + 1] == "local"
-    assert command.env_overrides["MLFLOW_TRACKING_URI"] == \
-        f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert command.env_overrides["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_limits_out_of_range_are_refused():
@@ -76,8 +82,7 @@ def test_limits_out_of_range_are_refused():
 
 
 def test_explicit_wide_bind_is_warned():
-    command = model_server_command(test_config.section("tracking"), host="0.0.0.0",
-                                   served=SERVED)
+    command = model_server_command(test_config.section("tracking"), host="0.0.0.0", served=SERVED)
     assert any("exposes this server" in w for w in command.warnings)
     assert command.url.startswith("http://127.0.0.1:")
 
@@ -107,6 +112,7 @@ def test_serving_before_the_first_champion_says_what_to_do(tmp_path, monkeypatch
 
 # --- the real server -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tiny_store.Store:
     return tiny_store.build(tmp_path_factory.mktemp("serving-repo"), tiny_store.synthetic_splits())
@@ -116,8 +122,10 @@ def store(tmp_path_factory) -> tiny_store.Store:
 def server(store, tmp_path_factory):
     """`models:/mnist-classifier@champion` served as `make serve` serves it."""
     log = tmp_path_factory.mktemp("serving-log") / "server.log"
-    with tiny_store.server(store, lambda cfg, port: model_server_command(cfg, port=port),
-                           log) as (_, port):
+    with tiny_store.server(store, lambda cfg, port: model_server_command(cfg, port=port), log) as (
+        _,
+        port,
+    ):
         yield port
 
 
@@ -162,21 +170,27 @@ MALFORMED = {
     "Infinity": (json.dumps({"inputs": DIGITS.tolist()}).replace("0", "Infinity", 1), PIXELS),
     "strings": ({"inputs": [[["a"] * 28] * 28]}, "values, such as 'a'"),
     "NaN": (json.dumps({"inputs": DIGITS.tolist()}).replace("0", "NaN", 1), "got nan"),
-    "integers beyond 64 bits": ({"inputs": [[[10 ** 30] * 28] * 28]}, "too large"),
+    "integers beyond 64 bits": ({"inputs": [[[10**30] * 28] * 28]}, "too large"),
     "ragged rows": ({"inputs": [[[1, 2], [3]]]}, "inhomogeneous"),
     "null": ({"inputs": None}, "expected a list of images, got NoneType"),
     "an empty batch": ({"inputs": []}, "an empty batch"),
     "no inputs key": ({"pixels": DIGITS.tolist()}, "exactly one of the input fields"),
-    "both inputs and instances": ({"inputs": DIGITS.tolist(), "instances": DIGITS.tolist()},
-                                  "exactly one of the input fields"),
+    "both inputs and instances": (
+        {"inputs": DIGITS.tolist(), "instances": DIGITS.tolist()},
+        "exactly one of the input fields",
+    ),
     "a bare list": (DIGITS.tolist(), "expected a JSON object, got list"),
     "invalid JSON": ('{"inputs": [[[0, 1,', "valid JSON"),
     "an empty body": (b"", "valid JSON"),
     "bytes that are not UTF-8": (b'\xff\xfe{"inputs": 1}', "valid JSON"),
-    "deeply nested inputs": ('{"inputs": ' + "[" * 500 + "]" * 500 + "}",
-                             "not an array of numbers"),
-    "params for a model that takes none": ({"inputs": DIGITS.tolist(), "params": {"k": 1}},
-                                           "this model takes no parameters"),
+    "deeply nested inputs": (
+        '{"inputs": ' + "[" * 500 + "]" * 500 + "}",
+        "not an array of numbers",
+    ),
+    "params for a model that takes none": (
+        {"inputs": DIGITS.tolist(), "params": {"k": 1}},
+        "this model takes no parameters",
+    ),
 }
 
 
@@ -203,6 +217,7 @@ def test_unsupported_content_type_gets_a_415(server):
 
 # Three requests MLflow 3.17's scoring server answers wrongly (docs/serving.md names the
 # lines); this server answers them.
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -239,13 +254,16 @@ def test_mlflow_request_variants_are_answered_alike(server, store):
     empty `params`."""
     images, _ = synthetic_digits(3, seed=10)
     expected = store.served(images)
-    for content_type, body in (("application/json; charset=UTF-8", {"inputs": images.tolist()}),
-                               ("application/json", {"inputs": images.tolist(), "params": {}})):
+    for content_type, body in (
+        ("application/json; charset=UTF-8", {"inputs": images.tolist()}),
+        ("application/json", {"inputs": images.tolist(), "params": {}}),
+    ):
         status, answer = post(server, body, content_type=content_type)
         assert status == 200, answer[:300]
         np.testing.assert_allclose(json.loads(answer)["predictions"], expected, atol=1e-5)
-    status, answer = post(server, {"inputs": images.tolist()},
-                          content_type="application/json; charset=latin-1")
+    status, answer = post(
+        server, {"inputs": images.tolist()}, content_type="application/json; charset=latin-1"
+    )
     assert status == 415 and b"only supports UTF-8" in answer
 
 
@@ -288,8 +306,9 @@ def test_onnx_app_imports_neither_tensorflow_nor_mlflow(store, monkeypatch):
 
     monkeypatch.setenv("DVC_ROOT", str(store.root))
     with tempfile.TemporaryDirectory() as cache:
-        folder = served_artifacts.locate(tracking_config(store.root),
-                                         "models:/mnist-classifier@champion", cache).folder
+        folder = served_artifacts.locate(
+            tracking_config(store.root), "models:/mnist-classifier@champion", cache
+        ).folder
     script = f"""
 import asyncio, json, os, sys
 os.environ["MNIST_SERVE_MODEL_DIR"] = {str(folder)!r}
@@ -306,8 +325,9 @@ asyncio.run(served(scope, receive, send))
 print(sent[0]["status"], json.loads(sent[1]["body"])["unsure"])
 print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"tensorflow", "keras", "mlflow"}}))
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     status, loaded = done.stdout.splitlines()
     assert status.startswith("200 [") and loaded == "[]"
@@ -324,6 +344,7 @@ def test_mlflow_models_serve_runs_the_onnx_pyfunc(store, tmp_path_factory):
         images, _ = synthetic_digits(5, seed=12)
         status, answer = post(port, {"inputs": images.tolist()})
         assert status == 200, answer[:300]
-        np.testing.assert_allclose(json.loads(answer)["predictions"], store.served(images),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            json.loads(answer)["predictions"], store.served(images), atol=1e-5
+        )
         assert "tensorflow" not in Path(f"/proc/{_listening_pid(port)}/maps").read_text()

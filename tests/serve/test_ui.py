@@ -26,6 +26,7 @@ pytestmark = pytest.mark.xdist_group("ui")
 
 # --- the command line (no server) ----------------------------------------------------------
 
+
 def test_command_serves_the_repository_store_on_loopback_with_one_worker(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     command = ui.server_command(test_config.section("tracking"), port=5123)
@@ -56,20 +57,26 @@ def test_tracking_uri_override_is_the_store_served(tmp_path, monkeypatch):
 
 
 def test_binding_beyond_loopback_is_explicit_and_warned():
-    command = ui.server_command(test_config.section("tracking"), host="0.0.0.0", port=5000,
-                                extra_hosts=("mlflow.lan:5000",))
+    command = ui.server_command(
+        test_config.section("tracking"), host="0.0.0.0", port=5000, extra_hosts=("mlflow.lan:5000",)
+    )
     assert command.argv[command.argv.index("--host") + 1] == "0.0.0.0"
-    assert command.argv[command.argv.index("--allowed-hosts") + 1] == \
-        "127.0.0.1:5000,localhost:5000,mlflow.lan:5000"
+    assert (
+        command.argv[command.argv.index("--allowed-hosts") + 1]
+        == "127.0.0.1:5000,localhost:5000,mlflow.lan:5000"
+    )
     assert any("exposes this server" in w for w in command.warnings)
     assert command.url == "http://127.0.0.1:5000"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"extra_hosts": ("*",)}, "would accept any Host header"),
-    ({"port": 0}, "--port: got 0"),
-    ({"workers": 0}, "--workers: got 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"extra_hosts": ("*",)}, "would accept any Host header"),
+        ({"port": 0}, "--port: got 0"),
+        ({"workers": 0}, "--workers: got 0"),
+    ],
+)
 def test_unsafe_or_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ServerError, match=message):
         ui.server_command(test_config.section("tracking"), **kwargs)
@@ -83,6 +90,7 @@ def test_a_remote_tracking_server_is_not_wrapped(monkeypatch):
 
 # --- the real server -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tiny_store.Store:
     return tiny_store.build(tmp_path_factory.mktemp("ui-repo"), tiny_store.synthetic_splits())
@@ -92,8 +100,10 @@ def store(tmp_path_factory) -> tiny_store.Store:
 def server(store, tmp_path_factory):
     """The UI server started through `ui`, as `make ui` starts it."""
     log = tmp_path_factory.mktemp("ui-log") / "server.log"
-    with tiny_store.server(store, lambda cfg, port: ui.server_command(cfg, port=port),
-                           log) as (command, port):
+    with tiny_store.server(store, lambda cfg, port: ui.server_command(cfg, port=port), log) as (
+        command,
+        port,
+    ):
         yield command.url, port
 
 
@@ -111,8 +121,14 @@ def get(port: int, path: str, host: str) -> tuple[int, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("path", ["/", "/api/2.0/mlflow/experiments/search?max_results=5",
-                                  "/ajax-api/2.0/mlflow/registered-models/search"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/api/2.0/mlflow/experiments/search?max_results=5",
+        "/ajax-api/2.0/mlflow/registered-models/search",
+    ],
+)
 def test_foreign_host_header_is_refused(server, path):
     _, port = server
     for host in ("evil.example.com", f"evil.example.com:{port}", "127.0.0.1:1"):
@@ -126,8 +142,10 @@ def test_foreign_host_header_is_refused(server, path):
 @pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(not CHROMIUM.exists() and not os.environ.get("CI"),
-                    reason=f"{CHROMIUM} is missing (make system-deps installs Debian's chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"),
+    reason=f"{CHROMIUM} is missing (make system-deps installs Debian's chromium)",
+)
 def test_browser_finds_runs_sweep_plots_and_champion(server, store, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -135,8 +153,9 @@ def test_browser_finds_runs_sweep_plots_and_champion(server, store, tmp_path):
     experiment = f"{url}/#/experiments/{store.experiment_id}"
     run_page = f"{experiment}/runs/{store.run_id}"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
-                                             headless=True)
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             page.set_default_timeout(PAGE_TIMEOUT_MS)
@@ -145,8 +164,9 @@ def test_browser_finds_runs_sweep_plots_and_champion(server, store, tmp_path):
             # The experiment list, then the experiment's runs: the training run and the sweep.
             page.goto(f"{url}/#/experiments", wait_until="domcontentloaded")
             expect(page.get_by_role("link", name="mnist", exact=True)).to_be_visible()
-            page.goto(f"{experiment}/runs?workflowType=machine_learning",
-                      wait_until="domcontentloaded")
+            page.goto(
+                f"{experiment}/runs?workflowType=machine_learning", wait_until="domcontentloaded"
+            )
             expect(page.get_by_role("link", name=store.run_name, exact=True)).to_be_visible()
             parent = page.locator('[role="row"]', has_text="sweep-parent")
             expect(parent).to_be_visible()
@@ -184,8 +204,9 @@ def test_browser_finds_runs_sweep_plots_and_champion(server, store, tmp_path):
             save_screenshot(page, tmp_path, "artifacts")
 
             # The registry: the model with its version holding the `champion` alias.
-            page.goto(f"{url}/#/models/{store.tracking.registered_model}",
-                      wait_until="domcontentloaded")
+            page.goto(
+                f"{url}/#/models/{store.tracking.registered_model}", wait_until="domcontentloaded"
+            )
             expect(page.get_by_role("link", name=f"Version {store.version}")).to_be_visible()
             expect(page.get_by_text("champion").first).to_be_visible()
             save_screenshot(page, tmp_path, "model")
@@ -193,4 +214,9 @@ def test_browser_finds_runs_sweep_plots_and_champion(server, store, tmp_path):
             browser.close()
     assert get(port, "/", "evil.example.com")[0] == 403  # what the browser saw is loopback-only
     assert sorted(p.name for p in tmp_path.glob("ui-*.png")) == [
-        "ui-artifacts.png", "ui-metrics.png", "ui-model.png", "ui-run.png", "ui-runs.png"]
+        "ui-artifacts.png",
+        "ui-metrics.png",
+        "ui-model.png",
+        "ui-run.png",
+        "ui-runs.png",
+    ]

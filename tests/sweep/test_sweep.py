@@ -40,8 +40,12 @@ TINY_SPACE = {
     "n_trials": 2,
     "n_jobs": 2,
     "pruner": {"name": "none", "n_startup_trials": 0, "n_warmup_steps": 0, "threshold": None},
-    "overrides": ["train.epochs=2", "train.verbose=0", "runtime.jit_compile=false",
-                  "runtime.steps_per_execution=1"],
+    "overrides": [
+        "train.epochs=2",
+        "train.verbose=0",
+        "runtime.jit_compile=false",
+        "runtime.steps_per_execution=1",
+    ],
     "params": {
         "optimizer.learning_rate": "tag(log, interval(0.02, 0.2))",
         "train.batch_size": "choice(32, 64)",
@@ -52,15 +56,21 @@ TINY_SPACE = {
 
 # --- the search space ----------------------------------------------------------------------
 
+
 def test_hydra_sweeps_map_onto_optuna_distributions():
-    space = {d.key: d for d in parse_space({
-        "optimizer.learning_rate": "tag(log, interval(1e-4, 1e-1))",
-        "model.dropout": "interval(0, 0.5)",
-        "optimizer": "choice(sgd, adam, rmsprop)",
-        "model.hidden_units": "choice([512, 256], [128])",
-        "train.epochs": "range(2, 11, 4)",
-        "model.units": "tag(log, range(16, 257))",
-    })}
+    space = {
+        d.key: d
+        for d in parse_space(
+            {
+                "optimizer.learning_rate": "tag(log, interval(1e-4, 1e-1))",
+                "model.dropout": "interval(0, 0.5)",
+                "optimizer": "choice(sgd, adam, rmsprop)",
+                "model.hidden_units": "choice([512, 256], [128])",
+                "train.epochs": "range(2, 11, 4)",
+                "model.units": "tag(log, range(16, 257))",
+            }
+        )
+    }
     assert space["optimizer.learning_rate"].distribution == FloatDistribution(1e-4, 1e-1, log=True)
     assert space["model.dropout"].distribution == FloatDistribution(0.0, 0.5)
     assert space["optimizer"].distribution == CategoricalDistribution(["sgd", "adam", "rmsprop"])
@@ -74,17 +84,20 @@ def test_hydra_sweeps_map_onto_optuna_distributions():
     assert space["optimizer.learning_rate"].override(0.003) == "optimizer.learning_rate=0.003"
 
 
-@pytest.mark.parametrize("key, spec, expected", [
-    ("optimizer.learning_rate", "0.01", "a sweep"),
-    ("optimizer.learning_rate", "tag(squared, interval(0.1, 1))", "no tag other than 'log'"),
-    ("optimizer.learning_rate", "tag(log, interval(0, 1))", "a valid distribution"),
-    ("optimizer.learning_rate", "interval(0.1", "Hydra sweep syntax"),
-    ("train.batch_size", "shuffle(choice(32, 64))", "without shuffle"),
-    ("train.batch_size", "range(64, 32)", "at least one value"),
-    ("train.batch_size", "choice(32, 32)", "distinct choices"),
-    ("runtime.precision", "choice(float32, mixed_bfloat16)", "model, optimizer, train"),
-    ("paths.processed", "choice(a, b)", "model, optimizer, train"),
-])
+@pytest.mark.parametrize(
+    "key, spec, expected",
+    [
+        ("optimizer.learning_rate", "0.01", "a sweep"),
+        ("optimizer.learning_rate", "tag(squared, interval(0.1, 1))", "no tag other than 'log'"),
+        ("optimizer.learning_rate", "tag(log, interval(0, 1))", "a valid distribution"),
+        ("optimizer.learning_rate", "interval(0.1", "Hydra sweep syntax"),
+        ("train.batch_size", "shuffle(choice(32, 64))", "without shuffle"),
+        ("train.batch_size", "range(64, 32)", "at least one value"),
+        ("train.batch_size", "choice(32, 32)", "distinct choices"),
+        ("runtime.precision", "choice(float32, mixed_bfloat16)", "model, optimizer, train"),
+        ("paths.processed", "choice(a, b)", "model, optimizer, train"),
+    ],
+)
 def test_bad_search_spaces_fail_naming_the_key(key, spec, expected):
     with pytest.raises(ConfigError) as info:
         parse_space({key: spec})
@@ -99,12 +112,17 @@ def test_shipped_spaces_compose_and_validate_as_trials(name):
     space = parse_space(sweep_cfg.params)
     assert sweep_cfg.metric.startswith("val_")
     for dimension in space:  # every choice of every dimension composes and validates
-        values = (dimension.distribution.choices
-                  if isinstance(dimension.distribution, CategoricalDistribution)
-                  else (dimension.distribution.low, dimension.distribution.high))
+        values = (
+            dimension.distribution.choices
+            if isinstance(dimension.distribution, CategoricalDistribution)
+            else (dimension.distribution.low, dimension.distribution.high)
+        )
         for value in values:
-            overrides = [*sweep_cfg.overrides, *(d.probe() for d in space if d is not dimension),
-                         dimension.override(value)]
+            overrides = [
+                *sweep_cfg.overrides,
+                *(d.probe() for d in space if d is not dimension),
+                dimension.override(value),
+            ]
             job = config.TrainJob.from_config(compose_with_choices(ROOT / "conf", overrides)[0])
             assert job.train.verbose == 0
 
@@ -113,14 +131,17 @@ def test_sweep_group_stays_out_of_params_yaml():
     assert "sweep" not in yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("n_jobs", 0, "[1, 256]"),
-    ("n_trials", 0, "[1, 100000]"),
-    ("metric", "test_accuracy", "'val_accuracy'"),
-    ("direction", "minimize", "'maximize' for metric 'val_accuracy'"),
-    ("name", "../escape", "letters, digits"),
-    ("grace_s", 5, "> sweep.heartbeat_s"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("n_jobs", 0, "[1, 256]"),
+        ("n_trials", 0, "[1, 100000]"),
+        ("metric", "test_accuracy", "'val_accuracy'"),
+        ("direction", "minimize", "'maximize' for metric 'val_accuracy'"),
+        ("name", "../escape", "letters, digits"),
+        ("grace_s", 5, "> sweep.heartbeat_s"),
+    ],
+)
 def test_bad_sweep_settings_fail_naming_key_value_and_allowed(key, value, expected):
     with pytest.raises(ConfigError) as info:
         test_config.section("sweep", **{**TINY_SPACE, key: value})
@@ -134,17 +155,22 @@ def test_threshold_pruner_needs_a_threshold():
 
 # --- the budget ----------------------------------------------------------------------------
 
+
 def _sweep_cfg(tmp_path, **values) -> config.SweepConfig:
-    return test_config.section("sweep", **{**TINY_SPACE,
-                                           "storage": f"sqlite:///{tmp_path / 'o.db'}", **values})
+    return test_config.section(
+        "sweep", **{**TINY_SPACE, "storage": f"sqlite:///{tmp_path / 'o.db'}", **values}
+    )
 
 
 def test_only_trials_that_ran_their_objective_use_up_the_budget(tmp_path):
     study = open_study(_sweep_cfg(tmp_path))
     study.add_trial(optuna.trial.create_trial(state=TrialState.COMPLETE, value=0.9))
     study.add_trial(optuna.trial.create_trial(state=TrialState.PRUNED))
-    study.add_trial(optuna.trial.create_trial(  # its training diverged: it had its chance
-        state=TrialState.FAIL, user_attrs={FAILURE_ATTR: "loss became NaN"}))
+    study.add_trial(
+        optuna.trial.create_trial(  # its training diverged: it had its chance
+            state=TrialState.FAIL, user_attrs={FAILURE_ATTR: "loss became NaN"}
+        )
+    )
     study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL))  # interrupted
     now = progress(study)
     assert (now.done, now.running, now.failed) == (3, 0, 2)
@@ -165,18 +191,28 @@ def test_a_dead_workers_trial_goes_stale_and_frees_its_place(tmp_path):
 
 # --- the experiment file -------------------------------------------------------------------
 
+
 def test_experiment_file_holds_the_difference_and_composes_back(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(ROOT / "conf", conf)
-    overrides = ["optimizer=adam", "optimizer.learning_rate=0.0031", "train.epochs=3",
-                 "model.hidden_units=[64,32]", "train.verbose=0", "train.lr_schedule.name=cosine"]
+    overrides = [
+        "optimizer=adam",
+        "optimizer.learning_rate=0.0031",
+        "train.epochs=3",
+        "model.hidden_units=[64,32]",
+        "train.verbose=0",
+        "train.lr_schedule.name=cosine",
+    ]
     best, choices = compose_with_choices(conf, overrides)
     path = write_experiment(conf, "found", best, choices, "a header")
     text = path.read_text()
     assert text.startswith("# @package _global_\n")
     written = yaml.safe_load(text)
-    assert written["defaults"] == [{"override /model": "mlp"}, {"override /optimizer": "adam"},
-                                   {"override /train": "default"}]
+    assert written["defaults"] == [
+        {"override /model": "mlp"},
+        {"override /optimizer": "adam"},
+        {"override /train": "default"},
+    ]
     assert written["optimizer"] == {"learning_rate": 0.0031}
     assert written["model"] == {"hidden_units": [64, 32]}
     assert written["train"] == {"epochs": 3, "lr_schedule": {"name": "cosine"}}  # no verbose
@@ -188,6 +224,7 @@ def test_experiment_file_holds_the_difference_and_composes_back(tmp_path):
 
 
 # --- a real sweep: two workers, then resumed with forced pruning ---------------------------
+
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("sweep")
@@ -202,19 +239,26 @@ def test_parallel_sweep_resumes_prunes_and_writes_an_experiment(tmp_path, monkey
 
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     (tmp_path / "conf" / "sweep" / "tiny.yaml").write_text(
-        yaml.safe_dump(test_config.values("sweep", **TINY_SPACE)))
+        yaml.safe_dump(test_config.values("sweep", **TINY_SPACE))
+    )
     for name, n, seed in (("train", 300, 1), ("val", 100, 2), ("test", 100, 3)):
-        save_split(tmp_path / "data" / "processed", name,
-                   Split(*synthetic_digits(n, seed)))
+        save_split(tmp_path / "data" / "processed", name, Split(*synthetic_digits(n, seed)))
     before = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
     first = run(tmp_path / "conf", ["+sweep=tiny"])
-    second = run(tmp_path / "conf", [
-        "+sweep=tiny", "sweep.n_trials=4", "sweep.pruner.name=threshold",
-        "sweep.pruner.threshold=1.01", "sweep.pruner.n_warmup_steps=0"])
+    second = run(
+        tmp_path / "conf",
+        [
+            "+sweep=tiny",
+            "sweep.n_trials=4",
+            "sweep.pruner.name=threshold",
+            "sweep.pruner.threshold=1.01",
+            "sweep.pruner.n_warmup_steps=0",
+        ],
+    )
 
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/sweeps/optuna.db")
     trials = study.trials
@@ -284,14 +328,28 @@ def test_parallel_sweep_resumes_prunes_and_writes_an_experiment(tmp_path, monkey
 def test_cli_rejects_a_bad_sweep_before_any_work(tmp_path):
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
     done = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "sweep.py"), "--conf", str(tmp_path / "conf"),
-         "+sweep=mlp", "sweep.n_jobs=0"], cwd=tmp_path, capture_output=True, text=True,
-        timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "sweep.py"),
+            "--conf",
+            str(tmp_path / "conf"),
+            "+sweep=mlp",
+            "sweep.n_jobs=0",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1
     assert "sweep: error: config 'sweep.n_jobs': got 0" in done.stderr
     missing = subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / "sweep.py"), "--conf", str(tmp_path / "conf")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 1 and "+sweep=<one of cnn, mlp>" in missing.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["conf"]  # no outputs/, .hydra/, sweeps/
 

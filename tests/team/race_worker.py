@@ -41,10 +41,14 @@ def main() -> None:
         shutil.copyfile(race / str(index) / "run.json", paths.run)
         tracking = {**params["tracking"], "registered_model": f"race-{index}"}
         try:
-            decision = promotion.evaluate(paths, evaluate_cfg, gate_cfg,
-                                          config.section({"tracking": tracking}, "tracking"))
-            outcome = {"version": decision.version, "passed": decision.verdict.passed,
-                       "line": decision.line}
+            decision = promotion.evaluate(
+                paths, evaluate_cfg, gate_cfg, config.section({"tracking": tracking}, "tracking")
+            )
+            outcome = {
+                "version": decision.version,
+                "passed": decision.verdict.passed,
+                "line": decision.line,
+            }
         except Exception:  # reported to the test, which fails on it
             outcome = {"error": traceback.format_exc()}
         write_json(race / f"done-{index}", outcome)

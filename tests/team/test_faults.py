@@ -26,8 +26,11 @@ def _champion(stack: stacks.Stack) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return MlflowClient(stack.tracking_uri).get_model_version_by_alias(
-            "mnist-classifier", "champion").version
+        return (
+            MlflowClient(stack.tracking_uri)
+            .get_model_version_by_alias("mnist-classifier", "champion")
+            .version
+        )
     except MlflowException:
         return None
 
@@ -45,8 +48,9 @@ def _epochs_logged(stack: stacks.Stack) -> int:
 
 def _locked_stages(path) -> set[str]:
     lock = path / "dvc.lock"
-    return set((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.exists() \
-        else set()
+    return (
+        set((yaml.safe_load(lock.read_text()) or {}).get("stages", {})) if lock.exists() else set()
+    )
 
 
 def _one_error_line(stderr: str, stage: str) -> str:

@@ -40,29 +40,36 @@ def champion_on_the_server(root, images, labels) -> str:
     from mnist_pipeline.training import calibration, job
 
     keras.utils.set_random_seed(4)
-    model = keras.Sequential([keras.Input((28, 28), dtype="uint8"),
-                              keras.layers.Rescaling(1 / 255, dtype="float32"),
-                              keras.layers.Flatten(dtype="float32"),
-                              keras.layers.Dense(10, activation="softmax", dtype="float32")])
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28), dtype="uint8"),
+            keras.layers.Rescaling(1 / 255, dtype="float32"),
+            keras.layers.Flatten(dtype="float32"),
+            keras.layers.Dense(10, activation="softmax", dtype="float32"),
+        ]
+    )
     model.compile("adam", "sparse_categorical_crossentropy")
     train, train_labels = synthetic_digits(600, seed=1)
     model.fit(train, train_labels, epochs=3, verbose=0)
     mlflow.set_experiment("team-monitoring")
     with mlflow.start_run() as run:
         uri = job.log_served(model, calibration.IDENTITY)
-        promotion.log_reference(run.info.run_id, Split(images, labels),
-                                model.predict(images, verbose=0))
+        promotion.log_reference(
+            run.info.run_id, Split(images, labels), model.predict(images, verbose=0)
+        )
     version = registry.register(uri, "team-digits", tags={})
     return registry.version_uri("team-digits", str(version.version))
 
 
-def test_monitor_on_the_team_stack_logs_to_postgres_and_the_server(team_stack, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_monitor_on_the_team_stack_logs_to_postgres_and_the_server(
+    team_stack, tmp_path, monkeypatch, capsys
+):
     import mlflow
 
     # What `make team-env` prints, as a member's shell would have it.
-    exports = dict(line.removeprefix("export ").split("=", 1)
-                   for line in team_stack.exports().splitlines())
+    exports = dict(
+        line.removeprefix("export ").split("=", 1) for line in team_stack.exports().splitlines()
+    )
     assert MONITORING_ENV == LOG_ENV
     assert exports[LOG_ENV] == team_stack.request_log
     assert team_stack.request_log.startswith("postgresql://")
@@ -78,15 +85,20 @@ def test_monitor_on_the_team_stack_logs_to_postgres_and_the_server(team_stack, t
     uri = champion_on_the_server(root, images, labels)
 
     port = tiny_store.free_port()
-    monitoring = checkout_section("monitoring", root).model_copy(
-        update={"flush_interval_s": 0.1})
-    command = model_server_command(tracking_config(root), model_uri=uri, port=port,
-                                   monitoring=monitoring, cache=str(tmp_path / "cache"))
+    monitoring = checkout_section("monitoring", root).model_copy(update={"flush_interval_s": 0.1})
+    command = model_server_command(
+        tracking_config(root),
+        model_uri=uri,
+        port=port,
+        monitoring=monitoring,
+        cache=str(tmp_path / "cache"),
+    )
     assert command.env_overrides["MNIST_SERVE_LOG"] == team_stack.request_log
     with tiny_store.running(command, tmp_path / "server.log"):
+
         def send(batch: np.ndarray) -> None:
             for start in range(0, len(batch), 10):
-                status, body = post(port, {"inputs": batch[start:start + 10].tolist()})
+                status, body = post(port, {"inputs": batch[start : start + 10].tolist()})
                 assert status == 200, body
 
         def wait_for(rows: int) -> None:
@@ -98,7 +110,7 @@ def test_monitor_on_the_team_stack_logs_to_postgres_and_the_server(team_stack, t
                 assert time.monotonic() < deadline, "the server did not log its answers"
                 time.sleep(0.05)
 
-        send(images[:2 * WINDOW])
+        send(images[: 2 * WINDOW])
         wait_for(2 * WINDOW)
         log = RequestLog(team_stack.request_log)
         try:
@@ -106,12 +118,26 @@ def test_monitor_on_the_team_stack_logs_to_postgres_and_the_server(team_stack, t
             assert log.latest_version() == ("team-digits", "1")
         finally:
             log.close()
-        assert cli.main(["monitor", "--window", str(WINDOW), "--windows", "2",
-                         "--report", str(tmp_path / "clean.html")]) == 0
-        send(corruptions.corrupt(images[2 * WINDOW:3 * WINDOW], "fog", seed=0))
+        assert (
+            cli.main(
+                [
+                    "monitor",
+                    "--window",
+                    str(WINDOW),
+                    "--windows",
+                    "2",
+                    "--report",
+                    str(tmp_path / "clean.html"),
+                ]
+            )
+            == 0
+        )
+        send(corruptions.corrupt(images[2 * WINDOW : 3 * WINDOW], "fog", seed=0))
         wait_for(3 * WINDOW)
-        assert cli.main(["monitor", "--window", str(WINDOW),
-                         "--report", str(tmp_path / "fog.html")]) == ALARM_EXIT
+        assert (
+            cli.main(["monitor", "--window", str(WINDOW), "--report", str(tmp_path / "fog.html")])
+            == ALARM_EXIT
+        )
     out = capsys.readouterr().out
     assert "in experiment 'monitoring' of http://127.0.0.1" in out
 

@@ -24,12 +24,16 @@ def network_stack():
 
 
 def exported(text: str) -> dict[str, str]:
-    return dict(line.removeprefix("export ").split("=", 1) for line in text.splitlines()
-                if line.startswith("export "))
+    return dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in text.splitlines()
+        if line.startswith("export ")
+    )
 
 
-def test_auth_network_stack_adds_members_whose_role_cannot_move_champion(network_stack, monkeypatch,
-                                                             capsys, tmp_path):
+def test_auth_network_stack_adds_members_whose_role_cannot_move_champion(
+    network_stack, monkeypatch, capsys, tmp_path
+):
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -58,8 +62,9 @@ def test_auth_network_stack_adds_members_whose_role_cannot_move_champion(network
     (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
     client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
     client.create_registered_model("net-model")
-    version = client.create_model_version("net-model", f"runs:/{run.info.run_id}/model",
-                                          run_id=run.info.run_id).version
+    version = client.create_model_version(
+        "net-model", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
+    ).version
     with pytest.raises(MlflowException) as refused:
         client.set_registered_model_alias("net-model", "champion", version)
     assert refused.value.error_code == "PERMISSION_DENIED"
@@ -86,9 +91,18 @@ def test_tls_client_without_the_ca_fails_with_one_clear_line(network_stack, monk
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", network_stack.tracking_uri)
     monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH", raising=False)
-    tracking = config.section({"tracking": {
-        "uri": None, "artifact_dir": "mlruns", "experiment_name": "no-ca",
-        "registered_model": "m", "lock_url": None}}, "tracking")
+    tracking = config.section(
+        {
+            "tracking": {
+                "uri": None,
+                "artifact_dir": "mlruns",
+                "experiment_name": "no-ca",
+                "registered_model": "m",
+                "lock_url": None,
+            }
+        },
+        "tracking",
+    )
     with pytest.raises(TrackingError) as caught:
         store.connect(tracking)
     message = str(caught.value)

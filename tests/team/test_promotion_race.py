@@ -37,14 +37,16 @@ def logged(model, test: Split, name: str, experiment: str) -> dict:
     from mnist_pipeline.tracking import runs
     from mnist_pipeline.training import calibration, job
 
-    with runs.run(experiment, run_name=name,
-                  tags={"data.test_sha256": test.sha256(), "data.sha256": "synthetic"}) as run_id:
+    with runs.run(
+        experiment,
+        run_name=name,
+        tags={"data.test_sha256": test.sha256(), "data.sha256": "synthetic"},
+    ) as run_id:
         uri = job.log_served(model, calibration.IDENTITY)
     return {"run_id": run_id, "model_uri": uri}
 
 
-def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_stack,
-                                                                 monkeypatch):
+def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_stack, monkeypatch):
     from mnist_pipeline.evaluation import rollback
     from mnist_pipeline.tracking import history, locks, registry, store
     from mnist_pipeline.training import models
@@ -61,8 +63,9 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
         save_split(checkout / "data/processed", "test", test)
         suite.save(checkout / "data/corrupted", corrupted, test, seed=0)
     params = yaml.safe_load((checkouts[0] / "params.yaml").read_text())
-    experiment = store.connect(config.section(
-        {"tracking": {**params["tracking"], "experiment_name": "race"}}, "tracking"))
+    experiment = store.connect(
+        config.section({"tracking": {**params["tracking"], "experiment_name": "race"}}, "tracking")
+    )
 
     rng = np.random.default_rng(7)
     expected = []
@@ -70,8 +73,11 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
         name = f"race-{index}"
         # The champion misreads 6 classes; the candidates fewer: both would pass alone.
         champion = logged(graded_model(tuple(range(6))), test, f"{name}-champion", experiment)
-        version = registry.register(champion["model_uri"], name, tags={
-            "model_sha256": f"champion-{index}", "data.test_sha256": test.sha256()})
+        version = registry.register(
+            champion["model_uri"],
+            name,
+            tags={"model_sha256": f"champion-{index}", "data.test_sha256": test.sha256()},
+        )
         registry.promote(name, str(version.version))
         better = int(rng.integers(0, 3))
         worse = int(rng.integers(better + 1, 6))
@@ -81,21 +87,31 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
             folder.mkdir(parents=True)
             model = graded_model(tuple(range(broken)))
             models.save(model, folder / "model.keras")
-            write_json(folder / "run.json",
-                       logged(model, test, f"{name}-{checkout.name}", experiment))
+            write_json(
+                folder / "run.json", logged(model, test, f"{name}-{checkout.name}", experiment)
+            )
         expected.append((name, 1 - better / 10))
 
-    workers = [subprocess.Popen([sys.executable, str(WORKER), str(ROUNDS)], cwd=checkout,
-                                env=repo.env(**env, DVC_ROOT=str(checkout)),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for checkout in checkouts]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(ROUNDS)],
+            cwd=checkout,
+            env=repo.env(**env, DVC_ROOT=str(checkout)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for checkout in checkouts
+    ]
     versions = []
     try:
         for index, (name, accuracy) in enumerate(expected):
             for checkout in checkouts:
                 (checkout / "race" / f"go-{index}").touch()
-            outcomes = [_wait_for(checkout / "race" / f"done-{index}", worker)
-                        for checkout, worker in zip(checkouts, workers, strict=True)]
+            outcomes = [
+                _wait_for(checkout / "race" / f"done-{index}", worker)
+                for checkout, worker in zip(checkouts, workers, strict=True)
+            ]
             for outcome in outcomes:
                 assert "error" not in outcome, outcome.get("error")
             held = registry.champion(name)
@@ -108,8 +124,10 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
             first, second = history.entries(name)
             assert (first["seq"], second["seq"]) == (1, 2)
             assert {first["candidate"], second["candidate"]} == {"2", "3"}
-            assert (first["champion_before"], second["champion_before"]) == \
-                ("1", first["champion_after"])
+            assert (first["champion_before"], second["champion_before"]) == (
+                "1",
+                first["champion_after"],
+            )
             assert second["champion_after"] == held.version
     finally:
         for worker in workers:
@@ -122,10 +140,21 @@ def test_two_checkouts_promoting_at_once_keep_the_better_model(tmp_path, team_st
     # forced move reaches it, and the history says so.
     name = expected[-1][0]
     with pytest.raises(PromotionError, match="never passed the gate"):
-        rollback.move(name, "v1", "back to the hand-made champion", test_sha256=test.sha256(),
-                      lock_url=locks.lock_url(None))
-    rollback.move(name, "v1", "back to the hand-made champion", test_sha256=test.sha256(),
-                  force=True, lock_url=locks.lock_url(None))
+        rollback.move(
+            name,
+            "v1",
+            "back to the hand-made champion",
+            test_sha256=test.sha256(),
+            lock_url=locks.lock_url(None),
+        )
+    rollback.move(
+        name,
+        "v1",
+        "back to the hand-made champion",
+        test_sha256=test.sha256(),
+        force=True,
+        lock_url=locks.lock_url(None),
+    )
     assert str(registry.champion(name).version) == "1"
     assert [e["outcome"] for e in history.entries(name)][-1] == "forced"
 
@@ -134,8 +163,10 @@ def _wait_for(path: Path, worker: subprocess.Popen, timeout: float = 300) -> dic
     deadline = time.monotonic() + timeout
     while not path.exists():
         if worker.poll() is not None and not path.exists():
-            pytest.fail(f"a worker stopped ({worker.returncode}) before {path.name}: "
-                        f"{worker.stdout.read()[-3000:]}")
+            pytest.fail(
+                f"a worker stopped ({worker.returncode}) before {path.name}: "
+                f"{worker.stdout.read()[-3000:]}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(f"{path} did not appear within {timeout} s")
         time.sleep(0.05)

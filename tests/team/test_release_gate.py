@@ -27,10 +27,19 @@ def server(tmp_path_factory):
     """(url, CA file, admin env, users' passwords) of a secured server with three users."""
     folder = tmp_path_factory.mktemp("secure")
     port = tiny_store.free_port()
-    plain = tracking_server_command(f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts",
-                                    host="127.0.0.1", port=port, workers=1)
-    command, certs = secure.secured(plain, folder / "secrets", names=["127.0.0.1", "localhost"],
-                                    auth_database=f"sqlite:///{folder / 'auth.db'}")
+    plain = tracking_server_command(
+        f"sqlite:///{folder / 'mlflow.db'}",
+        folder / "artifacts",
+        host="127.0.0.1",
+        port=port,
+        workers=1,
+    )
+    command, certs = secure.secured(
+        plain,
+        folder / "secrets",
+        names=["127.0.0.1", "localhost"],
+        auth_database=f"sqlite:///{folder / 'auth.db'}",
+    )
     with open(folder / "server.log", "wb") as log:
         process = start(command, log=log)
         try:
@@ -41,8 +50,10 @@ def server(tmp_path_factory):
                 for key, value in admin.items():
                     patch.setenv(key, value)
                 auth = users.client(command.url)
-                passwords = {name: users.add(auth, name, role) for name, role in
-                             (("alice", "member"), ("vera", "viewer"), ("gate", "gate"))}
+                passwords = {
+                    name: users.add(auth, name, role)
+                    for name, role in (("alice", "member"), ("vera", "viewer"), ("gate", "gate"))
+                }
             yield command.url, str(certs.ca), admin, passwords, folder
         finally:
             stop(process)
@@ -70,9 +81,12 @@ def denied(call) -> str:
 
 def test_tls_is_required_and_secrets_and_keys_are_private(server):
     url, ca, _, _, folder = server
-    for path in (folder / "secrets" / "secrets.json", folder / "secrets" / "basic_auth.ini",
-                 folder / "secrets" / "pki" / "server-key.pem",
-                 folder / "secrets" / "pki" / "ca-key.pem"):
+    for path in (
+        folder / "secrets" / "secrets.json",
+        folder / "secrets" / "basic_auth.ini",
+        folder / "secrets" / "pki" / "server-key.pem",
+        folder / "secrets" / "pki" / "ca-key.pem",
+    ):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
     with pytest.raises(urllib.error.URLError) as caught:  # our CA is no public CA
         urllib.request.urlopen(f"{url}/health", timeout=10)
@@ -81,8 +95,9 @@ def test_tls_is_required_and_secrets_and_keys_are_private(server):
     with urllib.request.urlopen(f"{url}/health", timeout=10, context=context) as answer:
         assert answer.status == 200
     with pytest.raises(urllib.error.HTTPError) as anonymous:  # no login, no API
-        urllib.request.urlopen(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
-                               timeout=10, context=context)
+        urllib.request.urlopen(
+            f"{url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10, context=context
+        )
     assert anonymous.value.code == 401
     import base64
 
@@ -104,21 +119,24 @@ def test_role_member_registers_but_only_the_gate_moves_champion(server, monkeypa
     alice.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
     alice.set_terminated(run.info.run_id)
     alice.create_registered_model(MODEL)
-    version = alice.create_model_version(MODEL, f"runs:/{run.info.run_id}/model",
-                                         run_id=run.info.run_id)
+    version = alice.create_model_version(
+        MODEL, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id
+    )
     alice.set_registered_model_alias(MODEL, "candidate", version.version)  # others are free
-    message = denied(lambda: alice.set_registered_model_alias(MODEL, "champion",
-                                                              version.version))
+    message = denied(lambda: alice.set_registered_model_alias(MODEL, "champion", version.version))
     assert "only the gate" in message and "alice" in message
     denied(lambda: alice.set_model_version_tag(MODEL, version.version, "gate.passed", "true"))
 
     # The UI's own route is no way around it.
     url, ca, _, passwords, _ = server
     request = urllib.request.Request(
-        f"{url}/ajax-api/2.0/mlflow/registered-models/alias", method="POST",
-        data=f'{{"name": "{MODEL}", "alias": "champion", "version": "{version.version}"}}'
-        .encode(), headers={"Content-Type": "application/json"})
+        f"{url}/ajax-api/2.0/mlflow/registered-models/alias",
+        method="POST",
+        data=f'{{"name": "{MODEL}", "alias": "champion", "version": "{version.version}"}}'.encode(),
+        headers={"Content-Type": "application/json"},
+    )
     import base64
+
     token = base64.b64encode(f"alice:{passwords['alice']}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
     with pytest.raises(urllib.error.HTTPError) as ui:

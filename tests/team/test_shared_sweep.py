@@ -21,12 +21,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.team]
 
 TRIALS = 5
 SPACE = {
-    "name": "shared", "n_trials": TRIALS, "n_jobs": 1, "heartbeat_s": 1, "grace_s": 4,
+    "name": "shared",
+    "n_trials": TRIALS,
+    "n_jobs": 1,
+    "heartbeat_s": 1,
+    "grace_s": 4,
     "pruner": {"name": "none", "n_startup_trials": 0, "n_warmup_steps": 0, "threshold": None},
-    "overrides": ["train.epochs=6", "train.verbose=0", "runtime.jit_compile=false",
-                  "runtime.steps_per_execution=1", "train.batch_size=16"],
-    "params": {"optimizer.learning_rate": "tag(log, interval(0.02, 0.2))",
-               "model.hidden_units": "choice([16], [32, 16])"},
+    "overrides": [
+        "train.epochs=6",
+        "train.verbose=0",
+        "runtime.jit_compile=false",
+        "runtime.steps_per_execution=1",
+        "train.batch_size=16",
+    ],
+    "params": {
+        "optimizer.learning_rate": "tag(log, interval(0.02, 0.2))",
+        "model.hidden_units": "choice([16], [32, 16])",
+    },
 }
 
 
@@ -61,10 +72,12 @@ def test_two_checkouts_fill_one_study_and_replace_a_killed_workers_trial(tmp_pat
         repo.run(["dvc", "repro", "preprocess"], checkout)
 
     env = client_env(team_stack)
-    command = repo.python("pipelines/sweep.py", "+sweep=shared",
-                          f"sweep.storage={team_stack.optuna_storage}")
-    coordinators = {name: repo.start(command, checkout, **env)
-                    for name, checkout in (("a", a), ("b", b))}
+    command = repo.python(
+        "pipelines/sweep.py", "+sweep=shared", f"sweep.storage={team_stack.optuna_storage}"
+    )
+    coordinators = {
+        name: repo.start(command, checkout, **env) for name, checkout in (("a", a), ("b", b))
+    }
     storage = optuna.storages.RDBStorage(team_stack.optuna_storage)
 
     # Kill b's worker while both machines are in the middle of a trial.
@@ -75,8 +88,11 @@ def test_two_checkouts_fill_one_study_and_replace_a_killed_workers_trial(tmp_pat
             assert proc.poll() is None, f"{name}: {proc.communicate()[1][-3000:]}"
         try:
             study = optuna.load_study(study_name="shared", storage=storage)
-            running = [t for t in study.get_trials(deepcopy=False)
-                       if t.state == optuna.trial.TrialState.RUNNING]
+            running = [
+                t
+                for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.RUNNING
+            ]
         except KeyError:
             running = []
         workers = _workers(coordinators["b"].pid)
@@ -93,18 +109,27 @@ def test_two_checkouts_fill_one_study_and_replace_a_killed_workers_trial(tmp_pat
 
     study = optuna.load_study(study_name="shared", storage=storage)
     trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE,
-                                                 optuna.trial.TrialState.PRUNED)]
-    stale = [t for t in trials if t.state == optuna.trial.TrialState.FAIL
-             and "failure" not in t.user_attrs]
+    finished = [
+        t
+        for t in trials
+        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    stale = [
+        t
+        for t in trials
+        if t.state == optuna.trial.TrialState.FAIL and "failure" not in t.user_attrs
+    ]
     assert len(finished) == TRIALS, [(t.number, t.state) for t in trials]  # the budget, exactly
     assert len(stale) == 1, [(t.number, t.state, t.user_attrs) for t in trials]
 
     client = MlflowClient(team_stack.tracking_uri)
     experiment = client.get_experiment_by_name("mnist")
     every = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in every if r.data.tags.get("optuna.study") == "shared"
-               and "mlflow.parentRunId" not in r.data.tags]
+    parents = [
+        r
+        for r in every
+        if r.data.tags.get("optuna.study") == "shared" and "mlflow.parentRunId" not in r.data.tags
+    ]
     assert len(parents) == 1, [r.info.run_name for r in parents]  # b joined a's parent
     parent = parents[0].info.run_id
     assert study.user_attrs["mlflow_parent_run_id"] == parent

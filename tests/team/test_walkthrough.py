@@ -21,8 +21,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.team]
 
 def _exports(stack_dir) -> dict[str, str]:
     """Step 2's `eval "$(make -s team-env)"`: the variables `team env` prints."""
-    done = subprocess.run([sys.executable, "-m", "mnist_pipeline.team", "env", "--dir",
-                           str(stack_dir)], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mnist_pipeline.team", "env", "--dir", str(stack_dir)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     exports = {}
     for line in done.stdout.splitlines():
         key, _, value = shlex.split(line.removeprefix("export "))[0].partition("=")
@@ -36,9 +40,11 @@ def test_the_team_walkthrough(tmp_path, team_stack):
     # 1. Start the stack: the fixture ran `python -m mnist_pipeline.team up` in a folder of
     #    its own. 2. Point a checkout at it.
     env = _exports(team_stack.root)
-    assert env == {"MLFLOW_TRACKING_URI": team_stack.tracking_uri,
-                   "MNIST_PIPELINE_LOCK_URL": team_stack.lock_url,
-                   "MNIST_MONITORING_LOG": team_stack.request_log}
+    assert env == {
+        "MLFLOW_TRACKING_URI": team_stack.tracking_uri,
+        "MNIST_PIPELINE_LOCK_URL": team_stack.lock_url,
+        "MNIST_MONITORING_LOG": team_stack.request_log,
+    }
     a = repo.make(tmp_path / "a")
     remote = str(team_stack.dvc_remote)
     repo.run(["dvc", "remote", "add", "--local", "-f", "-d", "team", remote], a)
@@ -73,16 +79,19 @@ def test_the_team_walkthrough(tmp_path, team_stack):
     client = MlflowClient(team_stack.tracking_uri)
     experiment = client.get_experiment_by_name("mnist").experiment_id
     runs = client.search_runs([experiment], max_results=100)
-    assert len({r.data.tags.get("dvc.experiment") for r in runs if "dvc.experiment"
-                in r.data.tags}) == 2
+    assert (
+        len({r.data.tags.get("dvc.experiment") for r in runs if "dvc.experiment" in r.data.tags})
+        == 2
+    )
     assert all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
 
     # 6. Look and serve: the server is the UI; the champion comes from its registry.
     done = repo.run([sys.executable, "-m", "mnist_pipeline.serve.ui"], a, **env)
     assert f"open {team_stack.tracking_uri}" in done.stdout
     port = free_port()
-    server = repo.start([sys.executable, "-m", "mnist_pipeline.serve.model_server",
-                         "--port", str(port)], a, **env)
+    server = repo.start(
+        [sys.executable, "-m", "mnist_pipeline.serve.model_server", "--port", str(port)], a, **env
+    )
     try:
         images, labels = synthetic_digits(4, seed=9)
         body = json.dumps({"inputs": images.tolist()}).encode()
@@ -90,8 +99,11 @@ def test_the_team_walkthrough(tmp_path, team_stack):
         while True:
             assert server.poll() is None, server.communicate()[1][-3000:]
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
-                                                 {"Content-Type": "application/json"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    body,
+                    {"Content-Type": "application/json"},
+                )
                 with urllib.request.urlopen(request, timeout=10) as response:
                     predictions = json.load(response)["predictions"]
                 break
@@ -106,10 +118,25 @@ def test_the_team_walkthrough(tmp_path, team_stack):
 
     # 7. Multi-worker training, from the second machine: one run, by the chief.
     before = {r.info.run_id for r in client.search_runs([experiment], max_results=100)}
-    done = repo.run(["dvc", "exp", "run", "-n", "two-workers", "-S",
-                     "runtime.distribute=multi_worker", "-S", "runtime.workers=2"], b, **env)
+    done = repo.run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "two-workers",
+            "-S",
+            "runtime.distribute=multi_worker",
+            "-S",
+            "runtime.workers=2",
+        ],
+        b,
+        **env,
+    )
     assert "gate:" in done.stdout
-    new = [r for r in client.search_runs([experiment], max_results=100)
-           if r.info.run_id not in before]
-    assert [(r.info.run_name, r.info.status, r.data.params.get("runtime.resolved_workers"))
-            for r in new] == [("two-workers", "FINISHED", "2")]
+    new = [
+        r for r in client.search_runs([experiment], max_results=100) if r.info.run_id not in before
+    ]
+    assert [
+        (r.info.run_name, r.info.status, r.data.params.get("runtime.resolved_workers")) for r in new
+    ] == [("two-workers", "FINISHED", "2")]

@@ -37,16 +37,23 @@ def _versions(cfg: config.TrackingConfig, count: int) -> list[tuple[str, str]]:
     made = []
     for _ in range(count):
         run_id = client.create_run(experiment_id).info.run_id
-        version = client.create_model_version(NAME, source=f"runs:/{run_id}/model",
-                                              run_id=run_id)
+        version = client.create_model_version(NAME, source=f"runs:/{run_id}/model", run_id=run_id)
         made.append((str(version.version), run_id))
     return made
 
 
 def _gate(path: Path, *, left: str | None, ran_with: dict | None, name: str = NAME) -> Path:
     """A gate.json as evaluate writes it (only the keys the record reads)."""
-    path.write_text(json.dumps({"registered_model": name, "champion_version_before": None,
-                                "champion_version": left, "champion_record": ran_with}))
+    path.write_text(
+        json.dumps(
+            {
+                "registered_model": name,
+                "champion_version_before": None,
+                "champion_version": left,
+                "champion_record": ran_with,
+            }
+        )
+    )
     return path
 
 
@@ -91,7 +98,7 @@ def test_a_move_from_outside_changes_the_record(tracking, tmp_path):
 
 
 def test_a_record_of_another_registered_model_is_not_trusted(tracking, tmp_path):
-    (v1, run1), = _versions(tracking, 1)
+    ((v1, run1),) = _versions(tracking, 1)
     registry.promote(NAME, v1)
     gate = _gate(tmp_path / "gate.json", left=v1, ran_with=_record(None, None), name="other")
     assert champion_record.decide(tracking, gate).record == _record(v1, run1)
@@ -99,7 +106,7 @@ def test_a_record_of_another_registered_model_is_not_trusted(tracking, tmp_path)
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"champion_version": "1"}'])
 def test_an_unreadable_or_older_gate_json_means_the_champion_now(tracking, tmp_path, content):
-    (v1, run1), = _versions(tracking, 1)
+    ((v1, run1),) = _versions(tracking, 1)
     registry.promote(NAME, v1)
     (tmp_path / "gate.json").write_text(content)
     assert champion_record.decide(tracking, tmp_path / "gate.json").record == _record(v1, run1)
@@ -118,7 +125,10 @@ def test_the_sql_read_agrees_with_mlflow(tracking, tmp_path):
         assert champion_record.read_sqlite(database, NAME) == mlflow_says
         assert champion_record.current(tracking) == mlflow_says
     assert champion_record.read_sqlite(database, "other-model") == {
-        "registered_model": "other-model", "version": None, "run_id": None}
+        "registered_model": "other-model",
+        "version": None,
+        "run_id": None,
+    }
     MlflowClient().delete_registered_model_alias(NAME, registry.CHAMPION)
     assert champion_record.read_sqlite(database, NAME) == _record(None, None)
     registry.promote(NAME, v1)
@@ -133,7 +143,7 @@ def test_the_sql_read_is_for_the_installed_mlflow_schema_only(tracking, tmp_path
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     assert champion_record.SCHEMA_REVISION == _get_latest_schema_revision()
-    (v1, run1), = _versions(tracking, 1)
+    ((v1, run1),) = _versions(tracking, 1)
     registry.promote(NAME, v1)
     database = tmp_path / "mlflow.db"
     with contextlib.closing(sqlite3.connect(database)) as connection, connection:
@@ -148,10 +158,12 @@ def test_the_sql_read_is_for_the_installed_mlflow_schema_only(tracking, tmp_path
 
 @pytest.mark.parametrize("setting", ["MLFLOW_REGISTRY_URI", "MLFLOW_ENABLE_WORKSPACES"])
 def test_a_registry_elsewhere_is_read_by_mlflow(tracking, tmp_path, monkeypatch, setting):
-    (v1, run1), = _versions(tracking, 1)
+    ((v1, run1),) = _versions(tracking, 1)
     registry.promote(NAME, v1)
-    monkeypatch.setenv(setting, f"sqlite:///{tmp_path / 'mlflow.db'}"
-                       if setting == "MLFLOW_REGISTRY_URI" else "false")
+    monkeypatch.setenv(
+        setting,
+        f"sqlite:///{tmp_path / 'mlflow.db'}" if setting == "MLFLOW_REGISTRY_URI" else "false",
+    )
 
     def refuse(*args):
         raise AssertionError("read with SQL although MLflow would look elsewhere")
@@ -172,15 +184,30 @@ def test_a_broken_store_is_one_clear_error(tmp_path):
 def _run_stage(folder: Path) -> tuple[str, set[str]]:
     """The champion stage in `folder`: its stdout and the top-level modules it imported."""
     shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
-    stage_args = ["--config-dir", ".", "--config-name", "params", "hydra.run.dir=.",
-                  "hydra.output_subdir=null", "hydra/job_logging=stdout",
-                  "hydra/hydra_logging=disabled"]
-    done = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "pipelines/champion.py"),
-                           *stage_args], cwd=folder, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "DVC_ROOT": str(folder)})
+    stage_args = [
+        "--config-dir",
+        ".",
+        "--config-name",
+        "params",
+        "hydra.run.dir=.",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+        "hydra/hydra_logging=disabled",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "pipelines/champion.py"), *stage_args],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DVC_ROOT": str(folder)},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()
-                if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "mnist_pipeline.tracking.champion_record" in imported
     return done.stdout, {name.split(".")[0] for name in imported}
 
@@ -194,7 +221,7 @@ def test_the_stage_loads_no_tensorflow_and_creates_no_store(tmp_path):
 
 
 def test_the_stage_reads_the_default_store_without_mlflow(tracking, tmp_path):
-    (v1, run1), = _versions(tracking, 1)
+    ((v1, run1),) = _versions(tracking, 1)
     registry.promote(NAME, v1)
     stdout, imported = _run_stage(tmp_path)
     assert not imported & {"tensorflow", "keras", "mlflow", "sqlalchemy"}

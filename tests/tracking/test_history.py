@@ -30,28 +30,50 @@ def model(tmp_path, monkeypatch) -> str:
 
 
 def _verdict(passed: bool) -> dict:
-    return {"passed": passed, "reason": "min_accuracy: 0.9410 < 0.9500" if not passed else
-            "beats champion v1 by +0.0100 (p=0.0100 < 0.05)", "p_value": 0.01,
-            "rules": [{"name": "min_accuracy", "passed": passed, "value": 0.941,
-                       "threshold": 0.95, "detail": "..."}]}
+    return {
+        "passed": passed,
+        "reason": "min_accuracy: 0.9410 < 0.9500"
+        if not passed
+        else "beats champion v1 by +0.0100 (p=0.0100 < 0.05)",
+        "p_value": 0.01,
+        "rules": [
+            {
+                "name": "min_accuracy",
+                "passed": passed,
+                "value": 0.941,
+                "threshold": 0.95,
+                "detail": "...",
+            }
+        ],
+    }
 
 
 def test_gate_entries_record_outcome_rules_and_who(model):
-    history.append(model, history.gate_entry(_verdict(True), candidate="1",
-                                             champion_before=None, champion_after="1",
-                                             run_id="r1"))
-    history.append(model, history.gate_entry(_verdict(True), candidate="1",
-                                             champion_before="1", champion_after="1",
-                                             run_id="r1"))
-    history.append(model, history.gate_entry(_verdict(False), candidate="2",
-                                             champion_before="1", champion_after="1",
-                                             run_id="r2"))
+    history.append(
+        model,
+        history.gate_entry(
+            _verdict(True), candidate="1", champion_before=None, champion_after="1", run_id="r1"
+        ),
+    )
+    history.append(
+        model,
+        history.gate_entry(
+            _verdict(True), candidate="1", champion_before="1", champion_after="1", run_id="r1"
+        ),
+    )
+    history.append(
+        model,
+        history.gate_entry(
+            _verdict(False), candidate="2", champion_before="1", champion_after="1", run_id="r2"
+        ),
+    )
     entries = history.entries(model)
     assert [e["seq"] for e in entries] == [1, 2, 3]
     assert [e["outcome"] for e in entries] == ["promoted", "kept", "rejected"]
     last = entries[-1]
-    assert last["rules"] == [{"rule": "min_accuracy", "passed": False, "value": 0.941,
-                              "threshold": 0.95}]
+    assert last["rules"] == [
+        {"rule": "min_accuracy", "passed": False, "value": 0.941, "threshold": 0.95}
+    ]
     assert last["reason"] == "min_accuracy: 0.9410 < 0.9500" and last["p_value"] == 0.01
     assert last["time"].endswith("Z") and last["user"] and last["host"]
     assert {"git_commit", "git_dirty", "dvc_experiment"} <= set(last)
@@ -63,14 +85,19 @@ def test_tags_are_zero_padded_so_they_sort_as_text(model):
 
     for _ in range(3):
         history.append(model, {"outcome": "promoted"})
-    keys = sorted(k for k in MlflowClient().get_registered_model(model).tags
-                  if k.startswith(history.PREFIX))
+    keys = sorted(
+        k for k in MlflowClient().get_registered_model(model).tags if k.startswith(history.PREFIX)
+    )
     assert keys == [f"champion.history.00000{n}" for n in (1, 2, 3)]
 
 
 def test_an_entry_stays_under_the_registry_column_size():
-    long = {"reason": "x" * 20_000, "rules": [{"rule": "r", "value": "y" * 3000}] * 5,
-            "p_value": 0.0123, "candidate": "7"}
+    long = {
+        "reason": "x" * 20_000,
+        "rules": [{"rule": "r", "value": "y" * 3000}] * 5,
+        "p_value": 0.0123,
+        "candidate": "7",
+    }
     text = history.encode(long)
     assert len(text) <= history.MAX_CHARS
     decoded = json.loads(text)
@@ -104,13 +131,20 @@ def test_two_processes_appending_at_once_get_distinct_ordered_numbers(model, tmp
     """Each worker appends under the promotion lock (a file lock in this checkout); without
     it, both would read the same highest number and overwrite each other's entry."""
     params = test_config.write_params(
-        tmp_path, tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+        tmp_path, tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    )
     go, count = tmp_path / "go", 6
     env = {**os.environ, "DVC_ROOT": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, name, str(count), str(go),
-                                 str(params)], env=env, stderr=subprocess.PIPE, text=True)
-               for name in ("a", "b")]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, name, str(count), str(go), str(params)],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("a", "b")
+    ]
     deadline = time.monotonic() + 300
     while not all((tmp_path / f"ready-{name}").exists() for name in ("a", "b")):
         assert time.monotonic() < deadline, "the workers never got ready"

@@ -52,8 +52,9 @@ def _commits(cwd: Path, store: Path, *command: str) -> dict[str, str | None]:
 
     uri = f"sqlite:///{store}"
     repo.run([sys.executable, *command], cwd, MLFLOW_TRACKING_URI=uri)
-    found = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(
-        "lineage").experiment_id])
+    found = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("lineage").experiment_id]
+    )
     return {r.info.run_name: r.data.tags.get(runs.GIT_COMMIT) for r in found}
 
 
@@ -62,8 +63,9 @@ def _head(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_mlflow_tags_the_entry_points_commit_in_the_process_and_its_spawned_workers(project,
-                                                                                      tmp_path):
+def test_mlflow_tags_the_entry_points_commit_in_the_process_and_its_spawned_workers(
+    project, tmp_path
+):
     # Run from a folder outside any repository: only MLflow, which looks at the entry point,
     # can know the commit (the fallback looks at the working directory).
     elsewhere = tmp_path / "elsewhere"
@@ -77,7 +79,9 @@ def test_where_mlflow_finds_no_commit_the_working_directorys_is_recorded(project
     # `python -c` has no entry point file, like pytest run from a virtual environment.
     code = "import runpy; runpy.run_path('entry.py', run_name='__main__')"
     assert _commits(project, tmp_path / "a.db", "-c", code) == {
-        "main": _head(project), "worker": _head(project)}
+        "main": _head(project),
+        "worker": _head(project),
+    }
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "entry.py").write_text(ENTRY)
@@ -97,4 +101,3 @@ def test_dirty_flag_follows_tracked_files_only(project, tmp_path):
     fresh.mkdir()
     repo.run(["git", "init", "-q"], fresh)
     assert lineage.git_state(fresh) == {}, "no commit yet: nothing to differ from"
-

@@ -17,10 +17,10 @@ from mnist_pipeline.tracking import logged_models
 from mnist_pipeline.training import calibration, job, models
 
 
-
 @pytest.fixture(autouse=True)
 def _float32_models():
     yield from test_config.float32_models()
+
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
@@ -74,9 +74,9 @@ def test_onnx_served_model_applies_its_calibration(tracking):
     fitted = dataclasses.replace(calibration.IDENTITY, temperature=0.5, threshold=0.7)
     served = logged_models.load_pyfunc(job.log_served(model, fitted))
     images, _ = synthetic_digits(20, seed=4)
-    np.testing.assert_allclose(served.predict(images),
-                               calibration.scale(model.predict(images, verbose=0), 0.5),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        served.predict(images), calibration.scale(model.predict(images, verbose=0), 0.5), atol=1e-5
+    )
     assert served.threshold == 0.7
 
 
@@ -90,13 +90,16 @@ def test_onnx_served_model_needs_no_tensorflow(tracking):
     requirements = (tracking / "model" / "requirements.txt").read_text()
     assert "onnxruntime==" in requirements and "mlflow==" in requirements
     assert "tensorflow" not in requirements and "keras" not in requirements
-    script = ("import sys, numpy as np, mlflow\n"
-              f"model = mlflow.pyfunc.load_model({folder!r})\n"
-              "print(model.predict(np.zeros((3, 28, 28), np.uint8)).shape)\n"
-              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-              "('tensorflow', 'keras')))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
+    script = (
+        "import sys, numpy as np, mlflow\n"
+        f"model = mlflow.pyfunc.load_model({folder!r})\n"
+        "print(model.predict(np.zeros((3, 28, 28), np.uint8)).shape)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["(3, 10)", "[]"]
 
@@ -117,5 +120,6 @@ def test_the_keras_model_comes_back_from_either_flavour(tracking, flavour):
     log = logged if flavour == "pyfunc" else logged_models.log_keras_flavour
     again = logged_models.load_keras(log(model))
     images, _ = synthetic_digits(8, seed=6)
-    np.testing.assert_allclose(again.predict(images, verbose=0),
-                               model.predict(images, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(
+        again.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6
+    )

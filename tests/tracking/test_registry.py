@@ -56,4 +56,4 @@ def test_values_with_quotes_or_wildcards_are_matched_verbatim(register):
     assert _found("note", "%") == "3"
     assert _found("note", "it") is None
     with pytest.raises(ValueError, match="both ' and \""):
-        find_version(NAME, "note", "it's \"both\"")
+        find_version(NAME, "note", 'it\'s "both"')

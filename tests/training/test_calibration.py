@@ -34,12 +34,13 @@ def test_calibration_ece_by_hand():
 
 def test_calibration_brier_and_nll_by_hand():
     probabilities = np.zeros((2, 10))
-    probabilities[0, [3, 4]] = 0.7, 0.3     # right: (0.7 - 1)^2 + 0.3^2 = 0.18
-    probabilities[1, [5, 6]] = 0.6, 0.4     # wrong (label 6): 0.6^2 + (0.4 - 1)^2 = 0.72
+    probabilities[0, [3, 4]] = 0.7, 0.3  # right: (0.7 - 1)^2 + 0.3^2 = 0.18
+    probabilities[1, [5, 6]] = 0.6, 0.4  # wrong (label 6): 0.6^2 + (0.4 - 1)^2 = 0.72
     labels = np.array([3, 6])
     assert calibration.brier(probabilities, labels) == pytest.approx((0.18 + 0.72) / 2)
     assert calibration.nll(probabilities, labels) == pytest.approx(
-        -(math.log(0.7) + math.log(0.4)) / 2)
+        -(math.log(0.7) + math.log(0.4)) / 2
+    )
     # Keras' clipping: a probability of 0 for the label costs -log(1e-7), not infinity.
     zero = np.zeros((1, 10))
     zero[0, 1] = 1.0
@@ -52,8 +53,9 @@ def test_calibration_scale_is_softmax_of_logits_over_temperature():
     probabilities = np.exp(logits) / np.exp(logits).sum()
     for temperature in (0.5, 1.0, 2.5):
         expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
-        np.testing.assert_allclose(calibration.scale(probabilities, temperature), expected,
-                                   rtol=1e-12)
+        np.testing.assert_allclose(
+            calibration.scale(probabilities, temperature), expected, rtol=1e-12
+        )
     with pytest.raises(ValueError, match="temperature: got 0"):
         calibration.scale(probabilities, 0)
 
@@ -102,13 +104,15 @@ def test_calibration_fit_records_validation_before_and_after():
     # An underconfident model: right 95% of the time, but only 0.5 on its answer.
     answer = np.where(rng.random(n) < 0.95, labels, (labels + 1) % 10)
     probabilities = rows([0.5] * n, answer.tolist())
-    fitted = calibration.fit(probabilities, labels, target=0.99, scale_temperature=True,
-                             val_sha256="v" * 64)
+    fitted = calibration.fit(
+        probabilities, labels, target=0.99, scale_temperature=True, val_sha256="v" * 64
+    )
     assert fitted.temperature < 1
     assert fitted.val_ece_after < 0.01 < fitted.val_ece_before
     assert fitted.val_nll_after < fitted.val_nll_before
-    off = calibration.fit(probabilities, labels, target=0.99, scale_temperature=False,
-                          val_sha256="v" * 64)
+    off = calibration.fit(
+        probabilities, labels, target=0.99, scale_temperature=False, val_sha256="v" * 64
+    )
     assert off.temperature == 1.0
     assert calibration.Calibration.from_dict({**fitted.to_dict(), "extra": 1}) == fitted
 
@@ -120,5 +124,8 @@ def test_served_calibration_equals_the_trained_one():
     rng = np.random.default_rng(1)
     probabilities = rng.dirichlet(np.ones(10), size=50).astype(np.float32)
     for temperature in (0.46, 1.0, 1.7):
-        np.testing.assert_allclose(calibrated(probabilities, temperature),
-                                   calibration.scale(probabilities, temperature), atol=1e-6)
+        np.testing.assert_allclose(
+            calibrated(probabilities, temperature),
+            calibration.scale(probabilities, temperature),
+            atol=1e-6,
+        )

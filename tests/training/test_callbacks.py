@@ -16,12 +16,29 @@ from mnist_pipeline.training.runtime import Runtime
 
 BASE_LR = 0.05
 # The rates as float32 (the optimizer's variable), epoch by epoch.
-COSINE_WARMUP = [0.01666666753590107, 0.03333333507180214, 0.05000000074505806,
-                 0.04267767071723938, 0.02500000037252903, 0.007322330493479967]
-STEP = [0.05000000074505806, 0.05000000074505806, 0.02500000037252903,
-        0.02500000037252903, 0.012500000186264515, 0.012500000186264515]
-PLATEAU = [4.999999987376214e-07, 4.999999987376214e-07, 2.499999993688107e-07,
-           1.2499999968440534e-07, 6.249999984220267e-08]
+COSINE_WARMUP = [
+    0.01666666753590107,
+    0.03333333507180214,
+    0.05000000074505806,
+    0.04267767071723938,
+    0.02500000037252903,
+    0.007322330493479967,
+]
+STEP = [
+    0.05000000074505806,
+    0.05000000074505806,
+    0.02500000037252903,
+    0.02500000037252903,
+    0.012500000186264515,
+    0.012500000186264515,
+]
+PLATEAU = [
+    4.999999987376214e-07,
+    4.999999987376214e-07,
+    2.499999993688107e-07,
+    1.2499999968440534e-07,
+    6.249999984220267e-08,
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +50,32 @@ def splits(tmp_path_factory):
 
 
 def _runtime(distributed: bool) -> Runtime:
-    strategy = (tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed
-                else tf.distribute.get_strategy())
-    return Runtime(precision="float32", jit_compile=False, device="CPU", strategy=strategy,
-                   replicas=1, deterministic=False)
+    strategy = (
+        tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed else tf.distribute.get_strategy()
+    )
+    return Runtime(
+        precision="float32",
+        jit_compile=False,
+        device="CPU",
+        strategy=strategy,
+        replicas=1,
+        deterministic=False,
+    )
 
 
-def _rates(splits, lr_schedule: dict, *, learning_rate: float = BASE_LR, epochs: int = 6,
-           distributed: bool = False) -> list[float]:
+def _rates(
+    splits,
+    lr_schedule: dict,
+    *,
+    learning_rate: float = BASE_LR,
+    epochs: int = 6,
+    distributed: bool = False,
+) -> list[float]:
     job = test_config.train_job(
         model={"name": "mlp", "hidden_units": [8]},
         optimizer={"name": "sgd", "learning_rate": learning_rate},
-        train={"epochs": epochs, "verbose": 0, "batch_size": 32, "lr_schedule": lr_schedule})
+        train={"epochs": epochs, "verbose": 0, "batch_size": 32, "lr_schedule": lr_schedule},
+    )
     result = fit(job, _runtime(distributed), *splits, steps_per_execution=1)
     return result.history["learning_rate"]
 
@@ -83,10 +114,17 @@ def test_the_signal_check_runs_at_every_step_validation_and_epoch_edge(splits, d
     # 96 images in batches of 32, one step a call: 3 training steps, 1 validation batch and
     # 2 epoch edges an epoch.
     seen = []
-    job = test_config.train_job(model={"name": "mlp", "hidden_units": [8]},
-                                train={"epochs": 2, "verbose": 0, "batch_size": 32})
-    fit(job, _runtime(distributed), *splits, steps_per_execution=1,
-        extra_callbacks=[Calls(lambda: seen.append(1))])
+    job = test_config.train_job(
+        model={"name": "mlp", "hidden_units": [8]},
+        train={"epochs": 2, "verbose": 0, "batch_size": 32},
+    )
+    fit(
+        job,
+        _runtime(distributed),
+        *splits,
+        steps_per_execution=1,
+        extra_callbacks=[Calls(lambda: seen.append(1))],
+    )
     assert len(seen) == 2 * (3 + 1 + 2)
 
     class Stop(Exception):
@@ -96,5 +134,10 @@ def test_the_signal_check_runs_at_every_step_validation_and_epoch_edge(splits, d
         raise Stop
 
     with pytest.raises(Stop):
-        fit(job, _runtime(distributed), *splits, steps_per_execution=1,
-            extra_callbacks=[Calls(stop)])
+        fit(
+            job,
+            _runtime(distributed),
+            *splits,
+            steps_per_execution=1,
+            extra_callbacks=[Calls(stop)],
+        )

@@ -58,12 +58,22 @@ def test_cnn_blocks_follow_config():
 
 def test_cnn_with_valid_padding_and_no_hidden_dense_is_keras_example_convnet():
     # Keras' "Simple MNIST convnet": 34,826 parameters, 26x26 -> 13 -> 11 -> 5 (x 64) features.
-    model = _model("cnn", filters=[32, 64], convs_per_block=1, batch_norm=False,
-                   padding="valid", dense_units=0, dropout=0.5)
+    model = _model(
+        "cnn",
+        filters=[32, 64],
+        convs_per_block=1,
+        batch_norm=False,
+        padding="valid",
+        dense_units=0,
+        dropout=0.5,
+    )
     assert models.count_params(model) == 34_826
     assert tuple(model.get_layer("flatten").output.shape) == (None, 5 * 5 * 64)
-    assert [type(layer).__name__ for layer in model.layers if isinstance(
-        layer, (keras.layers.Dense, keras.layers.Dropout))] == ["Dropout", "Dense"]
+    assert [
+        type(layer).__name__
+        for layer in model.layers
+        if isinstance(layer, (keras.layers.Dense, keras.layers.Dropout))
+    ] == ["Dropout", "Dense"]
 
 
 def test_rnn_cell_choice():
@@ -71,9 +81,14 @@ def test_rnn_cell_choice():
     assert any(isinstance(layer, keras.layers.Bidirectional) for layer in model.layers)
 
 
-@pytest.mark.parametrize("name, cls", [("sgd", keras.optimizers.SGD),
-                                       ("rmsprop", keras.optimizers.RMSprop),
-                                       ("adam", keras.optimizers.Adam)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("sgd", keras.optimizers.SGD),
+        ("rmsprop", keras.optimizers.RMSprop),
+        ("adam", keras.optimizers.Adam),
+    ],
+)
 def test_optimizers_take_config_arguments(name, cls):
     opt_cfg = test_config.section("optimizer", name=name, learning_rate=0.123)
     optimizer = models.build_optimizer(opt_cfg)
@@ -106,7 +121,8 @@ def test_lambda_layer_is_refused_without_running_its_code(tmp_path):
     # The Lambda's bytecode writes a canary file whenever it runs.
     x = keras.layers.Lambda(
         lambda t, p=str(canary): (__import__("pathlib").Path(p).write_text("ran"), t * 2.0)[1],
-        name="sneaky")(x)
+        name="sneaky",
+    )(x)
     outputs = keras.layers.Dense(10, activation="softmax")(x)
     path = tmp_path / "lambda.keras"
     keras.Model(inputs, outputs).save(path)

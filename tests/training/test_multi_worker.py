@@ -25,7 +25,8 @@ def _runs(db: Path) -> list[tuple[str, str, str]]:
     with sqlite3.connect(db) as conn:
         return conn.execute(
             "select r.name, r.status, p.value from runs r left join params p on "
-            "p.run_uuid = r.run_uuid and p.key = 'runtime.resolved_workers'").fetchall()
+            "p.run_uuid = r.run_uuid and p.key = 'runtime.resolved_workers'"
+        ).fetchall()
 
 
 def _worker_pid(index: int) -> int | None:
@@ -39,7 +40,7 @@ def _worker_pid(index: int) -> int | None:
             continue
         for item in environ:
             if item.startswith(b"TF_CONFIG="):
-                spec = json.loads(item[len(b"TF_CONFIG="):])
+                spec = json.loads(item[len(b"TF_CONFIG=") :])
                 if spec["task"]["index"] == index and "127.0.0.1" in spec["cluster"]["worker"][0]:
                     return int(entry.name)
     return None
@@ -50,8 +51,20 @@ def test_two_workers_train_one_model_recorded_once(tmp_path):
     repo.run(["dvc", "repro"], path)
     single = json.loads((path / "metrics/evaluate.json").read_text())["test_accuracy"]
 
-    done = repo.run(["dvc", "exp", "run", "-n", "two-workers",
-                     "-S", "runtime.distribute=multi_worker", "-S", "runtime.workers=2"], path)
+    done = repo.run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-n",
+            "two-workers",
+            "-S",
+            "runtime.distribute=multi_worker",
+            "-S",
+            "runtime.workers=2",
+        ],
+        path,
+    )
     assert "gate:" in done.stdout
     runs = _runs(path / "mlflow.db")
     multi = [run for run in runs if run[0] == "two-workers"]
@@ -73,8 +86,15 @@ def _exp_metric(path: Path, name: str) -> float:
 def test_a_killed_worker_fails_the_job_quickly(tmp_path):
     path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8})
     repo.run(["dvc", "repro", "preprocess"], path)
-    proc = repo.start(repo.python("pipelines/train.py", "runtime.distribute=multi_worker",
-                                  "runtime.workers=2", "train.checkpoint.enabled=false"), path)
+    proc = repo.start(
+        repo.python(
+            "pipelines/train.py",
+            "runtime.distribute=multi_worker",
+            "runtime.workers=2",
+            "train.checkpoint.enabled=false",
+        ),
+        path,
+    )
     repo.wait_for_epoch(path / "mlflow.db", 1, proc, timeout=300)
     pid = _worker_pid(1)
     assert pid is not None
@@ -96,9 +116,16 @@ def test_a_killed_worker_fails_the_job_quickly(tmp_path):
 def test_a_stalled_worker_fails_the_job_within_the_timeout(tmp_path):
     path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8})
     repo.run(["dvc", "repro", "preprocess"], path)
-    proc = repo.start(repo.python("pipelines/train.py", "runtime.distribute=multi_worker",
-                                  "runtime.workers=2", "runtime.collective_timeout_s=8",
-                                  "train.checkpoint.enabled=false"), path)
+    proc = repo.start(
+        repo.python(
+            "pipelines/train.py",
+            "runtime.distribute=multi_worker",
+            "runtime.workers=2",
+            "runtime.collective_timeout_s=8",
+            "train.checkpoint.enabled=false",
+        ),
+        path,
+    )
     repo.wait_for_epoch(path / "mlflow.db", 1, proc, timeout=300)
     pid = _worker_pid(1)
     os.kill(pid, signal.SIGSTOP)  # alive, silent: its peers' all-reduce never completes
@@ -112,8 +139,10 @@ def test_a_stalled_worker_fails_the_job_within_the_timeout(tmp_path):
     assert time.monotonic() - stopped < 8 + 40
     # TensorFlow's coordination service may notice the silent worker and abort the step, or
     # the watchdog ends the wait: either way one line says so, well within the bound.
-    assert ("no step completed in 8 s (runtime.collective_timeout_s)" in stderr
-            or "the step's all-reduce with the other workers failed" in stderr), stderr[-3000:]
+    assert (
+        "no step completed in 8 s (runtime.collective_timeout_s)" in stderr
+        or "the step's all-reduce with the other workers failed" in stderr
+    ), stderr[-3000:]
     assert "Traceback" not in stderr
     assert _worker_pid(0) is None and _worker_pid(1) is None
 

@@ -23,26 +23,39 @@ LOAD = "import tensorflow as tf; print(float(tf.constant(1.0) + 1))"
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=tf_output.unquieted_env(**env))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=tf_output.unquieted_env(**env),
+    )
 
 
-@pytest.mark.parametrize("prepare, loaded", [
-    ("from mnist_pipeline import startup; startup.prepare()", "NoneType"),
-    # importing the library alone changes nothing
-    ("import mnist_pipeline.training.models", "module"),
-])
+@pytest.mark.parametrize(
+    "prepare, loaded",
+    [
+        ("from mnist_pipeline import startup; startup.prepare()", "NoneType"),
+        # importing the library alone changes nothing
+        ("import mnist_pipeline.training.models", "module"),
+    ],
+)
 def test_scikit_learn_is_skipped_only_by_stage_start_up(prepare, loaded):
-    out = subprocess.run([sys.executable, "-c", PROBE.format(prepare=prepare)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(prepare=prepare)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == loaded
 
 
 def test_tensorflow_starts_without_its_cpp_start_up_lines_unless_debugging():
     quiet = _python("from mnist_pipeline import startup; startup.prepare(); " + LOAD)
-    debug = _python("from mnist_pipeline import startup; startup.prepare(); " + LOAD,
-                    **{DEBUG_ENV: "1"})
+    debug = _python(
+        "from mnist_pipeline import startup; startup.prepare(); " + LOAD, **{DEBUG_ENV: "1"}
+    )
     for done in (quiet, debug):
         assert done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-2000:]
     assert tf_output.found(quiet.stderr) == [], quiet.stderr
@@ -67,7 +80,9 @@ print("after", file=sys.stderr)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [
         "E0000 00:00:1795948249.999413   17739 some_kernel.cc:7] a real problem",
-        "from Python", "after"]
+        "from Python",
+        "after",
+    ]
 
 
 def test_what_came_before_a_crash_while_loading_still_gets_through():
@@ -109,8 +124,13 @@ print("last line")
 @pytest.mark.parametrize("debugging", [False, True])
 def test_exit_skips_only_the_final_collection(tmp_path, debugging):
     env = {DEBUG_ENV: "1"} if debugging else {}
-    done = subprocess.run([sys.executable, "-c", EXIT_PROBE, str(tmp_path)], capture_output=True,
-                          text=True, timeout=60, env=tf_output.unquieted_env(**env))
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=tf_output.unquieted_env(**env),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     # atexit handlers run, temporary folders are removed, output is flushed.

@@ -38,15 +38,18 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
     train_job = test_config.train_job(
-        model={"name": "mlp", "hidden_units": [32, 16]}, optimizer={"name": "sgd"},
+        model={"name": "mlp", "hidden_units": [32, 16]},
+        optimizer={"name": "sgd"},
         train={"epochs": 1, "verbose": 0, "batch_size": 64},
-        paths={"processed": str(processed)})
+        paths={"processed": str(processed)},
+    )
     outcome = job.train(train_job, checkpoint_dir=str(tmp_path / "ckpt"))
     run = MlflowClient().get_run(outcome.run_id)
     assert run.info.status == "FINISHED"
     assert re.fullmatch(r"mlp-sgd-\d{8}-\d{6}", run.info.run_name), run.info.run_name
-    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri()), \
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri()), (
         "artifacts live beside the store, not under the current directory"
+    )
     assert run.data.params["model.hidden_units"] == "[32, 16]"
     assert run.data.params["optimizer.learning_rate"] == "0.01"
     assert run.data.params["train.batch_size"] == "64"
@@ -69,7 +72,9 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
     assert temperature != 1.0 and run.data.metrics["calibration_temperature"] == temperature
     np.testing.assert_allclose(
         pyfunc.predict(images),
-        calibration.scale(keras_model.predict(images, verbose=0), temperature), atol=1e-6)
+        calibration.scale(keras_model.predict(images, verbose=0), temperature),
+        atol=1e-6,
+    )
     spec = pyfunc.metadata.get_input_schema().inputs[0]
     assert spec.type == np.dtype("uint8") and spec.shape == (-1, 28, 28)
     assert not (tmp_path / "ckpt" / "state.json").exists(), "checkpoint cleared after success"
@@ -78,13 +83,21 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
 def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
-    outcome = job.train(test_config.train_job(
-        model={"name": "mlp", "hidden_units": [8]}, optimizer={"name": "adam"},
-        train={"epochs": 2, "verbose": 0}, paths={"processed": str(processed)}))
-    paths = test_config.section("paths", model=str(tmp_path / "out/model.keras"),
-                                run=str(tmp_path / "out/run.json"),
-                                train_metrics=str(tmp_path / "out/train.json"),
-                                train_history=str(tmp_path / "out/history.csv"))
+    outcome = job.train(
+        test_config.train_job(
+            model={"name": "mlp", "hidden_units": [8]},
+            optimizer={"name": "adam"},
+            train={"epochs": 2, "verbose": 0},
+            paths={"processed": str(processed)},
+        )
+    )
+    paths = test_config.section(
+        "paths",
+        model=str(tmp_path / "out/model.keras"),
+        run=str(tmp_path / "out/run.json"),
+        train_metrics=str(tmp_path / "out/train.json"),
+        train_history=str(tmp_path / "out/history.csv"),
+    )
     job.write_outputs(outcome, paths)
     assert json.loads((tmp_path / "out/run.json").read_text())["run_id"] == outcome.run_id
     assert json.loads((tmp_path / "out/train.json").read_text())["epochs_run"] == 2
@@ -92,16 +105,22 @@ def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
     assert rows[0].startswith("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate")
     assert len(rows) == 3
     loaded = models.load(tmp_path / "out/model.keras")
-    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}, \
+    assert {layer.dtype_policy.name for layer in loaded.layers} == {"float32"}, (
         "saved models serve in float32"
+    )
     assert weights_digest(loaded) == weights_digest(outcome.model)
 
 
-@pytest.mark.parametrize("overrides, digest", [
-    ((), "06f85943181a6c022ecd68fb013f277fc5e5a1078908527999081283931c4feb"),
-    (("runtime.jit_compile=false", "optimizer.learning_rate=1"),
-     "c8a3a105c042d6aef7f2dd25dc6a8f635740484fe284c8dead257a76796f23de"),
-])
+@pytest.mark.parametrize(
+    "overrides, digest",
+    [
+        ((), "06f85943181a6c022ecd68fb013f277fc5e5a1078908527999081283931c4feb"),
+        (
+            ("runtime.jit_compile=false", "optimizer.learning_rate=1"),
+            "c8a3a105c042d6aef7f2dd25dc6a8f635740484fe284c8dead257a76796f23de",
+        ),
+    ],
+)
 def test_run_params_and_config_digest_are_unchanged(overrides, digest):
     # Pinned digests (the dataclass schema's, plus runtime.workers, collective_timeout_s,
     # train.label_smoothing, and train.augmentation and train.calibration):
@@ -114,17 +133,24 @@ def test_run_params_and_config_digest_are_unchanged(overrides, digest):
     assert job.config_digest(params) == digest
 
 
-@pytest.mark.parametrize("name, epoch, expected", [
-    ("constant", 5, 1.0), ("cosine", 0, 1.0), ("cosine", 10, 0.0), ("step", 10, 0.5),
-])
+@pytest.mark.parametrize(
+    "name, epoch, expected",
+    [
+        ("constant", 5, 1.0),
+        ("cosine", 0, 1.0),
+        ("cosine", 10, 0.0),
+        ("step", 10, 0.5),
+    ],
+)
 def test_schedule_factors(name, epoch, expected):
     cfg = test_config.section("train", epochs=10, lr_schedule={"name": name, "step_epochs": 10})
     assert schedule_factor(cfg, epoch) == pytest.approx(expected, abs=1e-9)
 
 
 def test_onecycle_rises_from_a_25th_to_the_peak_then_anneals_to_the_floor():
-    cfg = test_config.section("train", epochs=4, lr_schedule={
-        "name": "onecycle", "warmup_epochs": 1, "min_factor": 0.01})
+    cfg = test_config.section(
+        "train", epochs=4, lr_schedule={"name": "onecycle", "warmup_epochs": 1, "min_factor": 0.01}
+    )
     assert onecycle_factor(cfg, 0.0) == pytest.approx(0.04)
     assert onecycle_factor(cfg, 0.5) == pytest.approx(0.04 + 0.96 * 0.5)
     assert onecycle_factor(cfg, 1.0) == pytest.approx(1.0)
@@ -133,17 +159,19 @@ def test_onecycle_rises_from_a_25th_to_the_peak_then_anneals_to_the_floor():
     assert schedule_factor(cfg, 1) == onecycle_factor(cfg, 1.0)  # epoch starts agree
     rates = [onecycle_factor(cfg, step / 10) for step in range(41)]
     peak = rates.index(max(rates))
-    assert peak == 10 and all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1], strict=True))
-    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1:], strict=False))
+    assert peak == 10 and all(a < b for a, b in zip(rates[:peak], rates[1 : peak + 1], strict=True))
+    assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :], strict=False))
 
 
 def test_warmup_ramps_up():
-    cfg = test_config.section("train", epochs=10,
-                              lr_schedule={"name": "cosine", "warmup_epochs": 2})
+    cfg = test_config.section(
+        "train", epochs=10, lr_schedule={"name": "cosine", "warmup_epochs": 2}
+    )
     assert [round(schedule_factor(cfg, e), 3) for e in range(3)] == [0.333, 0.667, 1.0]
 
 
 # --- subprocess runs in a throwaway repository ---------------------------------------------
+
 
 @pytest.fixture()
 def prepared_repo(tmp_path):
@@ -160,8 +188,9 @@ TRAIN = "pipelines/train.py"
 def test_signal_ends_the_run_killed(prepared_repo, sig):
     from mlflow import MlflowClient
 
-    proc = repo.start(repo.python(TRAIN, "train.epochs=500", "train.checkpoint.enabled=false"),
-                      prepared_repo)
+    proc = repo.start(
+        repo.python(TRAIN, "train.epochs=500", "train.checkpoint.enabled=false"), prepared_repo
+    )
     repo.wait_for_epoch(prepared_repo / "mlflow.db", 1, proc)
     code, err = repo.stop(proc, sig)
     assert code != 0, f"the stage ignored {sig.name}; its stderr ends:\n{err[-3000:]}"
@@ -175,8 +204,11 @@ def test_signal_ends_the_run_killed(prepared_repo, sig):
 def test_nan_loss_fails_the_run_and_writes_no_model(prepared_repo):
     from mlflow import MlflowClient
 
-    done = repo.run(repo.python(TRAIN, "optimizer.learning_rate=1e12", "train.epochs=3"),
-                    prepared_repo, check=False)
+    done = repo.run(
+        repo.python(TRAIN, "optimizer.learning_rate=1e12", "train.epochs=3"),
+        prepared_repo,
+        check=False,
+    )
     assert done.returncode == 1
     assert "NaN" in done.stderr and "Traceback" not in done.stderr
     client = MlflowClient(tracking_uri=repo.store(prepared_repo))
@@ -189,10 +221,17 @@ def test_nan_loss_fails_the_run_and_writes_no_model(prepared_repo):
 def test_seeded_deterministic_runs_give_identical_weights(prepared_repo):
     digests, metrics = [], []
     for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        repo.run(repo.python(TRAIN, "runtime.deterministic=true", "train.epochs=1",
-                             f"train.seed={seed}", f"paths.model=models/{name}.keras",
-                             f"paths.train_metrics=metrics/{name}.json"),
-                 prepared_repo)
+        repo.run(
+            repo.python(
+                TRAIN,
+                "runtime.deterministic=true",
+                "train.epochs=1",
+                f"train.seed={seed}",
+                f"paths.model=models/{name}.keras",
+                f"paths.train_metrics=metrics/{name}.json",
+            ),
+            prepared_repo,
+        )
         digests.append(weights_digest(models.load(prepared_repo / f"models/{name}.keras")))
         values = json.loads((prepared_repo / f"metrics/{name}.json").read_text())
         metrics.append({k: v for k, v in values.items() if "time" not in k})
@@ -205,8 +244,12 @@ def test_seeded_deterministic_runs_give_identical_weights(prepared_repo):
 def test_mirrored_strategy_on_two_logical_cpus(prepared_repo):
     from mlflow import MlflowClient
 
-    done = repo.run(repo.python(TRAIN, "runtime.distribute=mirrored", "runtime.logical_devices=2",
-                                "train.epochs=1"), prepared_repo)
+    done = repo.run(
+        repo.python(
+            TRAIN, "runtime.distribute=mirrored", "runtime.logical_devices=2", "train.epochs=1"
+        ),
+        prepared_repo,
+    )
     run_id = json.loads((prepared_repo / "models/run.json").read_text())["run_id"]
     params = MlflowClient(tracking_uri=repo.store(prepared_repo)).get_run(run_id).data.params
     assert params["runtime.replicas"] == "2", done.stdout
@@ -219,6 +262,7 @@ def test_killed_run_resumes_from_its_checkpoint(prepared_repo):
     proc = repo.start(repo.python(TRAIN, "train.epochs=6"), prepared_repo)
     repo.wait_for_epoch(prepared_repo / "mlflow.db", 2, proc)
     import time
+
     saved = prepared_repo / ".checkpoints/train/state.json"
     deadline = time.monotonic() + 120  # the epoch's checkpoint lands beside its metrics
     while not (saved.exists() and json.loads(saved.read_text())["epoch"] >= 2):
@@ -244,10 +288,23 @@ def test_dvc_exp_run_set_values_reach_the_model(prepared_repo):
 
     repo.run(["git", "add", "-A"], prepared_repo)
     repo.run(["git", "commit", "-qm", "lock"], prepared_repo)
-    repo.run(["dvc", "exp", "run", "-S", "model.hidden_units=[24,12]",
-              "-S", "optimizer.learning_rate=0.05", "-S", "train.epochs=1"], prepared_repo)
+    repo.run(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "model.hidden_units=[24,12]",
+            "-S",
+            "optimizer.learning_rate=0.05",
+            "-S",
+            "train.epochs=1",
+        ],
+        prepared_repo,
+    )
     model = models.load(prepared_repo / "models/model.keras")
     import keras
+
     dense = [layer.units for layer in model.layers if isinstance(layer, keras.layers.Dense)]
     assert dense == [24, 12, 10]
     run_id = json.loads((prepared_repo / "models/run.json").read_text())["run_id"]
@@ -281,19 +338,26 @@ def test_a_signal_dropped_in_a_finaliser_still_stops_training():
 
 # --- runtime.precision: auto ---------------------------------------------------------------
 
+
 def test_cpu_bf16_unit_reads_the_flags():
     assert cpu_bf16_unit("fpu avx512f avx512_bf16 amx_bf16 amx_tile") == "amx"
     assert cpu_bf16_unit("fpu avx512f avx512_bf16") == "avx512"
     assert cpu_bf16_unit("fpu avx2") is None
 
 
-@pytest.mark.parametrize("unit, model, expected", [
-    ("amx", "mlp", "mixed_bfloat16"), ("amx", "cnn", "mixed_bfloat16"),
-    ("amx", "rnn", "mixed_bfloat16"),
-    ("avx512", "mlp", "mixed_bfloat16"), ("avx512", "rnn", "mixed_bfloat16"),
-    ("avx512", "cnn", "float32"),  # convolutions in bfloat16 without AMX: not measured
-    (None, "mlp", "float32"), (None, "cnn", "float32"),
-])
+@pytest.mark.parametrize(
+    "unit, model, expected",
+    [
+        ("amx", "mlp", "mixed_bfloat16"),
+        ("amx", "cnn", "mixed_bfloat16"),
+        ("amx", "rnn", "mixed_bfloat16"),
+        ("avx512", "mlp", "mixed_bfloat16"),
+        ("avx512", "rnn", "mixed_bfloat16"),
+        ("avx512", "cnn", "float32"),  # convolutions in bfloat16 without AMX: not measured
+        (None, "mlp", "float32"),
+        (None, "cnn", "float32"),
+    ],
+)
 def test_auto_precision_follows_what_was_measured_per_layer_kind(unit, model, expected):
     assert cpu_precision(unit, model) == expected
 

@@ -35,14 +35,14 @@ def _model(learning_rate: float = 0.05, seed: int = 3) -> keras.Model:
     keras.utils.set_random_seed(seed)
     model = models.build(test_config.section("model", name="mlp", hidden_units=[16]))
     optimizer = test_config.section("optimizer", name="sgd", learning_rate=learning_rate)
-    models.compile_model(model, models.build_optimizer(optimizer),
-                         "categorical_crossentropy")
+    models.compile_model(model, models.build_optimizer(optimizer), "categorical_crossentropy")
     return model
 
 
 def _loop(model, train, val, **options):
-    settings = dict(batch_size=64, shuffle=False, seed=5, augment=False, steps_per_call=2,
-                    jit_compile=False)
+    settings = dict(
+        batch_size=64, shuffle=False, seed=5, augment=False, steps_per_call=2, jit_compile=False
+    )
     return EpochLoop(model, train, val, **{**settings, **options})
 
 
@@ -51,9 +51,13 @@ def test_the_loop_trains_exactly_as_keras_fit(splits):
     ours, theirs = _model(), _model()
     np.testing.assert_array_equal(ours.get_weights()[0], theirs.get_weights()[0])
     history = _loop(ours, train, val).run([], epochs=3)
-    keras_history = theirs.fit(dataset(train, batch_size=64),
-                               validation_data=dataset(val, batch_size=1000),
-                               epochs=3, verbose=0, shuffle=False)
+    keras_history = theirs.fit(
+        dataset(train, batch_size=64),
+        validation_data=dataset(val, batch_size=1000),
+        epochs=3,
+        verbose=0,
+        shuffle=False,
+    )
     for mine, reference in zip(ours.get_weights(), theirs.get_weights(), strict=True):
         np.testing.assert_allclose(mine, reference, rtol=1e-5, atol=1e-6)
     assert sorted(history.history) == sorted(keras_history.history)
@@ -81,8 +85,11 @@ def test_every_traced_step_has_a_static_batch_size(splits):
     loop = _loop(_model(), train, val, steps_per_call=4)
     assert loop.calls == [(0, 4, 64), (4, 5, 64), (5, 6, 10)]
     loop.run([], epochs=1)
-    shapes = sorted(tuple(arg.shape) for f in loop._step._list_all_concrete_functions()
-                    for arg in f.structured_input_signature[0][:1])
+    shapes = sorted(
+        tuple(arg.shape)
+        for f in loop._step._list_all_concrete_functions()
+        for arg in f.structured_input_signature[0][:1]
+    )
     assert shapes == [(10, 28, 28), (64, 28, 28)]
 
 
@@ -111,14 +118,16 @@ def test_early_stopping_and_plateau_act_through_the_loop(splits):
     train, val = splits
     model = _model(learning_rate=0.08)
     impossible = 1e9  # no epoch improves by this much
-    callbacks = [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", min_delta=impossible,
-                                                   patience=0, factor=0.5, min_lr=0),
-                 keras.callbacks.EarlyStopping(monitor="val_loss", min_delta=impossible,
-                                               patience=2)]
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", min_delta=impossible, patience=0, factor=0.5, min_lr=0
+        ),
+        keras.callbacks.EarlyStopping(monitor="val_loss", min_delta=impossible, patience=2),
+    ]
     history = _loop(model, train, val).run(callbacks, epochs=10)
     # The first epoch improves on nothing; the next two do not improve.
     assert len(history.history["loss"]) == 3, "stopped after patience + 1 epochs"
-    assert math.isclose(float(model.optimizer.learning_rate), 0.08 * 0.5 ** 2, rel_tol=1e-6)
+    assert math.isclose(float(model.optimizer.learning_rate), 0.08 * 0.5**2, rel_tol=1e-6)
 
 
 def test_training_images_are_shared_not_copied(splits):
@@ -155,8 +164,9 @@ def test_augmentation_runs_inside_the_loop(splits):
     assert all(math.isfinite(v) for v in history.history["loss"])
     plain = _model(learning_rate=0.1)
     _loop(plain, train, val, shuffle=True).run([], epochs=2)
-    assert not np.allclose(model.get_weights()[0], plain.get_weights()[0]), \
+    assert not np.allclose(model.get_weights()[0], plain.get_weights()[0]), (
         "augmented batches differ from the raw ones"
+    )
 
 
 def test_a_closed_loop_lets_go_of_the_images(splits, tmp_path):
@@ -172,18 +182,26 @@ def test_a_closed_loop_lets_go_of_the_images(splits, tmp_path):
     assert loop.train_x is None
 
 
-@pytest.mark.parametrize("model_changes", [
-    {"name": "cnn", "filters": [4], "convs_per_block": 1, "dense_units": 8,
-     "batch_norm": True},  # batch norm: moving statistics
-    {"name": "rnn", "cell": "gru", "units": 8},
-], ids=["cnn", "rnn"])
+@pytest.mark.parametrize(
+    "model_changes",
+    [
+        {
+            "name": "cnn",
+            "filters": [4],
+            "convs_per_block": 1,
+            "dense_units": 8,
+            "batch_norm": True,
+        },  # batch norm: moving statistics
+        {"name": "rnn", "cell": "gru", "units": 8},
+    ],
+    ids=["cnn", "rnn"],
+)
 def test_every_model_family_trains_through_the_loop(splits, model_changes):
     train, val = splits
     keras.utils.set_random_seed(3)
     model = models.build(test_config.section("model", **model_changes))
     adamw = test_config.section("optimizer", name="adam", weight_decay=1e-4)
-    models.compile_model(model, models.build_optimizer(adamw),
-                         "categorical_crossentropy")
+    models.compile_model(model, models.build_optimizer(adamw), "categorical_crossentropy")
     before = [w.copy() for w in model.get_weights()]
     history = _loop(model, train, val, shuffle=True).run([], epochs=2)
     assert all(math.isfinite(v) for v in history.history["val_loss"])
@@ -210,17 +228,28 @@ def test_float16_training_scales_the_loss_through_the_loop(splits):
 def test_under_a_tf_distribute_strategy_keras_fit_trains(splits):
     # Even with a single replica, a strategy's variables are fed by Keras' own loop.
     train, val = splits
-    runtime = Runtime(precision="float32", jit_compile=False, device="CPU",
-                               strategy=tf.distribute.MirroredStrategy(["/cpu:0"]), replicas=1,
-                               deterministic=False)
-    tiny = test_config.train_job(model={"hidden_units": [8]},
-                                 train={"epochs": 2, "verbose": 0, "batch_size": 64})
+    runtime = Runtime(
+        precision="float32",
+        jit_compile=False,
+        device="CPU",
+        strategy=tf.distribute.MirroredStrategy(["/cpu:0"]),
+        replicas=1,
+        deterministic=False,
+    )
+    tiny = test_config.train_job(
+        model={"hidden_units": [8]}, train={"epochs": 2, "verbose": 0, "batch_size": 64}
+    )
     result = fit(tiny, runtime, train, val, steps_per_execution=1)
     assert result.epochs_run == 2 and math.isfinite(result.history["val_loss"][-1])
     assert result.model.train_function is not None, "trained by Model.fit"
-    default = Runtime(precision="float32", jit_compile=False, device="CPU",
-                               strategy=tf.distribute.get_strategy(), replicas=1,
-                               deterministic=False)
+    default = Runtime(
+        precision="float32",
+        jit_compile=False,
+        device="CPU",
+        strategy=tf.distribute.get_strategy(),
+        replicas=1,
+        deterministic=False,
+    )
     result = fit(tiny, default, train, val, steps_per_execution=2)
     assert result.epochs_run == 2 and result.model.train_function is None, "trained by EpochLoop"
 
@@ -246,18 +275,26 @@ def test_validation_runs_the_test_hooks_as_fit_does(splits):
 
 # --- progress on stdout: Keras' bar on a terminal only, else one plain line per epoch --------
 
-EPOCH_LINE = (r"epoch (\d+)/2: loss \d+\.\d{4}, accuracy \d\.\d{4}, "
-              r"val_loss \d+\.\d{4}, val_accuracy \d\.\d{4} \(\d+\.\d s\)")
+EPOCH_LINE = (
+    r"epoch (\d+)/2: loss \d+\.\d{4}, accuracy \d\.\d{4}, "
+    r"val_loss \d+\.\d{4}, val_accuracy \d\.\d{4} \(\d+\.\d s\)"
+)
 
 
-@pytest.mark.parametrize("verbose, on_terminal, keras_verbose, lines", [
-    (0, True, 0, False), (0, False, 0, False),
-    (1, True, 1, False),   # the progress bar, where a person watches it
-    (1, False, 0, True),   # a log (`dvc repro`, CI): plain lines instead of escape codes
-    (2, True, 0, True), (2, False, 0, True),
-])
-def test_train_verbose_picks_the_bar_only_for_a_terminal(verbose, on_terminal, keras_verbose,
-                                                         lines, tmp_path):
+@pytest.mark.parametrize(
+    "verbose, on_terminal, keras_verbose, lines",
+    [
+        (0, True, 0, False),
+        (0, False, 0, False),
+        (1, True, 1, False),  # the progress bar, where a person watches it
+        (1, False, 0, True),  # a log (`dvc repro`, CI): plain lines instead of escape codes
+        (2, True, 0, True),
+        (2, False, 0, True),
+    ],
+)
+def test_train_verbose_picks_the_bar_only_for_a_terminal(
+    verbose, on_terminal, keras_verbose, lines, tmp_path
+):
     leader, follower = os.openpty()
     with os.fdopen(follower, "w") as terminal, open(tmp_path / "log", "w") as log:
         chosen, callbacks = progress(verbose, 2, terminal if on_terminal else log)
@@ -269,12 +306,20 @@ def test_train_verbose_picks_the_bar_only_for_a_terminal(verbose, on_terminal, k
 @pytest.mark.parametrize("distributed", [False, True])
 def test_fit_prints_one_plain_line_per_epoch_off_a_terminal(splits, capfd, distributed):
     train, val = splits
-    strategy = (tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed
-                else tf.distribute.get_strategy())
-    runtime = Runtime(precision="float32", jit_compile=False, device="CPU", strategy=strategy,
-                      replicas=1, deterministic=False)
-    tiny = test_config.train_job(model={"hidden_units": [8]},
-                                 train={"epochs": 2, "verbose": 1, "batch_size": 64})
+    strategy = (
+        tf.distribute.MirroredStrategy(["/cpu:0"]) if distributed else tf.distribute.get_strategy()
+    )
+    runtime = Runtime(
+        precision="float32",
+        jit_compile=False,
+        device="CPU",
+        strategy=strategy,
+        replicas=1,
+        deterministic=False,
+    )
+    tiny = test_config.train_job(
+        model={"hidden_units": [8]}, train={"epochs": 2, "verbose": 1, "batch_size": 64}
+    )
     fit(tiny, runtime, train, val, steps_per_execution=2)
     out = capfd.readouterr().out
     assert "\x1b[" not in out

@@ -23,18 +23,28 @@ def compose(conf_dir: str | os.PathLike[str], overrides: list[str] | None = None
         return yaml.safe_load(out.read_text(encoding="utf-8"))
 
 
-def write(conf_dir: str | os.PathLike[str], target: str | os.PathLike[str],
-          overrides: list[str] | None = None) -> None:
+def write(
+    conf_dir: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    overrides: list[str] | None = None,
+) -> None:
     """Compose `conf_dir` (with Hydra `overrides`) and write it to `target` atomically."""
     from dvc.utils.hydra import compose_and_dump
 
     with atomic_path(target, suffix=".yaml") as tmp:
-        compose_and_dump(tmp, str(Path(conf_dir).resolve()), None, "config",
-                         str(Path(conf_dir).resolve().parent), list(overrides or []))
+        compose_and_dump(
+            tmp,
+            str(Path(conf_dir).resolve()),
+            None,
+            "config",
+            str(Path(conf_dir).resolve().parent),
+            list(overrides or []),
+        )
 
 
-def compose_with_choices(conf_dir: str | os.PathLike[str], overrides: Sequence[str]
-                         ) -> tuple[dict[str, Any], dict[str, str]]:
+def compose_with_choices(
+    conf_dir: str | os.PathLike[str], overrides: Sequence[str]
+) -> tuple[dict[str, Any], dict[str, str]]:
     """The config `conf_dir` composes to with `overrides`, and the group options chosen.
 
     The same Hydra composition `dvc exp run -S` performs (see `compose`), plus the
@@ -49,14 +59,18 @@ def compose_with_choices(conf_dir: str | os.PathLike[str], overrides: Sequence[s
     try:
         with initialize_config_dir(str(Path(conf_dir).resolve()), version_base=None):
             cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
-        choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()
-                   if not str(k).startswith("hydra/") and v is not None}
+        choices = {
+            str(k): str(v)
+            for k, v in cfg.hydra.runtime.choices.items()
+            if not str(k).startswith("hydra/") and v is not None
+        }
         with open_dict(cfg):
             del cfg["hydra"]
         return OmegaConf.to_container(cfg, resolve=True), choices  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError("overrides", list(overrides),
-                          f"overrides that compose ({str(err).splitlines()[0]})") from None
+        raise ConfigError(
+            "overrides", list(overrides), f"overrides that compose ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def main() -> None:

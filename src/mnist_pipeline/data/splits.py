@@ -30,13 +30,19 @@ class Split:
     labels: np.ndarray  # (N,) uint8
 
     def __post_init__(self) -> None:
-        if (self.images.dtype != np.uint8 or self.images.ndim != 3
-                or self.images.shape[1:] != (28, 28)):
-            raise DataError(f"images: got {self.images.dtype} {self.images.shape}, "
-                            "expected uint8 (N, 28, 28)")
+        if (
+            self.images.dtype != np.uint8
+            or self.images.ndim != 3
+            or self.images.shape[1:] != (28, 28)
+        ):
+            raise DataError(
+                f"images: got {self.images.dtype} {self.images.shape}, expected uint8 (N, 28, 28)"
+            )
         if self.labels.dtype != np.uint8 or self.labels.shape != (self.images.shape[0],):
-            raise DataError(f"labels: got {self.labels.dtype} {self.labels.shape}, "
-                            f"expected uint8 ({self.images.shape[0]},) matching the images")
+            raise DataError(
+                f"labels: got {self.labels.dtype} {self.labels.shape}, "
+                f"expected uint8 ({self.images.shape[0]},) matching the images"
+            )
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -59,8 +65,10 @@ def load_raw(raw_dir: str | os.PathLike[str], images_name: str, labels_name: str
     images = idx.read_images(raw_dir / images_name)
     labels = idx.read_labels(raw_dir / labels_name)
     if images.shape[0] != labels.shape[0]:
-        raise DataError(f"{raw_dir / labels_name}: item count: {labels.shape[0]} labels for "
-                        f"{images.shape[0]} images in {images_name}")
+        raise DataError(
+            f"{raw_dir / labels_name}: item count: {labels.shape[0]} labels for "
+            f"{images.shape[0]} images in {images_name}"
+        )
     return Split(images, labels)
 
 
@@ -71,25 +79,30 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     the items picked within each class are drawn with a seeded generator.
     """
     if not 0 < val_size < labels.shape[0]:
-        raise DataError(f"preprocess.val_size: got {val_size}, expected between 1 and "
-                        f"{labels.shape[0] - 1} for {labels.shape[0]} training images")
+        raise DataError(
+            f"preprocess.val_size: got {val_size}, expected between 1 and "
+            f"{labels.shape[0] - 1} for {labels.shape[0]} training images"
+        )
     counts = np.bincount(labels, minlength=NUM_CLASSES)
     exact = counts * val_size / labels.shape[0]
     quotas = np.floor(exact).astype(int)
     for cls in np.argsort(-(exact - quotas), kind="stable")[: val_size - quotas.sum()]:
         quotas[cls] += 1
     rng = np.random.default_rng(seed)
-    val = np.concatenate([
-        rng.choice(np.flatnonzero(labels == cls), size=quota, replace=False)
-        for cls, quota in enumerate(quotas)
-    ])
+    val = np.concatenate(
+        [
+            rng.choice(np.flatnonzero(labels == cls), size=quota, replace=False)
+            for cls, quota in enumerate(quotas)
+        ]
+    )
     val.sort()
     train = np.setdiff1d(np.arange(labels.shape[0]), val, assume_unique=True)
     return train, val
 
 
-def save_split(processed_dir: str | os.PathLike[str], name: str, split: Split, *,
-               compress: bool = False) -> Path:
+def save_split(
+    processed_dir: str | os.PathLike[str], name: str, split: Split, *, compress: bool = False
+) -> Path:
     """`<processed_dir>/<name>.npz` (images, labels), atomically; the same bytes for the same
     arrays (`write_npz`)."""
     path = Path(processed_dir) / f"{name}.npz"
@@ -102,8 +115,9 @@ def save_split(processed_dir: str | os.PathLike[str], name: str, split: Split, *
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
-def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], *,
-              compress: bool = False) -> None:
+def write_npz(
+    path: str | os.PathLike[str], arrays: dict[str, np.ndarray], *, compress: bool = False
+) -> None:
     """An .npz archive (no pickles) that `np.load` reads, byte-identical for equal arrays."""
     method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with atomic_open(path, "wb") as fh, zipfile.ZipFile(fh, "w", compression=method) as archive:
@@ -121,10 +135,18 @@ def load_split(processed_dir: str | os.PathLike[str], name: str) -> Split:
     try:
         with zipfile.ZipFile(path) as archive:
             return Split(_read_aligned(archive, "images"), _read_aligned(archive, "labels"))
-    except (KeyError, ValueError, OSError, EOFError, MemoryError, OverflowError,
-            zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: not a valid processed split ({err}); rerun: "
-                        "dvc repro preprocess") from None
+    except (
+        KeyError,
+        ValueError,
+        OSError,
+        EOFError,
+        MemoryError,
+        OverflowError,
+        zipfile.BadZipFile,
+    ) as err:
+        raise DataError(
+            f"{path}: not a valid processed split ({err}); rerun: dvc repro preprocess"
+        ) from None
 
 
 # Arrays start on a 64-byte boundary, so TensorFlow can train from their memory as it is
@@ -139,22 +161,29 @@ def _read_aligned(archive: zipfile.ZipFile, key: str) -> np.ndarray:
         version = np.lib.format.read_magic(fh)
         if version not in ((1, 0), (2, 0), (3, 0)):
             raise ValueError(f"{key}: unknown .npy format version {version}")
-        header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                  else np.lib.format.read_array_header_2_0)
+        header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
         shape, fortran_order, dtype = header(fh)
         if dtype.hasobject or fortran_order:
-            raise ValueError(f"{key}: expected a C-ordered array of numbers, got {dtype}"
-                             + (" in Fortran order" if fortran_order else ""))
+            raise ValueError(
+                f"{key}: expected a C-ordered array of numbers, got {dtype}"
+                + (" in Fortran order" if fortran_order else "")
+            )
         if not all(isinstance(n, int) and n >= 0 for n in shape):
             raise ValueError(f"{key}: invalid shape {shape}")
         nbytes = math.prod(shape) * dtype.itemsize
         stored = member.file_size - fh.tell()
         if stored != nbytes:
-            raise ValueError(f"{key}: {stored} data bytes for shape {shape} of {dtype}, "
-                             f"expected {nbytes}" + (" (truncated)" if stored < nbytes else ""))
+            raise ValueError(
+                f"{key}: {stored} data bytes for shape {shape} of {dtype}, "
+                f"expected {nbytes}" + (" (truncated)" if stored < nbytes else "")
+            )
         buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
         start = -buffer.ctypes.data % ALIGNMENT
-        raw = buffer[start:start + nbytes]
+        raw = buffer[start : start + nbytes]
         view, filled = memoryview(raw), 0
         while filled < nbytes:
             got = fh.readinto(view[filled:])
@@ -177,9 +206,13 @@ def report(splits: dict[str, Split], source: dict[str, Split] | None = None) -> 
             "sha256": split.sha256(),
         }
     if source:
-        out["source"] = {name: {"count": len(s),
-                                "class_counts": {str(c): n for c, n in enumerate(s.class_counts())}}
-                         for name, s in source.items()}
+        out["source"] = {
+            name: {
+                "count": len(s),
+                "class_counts": {str(c): n for c, n in enumerate(s.class_counts())},
+            }
+            for name, s in source.items()
+        }
     out["sha256"] = digest(splits)
     return out
 
@@ -188,7 +221,7 @@ def pixel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[float, float]:
     """Mean and standard deviation of pixels scaled to [0, 1], in exact integer sums."""
     total = squares = 0
     for start in range(0, images.shape[0], chunk):
-        block = images[start:start + chunk].astype(np.int64)
+        block = images[start : start + chunk].astype(np.int64)
         total += int(block.sum())
         squares += int((block * block).sum())
     n = images.size

@@ -46,8 +46,9 @@ class Suite:
 
     def sha256(self) -> str:
         """One digest of the whole suite: each corruption's name and split digest, in order."""
-        return suite_digest({name: Split(images, self.labels).sha256()
-                             for name, images in self.images.items()})
+        return suite_digest(
+            {name: Split(images, self.labels).sha256() for name, images in self.images.items()}
+        )
 
 
 def suite_digest(digests: dict[str, str]) -> str:
@@ -57,8 +58,9 @@ def suite_digest(digests: dict[str, str]) -> str:
     return combined.hexdigest()
 
 
-def save(folder: str | os.PathLike[str], corrupted: dict[str, np.ndarray], test: Split,
-         seed: int) -> str:
+def save(
+    folder: str | os.PathLike[str], corrupted: dict[str, np.ndarray], test: Split, seed: int
+) -> str:
     """Write the suite made from `test` (each file atomically, the manifest last); remove
     files of corruptions no longer in it. Returns the suite's digest."""
     folder = Path(folder)
@@ -72,8 +74,10 @@ def save(folder: str | os.PathLike[str], corrupted: dict[str, np.ndarray], test:
         if stale.stem not in corrupted:
             stale.unlink()
     digest = suite_digest(digests)
-    write_json(folder / MANIFEST, {"seed": seed, "test_sha256": test.sha256(),
-                                   "corruptions": digests, "sha256": digest})
+    write_json(
+        folder / MANIFEST,
+        {"seed": seed, "test_sha256": test.sha256(), "corruptions": digests, "sha256": digest},
+    )
     return digest
 
 
@@ -86,26 +90,34 @@ def load(folder: str | os.PathLike[str], test: Split) -> Suite:
         digests = dict(manifest["corruptions"])
         seed, made_from = int(manifest["seed"]), str(manifest["test_sha256"])
     except FileNotFoundError:
-        raise DataError(f"{manifest_path}: not found (make the corrupted suite: {REBUILD})") \
-            from None
+        raise DataError(
+            f"{manifest_path}: not found (make the corrupted suite: {REBUILD})"
+        ) from None
     except (ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{manifest_path}: not a suite manifest ({err}); rerun: {REBUILD}") \
-            from None
+        raise DataError(
+            f"{manifest_path}: not a suite manifest ({err}); rerun: {REBUILD}"
+        ) from None
     if made_from != test.sha256():
-        raise DataError(f"{manifest_path}: made from test split {made_from[:12]}…, but the test "
-                        f"split is now {test.sha256()[:12]}…; rerun: {REBUILD}")
+        raise DataError(
+            f"{manifest_path}: made from test split {made_from[:12]}…, but the test "
+            f"split is now {test.sha256()[:12]}…; rerun: {REBUILD}"
+        )
     images = {}
     for name, digest in digests.items():
         if not (folder / f"{name}.npz").is_file():
-            raise DataError(f"{folder / name}.npz: not found, though {MANIFEST} lists it; "
-                            f"rerun: {REBUILD}")
+            raise DataError(
+                f"{folder / name}.npz: not found, though {MANIFEST} lists it; rerun: {REBUILD}"
+            )
         split = load_split(folder, name)
         if split.sha256() != digest:
-            raise DataError(f"{folder / name}.npz: its arrays differ from what {MANIFEST} "
-                            f"records (sha256 {split.sha256()[:12]}… != {digest[:12]}…); "
-                            f"rerun: {REBUILD}")
+            raise DataError(
+                f"{folder / name}.npz: its arrays differ from what {MANIFEST} "
+                f"records (sha256 {split.sha256()[:12]}… != {digest[:12]}…); "
+                f"rerun: {REBUILD}"
+            )
         if not np.array_equal(split.labels, test.labels):
-            raise DataError(f"{folder / name}.npz: labels differ from the test split's; "
-                            f"rerun: {REBUILD}")
+            raise DataError(
+                f"{folder / name}.npz: labels differ from the test split's; rerun: {REBUILD}"
+            )
         images[name] = split.images
     return Suite(images=images, labels=test.labels, seed=seed, test_sha256=made_from)

@@ -32,11 +32,11 @@ class Parity:
     model it was exported from, on the test images."""
 
     images: int
-    disagreements: int        # test images whose served label differs from Keras'
+    disagreements: int  # test images whose served label differs from Keras'
     keras_accuracy: float
     served_accuracy: float
-    max_difference: float     # the largest difference of any probability
-    error: str = ""           # why the served model could not be loaded or run
+    max_difference: float  # the largest difference of any probability
+    error: str = ""  # why the served model could not be loaded or run
 
     @property
     def agreement(self) -> float:
@@ -49,10 +49,10 @@ class Candidate:
     loss: float | None
     class_recall: list[float] | None
     n_test: int
-    test_sha256: str                  # the test set this evaluation scored
-    trained_test_sha256: str | None   # the test set the training run recorded
-    correct: np.ndarray               # (n_test,) bool, one entry per test image
-    parity: Parity | None     # None: the served model was not checked
+    test_sha256: str  # the test set this evaluation scored
+    trained_test_sha256: str | None  # the test set the training run recorded
+    correct: np.ndarray  # (n_test,) bool, one entry per test image
+    parity: Parity | None  # None: the served model was not checked
     withdrawn: str = ""  # why a rollback took `champion` away from this version, if one did
     ece: float | None = None  # expected calibration error on the test set, after scaling
     # (corruptions, n_test) bool: per corrupted image, on the suite `suite_sha256`
@@ -90,22 +90,38 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         """Strict-JSON-ready (NaN -> None, numpy -> Python), for `gate.json` and MLflow."""
-        return json_safe({
-            "passed": self.passed,
-            "reason": self.reason,
-            "p_value": self.p_value,
-            "level": self.level,
-            "decision": self.decision,
-            "rules": [{"name": r.name, "passed": r.passed, "value": r.value,
-                       "threshold": r.threshold, "detail": r.detail} for r in self.rules],
-        })
+        return json_safe(
+            {
+                "passed": self.passed,
+                "reason": self.reason,
+                "p_value": self.p_value,
+                "level": self.level,
+                "decision": self.decision,
+                "rules": [
+                    {
+                        "name": r.name,
+                        "passed": r.passed,
+                        "value": r.value,
+                        "threshold": r.threshold,
+                        "detail": r.detail,
+                    }
+                    for r in self.rules
+                ],
+            }
+        )
 
     def failed(self) -> list[Rule]:
         return [rule for rule in self.rules if not rule.passed]
 
 
-def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig,
-           *, reigning: bool = False, budget: Budget | None = None) -> Verdict:
+def decide(
+    candidate: Candidate,
+    champion: Champion | None,
+    cfg: GateConfig,
+    *,
+    reigning: bool = False,
+    budget: Budget | None = None,
+) -> Verdict:
     """Apply every rule in order and record each one; the candidate passes if all pass.
 
     `reigning`: the candidate is the champion itself, re-checked (only absolute rules apply).
@@ -142,19 +158,29 @@ def decide(candidate: Candidate, champion: Champion | None, cfg: GateConfig,
         reason = f"{failed[0].name}: {failed[0].detail}"
     elif champion is not None:
         gain = float(candidate.accuracy) - float(champion.accuracy)  # type: ignore[arg-type]
-        test = (f"p={_fmt_p(p_value)} < {level:.3g}" if cfg.require_significance
-                else f"p={_fmt_p(p_value)}, significance not required")
+        test = (
+            f"p={_fmt_p(p_value)} < {level:.3g}"
+            if cfg.require_significance
+            else f"p={_fmt_p(p_value)}, significance not required"
+        )
         reason = f"beats champion {_label(champion.version)} by {gain:+.4f} ({test})"
     elif reigning:
         reason = f"passed all {len(rules)} rules (already champion, re-checked)"
     else:
         reason = f"passed all {len(rules)} rules (no champion yet)"
-    return Verdict(passed=not failed, rules=rules, p_value=p_value, reason=reason,
-                   level=level, decision=decision)
+    return Verdict(
+        passed=not failed,
+        rules=rules,
+        p_value=p_value,
+        reason=reason,
+        level=level,
+        decision=decision,
+    )
 
 
-def summary_line(verdict: Verdict, candidate_version: str | None,
-                 champion_version: str | None) -> str:
+def summary_line(
+    verdict: Verdict, candidate_version: str | None, champion_version: str | None
+) -> str:
     """One line for the end of the evaluate stage, e.g.
 
     `gate: PASSED — v3 beats champion v2 by +0.0041 (p=0.0123 < 0.05); v3 is now champion`
@@ -166,18 +192,23 @@ def summary_line(verdict: Verdict, candidate_version: str | None,
         return f"gate: PASSED — {candidate} {verdict.reason}; {candidate} {now} champion"
     more = len(verdict.failed()) - 1
     extra = f" (+{more} more failing rule{'s' if more > 1 else ''})" if more > 0 else ""
-    stays = (f"champion stays {_label(champion_version)}" if champion_version
-             else "no champion yet")
+    stays = f"champion stays {_label(champion_version)}" if champion_version else "no champion yet"
     return f"gate: REJECTED — {candidate} fails {verdict.reason}{extra}; {stays}"
 
 
 # --- the rules, in order -------------------------------------------------------------------
 
+
 def _test_set_nonempty(candidate: Candidate) -> Rule:
     n = candidate.n_test
     ok = isinstance(n, (int, np.integer)) and n > 0
-    return Rule("test_set_nonempty", ok, n, "> 0",
-                f"{n} test images" if ok else f"the test set is empty ({n} images)")
+    return Rule(
+        "test_set_nonempty",
+        ok,
+        n,
+        "> 0",
+        f"{n} test images" if ok else f"the test set is empty ({n} images)",
+    )
 
 
 def _metrics_present(candidate: Candidate) -> Rule:
@@ -192,53 +223,100 @@ def _metrics_present(candidate: Candidate) -> Rule:
     elif len(recall) != NUM_CLASSES:
         problems.append(f"class_recall ({len(recall)} values, expected {NUM_CLASSES})")
     else:
-        problems += [f"class_recall[{cls}] ({value!r})"
-                     for cls, value in enumerate(recall) if not _finite(value)]
+        problems += [
+            f"class_recall[{cls}] ({value!r})"
+            for cls, value in enumerate(recall)
+            if not _finite(value)
+        ]
     if problems:
-        return Rule("metrics_present", False, problems, "finite",
-                    "missing or not finite: " + ", ".join(problems))
-    return Rule("metrics_present", True, [], "finite",
-                f"accuracy, loss and {NUM_CLASSES} class recalls are finite")
+        return Rule(
+            "metrics_present",
+            False,
+            problems,
+            "finite",
+            "missing or not finite: " + ", ".join(problems),
+        )
+    return Rule(
+        "metrics_present",
+        True,
+        [],
+        "finite",
+        f"accuracy, loss and {NUM_CLASSES} class recalls are finite",
+    )
 
 
 def _test_data_matches_training(candidate: Candidate) -> Rule:
     trained, tested = candidate.trained_test_sha256, candidate.test_sha256
     if not trained:
-        return Rule("test_data_matches_training", False, tested, trained,
-                    "the training run recorded no test set hash, so the test data cannot be "
-                    "checked; retrain with this pipeline (dvc repro train)")
+        return Rule(
+            "test_data_matches_training",
+            False,
+            tested,
+            trained,
+            "the training run recorded no test set hash, so the test data cannot be "
+            "checked; retrain with this pipeline (dvc repro train)",
+        )
     if trained != tested:
-        return Rule("test_data_matches_training", False, tested, trained,
-                    f"test set sha256 {_short(tested)} differs from {_short(trained)} recorded "
-                    "by the training run; rerun the pipeline (dvc repro)")
-    return Rule("test_data_matches_training", True, tested, trained,
-                f"test set sha256 {_short(tested)} matches the training run's")
+        return Rule(
+            "test_data_matches_training",
+            False,
+            tested,
+            trained,
+            f"test set sha256 {_short(tested)} differs from {_short(trained)} recorded "
+            "by the training run; rerun the pipeline (dvc repro)",
+        )
+    return Rule(
+        "test_data_matches_training",
+        True,
+        tested,
+        trained,
+        f"test set sha256 {_short(tested)} matches the training run's",
+    )
 
 
 def _min_accuracy(candidate: Candidate, cfg: GateConfig) -> Rule:
     accuracy = candidate.accuracy
     if not _finite(accuracy):
-        return Rule("min_accuracy", False, accuracy, cfg.min_accuracy,
-                    f"accuracy is missing or not finite ({accuracy!r})")
+        return Rule(
+            "min_accuracy",
+            False,
+            accuracy,
+            cfg.min_accuracy,
+            f"accuracy is missing or not finite ({accuracy!r})",
+        )
     ok = float(accuracy) >= cfg.min_accuracy  # type: ignore[arg-type]
     sign = ">=" if ok else "<"
-    return Rule("min_accuracy", ok, float(accuracy), cfg.min_accuracy,  # type: ignore[arg-type]
-                f"{accuracy:.4f} {sign} {cfg.min_accuracy:.4f}")
+    return Rule(
+        "min_accuracy",
+        ok,
+        float(accuracy),
+        cfg.min_accuracy,  # type: ignore[arg-type]
+        f"{accuracy:.4f} {sign} {cfg.min_accuracy:.4f}",
+    )
 
 
 def _min_class_recall(candidate: Candidate, cfg: GateConfig) -> Rule:
     recall = candidate.class_recall
-    if (recall is None or len(recall) != NUM_CLASSES
-            or not all(_finite(value) for value in recall)):
-        return Rule("min_class_recall", False, None, cfg.min_class_recall,
-                    f"class recall is missing or not finite ({recall!r})")
+    if recall is None or len(recall) != NUM_CLASSES or not all(_finite(value) for value in recall):
+        return Rule(
+            "min_class_recall",
+            False,
+            None,
+            cfg.min_class_recall,
+            f"class recall is missing or not finite ({recall!r})",
+        )
     worst = int(np.argmin(np.asarray(recall, dtype=np.float64)))
     value = float(recall[worst])
     ok = value >= cfg.min_class_recall
     sign = ">=" if ok else "<"
-    return Rule("min_class_recall", ok, value, cfg.min_class_recall,
-                f"{'worst class' if ok else 'class'} {worst} recall {value:.4f} {sign} "
-                f"{cfg.min_class_recall:.4f}")
+    return Rule(
+        "min_class_recall",
+        ok,
+        value,
+        cfg.min_class_recall,
+        f"{'worst class' if ok else 'class'} {worst} recall {value:.4f} {sign} "
+        f"{cfg.min_class_recall:.4f}",
+    )
 
 
 def _served_parity(candidate: Candidate, cfg: GateConfig) -> Rule:
@@ -250,94 +328,155 @@ def _served_parity(candidate: Candidate, cfg: GateConfig) -> Rule:
         why = parity.error if parity and parity.error else "it was not checked"
         return Rule(name, False, None, threshold, f"the served model could not be checked: {why}")
     gap = parity.served_accuracy - parity.keras_accuracy
-    figures = (f"labels differ on {parity.disagreements} of {parity.images} test images "
-               f"(agreement {parity.agreement:.4f}), accuracy {parity.served_accuracy:.4f} "
-               f"served vs {parity.keras_accuracy:.4f} Keras ({gap:+.4f}), probabilities "
-               f"within {parity.max_difference:.2g}")
+    figures = (
+        f"labels differ on {parity.disagreements} of {parity.images} test images "
+        f"(agreement {parity.agreement:.4f}), accuracy {parity.served_accuracy:.4f} "
+        f"served vs {parity.keras_accuracy:.4f} Keras ({gap:+.4f}), probabilities "
+        f"within {parity.max_difference:.2g}"
+    )
     if parity.agreement + TOLERANCE < threshold:
-        return Rule(name, False, parity.agreement, threshold,
-                    f"the served ONNX model's {figures}: agreement < {threshold:g}")
+        return Rule(
+            name,
+            False,
+            parity.agreement,
+            threshold,
+            f"the served ONNX model's {figures}: agreement < {threshold:g}",
+        )
     if abs(gap) > cfg.parity_accuracy_gap + TOLERANCE:
-        return Rule(name, False, parity.agreement, threshold,
-                    f"the served ONNX model's {figures}: accuracy gap over "
-                    f"{cfg.parity_accuracy_gap:g}")
+        return Rule(
+            name,
+            False,
+            parity.agreement,
+            threshold,
+            f"the served ONNX model's {figures}: accuracy gap over {cfg.parity_accuracy_gap:g}",
+        )
     return Rule(name, True, parity.agreement, threshold, f"the served ONNX model's {figures}")
 
 
 def _not_withdrawn(candidate: Candidate) -> Rule:
     """A version a rollback moved `champion` away from stays away: without this, the next
     `dvc repro` of the workspace that made it would promote it straight back."""
-    return Rule("not_withdrawn", False, candidate.withdrawn, "",
-                f"withdrawn by a rollback ({candidate.withdrawn}); only `mnist-pipeline "
-                "champion rollback --to` this version makes it champion again")
+    return Rule(
+        "not_withdrawn",
+        False,
+        candidate.withdrawn,
+        "",
+        f"withdrawn by a rollback ({candidate.withdrawn}); only `mnist-pipeline "
+        "champion rollback --to` this version makes it champion again",
+    )
 
 
 def _incomparable(candidate: Candidate, champion: Champion) -> str:
     """Why candidate and champion cannot be compared image by image ('' if they can)."""
     if champion.test_sha256 != candidate.test_sha256:
-        return (f"champion {_label(champion.version)} was scored on test set "
-                f"{_short(champion.test_sha256)}, the candidate on "
-                f"{_short(candidate.test_sha256)}; re-evaluate the champion on this test set")
+        return (
+            f"champion {_label(champion.version)} was scored on test set "
+            f"{_short(champion.test_sha256)}, the candidate on "
+            f"{_short(candidate.test_sha256)}; re-evaluate the champion on this test set"
+        )
     a, b = np.asarray(candidate.correct), np.asarray(champion.correct)
     if a.ndim != 1 or a.shape != b.shape:
-        return (f"per-image results have shapes {a.shape} (candidate) and {b.shape} "
-                f"(champion {_label(champion.version)}): not the same test images")
+        return (
+            f"per-image results have shapes {a.shape} (candidate) and {b.shape} "
+            f"(champion {_label(champion.version)}): not the same test images"
+        )
     return ""
 
 
-def _beats_champion(candidate: Candidate, champion: Champion, cfg: GateConfig,
-                    mismatch: str) -> Rule:
+def _beats_champion(
+    candidate: Candidate, champion: Champion, cfg: GateConfig, mismatch: str
+) -> Rule:
     name, threshold = "beats_champion", cfg.min_improvement
     if mismatch:
         return Rule(name, False, None, threshold, mismatch)
     if not _finite(candidate.accuracy):
-        return Rule(name, False, None, threshold,
-                    f"candidate accuracy is missing or not finite ({candidate.accuracy!r})")
+        return Rule(
+            name,
+            False,
+            None,
+            threshold,
+            f"candidate accuracy is missing or not finite ({candidate.accuracy!r})",
+        )
     if not _finite(champion.accuracy):
-        return Rule(name, False, None, threshold,
-                    f"champion {_label(champion.version)} has no finite accuracy "
-                    f"({champion.accuracy!r}); re-evaluate it")
+        return Rule(
+            name,
+            False,
+            None,
+            threshold,
+            f"champion {_label(champion.version)} has no finite accuracy "
+            f"({champion.accuracy!r}); re-evaluate it",
+        )
     ours, theirs = float(candidate.accuracy), float(champion.accuracy)  # type: ignore[arg-type]
     gain = ours - theirs
     versus = f"champion {_label(champion.version)} ({ours:.4f} vs {theirs:.4f})"
     if gain <= 0:
-        detail = (f"ties {versus}; a tie never replaces the champion" if gain == 0
-                  else f"{gain:+.4f} against {versus}")
+        detail = (
+            f"ties {versus}; a tie never replaces the champion"
+            if gain == 0
+            else f"{gain:+.4f} against {versus}"
+        )
         return Rule(name, False, gain, threshold, detail)
     if gain + TOLERANCE < threshold:
-        return Rule(name, False, gain, threshold,
-                    f"{gain:+.4f} over {versus} < min_improvement {threshold:.4f}")
-    return Rule(name, True, gain, threshold,
-                f"{gain:+.4f} over {versus} >= min_improvement {threshold:.4f}")
+        return Rule(
+            name,
+            False,
+            gain,
+            threshold,
+            f"{gain:+.4f} over {versus} < min_improvement {threshold:.4f}",
+        )
+    return Rule(
+        name, True, gain, threshold, f"{gain:+.4f} over {versus} >= min_improvement {threshold:.4f}"
+    )
 
 
-def _significant(candidate: Candidate, champion: Champion, level: float,
-                 decision: int | None, mismatch: str) -> Rule:
+def _significant(
+    candidate: Candidate, champion: Champion, level: float, decision: int | None, mismatch: str
+) -> Rule:
     if mismatch:
         return Rule("significant", False, None, level, mismatch)
     gains, losses, p = mcnemar_exact(candidate.correct, champion.correct)
     # Significant *in the candidate's favour*: a clearly worse model differs significantly
     # too, and must not read as passing this rule.
     ok = p < level and gains > losses
-    counts = (f"{gains} images only the candidate gets right, {losses} only champion "
-              f"{_label(champion.version)} does")
+    counts = (
+        f"{gains} images only the candidate gets right, {losses} only champion "
+        f"{_label(champion.version)} does"
+    )
     sign = "<" if p < level else ">="
     favour = "" if ok or p >= level else ", in the champion's favour"
-    which = (f"level {level:.3g} (decision {decision} on this test set)" if decision
-             else f"alpha {level:g}")
-    return Rule("significant", ok, p, level,
-                f"McNemar exact p={_fmt_p(p)} {sign} {which}{favour} ({counts})")
+    which = (
+        f"level {level:.3g} (decision {decision} on this test set)"
+        if decision
+        else f"alpha {level:g}"
+    )
+    return Rule(
+        "significant",
+        ok,
+        p,
+        level,
+        f"McNemar exact p={_fmt_p(p)} {sign} {which}{favour} ({counts})",
+    )
 
 
 def _calibrated(candidate: Candidate, ceiling: float) -> Rule:
     value = candidate.ece
     if not _finite(value):
-        return Rule("calibrated", False, value, ceiling,
-                    f"expected calibration error is missing or not finite ({value!r})")
+        return Rule(
+            "calibrated",
+            False,
+            value,
+            ceiling,
+            f"expected calibration error is missing or not finite ({value!r})",
+        )
     ok = float(value) <= ceiling  # type: ignore[arg-type]
     sign = "<=" if ok else ">"
-    return Rule("calibrated", ok, float(value), ceiling,  # type: ignore[arg-type]
-                f"test ECE after temperature scaling {value:.4f} {sign} max_ece {ceiling:.4f}")
+    return Rule(
+        "calibrated",
+        ok,
+        float(value),
+        ceiling,  # type: ignore[arg-type]
+        f"test ECE after temperature scaling {value:.4f} {sign} max_ece {ceiling:.4f}",
+    )
 
 
 def _robust_vs_champion(candidate: Candidate, champion: Champion, margin: float) -> Rule:
@@ -351,26 +490,42 @@ def _robust_vs_champion(candidate: Candidate, champion: Champion, margin: float)
     ours, theirs = candidate.corrupted_correct, champion.corrupted_correct
     if ours is None or theirs is None:
         who = "candidate" if ours is None else f"champion {_label(champion.version)}"
-        return Rule(name, False, None, -margin, f"the {who} was not scored on the corrupted "
-                    "suite; run: dvc repro corrupt evaluate")
+        return Rule(
+            name,
+            False,
+            None,
+            -margin,
+            f"the {who} was not scored on the corrupted suite; run: dvc repro corrupt evaluate",
+        )
     if candidate.suite_sha256 != champion.suite_sha256 or ours.shape != theirs.shape:
-        return Rule(name, False, None, -margin,
-                    f"the candidate was scored on corrupted suite {_short(candidate.suite_sha256)}"
-                    f" {ours.shape}, champion {_label(champion.version)} on "
-                    f"{_short(champion.suite_sha256)} {theirs.shape}: not the same images")
+        return Rule(
+            name,
+            False,
+            None,
+            -margin,
+            f"the candidate was scored on corrupted suite {_short(candidate.suite_sha256)}"
+            f" {ours.shape}, champion {_label(champion.version)} on "
+            f"{_short(champion.suite_sha256)} {theirs.shape}: not the same images",
+        )
     diff, se = paired_difference(ours, theirs)
     lower = diff - Z_95_ONE_SIDED * se
     mine, other = float(np.mean(ours)), float(np.mean(theirs))
-    versus = (f"mean corruption accuracy {mine:.4f} vs champion {_label(champion.version)}'s "
-              f"{other:.4f} ({diff:+.4f}; one-sided 95% lower bound {lower:+.4f}")
+    versus = (
+        f"mean corruption accuracy {mine:.4f} vs champion {_label(champion.version)}'s "
+        f"{other:.4f} ({diff:+.4f}; one-sided 95% lower bound {lower:+.4f}"
+    )
     if lower > -margin:
         return Rule(name, True, lower, -margin, f"{versus} > -{margin:g} margin)")
-    verdict = ("significantly less robust" if diff + Z_95_ONE_SIDED * se < 0
-               else "not shown to be within the margin")
+    verdict = (
+        "significantly less robust"
+        if diff + Z_95_ONE_SIDED * se < 0
+        else "not shown to be within the margin"
+    )
     return Rule(name, False, lower, -margin, f"{verdict}: {versus} <= -{margin:g} margin)")
 
 
 # --- helpers -------------------------------------------------------------------------------
+
 
 def _finite(value: object) -> bool:
     if value is None or isinstance(value, (bool, np.bool_)):

@@ -87,15 +87,28 @@ def measure(model: Any, test: Split, cfg: EvaluateConfig) -> tuple[np.ndarray, S
     return probabilities, score(test.labels, probabilities)
 
 
-def measure_shift(model: Any, clean: np.ndarray, corrupted: suite.Suite,
-                  fitted: calibration.Calibration, cfg: EvaluateConfig) -> Shift:
+def measure_shift(
+    model: Any,
+    clean: np.ndarray,
+    corrupted: suite.Suite,
+    fitted: calibration.Calibration,
+    cfg: EvaluateConfig,
+) -> Shift:
     """The model on every corruption of the suite, and its confidence on clean and corrupted
     images; `clean` is its raw output on the clean test images."""
-    outputs = np.stack([predict(model, corrupted.images[name], batch_size=cfg.batch_size)
-                        for name in corrupted.names]) if corrupted.names else \
-        np.zeros((0, *clean.shape), np.float32)
-    return Shift.measure(clean, outputs, corrupted.labels, corrupted.names,
-                         corrupted.sha256(), fitted)
+    outputs = (
+        np.stack(
+            [
+                predict(model, corrupted.images[name], batch_size=cfg.batch_size)
+                for name in corrupted.names
+            ]
+        )
+        if corrupted.names
+        else np.zeros((0, *clean.shape), np.float32)
+    )
+    return Shift.measure(
+        clean, outputs, corrupted.labels, corrupted.names, corrupted.sha256(), fitted
+    )
 
 
 def run_calibration(run: dict[str, Any]) -> calibration.Calibration:
@@ -104,9 +117,15 @@ def run_calibration(run: dict[str, Any]) -> calibration.Calibration:
     return calibration.Calibration.from_dict(fitted) if fitted else calibration.IDENTITY
 
 
-def write_reports(paths: PathsConfig, test: Split, probabilities: np.ndarray,
-                  scores: Scores, shift: Shift, champion_shift: dict[str, float] | None,
-                  cfg: EvaluateConfig) -> dict[str, Any]:
+def write_reports(
+    paths: PathsConfig,
+    test: Split,
+    probabilities: np.ndarray,
+    scores: Scores,
+    shift: Shift,
+    champion_shift: dict[str, float] | None,
+    cfg: EvaluateConfig,
+) -> dict[str, Any]:
     """The stage's DVC metrics and plots; returns the metrics dict."""
     folder = Path(paths.eval_plots)
     metrics = {**metrics_dict(scores), **shift.metrics()}
@@ -114,46 +133,81 @@ def write_reports(paths: PathsConfig, test: Split, probabilities: np.ndarray,
     plots.write_confusion_csv(folder / CONFUSION_CSV, test.labels, scores.predictions)
     plots.write_class_recall_csv(folder / CLASS_RECALL_CSV, scores.recall)
     plots.plot_confusion_png(folder / CONFUSION_PNG, scores.confusion)
-    plots.plot_misclassified_grid(folder / MISCLASSIFIED_PNG, test.images, test.labels,
-                                  scores.predictions, probabilities, cfg.misclassified_grid)
+    plots.plot_misclassified_grid(
+        folder / MISCLASSIFIED_PNG,
+        test.images,
+        test.labels,
+        scores.predictions,
+        probabilities,
+        cfg.misclassified_grid,
+    )
     plots.plot_class_recall_png(folder / CLASS_RECALL_PNG, scores.recall)
     plots.write_corruption_csv(folder / CORRUPTION_CSV, shift.accuracy, champion_shift)
     plots.plot_corruption_png(folder / CORRUPTION_PNG, shift.accuracy, champion_shift)
-    curves = {"clean, uncalibrated": shift.clean.reliability_raw,
-              "clean, calibrated": shift.clean.reliability,
-              "corrupted, calibrated": shift.corrupted.reliability}
+    curves = {
+        "clean, uncalibrated": shift.clean.reliability_raw,
+        "clean, calibrated": shift.clean.reliability,
+        "corrupted, calibrated": shift.corrupted.reliability,
+    }
     plots.write_reliability_csv(folder / RELIABILITY_CSV, curves)
-    plots.plot_reliability_png(folder / RELIABILITY_PNG, curves,
-                               temperature=shift.calibration.temperature)
+    plots.plot_reliability_png(
+        folder / RELIABILITY_PNG, curves, temperature=shift.calibration.temperature
+    )
     return metrics
 
 
 def log_to_run(run_id: str, scores: Scores, shift: Shift, paths: PathsConfig) -> None:
     """The same measurements on the training run, under `evaluation/`."""
-    flat = {"test_accuracy": scores.accuracy, "test_loss": scores.loss,
-            "test_macro_f1": scores.macro_f1, **shift.flat_metrics()}
+    flat = {
+        "test_accuracy": scores.accuracy,
+        "test_loss": scores.loss,
+        "test_macro_f1": scores.macro_f1,
+        **shift.flat_metrics(),
+    }
     for cls in range(len(scores.recall)):
         flat[f"test_recall_{cls}"] = scores.recall[cls]
         flat[f"test_precision_{cls}"] = scores.precision[cls]
     runs.log_metrics(flat, run_id=run_id)
     folder = Path(paths.eval_plots)
-    for name in (CONFUSION_PNG, MISCLASSIFIED_PNG, CLASS_RECALL_PNG, CONFUSION_CSV,
-                 CORRUPTION_PNG, CORRUPTION_CSV, RELIABILITY_PNG, RELIABILITY_CSV):
+    for name in (
+        CONFUSION_PNG,
+        MISCLASSIFIED_PNG,
+        CLASS_RECALL_PNG,
+        CONFUSION_CSV,
+        CORRUPTION_PNG,
+        CORRUPTION_CSV,
+        RELIABILITY_PNG,
+        RELIABILITY_CSV,
+    ):
         runs.log_artifact(folder / name, "evaluation", run_id=run_id)
 
 
-def log_outcomes(run_id: str, scores: Scores, shift: Shift, probabilities: np.ndarray,
-                 test_sha256: str, model_sha256: str) -> None:
+def log_outcomes(
+    run_id: str,
+    scores: Scores,
+    shift: Shift,
+    probabilities: np.ndarray,
+    test_sha256: str,
+    model_sha256: str,
+) -> None:
     """Per-image results of this evaluation, as `evaluation/outcomes.npz` on the run."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / OUTCOMES
-        write_npz(path, {
-            "correct": scores.correct, "corrupted_correct": shift.correct,
-            "corruptions": np.array(shift.names, dtype=str),
-            "probabilities": calibration.scale(probabilities, shift.calibration.temperature)
-            .astype(np.float32),
-            "test_sha256": np.array(test_sha256), "suite_sha256": np.array(shift.suite_sha256),
-            "model_sha256": np.array(model_sha256)}, compress=True)
+        write_npz(
+            path,
+            {
+                "correct": scores.correct,
+                "corrupted_correct": shift.correct,
+                "corruptions": np.array(shift.names, dtype=str),
+                "probabilities": calibration.scale(
+                    probabilities, shift.calibration.temperature
+                ).astype(np.float32),
+                "test_sha256": np.array(test_sha256),
+                "suite_sha256": np.array(shift.suite_sha256),
+                "model_sha256": np.array(model_sha256),
+            },
+            compress=True,
+        )
         runs.log_artifact(path, "evaluation", run_id=run_id)
 
 
@@ -175,15 +229,15 @@ def recorded_corrupted(run_id: str, suite_sha256: str, names: list[str]) -> np.n
         return None if path is None else corrupted_in(path, suite_sha256, names)
 
 
-def corrupted_in(path: str | os.PathLike[str], suite_sha256: str,
-                 names: list[str]) -> np.ndarray | None:
+def corrupted_in(
+    path: str | os.PathLike[str], suite_sha256: str, names: list[str]
+) -> np.ndarray | None:
     """The per-image results on the corrupted suite `suite_sha256` recorded in the npz file
     `path` (an evaluation's outcomes, or the gate service's record), if it holds them for
     these corruptions."""
     try:
         with np.load(path, allow_pickle=False) as record:
-            if (str(record["suite_sha256"]) != suite_sha256
-                    or list(record["corruptions"]) != names):
+            if str(record["suite_sha256"]) != suite_sha256 or list(record["corruptions"]) != names:
                 return None
             return np.asarray(record["corrupted_correct"], dtype=bool)
     except (OSError, KeyError, ValueError):
@@ -200,27 +254,41 @@ def served_parity(model_uri: str, test: Split, keras_probabilities: np.ndarray) 
         pyfunc = logged_models.load_pyfunc(model_uri)
         served = np.asarray(pyfunc.predict(test.images), dtype=np.float32)
     except (PipelineError, OSError, ValueError, RuntimeError) as err:
-        return gate.Parity(images=len(test), disagreements=len(test),
-                           keras_accuracy=keras_accuracy, served_accuracy=math.nan,
-                           max_difference=math.nan,
-                           error=f"could not load/predict {model_uri} as pyfunc: {err}")
+        return gate.Parity(
+            images=len(test),
+            disagreements=len(test),
+            keras_accuracy=keras_accuracy,
+            served_accuracy=math.nan,
+            max_difference=math.nan,
+            error=f"could not load/predict {model_uri} as pyfunc: {err}",
+        )
     if served.shape != keras_probabilities.shape:
-        return gate.Parity(images=len(test), disagreements=len(test),
-                           keras_accuracy=keras_accuracy, served_accuracy=math.nan,
-                           max_difference=math.nan,
-                           error=f"served output shape {served.shape} != Keras "
-                                 f"{keras_probabilities.shape}")
+        return gate.Parity(
+            images=len(test),
+            disagreements=len(test),
+            keras_accuracy=keras_accuracy,
+            served_accuracy=math.nan,
+            max_difference=math.nan,
+            error=f"served output shape {served.shape} != Keras {keras_probabilities.shape}",
+        )
     served_labels = served.argmax(axis=1)
     return gate.Parity(
-        images=len(test), disagreements=int(np.count_nonzero(served_labels != keras_labels)),
+        images=len(test),
+        disagreements=int(np.count_nonzero(served_labels != keras_labels)),
         keras_accuracy=keras_accuracy,
         served_accuracy=float(np.mean(served_labels == test.labels)) if len(test) else math.nan,
-        max_difference=float(np.max(np.abs(served - keras_probabilities))) if len(test) else 0.0)
+        max_difference=float(np.max(np.abs(served - keras_probabilities))) if len(test) else 0.0,
+    )
 
 
-def champion_on(name: str, test: Split, corrupted: suite.Suite, cfg: EvaluateConfig,
-                suite_sha256: str, records: Records | None = None
-                ) -> tuple[gate.Champion, str] | None:
+def champion_on(
+    name: str,
+    test: Split,
+    corrupted: suite.Suite,
+    cfg: EvaluateConfig,
+    suite_sha256: str,
+    records: Records | None = None,
+) -> tuple[gate.Champion, str] | None:
     """The current champion re-scored on `test`, with its results on the corrupted suite
     (recorded by its own evaluation on this suite, else scored now), and where those came
     from; None when there is no champion. `records`: where recorded results are read
@@ -239,9 +307,14 @@ def champion_on(name: str, test: Split, corrupted: suite.Suite, cfg: EvaluateCon
     if recorded is None or recorded.shape != (len(corrupted.names), len(test)):
         shift = measure_shift(model, probabilities, corrupted, calibration.IDENTITY, cfg)
         recorded, source = shift.correct, "scored now (no record on this suite)"
-    return gate.Champion(version=str(version.version), accuracy=scores.accuracy,
-                         correct=scores.correct, test_sha256=test.sha256(),
-                         corrupted_correct=recorded, suite_sha256=suite_sha256), source
+    return gate.Champion(
+        version=str(version.version),
+        accuracy=scores.accuracy,
+        correct=scores.correct,
+        test_sha256=test.sha256(),
+        corrupted_correct=recorded,
+        suite_sha256=suite_sha256,
+    ), source
 
 
 @dataclass
@@ -257,10 +330,23 @@ class Judgement:
     decided: dict[str, Any]  # verdict.to_dict()
 
 
-def judge(name: str, version: Any, candidate: gate.Candidate, scores: Scores, shift: Shift,
-          fitted: calibration.Calibration, test: Split, corrupted: suite.Suite,
-          eval_cfg: EvaluateConfig, gate_cfg: GateConfig, lock: locks.Held, *, run_id: str,
-          tags: dict[str, str] | None = None, records: Records | None = None) -> Judgement:
+def judge(
+    name: str,
+    version: Any,
+    candidate: gate.Candidate,
+    scores: Scores,
+    shift: Shift,
+    fitted: calibration.Calibration,
+    test: Split,
+    corrupted: suite.Suite,
+    eval_cfg: EvaluateConfig,
+    gate_cfg: GateConfig,
+    lock: locks.Held,
+    *,
+    run_id: str,
+    tags: dict[str, str] | None = None,
+    records: Records | None = None,
+) -> Judgement:
     """Decide on `version` (holding `candidate`'s measurements) against the current champion,
     record the decision on the version and in the history, and move `champion` if it passed.
     Call it holding the promotion lock `lock`."""
@@ -269,44 +355,77 @@ def judge(name: str, version: Any, candidate: gate.Candidate, scores: Scores, sh
     champion_before = str(current.version) if current else None
     reigning = champion_before == version_id
     # Re-evaluating the champion itself: only the absolute rules apply.
-    found = (champion_on(name, test, corrupted, eval_cfg, shift.suite_sha256, records)
-             if current and not reigning else None)
+    found = (
+        champion_on(name, test, corrupted, eval_cfg, shift.suite_sha256, records)
+        if current and not reigning
+        else None
+    )
     champion, champion_source = found if found else (None, "")
     # Under the lock: the decisions on this test set are counted in the order made.
-    spent = reuse.budget(reuse.decisions_on(history.entries(name), candidate.test_sha256),
-                         gate_cfg.alpha)
+    spent = reuse.budget(
+        reuse.decisions_on(history.entries(name), candidate.test_sha256), gate_cfg.alpha
+    )
     withdrawn = version.tags.get(registry.WITHDRAWN, "")
-    verdict = gate.decide(dataclasses.replace(candidate, withdrawn=withdrawn), champion,
-                          gate_cfg, reigning=reigning, budget=spent)
-    registry.set_version_tags(name, version_id, {
-        "gate.passed": str(verdict.passed).lower(), "gate.reason": verdict.reason[:4000],
-        "test_accuracy": f"{scores.accuracy:.6f}", "test_loss": f"{scores.loss:.6f}",
-        "test_macro_f1": f"{scores.macro_f1:.6f}",
-        "corrupted_mean_accuracy": f"{shift.mean_accuracy:.6f}",
-        "test_ece": f"{shift.clean.ece:.6f}",
-        # What the version's served model applies (its calibration.json artifact).
-        "calibration_temperature": f"{fitted.temperature:.6g}",
-        "abstain_threshold": f"{fitted.threshold:.6g}", **(tags or {})})
+    verdict = gate.decide(
+        dataclasses.replace(candidate, withdrawn=withdrawn),
+        champion,
+        gate_cfg,
+        reigning=reigning,
+        budget=spent,
+    )
+    registry.set_version_tags(
+        name,
+        version_id,
+        {
+            "gate.passed": str(verdict.passed).lower(),
+            "gate.reason": verdict.reason[:4000],
+            "test_accuracy": f"{scores.accuracy:.6f}",
+            "test_loss": f"{scores.loss:.6f}",
+            "test_macro_f1": f"{scores.macro_f1:.6f}",
+            "corrupted_mean_accuracy": f"{shift.mean_accuracy:.6f}",
+            "test_ece": f"{shift.clean.ece:.6f}",
+            # What the version's served model applies (its calibration.json artifact).
+            "calibration_temperature": f"{fitted.temperature:.6g}",
+            "abstain_threshold": f"{fitted.threshold:.6g}",
+            **(tags or {}),
+        },
+    )
     if verdict.passed and not reigning:
         lock.check()  # the decision stands only while no one else can move the alias
         registry.promote(name, version_id)
     champion_after = version_id if verdict.passed else champion_before
     decided = verdict.to_dict()
     # Under the same lock: concurrent gates get distinct numbers in decision order.
-    history.append(name, history.gate_entry(
-        decided, candidate=version_id, champion_before=champion_before,
-        champion_after=champion_after, run_id=run_id, test_sha256=candidate.test_sha256))
+    history.append(
+        name,
+        history.gate_entry(
+            decided,
+            candidate=version_id,
+            champion_before=champion_before,
+            champion_after=champion_after,
+            run_id=run_id,
+            test_sha256=candidate.test_sha256,
+        ),
+    )
     champion_accuracy = None
     if champion is not None and champion.corrupted_correct is not None:
-        champion_accuracy = dict(zip(shift.names, champion.corrupted_correct.mean(axis=1)
-                                     .tolist(), strict=True))
-    return Judgement(verdict=verdict, champion_before=champion_before,
-                     champion_after=champion_after, champion_corrupted=champion_accuracy,
-                     champion_source=champion_source, budget=spent, decided=decided)
+        champion_accuracy = dict(
+            zip(shift.names, champion.corrupted_correct.mean(axis=1).tolist(), strict=True)
+        )
+    return Judgement(
+        verdict=verdict,
+        champion_before=champion_before,
+        champion_after=champion_after,
+        champion_corrupted=champion_accuracy,
+        champion_source=champion_source,
+        budget=spent,
+        decided=decided,
+    )
 
 
-def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
-             tracking_cfg: TrackingConfig) -> Decision:
+def evaluate(
+    paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig, tracking_cfg: TrackingConfig
+) -> Decision:
     """Measure `paths.model` on the test set and the corrupted suite, run the gate, register
     and maybe promote.
 
@@ -330,28 +449,54 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     trained_tags = training_run.data.tags
     candidate = None
     if service_wait is None:
-        parity = served_parity(run["model_uri"], test,
-                               calibration.scale(probabilities, fitted.temperature))
+        parity = served_parity(
+            run["model_uri"], test, calibration.scale(probabilities, fitted.temperature)
+        )
         candidate = gate.Candidate(
-            accuracy=scores.accuracy, loss=scores.loss, class_recall=list(scores.recall),
-            n_test=len(test), test_sha256=test.sha256(),
-            trained_test_sha256=trained_tags.get("data.test_sha256"), correct=scores.correct,
-            parity=parity, ece=shift.clean.ece,
-            corrupted_correct=shift.correct, suite_sha256=shift.suite_sha256)
+            accuracy=scores.accuracy,
+            loss=scores.loss,
+            class_recall=list(scores.recall),
+            n_test=len(test),
+            test_sha256=test.sha256(),
+            trained_test_sha256=trained_tags.get("data.test_sha256"),
+            correct=scores.correct,
+            parity=parity,
+            ece=shift.clean.ece,
+            corrupted_correct=shift.correct,
+            suite_sha256=shift.suite_sha256,
+        )
 
     name = tracking_cfg.registered_model
     model_sha = sha256_file(paths.model)
     with locks.held("registry", locks.lock_url(tracking_cfg.lock_url)) as lock:
         existing = registry.find_version(name, "model_sha256", model_sha)
-        version = existing or registry.register(run["model_uri"], name, tags={
-            "model_sha256": model_sha, "run_id": run["run_id"],
-            "data.sha256": trained_tags.get("data.sha256", ""),
-            "data.test_sha256": test.sha256(),
-            "git.commit": trained_tags.get(runs.GIT_COMMIT, "none")})
+        version = existing or registry.register(
+            run["model_uri"],
+            name,
+            tags={
+                "model_sha256": model_sha,
+                "run_id": run["run_id"],
+                "data.sha256": trained_tags.get("data.sha256", ""),
+                "data.test_sha256": test.sha256(),
+                "git.commit": trained_tags.get(runs.GIT_COMMIT, "none"),
+            },
+        )
         version_id = str(version.version)
         if candidate is not None:
-            judgement = judge(name, version, candidate, scores, shift, fitted, test, corrupted,
-                              eval_cfg, gate_cfg, lock, run_id=run["run_id"])
+            judgement = judge(
+                name,
+                version,
+                candidate,
+                scores,
+                shift,
+                fitted,
+                test,
+                corrupted,
+                eval_cfg,
+                gate_cfg,
+                lock,
+                run_id=run["run_id"],
+            )
     if candidate is None:
         judgement = await_verdict(name, version_id, service_wait)
     verdict, decided, spent = judgement.verdict, judgement.decided, judgement.budget
@@ -362,41 +507,73 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
     log_to_run(run["run_id"], scores, shift, paths)
     log_outcomes(run["run_id"], scores, shift, probabilities, test.sha256(), model_sha)
     log_reference(run["run_id"], test, calibration.scale(probabilities, fitted.temperature))
-    report = {**decided, "candidate_version": version_id,
-              "champion_version_before": champion_before, "champion_version": champion_after,
-              "registered_model": name, "run_id": run["run_id"],
-              "registered_now": existing is None,
-              "decided_by": "gate service" if candidate is None else "this checkout",
-              "champion_corrupted_results": judgement.champion_source or None,
-              "budget": {"alpha": spent.alpha, "decisions_before": spent.decisions,
-                         "level": spent.level, "unspent_before": spent.unspent},
-              # What DVC saw of the champion for this run: the champion stage keeps it while
-              # the champion is still `champion_version`, so this decision reruns nothing.
-              "champion_record": champion_record.read(paths.champion)}
+    report = {
+        **decided,
+        "candidate_version": version_id,
+        "champion_version_before": champion_before,
+        "champion_version": champion_after,
+        "registered_model": name,
+        "run_id": run["run_id"],
+        "registered_now": existing is None,
+        "decided_by": "gate service" if candidate is None else "this checkout",
+        "champion_corrupted_results": judgement.champion_source or None,
+        "budget": {
+            "alpha": spent.alpha,
+            "decisions_before": spent.decisions,
+            "level": spent.level,
+            "unspent_before": spent.unspent,
+        },
+        # What DVC saw of the champion for this run: the champion stage keeps it while
+        # the champion is still `champion_version`, so this decision reruns nothing.
+        "champion_record": champion_record.read(paths.champion),
+    }
     write_json(paths.gate, report)
     folder = Path(paths.eval_plots)
-    for written in card.write(folder, card.Facts(
-            registered_model=name, version=version_id, run_id=run["run_id"],
-            params=training_run.data.params, tags=trained_tags, scores=scores, shift=shift,
-            champion_corrupted=champion_accuracy, budget=spent,
+    for written in card.write(
+        folder,
+        card.Facts(
+            registered_model=name,
+            version=version_id,
+            run_id=run["run_id"],
+            params=training_run.data.params,
+            tags=trained_tags,
+            scores=scores,
+            shift=shift,
+            champion_corrupted=champion_accuracy,
+            budget=spent,
             served_bytes=training_run.data.metrics.get("onnx_bytes"),
-            test_sha256=test.sha256(), verdict=decided,
-            champion_before=champion_before, champion_after=champion_after,
-            pictures={"Confusion matrix (test set)": folder / CONFUSION_PNG,
-                      "Recall per class (test set)": folder / CLASS_RECALL_PNG,
-                      "Accuracy per corruption": folder / CORRUPTION_PNG,
-                      "Reliability diagram": folder / RELIABILITY_PNG})):
+            test_sha256=test.sha256(),
+            verdict=decided,
+            champion_before=champion_before,
+            champion_after=champion_after,
+            pictures={
+                "Confusion matrix (test set)": folder / CONFUSION_PNG,
+                "Recall per class (test set)": folder / CLASS_RECALL_PNG,
+                "Accuracy per corruption": folder / CORRUPTION_PNG,
+                "Reliability diagram": folder / RELIABILITY_PNG,
+            },
+        ),
+    ):
         runs.log_artifact(written, "evaluation", run_id=run["run_id"])
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "gate.json"
         write_json(copy, report)
         runs.log_artifact(copy, "evaluation", run_id=run["run_id"])
-    runs.set_tags({"gate.passed": str(verdict.passed).lower(),
-                   "registered_version": version_id}, run_id=run["run_id"])
+    runs.set_tags(
+        {"gate.passed": str(verdict.passed).lower(), "registered_version": version_id},
+        run_id=run["run_id"],
+    )
     line = gate.summary_line(verdict, version_id, champion_before)
-    return Decision(verdict=verdict, version=version_id, champion_before=champion_before,
-                    champion_after=champion_after, scores=scores, shift=shift,
-                    shift_seconds=shift_seconds, line=line)
+    return Decision(
+        verdict=verdict,
+        version=version_id,
+        champion_before=champion_before,
+        champion_after=champion_after,
+        scores=scores,
+        shift=shift,
+        shift_seconds=shift_seconds,
+        line=line,
+    )
 
 
 # --- the team's gate service -----------------------------------------------------------------
@@ -404,6 +581,7 @@ def evaluate(paths: PathsConfig, eval_cfg: EvaluateConfig, gate_cfg: GateConfig,
 # Members' evaluations register their version and wait; the service (team/gate_service.py)
 # re-scores each new version on its own copy of the test data (`rescore`), decides with the
 # same rules (`judge`) and writes its verdict on the version as one tag, last.
+
 
 def gate_service_wait() -> float | None:
     """Seconds to wait for the team's gate service (`GATE_SERVICE_ENV`), or None: decide
@@ -416,9 +594,11 @@ def gate_service_wait() -> float | None:
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise PromotionError(f"{GATE_SERVICE_ENV}={text!r}: expected the seconds to wait for "
-                             "the team's gate service (a number > 0), or unset it to decide "
-                             "in this checkout")
+        raise PromotionError(
+            f"{GATE_SERVICE_ENV}={text!r}: expected the seconds to wait for "
+            "the team's gate service (a number > 0), or unset it to decide "
+            "in this checkout"
+        )
     return seconds
 
 
@@ -435,20 +615,30 @@ def await_verdict(name: str, version: str, wait_s: float, poll_s: float = 1.0) -
                 f"the team's gate service gave no verdict on {name} version {version} within "
                 f"{wait_s:.0f} s; it stays registered, undecided. Check the service "
                 "(python -m mnist_pipeline.team status), then run the evaluate stage again to "
-                f"wait again, or raise {GATE_SERVICE_ENV}")
+                f"wait again, or raise {GATE_SERVICE_ENV}"
+            )
         time.sleep(poll_s)
 
 
 def verdict_tag(judgement: Judgement, *, scored: dict[str, Any]) -> str:
     """The service's verdict as one version tag (under the registry's 5,000 characters)."""
     spent = judgement.budget
-    return history.encode({
-        **judgement.decided, "champion_before": judgement.champion_before,
-        "champion_after": judgement.champion_after,
-        "champion_source": judgement.champion_source,
-        "budget": {"alpha": spent.alpha, "decisions": spent.decisions, "level": spent.level,
-                   "levels": list(spent.levels)},
-        "scored": scored, "decided": history.context()})
+    return history.encode(
+        {
+            **judgement.decided,
+            "champion_before": judgement.champion_before,
+            "champion_after": judgement.champion_after,
+            "champion_source": judgement.champion_source,
+            "budget": {
+                "alpha": spent.alpha,
+                "decisions": spent.decisions,
+                "level": spent.level,
+                "levels": list(spent.levels),
+            },
+            "scored": scored,
+            "decided": history.context(),
+        }
+    )
 
 
 def verdict_from_tag(text: str, where: str) -> Judgement:
@@ -456,21 +646,39 @@ def verdict_from_tag(text: str, where: str) -> Judgement:
         saved = json.loads(text)
         budget = saved["budget"]
         verdict = gate.Verdict(
-            passed=bool(saved["passed"]), p_value=saved.get("p_value"), reason=saved["reason"],
-            level=saved.get("level"), decision=saved.get("decision"),
-            rules=[gate.Rule(name=r["name"], passed=r["passed"], value=r["value"],
-                             threshold=r["threshold"], detail=r.get("detail", ""))
-                   for r in saved["rules"]])
-        spent = reuse.Budget(alpha=float(budget["alpha"]), decisions=int(budget["decisions"]),
-                             level=float(budget["level"]),
-                             levels=tuple(float(v) for v in budget["levels"]))
+            passed=bool(saved["passed"]),
+            p_value=saved.get("p_value"),
+            reason=saved["reason"],
+            level=saved.get("level"),
+            decision=saved.get("decision"),
+            rules=[
+                gate.Rule(
+                    name=r["name"],
+                    passed=r["passed"],
+                    value=r["value"],
+                    threshold=r["threshold"],
+                    detail=r.get("detail", ""),
+                )
+                for r in saved["rules"]
+            ],
+        )
+        spent = reuse.Budget(
+            alpha=float(budget["alpha"]),
+            decisions=int(budget["decisions"]),
+            level=float(budget["level"]),
+            levels=tuple(float(v) for v in budget["levels"]),
+        )
     except (ValueError, KeyError, TypeError) as err:
-        raise PromotionError(f"{where}: not a verdict the gate service writes ({err!r})") \
-            from None
-    return Judgement(verdict=verdict, champion_before=saved.get("champion_before"),
-                     champion_after=saved.get("champion_after"), champion_corrupted=None,
-                     champion_source=saved.get("champion_source") or "", budget=spent,
-                     decided=verdict.to_dict())
+        raise PromotionError(f"{where}: not a verdict the gate service writes ({err!r})") from None
+    return Judgement(
+        verdict=verdict,
+        champion_before=saved.get("champion_before"),
+        champion_after=saved.get("champion_after"),
+        champion_corrupted=None,
+        champion_source=saved.get("champion_source") or "",
+        budget=spent,
+        decided=verdict.to_dict(),
+    )
 
 
 @dataclass
@@ -480,9 +688,17 @@ class Rescored:
     shift: Shift
 
 
-def rescore(name: str, number: str, test: Split, corrupted: suite.Suite,
-            eval_cfg: EvaluateConfig, gate_cfg: GateConfig, lock_url: str | None,
-            records: Path, on_scored: Any = None) -> Rescored:
+def rescore(
+    name: str,
+    number: str,
+    test: Split,
+    corrupted: suite.Suite,
+    eval_cfg: EvaluateConfig,
+    gate_cfg: GateConfig,
+    lock_url: str | None,
+    records: Path,
+    on_scored: Any = None,
+) -> Rescored:
     """The gate service's decision on version `number` of `name`: score the registered model
     itself (never the metrics its run reports) on `test` and `corrupted`, check its served
     export, then decide and record under the promotion lock. The verdict tag is written
@@ -496,8 +712,7 @@ def rescore(name: str, number: str, test: Split, corrupted: suite.Suite,
         digest = tree_sha256(folder)
         model = logged_models.keras_in(folder, uri)
         saved = logged_models.calibration_in(folder)
-    fitted = dataclasses.replace(calibration.IDENTITY, **saved) if saved else \
-        calibration.IDENTITY
+    fitted = dataclasses.replace(calibration.IDENTITY, **saved) if saved else calibration.IDENTITY
     probabilities, scores = measure(model, test, eval_cfg)
     shift = measure_shift(model, probabilities, corrupted, fitted, eval_cfg)
     parity = served_parity(uri, test, calibration.scale(probabilities, fitted.temperature))
@@ -505,18 +720,33 @@ def rescore(name: str, number: str, test: Split, corrupted: suite.Suite,
     trained_test = None
     if run_id:
         try:
-            trained_test = runs.run_info(run_id, named_in=f"{name} version {number}") \
-                .data.tags.get("data.test_sha256")
+            trained_test = runs.run_info(run_id, named_in=f"{name} version {number}").data.tags.get(
+                "data.test_sha256"
+            )
         except PipelineError:
             trained_test = None
     candidate = gate.Candidate(
-        accuracy=scores.accuracy, loss=scores.loss, class_recall=list(scores.recall),
-        n_test=len(test), test_sha256=test.sha256(), trained_test_sha256=trained_test,
-        correct=scores.correct, parity=parity, ece=shift.clean.ece,
-        corrupted_correct=shift.correct, suite_sha256=shift.suite_sha256)
-    write_npz(records / f"{number}.npz", {
-        "corrupted_correct": shift.correct, "corruptions": np.array(shift.names, dtype=str),
-        "suite_sha256": np.array(shift.suite_sha256)}, compress=True)
+        accuracy=scores.accuracy,
+        loss=scores.loss,
+        class_recall=list(scores.recall),
+        n_test=len(test),
+        test_sha256=test.sha256(),
+        trained_test_sha256=trained_test,
+        correct=scores.correct,
+        parity=parity,
+        ece=shift.clean.ece,
+        corrupted_correct=shift.correct,
+        suite_sha256=shift.suite_sha256,
+    )
+    write_npz(
+        records / f"{number}.npz",
+        {
+            "corrupted_correct": shift.correct,
+            "corruptions": np.array(shift.names, dtype=str),
+            "suite_sha256": np.array(shift.suite_sha256),
+        },
+        compress=True,
+    )
     if on_scored is not None:
         on_scored(scores, shift)
 
@@ -524,39 +754,90 @@ def rescore(name: str, number: str, test: Split, corrupted: suite.Suite,
         return corrupted_in(records / f"{champion}.npz", suite_sha256, names)
 
     with locks.held("registry", lock_url) as lock:
-        judgement = judge(name, version, candidate, scores, shift, fitted, test, corrupted,
-                          eval_cfg, gate_cfg, lock, run_id=run_id, records=recorded,
-                          tags={DIGEST_TAG: digest,
-                                # What it was scored on (rollback checks it), not the claim.
-                                "data.test_sha256": test.sha256()})
-        registry.set_version_tags(name, number, {VERDICT_TAG: verdict_tag(judgement, scored={
-            "test_accuracy": scores.accuracy, "corrupted_mean_accuracy": shift.mean_accuracy,
-            "test_ece": shift.clean.ece, "test_sha256": test.sha256(),
-            "suite_sha256": shift.suite_sha256, "model_tree_sha256": digest})})
+        judgement = judge(
+            name,
+            version,
+            candidate,
+            scores,
+            shift,
+            fitted,
+            test,
+            corrupted,
+            eval_cfg,
+            gate_cfg,
+            lock,
+            run_id=run_id,
+            records=recorded,
+            tags={
+                DIGEST_TAG: digest,
+                # What it was scored on (rollback checks it), not the claim.
+                "data.test_sha256": test.sha256(),
+            },
+        )
+        registry.set_version_tags(
+            name,
+            number,
+            {
+                VERDICT_TAG: verdict_tag(
+                    judgement,
+                    scored={
+                        "test_accuracy": scores.accuracy,
+                        "corrupted_mean_accuracy": shift.mean_accuracy,
+                        "test_ece": shift.clean.ece,
+                        "test_sha256": test.sha256(),
+                        "suite_sha256": shift.suite_sha256,
+                        "model_tree_sha256": digest,
+                    },
+                )
+            },
+        )
     return Rescored(judgement=judgement, scores=scores, shift=shift)
 
 
-def refuse(name: str, number: str, reason: str, test: Split, gate_cfg: GateConfig,
-           lock_url: str | None) -> Judgement:
+def refuse(
+    name: str, number: str, reason: str, test: Split, gate_cfg: GateConfig, lock_url: str | None
+) -> Judgement:
     """The gate service's verdict on a version it cannot score (no model it can load): a
     rejection saying why, recorded as any other."""
     with locks.held("registry", lock_url):
         version = registry.version(name, number)
         run_id = (version.tags.get("run_id") or version.run_id or "") if version else ""
-        spent = reuse.budget(reuse.decisions_on(history.entries(name), test.sha256()),
-                             gate_cfg.alpha)
+        spent = reuse.budget(
+            reuse.decisions_on(history.entries(name), test.sha256()), gate_cfg.alpha
+        )
         current = registry.champion(name)
         before = str(current.version) if current else None
-        verdict = gate.Verdict(passed=False, p_value=None, reason=reason, rules=[
-            gate.Rule(name="scored", passed=False, value=None, threshold=None, detail=reason)])
+        verdict = gate.Verdict(
+            passed=False,
+            p_value=None,
+            reason=reason,
+            rules=[
+                gate.Rule(name="scored", passed=False, value=None, threshold=None, detail=reason)
+            ],
+        )
         decided = verdict.to_dict()
-        registry.set_version_tags(name, number, {"gate.passed": "false",
-                                                 "gate.reason": reason[:4000]})
-        history.append(name, history.gate_entry(
-            decided, candidate=number, champion_before=before, champion_after=before,
-            run_id=run_id, test_sha256=test.sha256()))
-        judgement = Judgement(verdict=verdict, champion_before=before, champion_after=before,
-                              champion_corrupted=None, champion_source="", budget=spent,
-                              decided=decided)
+        registry.set_version_tags(
+            name, number, {"gate.passed": "false", "gate.reason": reason[:4000]}
+        )
+        history.append(
+            name,
+            history.gate_entry(
+                decided,
+                candidate=number,
+                champion_before=before,
+                champion_after=before,
+                run_id=run_id,
+                test_sha256=test.sha256(),
+            ),
+        )
+        judgement = Judgement(
+            verdict=verdict,
+            champion_before=before,
+            champion_after=before,
+            champion_corrupted=None,
+            champion_source="",
+            budget=spent,
+            decided=decided,
+        )
         registry.set_version_tags(name, number, {VERDICT_TAG: verdict_tag(judgement, scored={})})
     return judgement

@@ -36,9 +36,9 @@ def gamma(i: int) -> float:
 class Budget:
     """Where the sequence of decisions on one test set stands."""
 
-    alpha: float           # the familywise false-promotion rate held over every decision
-    decisions: int         # comparisons with a champion already made on this test set
-    level: float           # the significance level the next decision is tested at
+    alpha: float  # the familywise false-promotion rate held over every decision
+    decisions: int  # comparisons with a champion already made on this test set
+    level: float  # the significance level the next decision is tested at
     levels: tuple[float, ...]  # the level each past decision was tested at, in order
 
     @property
@@ -47,9 +47,11 @@ class Budget:
         return self.alpha / (self.decisions + 1)
 
     def describe(self) -> str:
-        return (f"{self.decisions} decision{'s' if self.decisions != 1 else ''} on this test "
-                f"set; the next is tested at {self.level:.3g} (alpha {self.alpha:g} over the "
-                f"sequence, {self.unspent:.3g} unspent)")
+        return (
+            f"{self.decisions} decision{'s' if self.decisions != 1 else ''} on this test "
+            f"set; the next is tested at {self.level:.3g} (alpha {self.alpha:g} over the "
+            f"sequence, {self.unspent:.3g} unspent)"
+        )
 
 
 def budget(promoted: Iterable[bool], alpha: float) -> Budget:
@@ -62,8 +64,9 @@ def budget(promoted: Iterable[bool], alpha: float) -> Budget:
         levels.append(alpha * gamma(i) + carried)
         carried = levels[-1] if won else 0.0
     count = len(levels)
-    return Budget(alpha=alpha, decisions=count, level=alpha * gamma(count + 1) + carried,
-                  levels=tuple(levels))
+    return Budget(
+        alpha=alpha, decisions=count, level=alpha * gamma(count + 1) + carried, levels=tuple(levels)
+    )
 
 
 def decisions_on(entries: Iterable[Mapping[str, Any]], test_sha256: str) -> list[bool]:

@@ -26,8 +26,9 @@ DVC_TIMEOUT_S = 300
 GATE_FILE = "gate.json"  # dvc.yaml's ${paths.gate}, read from params.yaml when it is there
 
 
-def report(root: str | os.PathLike[str], *, against: str = "main",
-           experiment: str | None = None) -> str:
+def report(
+    root: str | os.PathLike[str], *, against: str = "main", experiment: str | None = None
+) -> str:
     """The Markdown report for the workspace at `root` (or `experiment`) against `against`."""
     root = Path(root)
     revs = [against, *([experiment] if experiment else [])]
@@ -38,25 +39,30 @@ def report(root: str | os.PathLike[str], *, against: str = "main",
     lines = [f"## Review: {subject} against `{against}`", ""]
     lines += _params_section(params)
     lines += _metrics_section(metrics, gate_path)
-    lines += _gate_section(_gate(root, gate_path, against), _gate(root, gate_path, experiment),
-                           against, subject)
+    lines += _gate_section(
+        _gate(root, gate_path, against), _gate(root, gate_path, experiment), against, subject
+    )
     lines += _plots_section(root, against, experiment)
     return "\n".join(lines).rstrip() + "\n"
 
 
 # --- DVC and git ---------------------------------------------------------------------------
 
+
 def _dvc(root: Path, *args: str) -> dict[str, Any]:
     command = [sys.executable, "-m", "dvc", *args, "--json"]
     try:
-        done = subprocess.run(command, cwd=root, capture_output=True, text=True,
-                              timeout=DVC_TIMEOUT_S)
+        done = subprocess.run(
+            command, cwd=root, capture_output=True, text=True, timeout=DVC_TIMEOUT_S
+        )
     except (OSError, subprocess.TimeoutExpired) as err:
         raise ReviewError(f"dvc {' '.join(args)}: {err}") from None
     if done.returncode != 0:
         why = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ReviewError(f"dvc {' '.join(args)} failed in {root}: {why} (is the revision or "
-                          "experiment name right? see: dvc exp list)")
+        raise ReviewError(
+            f"dvc {' '.join(args)} failed in {root}: {why} (is the revision or "
+            "experiment name right? see: dvc exp list)"
+        )
     try:
         return json.loads(done.stdout or "{}")
     except ValueError:
@@ -89,9 +95,13 @@ def _gate(root: Path, path: str, rev: str | None) -> dict[str, Any] | None:
 
 # --- sections ------------------------------------------------------------------------------
 
+
 def _params_section(diff: dict[str, Any]) -> list[str]:
-    rows = [(f"`{name}`", _plain(change.get("old")), _plain(change.get("new")))
-            for changes in diff.values() for name, change in sorted(changes.items())]
+    rows = [
+        (f"`{name}`", _plain(change.get("old")), _plain(change.get("new")))
+        for changes in diff.values()
+        for name, change in sorted(changes.items())
+    ]
     out = ["### Params that changed", ""]
     if not rows:
         return out + ["None.", ""]
@@ -113,8 +123,13 @@ def _metrics_section(diff: dict[str, Any], gate_path: str) -> list[str]:
                 unchanged[file] = unchanged.get(file, 0) + 1
                 continue
             delta = new - old if _number(old) and _number(new) else None
-            row = (f"`{name}`", _fmt(old), _fmt(new), "" if delta is None else f"{delta:+.4f}",
-                   file)
+            row = (
+                f"`{name}`",
+                _fmt(old),
+                _fmt(new),
+                "" if delta is None else f"{delta:+.4f}",
+                file,
+            )
             (nested if "." in name else headline).append(row)
     out = ["### Metrics", ""]
     if not (headline or nested or unchanged):
@@ -123,16 +138,20 @@ def _metrics_section(diff: dict[str, Any], gate_path: str) -> list[str]:
     if headline:
         out += _table(header, headline)
     if nested:
-        out += [f"<details><summary>{len(nested)} more changed metrics (per class, ...)"
-                "</summary>", "", *_table(header, nested), "</details>", ""]
+        out += [
+            f"<details><summary>{len(nested)} more changed metrics (per class, ...)</summary>",
+            "",
+            *_table(header, nested),
+            "</details>",
+            "",
+        ]
     if unchanged:
         counts = ", ".join(f"{count} in `{file}`" for file, count in unchanged.items())
         out += [f"Unchanged: {counts}.", ""]
     return out
 
 
-def _gate_section(before: dict | None, after: dict | None, against: str,
-                  subject: str) -> list[str]:
+def _gate_section(before: dict | None, after: dict | None, against: str, subject: str) -> list[str]:
     out = ["### Gate verdict", ""]
     for label, gate in ((subject[0].upper() + subject[1:], after), (f"`{against}`", before)):
         if gate is None:
@@ -140,9 +159,10 @@ def _gate_section(before: dict | None, after: dict | None, against: str,
             continue
         verdict = "PASSED" if gate.get("passed") else "REJECTED"
         candidate, champion = gate.get("candidate_version"), gate.get("champion_version")
-        out.append(f"- {label}: **{verdict}**{f' v{candidate}' if candidate else ''}: "
-                   f"{gate.get('reason')}"
-                   + (f" (champion after: v{champion})" if champion else ""))
+        out.append(
+            f"- {label}: **{verdict}**{f' v{candidate}' if candidate else ''}: "
+            f"{gate.get('reason')}" + (f" (champion after: v{champion})" if champion else "")
+        )
     failed = [r for r in (after or {}).get("rules", []) if not r.get("passed")]
     if failed:
         out += ["", "Rules that failed:", ""]
@@ -152,8 +172,11 @@ def _gate_section(before: dict | None, after: dict | None, against: str,
 
 def _plots_section(root: Path, against: str, experiment: str | None) -> list[str]:
     files = _plot_files(root)
-    where = (f"in experiment `{experiment}` (`dvc exp apply {experiment}` brings them here)"
-             if experiment else "in the workspace")
+    where = (
+        f"in experiment `{experiment}` (`dvc exp apply {experiment}` brings them here)"
+        if experiment
+        else "in the workspace"
+    )
     revs = " ".join([against, *([experiment] if experiment else [])])
     out = ["### Plots", "", f"Written by the pipeline {where}:", ""]
     out += [f"- `{path}`" for path in files] or ["- (none declared in dvc.yaml)"]
@@ -169,7 +192,7 @@ def _plot_files(root: Path) -> list[str]:
     files: list[str] = []
     for entry in spec.get("plots") or []:
         found = [entry] if isinstance(entry, str) else []
-        for key, plot in (entry.items() if isinstance(entry, dict) else ()):
+        for key, plot in entry.items() if isinstance(entry, dict) else ():
             # `title: {y: {file: columns}}` names its files under y; else the key is the file.
             ys = plot.get("y") if isinstance(plot, dict) else None
             found += list(ys) if isinstance(ys, dict) else [key]
@@ -182,8 +205,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def _number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _plain(value: Any) -> str:

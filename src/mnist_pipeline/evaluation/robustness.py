@@ -29,7 +29,7 @@ class Confidence:
     brier: float
     ece_raw: float
     ece: float
-    coverage: float            # share answered (calibrated confidence >= threshold)
+    coverage: float  # share answered (calibrated confidence >= threshold)
     selective_accuracy: float  # accuracy on the answered ones
     reliability_raw: Reliability
     reliability: Reliability
@@ -40,18 +40,30 @@ class Confidence:
         coverage, selective = calibration.selective(scaled, labels, fitted.threshold)
         before = calibration.reliability(raw, labels)
         after = calibration.reliability(scaled, labels)
-        return cls(nll_raw=calibration.nll(raw, labels), nll=calibration.nll(scaled, labels),
-                   brier_raw=calibration.brier(raw, labels),
-                   brier=calibration.brier(scaled, labels), ece_raw=before.ece(),
-                   ece=after.ece(), coverage=coverage, selective_accuracy=selective,
-                   reliability_raw=before, reliability=after)
+        return cls(
+            nll_raw=calibration.nll(raw, labels),
+            nll=calibration.nll(scaled, labels),
+            brier_raw=calibration.brier(raw, labels),
+            brier=calibration.brier(scaled, labels),
+            ece_raw=before.ece(),
+            ece=after.ece(),
+            coverage=coverage,
+            selective_accuracy=selective,
+            reliability_raw=before,
+            reliability=after,
+        )
 
     def to_dict(self) -> dict[str, float]:
-        return {"nll": rounded(self.nll), "nll_uncalibrated": rounded(self.nll_raw),
-                "brier": rounded(self.brier), "brier_uncalibrated": rounded(self.brier_raw),
-                "ece": rounded(self.ece), "ece_uncalibrated": rounded(self.ece_raw),
-                "coverage": rounded(self.coverage),
-                "selective_accuracy": rounded(self.selective_accuracy)}
+        return {
+            "nll": rounded(self.nll),
+            "nll_uncalibrated": rounded(self.nll_raw),
+            "brier": rounded(self.brier),
+            "brier_uncalibrated": rounded(self.brier_raw),
+            "ece": rounded(self.ece),
+            "ece_uncalibrated": rounded(self.ece_raw),
+            "coverage": rounded(self.coverage),
+            "selective_accuracy": rounded(self.selective_accuracy),
+        }
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,34 +71,49 @@ class Shift:
     """A model's results on the corrupted suite, and its confidence on clean and corrupted
     images."""
 
-    names: list[str]            # the corruptions, in the suite's order
-    correct: np.ndarray         # (corruptions, N) bool
+    names: list[str]  # the corruptions, in the suite's order
+    correct: np.ndarray  # (corruptions, N) bool
     suite_sha256: str
     calibration: Calibration
     clean: Confidence
-    corrupted: Confidence       # all corrupted images pooled
+    corrupted: Confidence  # all corrupted images pooled
 
     @classmethod
-    def measure(cls, clean_raw: np.ndarray, corrupted_raw: np.ndarray, labels: np.ndarray,
-                names: list[str], suite_sha256: str, fitted: Calibration) -> Shift:
+    def measure(
+        cls,
+        clean_raw: np.ndarray,
+        corrupted_raw: np.ndarray,
+        labels: np.ndarray,
+        names: list[str],
+        suite_sha256: str,
+        fitted: Calibration,
+    ) -> Shift:
         """`clean_raw` (N, 10) and `corrupted_raw` (corruptions, N, 10) raw probabilities."""
         corrupted_raw = np.asarray(corrupted_raw)
         if corrupted_raw.shape != (len(names), *np.shape(clean_raw)):
-            raise ValueError(f"corrupted outputs: got shape {corrupted_raw.shape}, expected "
-                             f"({len(names)}, *{np.shape(clean_raw)}): one clean-shaped block "
-                             "per corruption")
+            raise ValueError(
+                f"corrupted outputs: got shape {corrupted_raw.shape}, expected "
+                f"({len(names)}, *{np.shape(clean_raw)}): one clean-shaped block "
+                "per corruption"
+            )
         correct = corrupted_raw.argmax(axis=2) == np.asarray(labels)[None, :]
         pooled = corrupted_raw.reshape(-1, corrupted_raw.shape[-1])
-        return cls(names=list(names), correct=correct, suite_sha256=suite_sha256,
-                   calibration=fitted,
-                   clean=Confidence.measure(clean_raw, labels, fitted),
-                   corrupted=Confidence.measure(pooled, np.tile(labels, len(names)), fitted))
+        return cls(
+            names=list(names),
+            correct=correct,
+            suite_sha256=suite_sha256,
+            calibration=fitted,
+            clean=Confidence.measure(clean_raw, labels, fitted),
+            corrupted=Confidence.measure(pooled, np.tile(labels, len(names)), fitted),
+        )
 
     @property
     def accuracy(self) -> dict[str, float]:
         """Accuracy per corruption."""
-        return {name: float(self.correct[i].mean()) if self.correct.shape[1] else math.nan
-                for i, name in enumerate(self.names)}
+        return {
+            name: float(self.correct[i].mean()) if self.correct.shape[1] else math.nan
+            for i, name in enumerate(self.names)
+        }
 
     @property
     def mean_accuracy(self) -> float:
@@ -114,10 +141,12 @@ class Shift:
 
     def flat_metrics(self) -> dict[str, float]:
         """The same as MLflow metrics (numbers only, flat names)."""
-        out = {"corrupted_mean_accuracy": self.mean_accuracy,
-               "corrupted_worst_accuracy": self.worst[1],
-               "calibration_temperature": self.calibration.temperature,
-               "abstain_threshold": self.calibration.threshold}
+        out = {
+            "corrupted_mean_accuracy": self.mean_accuracy,
+            "corrupted_worst_accuracy": self.worst[1],
+            "calibration_temperature": self.calibration.temperature,
+            "abstain_threshold": self.calibration.threshold,
+        }
         for prefix, confidence in (("test", self.clean), ("corrupted", self.corrupted)):
             out.update({f"{prefix}_{key}": value for key, value in confidence.to_dict().items()})
         out.update({f"corrupted_accuracy_{name}": value for name, value in self.accuracy.items()})

@@ -24,13 +24,13 @@ class Scores:
     accuracy: float
     loss: float
     macro_f1: float
-    precision: list[float]   # per class 0..9; 0.0 for a class never predicted
-    recall: list[float]      # per class 0..9; 0.0 for a class absent from the labels
-    f1: list[float]          # per class 0..9; 0.0 where precision + recall == 0
-    support: list[int]       # per class 0..9: how many test images have that label
-    confusion: np.ndarray    # (10, 10) int64, rows = true class, columns = predicted class
+    precision: list[float]  # per class 0..9; 0.0 for a class never predicted
+    recall: list[float]  # per class 0..9; 0.0 for a class absent from the labels
+    f1: list[float]  # per class 0..9; 0.0 where precision + recall == 0
+    support: list[int]  # per class 0..9: how many test images have that label
+    confusion: np.ndarray  # (10, 10) int64, rows = true class, columns = predicted class
     predictions: np.ndarray  # (N,) uint8 argmax of the probabilities
-    correct: np.ndarray      # (N,) bool, prediction == label
+    correct: np.ndarray  # (N,) bool, prediction == label
 
 
 def score(labels: np.ndarray, probabilities: np.ndarray) -> Scores:
@@ -46,22 +46,27 @@ def score(labels: np.ndarray, probabilities: np.ndarray) -> Scores:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels: got {labels.dtype} {labels.shape}, expected integers (N,)")
     if probabilities.shape != (labels.shape[0], NUM_CLASSES):
-        raise ValueError(f"probabilities: got shape {probabilities.shape}, expected "
-                         f"({labels.shape[0]}, {NUM_CLASSES}): one row per label, "
-                         "one column per class")
+        raise ValueError(
+            f"probabilities: got shape {probabilities.shape}, expected "
+            f"({labels.shape[0]}, {NUM_CLASSES}): one row per label, "
+            "one column per class"
+        )
     if not np.issubdtype(probabilities.dtype, np.number) or np.iscomplexobj(probabilities):
         raise ValueError(f"probabilities: got dtype {probabilities.dtype}, expected real numbers")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
-        raise ValueError(f"labels: got values in [{labels.min()}, {labels.max()}], "
-                         f"expected classes 0..{NUM_CLASSES - 1}")
+        raise ValueError(
+            f"labels: got values in [{labels.min()}, {labels.max()}], "
+            f"expected classes 0..{NUM_CLASSES - 1}"
+        )
 
     n = labels.shape[0]
     probabilities = probabilities.astype(np.float64)
     labels = labels.astype(np.int64)
     predictions = np.argmax(probabilities, axis=1).astype(np.uint8)  # NaN rows: first NaN
     correct = predictions == labels
-    confusion = np.bincount(labels * NUM_CLASSES + predictions,
-                            minlength=NUM_CLASSES * NUM_CLASSES).reshape(NUM_CLASSES, NUM_CLASSES)
+    confusion = np.bincount(
+        labels * NUM_CLASSES + predictions, minlength=NUM_CLASSES * NUM_CLASSES
+    ).reshape(NUM_CLASSES, NUM_CLASSES)
 
     true_pos = np.diag(confusion).astype(np.float64)
     support = confusion.sum(axis=1)
@@ -101,6 +106,7 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 # --- reports -------------------------------------------------------------------------------
 
+
 def metrics_dict(scores: Scores) -> dict[str, Any]:
     """Headline and per-class metrics, floats rounded to 6 digits (NaN stays NaN).
 
@@ -130,9 +136,8 @@ def write_metrics(path: str | os.PathLike[str], scores: Scores) -> dict[str, Any
     return metrics
 
 
-
-
 # --- paired comparison ---------------------------------------------------------------------
+
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, int, float]:
     """McNemar's exact test on two models' per-image correctness over the same images.
@@ -144,8 +149,10 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> tuple[int, in
     a = np.asarray(correct_a)
     b_arr = np.asarray(correct_b)
     if a.ndim != 1 or b_arr.ndim != 1 or a.shape != b_arr.shape:
-        raise ValueError(f"correct arrays: got shapes {a.shape} and {b_arr.shape}, expected two "
-                         "1-D arrays of the same length (one entry per test image)")
+        raise ValueError(
+            f"correct arrays: got shapes {a.shape} and {b_arr.shape}, expected two "
+            "1-D arrays of the same length (one entry per test image)"
+        )
     a = a.astype(bool)
     b_arr = b_arr.astype(bool)
     b = int(np.count_nonzero(a & ~b_arr))
@@ -168,7 +175,7 @@ def binomial_two_sided_half(k: int, n: int) -> float:
     for i in range(k):
         term = term * (n - i) // (i + 1)
         tail += term
-    return min(1.0, 2 * tail / 2 ** n)
+    return min(1.0, 2 * tail / 2**n)
 
 
 # --- confidence intervals ------------------------------------------------------------------
@@ -185,8 +192,10 @@ def paired_difference(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, floa
     a = np.asarray(ours, dtype=np.float64)
     b = np.asarray(theirs, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2 or a.shape[1] < 2:
-        raise ValueError(f"correctness arrays: got shapes {a.shape} and {b.shape}, expected "
-                         "the same (groups, images) shape with at least 2 images")
+        raise ValueError(
+            f"correctness arrays: got shapes {a.shape} and {b.shape}, expected "
+            "the same (groups, images) shape with at least 2 images"
+        )
     per_image = (a - b).mean(axis=0)
     return float(per_image.mean()), float(per_image.std(ddof=1) / math.sqrt(per_image.size))
 
@@ -201,8 +210,10 @@ def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float
     p = 1, which matters for per-class recalls near 1. (nan, nan) when `trials` is 0.
     """
     if trials < 0 or not 0 <= successes <= max(trials, 0):
-        raise ValueError(f"wilson_interval: got {successes} successes of {trials} trials, "
-                         "expected 0 <= successes <= trials")
+        raise ValueError(
+            f"wilson_interval: got {successes} successes of {trials} trials, "
+            "expected 0 <= successes <= trials"
+        )
     if trials == 0:
         return math.nan, math.nan
     n, p, z2 = float(trials), successes / trials, z * z

@@ -58,12 +58,14 @@ def mean_confidence(window_confidence: np.ndarray, level: float = DEFAULT_LEVEL)
     n = confidence.size
     accuracy = float(confidence.mean())
     half = z * math.sqrt(float(np.sum(confidence * (1 - confidence)))) / n
-    return Estimate("cbpe", accuracy, max(0.0, accuracy - half), min(1.0, accuracy + half),
-                    n, float(level))
+    return Estimate(
+        "cbpe", accuracy, max(0.0, accuracy - half), min(1.0, accuracy + half), n, float(level)
+    )
 
 
-def thresholded_confidence(reference: Reference, window_confidence: np.ndarray,
-                           level: float = DEFAULT_LEVEL) -> Estimate:
+def thresholded_confidence(
+    reference: Reference, window_confidence: np.ndarray, level: float = DEFAULT_LEVEL
+) -> Estimate:
     """ATC (Garg et al. 2022, "Leveraging unlabeled data to predict out-of-distribution
     performance"): the share of window confidences above the threshold t at which the
     share of reference confidences above t equals the reference accuracy.
@@ -106,8 +108,12 @@ def atc_threshold(reference: Reference) -> tuple[float, float]:
     return float(threshold), (right - above) / at
 
 
-def estimate(reference: Reference, window_confidence: np.ndarray,
-             method: str = DEFAULT_METHOD, level: float = DEFAULT_LEVEL) -> Estimate:
+def estimate(
+    reference: Reference,
+    window_confidence: np.ndarray,
+    method: str = DEFAULT_METHOD,
+    level: float = DEFAULT_LEVEL,
+) -> Estimate:
     """The window's estimated accuracy by `method`: "atc" (`thresholded_confidence`) or
     "cbpe" (`mean_confidence`, which does not need the reference)."""
     if method == "atc":
@@ -122,8 +128,10 @@ def _confidences(name: str, values: np.ndarray) -> np.ndarray:
     if values.ndim != 1 or values.size == 0:
         raise ValueError(f"{name}: got shape {values.shape}, expected a non-empty 1-D array")
     if not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
-        raise ValueError(f"{name}: got values in [{values.min()}, {values.max()}], expected "
-                         "calibrated confidences in [0, 1]")
+        raise ValueError(
+            f"{name}: got values in [{values.min()}, {values.max()}], expected "
+            "calibrated confidences in [0, 1]"
+        )
     return values
 
 

@@ -24,8 +24,15 @@ BLANK_CENTRE = (SIDE - 1) / 2
 # The smallest positive float32: a probability that underflowed to 0 still has a log.
 TINY = float(np.finfo(np.float32).tiny)
 
-INPUT_STATISTICS: tuple[str, ...] = ("ink", "mean", "contrast", "height", "width",
-                                     "row_centre", "col_centre")
+INPUT_STATISTICS: tuple[str, ...] = (
+    "ink",
+    "mean",
+    "contrast",
+    "height",
+    "width",
+    "row_centre",
+    "col_centre",
+)
 OUTPUT_STATISTICS: tuple[str, ...] = ("predicted", "confidence", "entropy")
 
 _FROM_MIDDLE = np.arange(SIDE, dtype=np.float64) - BLANK_CENTRE  # pixel coordinates
@@ -42,13 +49,15 @@ def input_statistics(images: np.ndarray) -> np.ndarray:
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (SIDE, SIDE):
-        raise ValueError(f"images: got shape {images.shape} dtype {images.dtype}, expected "
-                         f"shape (N, {SIDE}, {SIDE}) dtype uint8 (raw MNIST pixels)")
+        raise ValueError(
+            f"images: got shape {images.shape} dtype {images.dtype}, expected "
+            f"shape (N, {SIDE}, {SIDE}) dtype uint8 (raw MNIST pixels)"
+        )
     out = np.empty((images.shape[0], len(INPUT_STATISTICS)), dtype=np.float32)
     # In chunks, so the float32 copy stays in cache-sized pieces: a whole 100,000-image
     # batch at once is five times slower per image (and 300 MB more memory).
     for start in range(0, images.shape[0], CHUNK):
-        _fill(images[start:start + CHUNK], out[start:start + CHUNK])
+        _fill(images[start : start + CHUNK], out[start : start + CHUNK])
     return out
 
 
@@ -97,11 +106,15 @@ def output_statistics(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray
     """
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.ndim != 2 or probabilities.shape[1] < 2:
-        raise ValueError(f"probabilities: got shape {probabilities.shape}, expected "
-                         "(N, classes) with at least 2 classes")
+        raise ValueError(
+            f"probabilities: got shape {probabilities.shape}, expected "
+            "(N, classes) with at least 2 classes"
+        )
     if not np.isfinite(probabilities).all():
-        raise ValueError("probabilities: got NaN or infinite values, expected finite "
-                         "probabilities (softmax outputs)")
+        raise ValueError(
+            "probabilities: got NaN or infinite values, expected finite "
+            "probabilities (softmax outputs)"
+        )
     predicted = probabilities.argmax(axis=1).astype(np.int64)
     confidence = probabilities.max(axis=1).astype(np.float32)
     log_p = np.log(np.clip(probabilities, TINY, None))

@@ -30,15 +30,17 @@ ALARM_EXIT = 3  # 0: no alarm; 1: could not check (an error); 3: drift in a wind
 class Checked:
     window: Window
     drift: drift.Drift
-    estimate: estimate.Estimate       # the configured estimator's
-    cbpe: estimate.Estimate           # mean confidence, for comparison
+    estimate: estimate.Estimate  # the configured estimator's
+    cbpe: estimate.Estimate  # mean confidence, for comparison
     reference_accuracy: float
 
     @property
     def key(self) -> str:
         """What names this window in MLflow: model, version and the log ids it spans."""
-        return (f"{self.window.model}/v{self.window.version}/"
-                f"{self.window.first_id}-{self.window.last_id}")
+        return (
+            f"{self.window.model}/v{self.window.version}/"
+            f"{self.window.first_id}-{self.window.last_id}"
+        )
 
     @property
     def caveat(self) -> str:
@@ -46,17 +48,21 @@ class Checked:
         if not self.drift.alarm:
             return ""
         fired = ", ".join(name.removeprefix("input:") for name in self.drift.fired)
-        return (f"drift in {fired}: the calibration was fitted on clean digits, so under drift "
-                "the estimate is a rough guide, most often too high (a model can be "
-                "confidently wrong on inputs it never saw)")
+        return (
+            f"drift in {fired}: the calibration was fitted on clean digits, so under drift "
+            "the estimate is a rough guide, most often too high (a model can be "
+            "confidently wrong on inputs it never saw)"
+        )
 
     def line(self) -> str:
         e = self.estimate
         verdict = ("ALARM: " + ", ".join(self.drift.fired)) if self.drift.alarm else "ok"
-        return (f"v{self.window.version} requests {self.window.first_id}-"
-                f"{self.window.last_id}: estimated accuracy {e.accuracy:.3f} "
-                f"[{e.low:.3f}, {e.high:.3f}] ({e.method}; reference "
-                f"{self.reference_accuracy:.3f}), unsure {self.unsure_rate:.1%}; {verdict}")
+        return (
+            f"v{self.window.version} requests {self.window.first_id}-"
+            f"{self.window.last_id}: estimated accuracy {e.accuracy:.3f} "
+            f"[{e.low:.3f}, {e.high:.3f}] ({e.method}; reference "
+            f"{self.reference_accuracy:.3f}), unsure {self.unsure_rate:.1%}; {verdict}"
+        )
 
     @property
     def unsure_rate(self) -> float:
@@ -64,15 +70,18 @@ class Checked:
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for the window's MLflow run."""
-        out = {"estimated_accuracy": self.estimate.accuracy,
-               "estimated_accuracy_low": self.estimate.low,
-               "estimated_accuracy_high": self.estimate.high,
-               "cbpe_accuracy": self.cbpe.accuracy,
-               "reference_accuracy": self.reference_accuracy,
-               "alarm": float(self.drift.alarm), "tests_fired": float(len(self.drift.fired)),
-               "unsure_rate": self.unsure_rate,
-               "mean_confidence": float(np.mean(self.window.outputs.confidence)),
-               "requests": float(len(self.window))}
+        out = {
+            "estimated_accuracy": self.estimate.accuracy,
+            "estimated_accuracy_low": self.estimate.low,
+            "estimated_accuracy_high": self.estimate.high,
+            "cbpe_accuracy": self.cbpe.accuracy,
+            "reference_accuracy": self.reference_accuracy,
+            "alarm": float(self.drift.alarm),
+            "tests_fired": float(len(self.drift.fired)),
+            "unsure_rate": self.unsure_rate,
+            "mean_confidence": float(np.mean(self.window.outputs.confidence)),
+            "requests": float(len(self.window)),
+        }
         for test in self.drift.tests:
             name = test.name.replace(":", "_")
             out[f"p_{name}"] = test.p_value
@@ -80,34 +89,48 @@ class Checked:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "model": self.window.model, "version": self.window.version,
-                "first_id": self.window.first_id, "last_id": self.window.last_id,
-                "first_time": float(self.window.times[0]),
-                "last_time": float(self.window.times[-1]),
-                "estimate": self.estimate.as_dict(), "cbpe": self.cbpe.as_dict(),
-                "reference_accuracy": self.reference_accuracy, "caveat": self.caveat,
-                "unsure_rate": self.unsure_rate, **self.drift.as_dict()}
+        return {
+            "key": self.key,
+            "model": self.window.model,
+            "version": self.window.version,
+            "first_id": self.window.first_id,
+            "last_id": self.window.last_id,
+            "first_time": float(self.window.times[0]),
+            "last_time": float(self.window.times[-1]),
+            "estimate": self.estimate.as_dict(),
+            "cbpe": self.cbpe.as_dict(),
+            "reference_accuracy": self.reference_accuracy,
+            "caveat": self.caveat,
+            "unsure_rate": self.unsure_rate,
+            **self.drift.as_dict(),
+        }
 
 
-def check_window(window: Window, reference: drift.Reference, *, alpha: float,
-                 method: str, min_distance: float) -> Checked:
+def check_window(
+    window: Window, reference: drift.Reference, *, alpha: float, method: str, min_distance: float
+) -> Checked:
     """The drift tests and the accuracy estimate of one window."""
-    return Checked(window=window, drift=drift.compare(reference, window.outputs, alpha,
-                                                      min_distance=min_distance),
-                   estimate=estimate.estimate(reference, window.outputs.confidence, method),
-                   cbpe=estimate.mean_confidence(window.outputs.confidence),
-                   reference_accuracy=reference.accuracy)
+    return Checked(
+        window=window,
+        drift=drift.compare(reference, window.outputs, alpha, min_distance=min_distance),
+        estimate=estimate.estimate(reference, window.outputs.confidence, method),
+        cbpe=estimate.mean_confidence(window.outputs.confidence),
+        reference_accuracy=reference.accuracy,
+    )
 
 
-def newest_windows(log: RequestLog, size: int, count: int, *, model: str | None = None,
-                   version: str | None = None) -> list[Window]:
+def newest_windows(
+    log: RequestLog, size: int, count: int, *, model: str | None = None, version: str | None = None
+) -> list[Window]:
     """The newest `count` complete windows of `size` answers of one version (the version of
     the newest row unless given), oldest first; fewer if the log holds fewer."""
     if model is None or version is None:
         latest = log.latest_version()
         if latest is None:
-            raise DataError(f"request log {display(log.url)}: no answers logged yet; the "
-                            "model server logs each one it answers (make serve)")
+            raise DataError(
+                f"request log {display(log.url)}: no answers logged yet; the "
+                "model server logs each one it answers (make serve)"
+            )
         model, version = model or latest[0], version or latest[1]
     rows = log.rows(model, version, newest=size * count)
     return split(rows, size)

@@ -29,26 +29,31 @@ from ..errors import DataError, describe_error
 from .drift import Outputs
 from .features import INPUT_STATISTICS
 
-LOG_ENV = "MNIST_MONITORING_LOG"      # the log's URL; wins over params.yaml (team stack)
+LOG_ENV = "MNIST_MONITORING_LOG"  # the log's URL; wins over params.yaml (team stack)
 DEFAULT_FILE = "monitoring/requests.db"
 TABLE = "requests"
 
 _metadata = sa.MetaData()
 REQUESTS = sa.Table(
-    TABLE, _metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True,
-              autoincrement=True),
-    sa.Column("time", sa.Float, nullable=False),           # Unix seconds, when answered
+    TABLE,
+    _metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("time", sa.Float, nullable=False),  # Unix seconds, when answered
     sa.Column("model", sa.String(256), nullable=False),
     sa.Column("version", sa.String(64), nullable=False),
-    sa.Column("request", sa.BigInteger, nullable=False),   # the server process's request number
+    sa.Column("request", sa.BigInteger, nullable=False),  # the server process's request number
     sa.Column("predicted", sa.SmallInteger, nullable=False),
-    sa.Column("confidence", sa.Float, nullable=False),     # calibrated
-    sa.Column("entropy", sa.Float, nullable=False),        # nats
-    sa.Column("unsure", sa.Boolean, nullable=False),       # below the abstention threshold
+    sa.Column("confidence", sa.Float, nullable=False),  # calibrated
+    sa.Column("entropy", sa.Float, nullable=False),  # nats
+    sa.Column("unsure", sa.Boolean, nullable=False),  # below the abstention threshold
     *(sa.Column(name, sa.Float, nullable=False) for name in INPUT_STATISTICS),
-    sa.Column("image", sa.LargeBinary, nullable=True),     # 784 uint8 pixels, when sampled
-    sqlite_autoincrement=True,                              # ids never reused after trimming
+    sa.Column("image", sa.LargeBinary, nullable=True),  # 784 uint8 pixels, when sampled
+    sqlite_autoincrement=True,  # ids never reused after trimming
 )
 sa.Index("requests_by_version", REQUESTS.c.model, REQUESTS.c.version, REQUESTS.c.id)
 
@@ -73,13 +78,13 @@ def display(url: str) -> str:
 class Rows:
     """Answered images, as arrays of one length: what one append writes."""
 
-    time: np.ndarray          # float64 Unix seconds
-    request: np.ndarray       # int64
-    predicted: np.ndarray     # int64
-    confidence: np.ndarray    # float32
-    entropy: np.ndarray       # float32
-    unsure: np.ndarray        # bool
-    inputs: np.ndarray        # float32 (N, len(INPUT_STATISTICS))
+    time: np.ndarray  # float64 Unix seconds
+    request: np.ndarray  # int64
+    predicted: np.ndarray  # int64
+    confidence: np.ndarray  # float32
+    entropy: np.ndarray  # float32
+    unsure: np.ndarray  # bool
+    inputs: np.ndarray  # float32 (N, len(INPUT_STATISTICS))
     images: list[bytes | None] | None = None
 
     def __len__(self) -> int:
@@ -110,9 +115,14 @@ class Window:
 
     def take(self, index: Any) -> Window:
         """The rows `index` selects (a slice, indices or a mask), as a window."""
-        return Window(model=self.model, version=self.version, ids=self.ids[index],
-                      times=self.times[index], unsure=self.unsure[index],
-                      outputs=self.outputs.take(index))
+        return Window(
+            model=self.model,
+            version=self.version,
+            ids=self.ids[index],
+            times=self.times[index],
+            unsure=self.unsure[index],
+            outputs=self.outputs.take(index),
+        )
 
 
 class RequestLog:
@@ -123,23 +133,29 @@ class RequestLog:
         try:
             parsed = sa.engine.make_url(url)
         except sa.exc.ArgumentError:
-            raise DataError(f"request log {url!r}: not a database URL; expected "
-                            "sqlite:///path.db or postgresql://user@host:port/db") from None
+            raise DataError(
+                f"request log {url!r}: not a database URL; expected "
+                "sqlite:///path.db or postgresql://user@host:port/db"
+            ) from None
         self.sqlite = parsed.get_backend_name() == "sqlite"
         if self.sqlite:
             database = parsed.database or ""
             if not create and not Path(database).is_file():
-                raise DataError(f"request log {display(url)}: no such file; the model server "
-                                "writes it (make serve) once it has answered requests")
+                raise DataError(
+                    f"request log {display(url)}: no such file; the model server "
+                    "writes it (make serve) once it has answered requests"
+                )
             if create:
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
         elif parsed.drivername in ("postgresql", "postgres"):
             parsed = parsed.set(drivername="postgresql+psycopg")
-        self.engine = sa.create_engine(parsed, poolclass=sa.pool.NullPool if self.sqlite
-                                       else sa.pool.QueuePool, pool_pre_ping=not self.sqlite)
+        self.engine = sa.create_engine(
+            parsed,
+            poolclass=sa.pool.NullPool if self.sqlite else sa.pool.QueuePool,
+            pool_pre_ping=not self.sqlite,
+        )
         if self.sqlite:
-            sa.event.listen(self.engine, "connect",
-                            _sqlite_writer if create else _sqlite_reader)
+            sa.event.listen(self.engine, "connect", _sqlite_writer if create else _sqlite_reader)
         if create:
             _metadata.create_all(self.engine)
 
@@ -151,14 +167,33 @@ class RequestLog:
     def append(self, model: str, version: str, rows: Rows, max_rows: int) -> None:
         """Write `rows` in one transaction and keep only the newest `max_rows` rows."""
         images = rows.images or [None] * len(rows)
-        columns = [rows.time.tolist(), rows.request.tolist(), rows.predicted.tolist(),
-                   rows.confidence.tolist(), rows.entropy.tolist(), rows.unsure.tolist(),
-                   *(rows.inputs[:, i].tolist() for i in range(len(INPUT_STATISTICS)))]
-        names = ["time", "request", "predicted", "confidence", "entropy", "unsure",
-                 *INPUT_STATISTICS]
-        records = [{"model": model, "version": version, "image": image,
-                    **dict(zip(names, values, strict=True))}
-                   for image, *values in zip(images, *columns, strict=True)]
+        columns = [
+            rows.time.tolist(),
+            rows.request.tolist(),
+            rows.predicted.tolist(),
+            rows.confidence.tolist(),
+            rows.entropy.tolist(),
+            rows.unsure.tolist(),
+            *(rows.inputs[:, i].tolist() for i in range(len(INPUT_STATISTICS))),
+        ]
+        names = [
+            "time",
+            "request",
+            "predicted",
+            "confidence",
+            "entropy",
+            "unsure",
+            *INPUT_STATISTICS,
+        ]
+        records = [
+            {
+                "model": model,
+                "version": version,
+                "image": image,
+                **dict(zip(names, values, strict=True)),
+            }
+            for image, *values in zip(images, *columns, strict=True)
+        ]
         with self.engine.begin() as conn:
             conn.execute(REQUESTS.insert(), records)
             newest = conn.execute(sa.select(sa.func.max(REQUESTS.c.id))).scalar_one()
@@ -168,26 +203,38 @@ class RequestLog:
 
     def count(self) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(REQUESTS))
-                       .scalar_one())
+            return int(conn.execute(sa.select(sa.func.count()).select_from(REQUESTS)).scalar_one())
 
     def latest_version(self) -> tuple[str, str] | None:
         """(model, version) of the newest row; None for an empty log."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(REQUESTS.c.model, REQUESTS.c.version)
-                               .order_by(REQUESTS.c.id.desc()).limit(1)).first()
+            row = conn.execute(
+                sa.select(REQUESTS.c.model, REQUESTS.c.version)
+                .order_by(REQUESTS.c.id.desc())
+                .limit(1)
+            ).first()
         return (row.model, row.version) if row else None
 
-    def rows(self, model: str, version: str, *, newest: int | None = None,
-             after_id: int = 0) -> Window:
+    def rows(
+        self, model: str, version: str, *, newest: int | None = None, after_id: int = 0
+    ) -> Window:
         """Rows of one version with id > `after_id`, oldest first; only the newest `newest`."""
-        wanted = [REQUESTS.c.id, REQUESTS.c.time, REQUESTS.c.predicted, REQUESTS.c.confidence,
-                  REQUESTS.c.entropy, REQUESTS.c.unsure,
-                  *(REQUESTS.c[name] for name in INPUT_STATISTICS)]
-        query = (sa.select(*wanted)
-                 .where(REQUESTS.c.model == model, REQUESTS.c.version == version,
-                        REQUESTS.c.id > after_id)
-                 .order_by(REQUESTS.c.id.desc() if newest else REQUESTS.c.id))
+        wanted = [
+            REQUESTS.c.id,
+            REQUESTS.c.time,
+            REQUESTS.c.predicted,
+            REQUESTS.c.confidence,
+            REQUESTS.c.entropy,
+            REQUESTS.c.unsure,
+            *(REQUESTS.c[name] for name in INPUT_STATISTICS),
+        ]
+        query = (
+            sa.select(*wanted)
+            .where(
+                REQUESTS.c.model == model, REQUESTS.c.version == version, REQUESTS.c.id > after_id
+            )
+            .order_by(REQUESTS.c.id.desc() if newest else REQUESTS.c.id)
+        )
         if newest:
             query = query.limit(newest)
         with self.engine.connect() as conn:
@@ -195,22 +242,33 @@ class RequestLog:
         if newest:
             fetched.reverse()
         table = np.array([tuple(row) for row in fetched], dtype=np.float64).reshape(
-            len(fetched), len(wanted))
+            len(fetched), len(wanted)
+        )
         return Window(
-            model=model, version=version, ids=table[:, 0].astype(np.int64),
-            times=table[:, 1], unsure=table[:, 5].astype(bool),
-            outputs=Outputs(predicted=table[:, 2].astype(np.int64),
-                            confidence=table[:, 3].astype(np.float32),
-                            entropy=table[:, 4].astype(np.float32),
-                            inputs=table[:, 6:].astype(np.float32)))
+            model=model,
+            version=version,
+            ids=table[:, 0].astype(np.int64),
+            times=table[:, 1],
+            unsure=table[:, 5].astype(bool),
+            outputs=Outputs(
+                predicted=table[:, 2].astype(np.int64),
+                confidence=table[:, 3].astype(np.float32),
+                entropy=table[:, 4].astype(np.float32),
+                inputs=table[:, 6:].astype(np.float32),
+            ),
+        )
 
     def images(self, first_id: int, last_id: int) -> list[tuple[int, bytes]]:
         """The kept pixels of rows `first_id`..`last_id` (only sampled rows have them)."""
         with self.engine.connect() as conn:
-            return [(row.id, row.image) for row in conn.execute(
-                sa.select(REQUESTS.c.id, REQUESTS.c.image)
-                .where(REQUESTS.c.id.between(first_id, last_id), REQUESTS.c.image.is_not(None))
-                .order_by(REQUESTS.c.id))]
+            return [
+                (row.id, row.image)
+                for row in conn.execute(
+                    sa.select(REQUESTS.c.id, REQUESTS.c.image)
+                    .where(REQUESTS.c.id.between(first_id, last_id), REQUESTS.c.image.is_not(None))
+                    .order_by(REQUESTS.c.id)
+                )
+            ]
 
 
 def split(window: Window, size: int) -> list[Window]:
@@ -224,14 +282,14 @@ def split(window: Window, size: int) -> list[Window]:
 def _sqlite_writer(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.execute("PRAGMA journal_mode=WAL")     # readers never block the server's writes
-    cursor.execute("PRAGMA synchronous=NORMAL")   # a commit survives a killed process
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the server's writes
+    cursor.execute("PRAGMA synchronous=NORMAL")  # a commit survives a killed process
     cursor.close()
 
 
 def _sqlite_reader(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=5000")    # the file's WAL mode is the writer's
+    cursor.execute("PRAGMA busy_timeout=5000")  # the file's WAL mode is the writer's
     cursor.close()
 
 

@@ -49,7 +49,7 @@ MODEL_VERSION_ENV = "MNIST_SERVE_MODEL_VERSION"
 MAX_BODY_ENV = "MNIST_SERVE_MAX_BODY_BYTES"
 MAX_BATCH_ENV = "MNIST_SERVE_MAX_BATCH"
 MAX_WAIT_ENV = "MNIST_SERVE_MAX_WAIT_MS"
-LOG_ENV = "MNIST_SERVE_LOG"                  # the request log's URL; unset or empty: no log
+LOG_ENV = "MNIST_SERVE_LOG"  # the request log's URL; unset or empty: no log
 LOG_MAX_ROWS_ENV = "MNIST_SERVE_LOG_MAX_ROWS"
 LOG_FLUSH_ENV = "MNIST_SERVE_LOG_FLUSH_S"
 LOG_IMAGES_ENV = "MNIST_SERVE_LOG_IMAGE_SAMPLE_RATE"
@@ -57,11 +57,17 @@ PARSE_INLINE_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
 
 
 class ServingApp:
-    def __init__(self, model: OnnxDigitModel, *, name: str = "", version: str = "",
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 max_batch: int = DEFAULT_MAX_IMAGES,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S,
-                 recorder: Recorder | None = None) -> None:
+    def __init__(
+        self,
+        model: OnnxDigitModel,
+        *,
+        name: str = "",
+        version: str = "",
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_batch: int = DEFAULT_MAX_IMAGES,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        recorder: Recorder | None = None,
+    ) -> None:
         if max_body_bytes < 1:
             raise ValueError(f"max_body_bytes: got {max_body_bytes}, expected an integer >= 1")
         self.model = model
@@ -71,8 +77,11 @@ class ServingApp:
         self.requests = 0  # answered by the model (with /version's model_calls: the batching)
         # Without a recorder given: /metrics only, no request log.
         self.recorder = recorder or Recorder(
-            model=name, version=version, log_url=None,
-            metrics=ServerMetrics(model=name, version=version))
+            model=name,
+            version=version,
+            log_url=None,
+            metrics=ServerMetrics(model=name, version=version),
+        )
         self.recorder.metrics.register_model_calls(lambda: self.batcher.calls)
         self.metrics = self.recorder.metrics
         self.recorder.start()
@@ -91,11 +100,23 @@ class ServingApp:
             else:
                 await refuse(send, 405, f"{path} answers GET")
         elif path == "/version":
-            await respond(send, 200, orjson.dumps({
-                "model": self.name, "version": self.version, "runtime": "onnxruntime",
-                "requests": self.requests, "model_calls": self.batcher.calls,
-                "log": {"rows_written": self.recorder.written,
-                        "rows_dropped": self.recorder.dropped}}))
+            await respond(
+                send,
+                200,
+                orjson.dumps(
+                    {
+                        "model": self.name,
+                        "version": self.version,
+                        "runtime": "onnxruntime",
+                        "requests": self.requests,
+                        "model_calls": self.batcher.calls,
+                        "log": {
+                            "rows_written": self.recorder.written,
+                            "rows_dropped": self.recorder.dropped,
+                        },
+                    }
+                ),
+            )
         elif path == "/metrics":
             await respond(send, 200, self.metrics.render(), METRICS_TYPE)
         elif path == "/invocations":
@@ -106,12 +127,12 @@ class ServingApp:
                 status = await self.invocations(scope, receive, send)
             self.metrics.answered(status, time.perf_counter() - started)
         else:
-            await refuse(send, 404, f"no such endpoint {path!r}: POST /invocations, GET /ping, "
-                                    "GET /metrics")
+            await refuse(
+                send, 404, f"no such endpoint {path!r}: POST /invocations, GET /ping, GET /metrics"
+            )
 
     async def invocations(self, scope: Scope, receive: Receive, send: Send) -> int:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             with self.batcher.expecting():
                 body = await read_body(headers, receive, self.max_body_bytes)
@@ -124,9 +145,13 @@ class ServingApp:
         self.requests += 1
         probabilities = await self.batcher.submit(images)
         unsure = self.model.unsure(probabilities)
-        await respond(send, 200, orjson.dumps(
-            {"predictions": probabilities, "unsure": unsure},
-            option=orjson.OPT_SERIALIZE_NUMPY))
+        await respond(
+            send,
+            200,
+            orjson.dumps(
+                {"predictions": probabilities, "unsure": unsure}, option=orjson.OPT_SERIALIZE_NUMPY
+            ),
+        )
         self.recorder.record(images, probabilities, unsure)
         return 200
 
@@ -136,8 +161,9 @@ async def refuse(send: Send, status: int, reason: str) -> int:
     return status
 
 
-async def lifespan(receive: Receive, send: Send,
-                   on_shutdown: Callable[[], None] = lambda: None) -> None:
+async def lifespan(
+    receive: Receive, send: Send, on_shutdown: Callable[[], None] = lambda: None
+) -> None:
     """Nothing to start (the model was loaded when the app was made); `on_shutdown` runs
     before the server is told shutdown is complete."""
     while True:
@@ -160,19 +186,23 @@ def create() -> ServingApp:
     """The app each server process runs (uvicorn --factory), configured by the environment."""
     name, version = os.environ.get(MODEL_NAME_ENV, ""), os.environ.get(MODEL_VERSION_ENV, "")
     recorder = Recorder(
-        model=name, version=version, metrics=ServerMetrics(model=name, version=version),
+        model=name,
+        version=version,
+        metrics=ServerMetrics(model=name, version=version),
         log_url=os.environ.get(LOG_ENV) or None,
         max_rows=_int(LOG_MAX_ROWS_ENV, 1_000_000),
         flush_interval_s=_number(LOG_FLUSH_ENV, 0.5, float),
-        image_sample_rate=_number(LOG_IMAGES_ENV, 0.0, float))
+        image_sample_rate=_number(LOG_IMAGES_ENV, 0.0, float),
+    )
     return ServingApp(
-        OnnxDigitModel(os.environ[MODEL_DIR_ENV],
-                       os.environ.get(THREADS_ENV) or SERVER_THREADS),
-        name=name, version=version,
+        OnnxDigitModel(os.environ[MODEL_DIR_ENV], os.environ.get(THREADS_ENV) or SERVER_THREADS),
+        name=name,
+        version=version,
         max_body_bytes=_int(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES),
         max_batch=_int(MAX_BATCH_ENV, DEFAULT_MAX_IMAGES),
         max_wait_s=_int(MAX_WAIT_ENV, round(DEFAULT_MAX_WAIT_S * 1000)) / 1000,
-        recorder=recorder)
+        recorder=recorder,
+    )
 
 
 def _int(name: str, default: int) -> int:

@@ -22,18 +22,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-DEFAULT_MAX_IMAGES = 256     # per model call: a bigger request still runs, alone
-DEFAULT_MAX_WAIT_S = 0.002   # the longest a batch waits for a request being parsed
-POLL_S = 0.0002              # how often it looks while it waits
+DEFAULT_MAX_IMAGES = 256  # per model call: a bigger request still runs, alone
+DEFAULT_MAX_WAIT_S = 0.002  # the longest a batch waits for a request being parsed
+POLL_S = 0.0002  # how often it looks while it waits
 # Calls on this many images or fewer run on the event loop itself: a small model call costs
 # less (~0.1 ms) than handing it to the model thread and back.
 INLINE_IMAGES = 32
 
 
 class MicroBatcher:
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], *,
-                 max_images: int = DEFAULT_MAX_IMAGES,
-                 max_wait_s: float = DEFAULT_MAX_WAIT_S) -> None:
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        *,
+        max_images: int = DEFAULT_MAX_IMAGES,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+    ) -> None:
         if max_images < 1:
             raise ValueError(f"max_images: got {max_images}, expected an integer >= 1")
         if not 0 <= max_wait_s <= 1:
@@ -41,8 +45,8 @@ class MicroBatcher:
         self.predict = predict
         self.max_images = max_images
         self.max_wait_s = max_wait_s
-        self.arriving = 0          # requests being read or parsed right now
-        self.calls = 0             # model calls made (for tests and metrics)
+        self.arriving = 0  # requests being read or parsed right now
+        self.calls = 0  # model calls made (for tests and metrics)
         self._queue: asyncio.Queue | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
@@ -104,7 +108,8 @@ class MicroBatcher:
                 outputs = self.predict(images)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.predict, images)
+                    self._executor, self.predict, images
+                )
         except Exception as err:  # every waiting request gets the failure, none hangs
             for _, answer in batch:
                 if not answer.done():
@@ -113,5 +118,5 @@ class MicroBatcher:
         start = 0
         for part, answer in batch:
             if not answer.done():  # a client that went away cancelled its future
-                answer.set_result(outputs[start:start + len(part)])
+                answer.set_result(outputs[start : start + len(part)])
             start += len(part)

@@ -44,9 +44,12 @@ async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> by
     """The request body, refused with a 413 as soon as it is known to be over `limit`."""
     declared = headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise RequestRefused(413, f"request body of {int(declared)} bytes is over this "
-                                  f"server's limit of {limit} bytes: send fewer images "
-                                  "per request")
+        raise RequestRefused(
+            413,
+            f"request body of {int(declared)} bytes is over this "
+            f"server's limit of {limit} bytes: send fewer images "
+            "per request",
+        )
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -56,8 +59,11 @@ async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> by
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise RequestRefused(413, f"request body over this server's limit of {limit} "
-                                      "bytes: send fewer images per request")
+            raise RequestRefused(
+                413,
+                f"request body over this server's limit of {limit} "
+                "bytes: send fewer images per request",
+            )
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
@@ -68,16 +74,20 @@ def check(content_type: str | None, body: bytes | str) -> np.ndarray:
     if isinstance(body, str):
         body = body.encode("utf-8", "surrogatepass")
     if content_type is None or not content_type.strip():
-        raise RequestRefused(415, "no Content-Type header: send 'Content-Type: "
-                                  "application/json'")
+        raise RequestRefused(415, "no Content-Type header: send 'Content-Type: application/json'")
     media, _, parameters = content_type.partition(";")
     if media.strip().lower() != "application/json":
-        raise RequestRefused(415, f"Content-Type {media.strip()!r}: this server only supports "
-                                  "the following content types: application/json")
+        raise RequestRefused(
+            415,
+            f"Content-Type {media.strip()!r}: this server only supports "
+            "the following content types: application/json",
+        )
     charset = parameters.strip().lower()
-    if charset and charset.replace(" ", "") not in ("charset=utf-8", "charset=\"utf-8\""):
-        raise RequestRefused(415, f"Content-Type parameter {parameters.strip()!r}: this server "
-                                  "only supports UTF-8 JSON")
+    if charset and charset.replace(" ", "") not in ("charset=utf-8", 'charset="utf-8"'):
+        raise RequestRefused(
+            415,
+            f"Content-Type parameter {parameters.strip()!r}: this server only supports UTF-8 JSON",
+        )
     fast = _plain_images(body)
     if fast is not None:
         return fast
@@ -86,20 +96,26 @@ def check(content_type: str | None, body: bytes | str) -> np.ndarray:
     except RecursionError:
         raise RequestRefused(400, f"JSON nested too deeply to parse: {FORMAT}") from None
     except ValueError as err:  # not UTF-8, or not JSON
-        raise RequestRefused(400, f"the body is not valid JSON ({str(err)[:120]}): "
-                                  f"{FORMAT}") from None
+        raise RequestRefused(
+            400, f"the body is not valid JSON ({str(err)[:120]}): {FORMAT}"
+        ) from None
     if not isinstance(document, dict):
-        raise RequestRefused(400, f"expected a JSON object, got {type(document).__name__}: "
-                                  f"{FORMAT}")
+        raise RequestRefused(
+            400, f"expected a JSON object, got {type(document).__name__}: {FORMAT}"
+        )
     keys = [key for key in INPUT_KEYS if key in document]
     extra = sorted(set(document) - {*INPUT_KEYS, "params"})
     if len(keys) != 1 or extra:
-        raise RequestRefused(400, f"got keys {sorted(document)}, expected exactly one of the "
-                                  f"input fields {list(INPUT_KEYS)} (and optionally "
-                                  f"'params'): {FORMAT}")
+        raise RequestRefused(
+            400,
+            f"got keys {sorted(document)}, expected exactly one of the "
+            f"input fields {list(INPUT_KEYS)} (and optionally "
+            f"'params'): {FORMAT}",
+        )
     if document.get("params") not in (None, {}):
-        raise RequestRefused(400, "'params': this model takes no parameters; send "
-                                  "'params': {} or leave it out")
+        raise RequestRefused(
+            400, "'params': this model takes no parameters; send 'params': {} or leave it out"
+        )
     return images_of(keys[0], document[keys[0]])
 
 
@@ -120,7 +136,7 @@ def _plain_images(body: bytes) -> np.ndarray | None:
     key = next((k for k in _KEYS if body.startswith(k)), None)
     if key is None or not body.endswith(b"}"):
         return None
-    array = body[len(key):-1]
+    array = body[len(key) : -1]
     skeleton = array.translate(None, _NOT_BRACKETS)
     count = (len(skeleton) - 2) // len(_IMAGE_SKELETON)
     if count < 1 or skeleton != b"[" + _IMAGE_SKELETON * count + b"]":
@@ -136,33 +152,46 @@ def _plain_images(body: bytes) -> np.ndarray | None:
 def images_of(key: str, values: Any) -> np.ndarray:
     """`values` as uint8 images (N, 28, 28): whole numbers 0..255, nothing else."""
     if not isinstance(values, list):
-        raise RequestRefused(400, f"'{key}': expected a list of images, got "
-                                  f"{type(values).__name__}: {FORMAT}")
+        raise RequestRefused(
+            400, f"'{key}': expected a list of images, got {type(values).__name__}: {FORMAT}"
+        )
     try:
         pixels = np.asarray(values)
     except (ValueError, TypeError, OverflowError, RecursionError) as err:
-        raise RequestRefused(400, f"'{key}': not an array of numbers "
-                                  f"({str(err).splitlines()[0][:160]}): {FORMAT}") from None
+        raise RequestRefused(
+            400, f"'{key}': not an array of numbers ({str(err).splitlines()[0][:160]}): {FORMAT}"
+        ) from None
     if pixels.dtype.kind == "O":
-        raise RequestRefused(400, f"'{key}': integers too large for 64 bits, or values of "
-                                  f"mixed types: pixels must be whole numbers in 0..255")
+        raise RequestRefused(
+            400,
+            f"'{key}': integers too large for 64 bits, or values of "
+            f"mixed types: pixels must be whole numbers in 0..255",
+        )
     if pixels.dtype.kind not in "iuf":
         sample = f", such as {pixels.flat[0].item()!r}" if pixels.size else ""
-        raise RequestRefused(400, f"'{key}': pixels must be whole numbers in 0..255, got "
-                                  f"{pixels.dtype.name} values{sample}")
+        raise RequestRefused(
+            400,
+            f"'{key}': pixels must be whole numbers in 0..255, got "
+            f"{pixels.dtype.name} values{sample}",
+        )
     bad = (pixels < 0) | (pixels > 255)
     if pixels.dtype.kind == "f":
         bad |= ~np.isfinite(pixels) | (pixels != np.floor(pixels))
     if bad.any():
         where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise RequestRefused(400, f"'{key}': pixels must be whole numbers in 0..255 (uint8), "
-                                  f"got {pixels[where].item()!r} at index {list(where)} "
-                                  f"({int(bad.sum())} such values)")
+        raise RequestRefused(
+            400,
+            f"'{key}': pixels must be whole numbers in 0..255 (uint8), "
+            f"got {pixels[where].item()!r} at index {list(where)} "
+            f"({int(bad.sum())} such values)",
+        )
     if pixels.shape[:1] == (0,):
         raise RequestRefused(400, f"'{key}': an empty batch: send at least one image")
     if pixels.ndim != 3 or pixels.shape[1:] != IMAGE_SHAPE:
-        raise RequestRefused(400, f"'{key}': shape {pixels.shape} does not match expected shape "
-                                  f"(-1, 28, 28): {FORMAT}")
+        raise RequestRefused(
+            400,
+            f"'{key}': shape {pixels.shape} does not match expected shape (-1, 28, 28): {FORMAT}",
+        )
     return pixels.astype(np.uint8)
 
 
@@ -172,9 +201,17 @@ def error(status: int, reason: str) -> bytes:
     return json.dumps({"error_code": code, "message": reason}).encode()
 
 
-async def respond(send: Send, status: int, payload: bytes,
-                  content_type: str = "application/json") -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type.encode()),
-                            (b"content-length", str(len(payload)).encode())]})
+async def respond(
+    send: Send, status: int, payload: bytes, content_type: str = "application/json"
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -58,8 +58,10 @@ def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
-                    raise ImageError(f"{path}: {image.width}x{image.height} pixels is too large "
-                                     f"(at most {MAX_PIXELS:,})")
+                    raise ImageError(
+                        f"{path}: {image.width}x{image.height} pixels is too large "
+                        f"(at most {MAX_PIXELS:,})"
+                    )
                 image = ImageOps.exif_transpose(image)
                 image.load()
                 return flatten(image)
@@ -69,10 +71,19 @@ def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise ImageError(f"{path}: is a directory") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
-            Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"{path}: not a readable image ({err.__class__.__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else 'no detail'})") from None
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
+        raise ImageError(
+            f"{path}: not a readable image ({err.__class__.__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'})"
+        ) from None
 
 
 def flatten(image: Image.Image) -> np.ndarray:
@@ -134,8 +145,9 @@ def _ink(image: np.ndarray) -> np.ndarray:
     background = float(np.median(image))
     low, high = float(image.min()), float(image.max())
     if high - low < MIN_CONTRAST:
-        raise ImageError(f"no digit found (the picture is blank: contrast {high - low:.0f} "
-                         f"of 255 levels)")
+        raise ImageError(
+            f"no digit found (the picture is blank: contrast {high - low:.0f} of 255 levels)"
+        )
     if background > (low + high) / 2:  # dark ink on light paper
         image, background, high = 255.0 - image, 255.0 - background, 255.0 - low
     return np.clip((image - background) / (high - background), 0.0, 1.0)
@@ -190,5 +202,5 @@ def _centre(digit: np.ndarray) -> np.ndarray:
     top = int(np.clip(round(CENTRE - com_row), 0, SIZE - height))
     left = int(np.clip(round(CENTRE - com_col), 0, SIZE - width))
     field = np.zeros((SIZE, SIZE), dtype=np.float32)
-    field[top:top + height, left:left + width] = digit
+    field[top : top + height, left : left + width] = digit
     return np.round(field * 255.0).astype(np.uint8)

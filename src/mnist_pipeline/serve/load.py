@@ -23,7 +23,7 @@ from pathlib import Path
 class Result:
     latencies_s: list[float] = field(default_factory=list)
     statuses: Counter = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)   # first few non-200 answers or failures
+    errors: list[str] = field(default_factory=list)  # first few non-200 answers or failures
     wall_s: float = 0.0
 
     @property
@@ -37,8 +37,12 @@ class Result:
     def quantile_ms(self, q: float) -> float:
         if len(self.latencies_s) < 2:
             return 1000 * (self.latencies_s[0] if self.latencies_s else float("nan"))
-        return 1000 * statistics.quantiles(self.latencies_s, n=1000, method="inclusive")[
-            min(999, max(0, round(q * 1000) - 1))]
+        return (
+            1000
+            * statistics.quantiles(self.latencies_s, n=1000, method="inclusive")[
+                min(999, max(0, round(q * 1000) - 1))
+            ]
+        )
 
     def per_s(self) -> float:
         return self.count / self.wall_s if self.wall_s else float("nan")
@@ -57,8 +61,9 @@ class Client:
         headers = {"Content-Type": "application/json"} if headers is None else headers
         for attempt in (0, 1):
             if self.connection is None:
-                self.connection = http.client.HTTPConnection(self.host, self.port,
-                                                             timeout=self.timeout_s)
+                self.connection = http.client.HTTPConnection(
+                    self.host, self.port, timeout=self.timeout_s
+                )
             try:
                 self.connection.request("POST", self.path, body=body, headers=headers)
                 response = self.connection.getresponse()
@@ -78,8 +83,14 @@ class Client:
             self.connection = None
 
 
-def run_clients(url: str, bodies: Sequence[bytes], requests: int, clients: int,
-                every: int = 0, on_every: Callable[[int], None] | None = None) -> Result:
+def run_clients(
+    url: str,
+    bodies: Sequence[bytes],
+    requests: int,
+    clients: int,
+    every: int = 0,
+    on_every: Callable[[int], None] | None = None,
+) -> Result:
     """`requests` POSTs of `bodies` (in turn) from `clients` threads; `on_every(done)` runs
     after each `every` completed requests (from the client that completed it)."""
     result = Result()

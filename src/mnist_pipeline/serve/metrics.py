@@ -31,8 +31,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-                   2.5)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 
 
@@ -60,11 +59,12 @@ class BulkHistogram(Collector):
         with self._lock:
             cumulative = np.cumsum(self.counts).tolist()
             total = self.total
-        buckets = [(_le(bound), count) for bound, count in zip(self.bounds.tolist(),
-                                                               cumulative, strict=False)]
+        buckets = [
+            (_le(bound), count)
+            for bound, count in zip(self.bounds.tolist(), cumulative, strict=False)
+        ]
         buckets.append(("+Inf", cumulative[-1]))
-        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
-                                    sum_value=total)
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets, sum_value=total)
 
 
 class _Read(Collector):
@@ -84,35 +84,60 @@ def _le(bound: float) -> str:
 class ServerMetrics:
     def __init__(self, *, model: str, version: str, runtime: str = "onnxruntime") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        info = Gauge("mnist_served_model_info", "The model version this server answers with",
-                     ["model", "version", "runtime"], registry=self.registry)
+        info = Gauge(
+            "mnist_served_model_info",
+            "The model version this server answers with",
+            ["model", "version", "runtime"],
+            registry=self.registry,
+        )
         info.labels(model=model, version=version, runtime=runtime).set(1)
-        self.requests = Counter("mnist_requests", "Requests answered, by HTTP status",
-                                ["status"], registry=self.registry)
-        self.latency = Histogram("mnist_request_duration_seconds",
-                                 "Time from a request's arrival to its answer (/invocations)",
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.predictions = Counter("mnist_predictions", "Images answered, by predicted digit",
-                                   ["digit"], registry=self.registry)
+        self.requests = Counter(
+            "mnist_requests",
+            "Requests answered, by HTTP status",
+            ["status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "mnist_request_duration_seconds",
+            "Time from a request's arrival to its answer (/invocations)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "mnist_predictions",
+            "Images answered, by predicted digit",
+            ["digit"],
+            registry=self.registry,
+        )
         self._by_digit = [self.predictions.labels(digit=str(d)) for d in range(10)]
-        self.abstentions = Counter("mnist_abstentions",
-                                   "Images answered below the abstention threshold (unsure)",
-                                   registry=self.registry)
-        self.confidence = BulkHistogram("mnist_prediction_confidence",
-                                        "Calibrated confidence of the answers",
-                                        CONFIDENCE_BUCKETS)
+        self.abstentions = Counter(
+            "mnist_abstentions",
+            "Images answered below the abstention threshold (unsure)",
+            registry=self.registry,
+        )
+        self.confidence = BulkHistogram(
+            "mnist_prediction_confidence",
+            "Calibrated confidence of the answers",
+            CONFIDENCE_BUCKETS,
+        )
         self.registry.register(self.confidence)
-        log_rows = Counter("mnist_request_log_rows", "Rows written to the request log, or "
-                           "dropped because the log failed", ["outcome"],
-                           registry=self.registry)
+        log_rows = Counter(
+            "mnist_request_log_rows",
+            "Rows written to the request log, or dropped because the log failed",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.log_written = log_rows.labels(outcome="written")
         self.log_dropped = log_rows.labels(outcome="dropped")
         self._status: dict[int, Counter] = {}
 
     def register_model_calls(self, read: Callable[[], int]) -> None:
         """Serve the batcher's call count as `mnist_model_calls_total`."""
-        self.registry.register(_Read("mnist_model_calls", "Model calls (one serves every "
-                                     "request of a micro-batch)", read))
+        self.registry.register(
+            _Read(
+                "mnist_model_calls", "Model calls (one serves every request of a micro-batch)", read
+            )
+        )
 
     def answered(self, status: int, seconds: float | None = None) -> None:
         """One request answered with `status` (and, for /invocations, its latency)."""
@@ -123,8 +148,9 @@ class ServerMetrics:
         if seconds is not None:
             self.latency.observe(seconds)
 
-    def observe_predictions(self, predicted: np.ndarray, confidence: np.ndarray,
-                            unsure: np.ndarray) -> None:
+    def observe_predictions(
+        self, predicted: np.ndarray, confidence: np.ndarray, unsure: np.ndarray
+    ) -> None:
         """A batch of answered images (the recorder's thread)."""
         for digit, count in enumerate(np.bincount(predicted, minlength=10)[:10].tolist()):
             if count:

@@ -43,8 +43,8 @@ from .process import (
 )
 
 DEFAULT_HOST = "127.0.0.1"  # loopback: nothing outside this machine can reach the server
-DEFAULT_PORT = 5001         # the tracking UI takes MLflow's usual 5000
-REQUEST_TIMEOUT_S = 60      # MLflow's server (--mlflow) only
+DEFAULT_PORT = 5001  # the tracking UI takes MLflow's usual 5000
+REQUEST_TIMEOUT_S = 60  # MLflow's server (--mlflow) only
 
 
 def require_store(tracking_cfg: TrackingConfig) -> str:
@@ -58,21 +58,30 @@ def require_store(tracking_cfg: TrackingConfig) -> str:
 
 def champion_hint(tracking_cfg: TrackingConfig) -> str:
     name = tracking_cfg.registered_model
-    return (f"the evaluate stage moves the alias when a model passes the gate (dvc repro); "
-            f"or serve a version: --model-uri models:/{name}/<version>")
+    return (
+        f"the evaluate stage moves the alias when a model passes the gate (dvc repro); "
+        f"or serve a version: --model-uri models:/{name}/<version>"
+    )
 
 
 # --- the model server ----------------------------------------------------------------------
 
-def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None = None,
-                         host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                         workers: int = DEFAULT_WORKERS,
-                         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                         max_batch: int = DEFAULT_MAX_IMAGES,
-                         max_wait_ms: int = round(DEFAULT_MAX_WAIT_S * 1000),
-                         mlflow: bool = False, cache: str | None = None,
-                         served: served_artifacts.Served | None = None,
-                         monitoring: MonitoringConfig | None = None) -> ServerCommand:
+
+def model_server_command(
+    tracking_cfg: TrackingConfig,
+    *,
+    model_uri: str | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    workers: int = DEFAULT_WORKERS,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_batch: int = DEFAULT_MAX_IMAGES,
+    max_wait_ms: int = round(DEFAULT_MAX_WAIT_S * 1000),
+    mlflow: bool = False,
+    cache: str | None = None,
+    served: served_artifacts.Served | None = None,
+    monitoring: MonitoringConfig | None = None,
+) -> ServerCommand:
     """The server for `model_uri` (default: the champion) from this repo's store.
 
     The served artifacts are found now (downloaded into `cache`, a new temporary folder by
@@ -86,80 +95,148 @@ def model_server_command(tracking_cfg: TrackingConfig, *, model_uri: str | None 
     if max_body_bytes < 1:
         raise ServerError(f"--max-body-bytes: got {max_body_bytes}, expected an integer >= 1")
     if max_batch < 1 or not 0 <= max_wait_ms <= 1000:
-        raise ServerError(f"--max-batch {max_batch}, --max-wait-ms {max_wait_ms}: expected "
-                          "a batch of at least 1 image and a wait of 0 to 1000 ms")
+        raise ServerError(
+            f"--max-batch {max_batch}, --max-wait-ms {max_wait_ms}: expected "
+            "a batch of at least 1 image and a wait of 0 to 1000 ms"
+        )
     uri = model_uri or registry.champion_uri(tracking_cfg.registered_model)
     address = ["--host", host, "--port", str(port), "--workers", str(workers)]
     base = url_for(host, port)
     env = {"PATH": server_path()}
     if mlflow:
-        argv = [sys.executable, "-m", "mlflow", "models", "serve", "--model-uri", uri,
-                *address, "--timeout", str(REQUEST_TIMEOUT_S), "--env-manager", "local"]
+        argv = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "--model-uri",
+            uri,
+            *address,
+            "--timeout",
+            str(REQUEST_TIMEOUT_S),
+            "--env-manager",
+            "local",
+        ]
         # `models:/` URIs resolve in the registry of this store.
         env["MLFLOW_TRACKING_URI"] = store.tracking_uri(tracking_cfg)
     else:
         try:
             served = served or served_artifacts.locate(
-                tracking_cfg, uri, cache or tempfile.mkdtemp(prefix="mnist-serve-"))
+                tracking_cfg, uri, cache or tempfile.mkdtemp(prefix="mnist-serve-")
+            )
         except ModelError as err:
             hint = f": {champion_hint(tracking_cfg)}" if model_uri is None else ""
             raise ServerError(f"{err}{hint}") from None
-        argv = [sys.executable, "-m", "uvicorn", "--factory", f"{app.__name__}:create",
-                *address, "--no-access-log"]
-        env.update({app.MODEL_DIR_ENV: str(served.folder), app.MODEL_NAME_ENV: served.name,
-                    app.MODEL_VERSION_ENV: served.version,
-                    app.MAX_BODY_ENV: str(max_body_bytes), app.MAX_BATCH_ENV: str(max_batch),
-                    app.MAX_WAIT_ENV: str(max_wait_ms)})
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            f"{app.__name__}:create",
+            *address,
+            "--no-access-log",
+        ]
+        env.update(
+            {
+                app.MODEL_DIR_ENV: str(served.folder),
+                app.MODEL_NAME_ENV: served.name,
+                app.MODEL_VERSION_ENV: served.version,
+                app.MAX_BODY_ENV: str(max_body_bytes),
+                app.MAX_BATCH_ENV: str(max_batch),
+                app.MAX_WAIT_ENV: str(max_wait_ms),
+            }
+        )
         if monitoring is not None and monitoring.log_requests:
             from ..monitoring import requestlog  # SQLAlchemy: only for a server that logs
 
-            env.update({app.LOG_ENV: requestlog.log_url(monitoring.log),
-                        app.LOG_MAX_ROWS_ENV: str(monitoring.max_rows),
-                        app.LOG_FLUSH_ENV: repr(monitoring.flush_interval_s),
-                        app.LOG_IMAGES_ENV: repr(monitoring.image_sample_rate)})
-    return ServerCommand(argv=argv, env_overrides=env, url=f"{base}/invocations",
-                         ready_url=f"{base}/ping", warnings=warnings)
+            env.update(
+                {
+                    app.LOG_ENV: requestlog.log_url(monitoring.log),
+                    app.LOG_MAX_ROWS_ENV: str(monitoring.max_rows),
+                    app.LOG_FLUSH_ENV: repr(monitoring.flush_interval_s),
+                    app.LOG_IMAGES_ENV: repr(monitoring.image_sample_rate),
+                }
+            )
+    return ServerCommand(
+        argv=argv,
+        env_overrides=env,
+        url=f"{base}/invocations",
+        ready_url=f"{base}/ping",
+        warnings=warnings,
+    )
 
 
 # --- entrypoint ----------------------------------------------------------------------------
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mnist_pipeline.serve.model_server",
         description="Serve the champion model (or --model-uri) over REST: its ONNX export "
-                    "in ONNX Runtime, MLflow's scoring protocol.")
-    parser.add_argument("--model-uri", help="default: models:/<tracking.registered_model>"
-                                            "@champion from params.yaml")
-    parser.add_argument("--host", default=DEFAULT_HOST,
-                        help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+        "in ONNX Runtime, MLflow's scoring protocol.",
+    )
+    parser.add_argument(
+        "--model-uri", help="default: models:/<tracking.registered_model>@champion from params.yaml"
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}: this machine only)",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help="larger request bodies get 413 (default "
-                             f"{DEFAULT_MAX_BODY_BYTES})")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_IMAGES,
-                        help=f"images per model call at most (default {DEFAULT_MAX_IMAGES})")
-    parser.add_argument("--max-wait-ms", type=int, default=round(DEFAULT_MAX_WAIT_S * 1000),
-                        help="how long a batch waits for a request being read (default "
-                             f"{round(DEFAULT_MAX_WAIT_S * 1000)} ms)")
-    parser.add_argument("--no-log", action="store_true",
-                        help="do not record answered requests in the request log "
-                             "(params.yaml: monitoring.log_requests)")
-    parser.add_argument("--mlflow", action="store_true",
-                        help="run `mlflow models serve` on the logged model instead, without "
-                             "this server's checks, limits and batching")
-    parser.add_argument("--print-command", action="store_true",
-                        help="print the command line and exit")
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"larger request bodies get 413 (default {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--max-batch",
+        type=int,
+        default=DEFAULT_MAX_IMAGES,
+        help=f"images per model call at most (default {DEFAULT_MAX_IMAGES})",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=int,
+        default=round(DEFAULT_MAX_WAIT_S * 1000),
+        help="how long a batch waits for a request being read (default "
+        f"{round(DEFAULT_MAX_WAIT_S * 1000)} ms)",
+    )
+    parser.add_argument(
+        "--no-log",
+        action="store_true",
+        help="do not record answered requests in the request log "
+        "(params.yaml: monitoring.log_requests)",
+    )
+    parser.add_argument(
+        "--mlflow",
+        action="store_true",
+        help="run `mlflow models serve` on the logged model instead, without "
+        "this server's checks, limits and batching",
+    )
+    parser.add_argument(
+        "--print-command", action="store_true", help="print the command line and exit"
+    )
     args = parser.parse_args(argv)
     with reported("serve"):
         cfg = tracking_config()
         require_store(cfg)
         monitoring = None if args.no_log else checkout_section("monitoring")
-        command = model_server_command(cfg, model_uri=args.model_uri, host=args.host,
-                                       port=args.port, workers=args.workers,
-                                       max_body_bytes=args.max_body_bytes,
-                                       max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                                       mlflow=args.mlflow, monitoring=monitoring)
+        command = model_server_command(
+            cfg,
+            model_uri=args.model_uri,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            max_body_bytes=args.max_body_bytes,
+            max_batch=args.max_batch,
+            max_wait_ms=args.max_wait_ms,
+            mlflow=args.mlflow,
+            monitoring=monitoring,
+        )
         for warning in command.warnings:
             print(f"serve: WARNING: {warning}", file=sys.stderr)
         if args.print_command:
@@ -167,16 +244,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         model = args.model_uri or registry.champion_uri(cfg.registered_model)
         env = command.env_overrides
-        what = ("MLflow's model server" if args.mlflow else
-                f"version {env[app.MODEL_VERSION_ENV]} of {env[app.MODEL_NAME_ENV]} "
-                "(ONNX Runtime)")
-        print(f"serve: starting {what} for {model} (store {store.tracking_uri(cfg)})",
-              flush=True)
+        what = (
+            "MLflow's model server"
+            if args.mlflow
+            else f"version {env[app.MODEL_VERSION_ENV]} of {env[app.MODEL_NAME_ENV]} (ONNX Runtime)"
+        )
+        print(f"serve: starting {what} for {model} (store {store.tracking_uri(cfg)})", flush=True)
         if app.LOG_ENV in env:
             from ..monitoring import requestlog
 
-            print(f"serve: logging answers to {requestlog.display(env[app.LOG_ENV])}; "
-                  f"metrics at {command.url.rsplit('/', 1)[0]}/metrics", flush=True)
+            print(
+                f"serve: logging answers to {requestlog.display(env[app.LOG_ENV])}; "
+                f"metrics at {command.url.rsplit('/', 1)[0]}/metrics",
+                flush=True,
+            )
         return run_foreground(command, "serve", f"{model} answers POST {command.url}")
     return 1  # unreachable: `reported` exits on failure
 

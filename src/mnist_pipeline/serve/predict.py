@@ -68,18 +68,21 @@ def answer(name: str, probabilities: np.ndarray, threshold: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", metavar="FILE",
-                        help="PNG, JPEG, ... pictures of one digit each")
-    parser.add_argument("--model-uri",
-                        help="default: models:/<tracking.registered_model>@champion from "
-                             "params.yaml")
+    parser.add_argument(
+        "files", nargs="+", metavar="FILE", help="PNG, JPEG, ... pictures of one digit each"
+    )
+    parser.add_argument(
+        "--model-uri", help="default: models:/<tracking.registered_model>@champion from params.yaml"
+    )
     args = parser.parse_args(argv)
 
     with reported(PROG):
         names, images, failed = convert_all(args.files)
         for path, reason in failed.items():
-            print(f"{PROG}: {reason if reason.startswith(path) else f'{path}: {reason}'}",
-                  file=sys.stderr)
+            print(
+                f"{PROG}: {reason if reason.startswith(path) else f'{path}: {reason}'}",
+                file=sys.stderr,
+            )
         if names:
             cfg = tracking_config()
             require_store(cfg)

@@ -23,7 +23,7 @@ from .. import startup
 from ..errors import ServerError
 
 DEFAULT_WORKERS = 1
-READY_TIMEOUT_S = 300       # loading TensorFlow and the model takes ~30 s on 2 busy cores
+READY_TIMEOUT_S = 300  # loading TensorFlow and the model takes ~30 s on 2 busy cores
 
 
 WILDCARDS = ("0.0.0.0", "::", "[::]")  # bind addresses meaning "every interface"
@@ -35,8 +35,8 @@ class ServerCommand:
 
     argv: list[str]
     env_overrides: dict[str, str]  # set on top of the caller's environment
-    url: str                       # what a person opens or calls
-    ready_url: str                 # answers HTTP 200 once the server can do its job
+    url: str  # what a person opens or calls
+    ready_url: str  # answers HTTP 200 once the server can do its job
     warnings: list[str] = field(default_factory=list)
 
     def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -44,12 +44,14 @@ class ServerCommand:
 
     def shell(self) -> str:
         """The command as one line a person can paste into a shell."""
-        assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(self.env_overrides.items())
-                       if k != "PATH"]
+        assignments = [
+            f"{k}={shlex.quote(v)}" for k, v in sorted(self.env_overrides.items()) if k != "PATH"
+        ]
         return " ".join([*assignments, shlex.join(self.argv)])
 
 
 # --- addresses -----------------------------------------------------------------------------
+
 
 def is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -71,8 +73,10 @@ def check_address(host: str, port: int, workers: int) -> list[str]:
         raise ServerError(f"--workers: got {workers}, expected an integer >= 1")
     if is_loopback(host):
         return []
-    return [f"binding {host}:{port} exposes this server to every network that can reach this "
-            "machine, with no authentication; use the default 127.0.0.1 unless you mean it"]
+    return [
+        f"binding {host}:{port} exposes this server to every network that can reach this "
+        "machine, with no authentication; use the default 127.0.0.1 unless you mean it"
+    ]
 
 
 def authority(host: str, port: int) -> str:
@@ -96,23 +100,38 @@ def server_path() -> str:
 
 # --- running a server (shared with `ui`) ---------------------------------------------------
 
-def start(command: ServerCommand, *, log: IO[bytes] | None = None,
-          cwd: str | os.PathLike[str] | None = None,
-          stderr: IO[bytes] | None = None) -> subprocess.Popen:
+
+def start(
+    command: ServerCommand,
+    *,
+    log: IO[bytes] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stderr: IO[bytes] | None = None,
+) -> subprocess.Popen:
     """Start the server in its own process group, so `stop` ends it and its workers together.
 
     Its output goes to `log` (both streams) if given, else to ours (stderr to `stderr` if given).
     """
     try:
-        return subprocess.Popen(command.argv, env=command.env(), cwd=cwd,
-                                stdout=log, stderr=subprocess.STDOUT if log else stderr,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            command.argv,
+            env=command.env(),
+            cwd=cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT if log else stderr,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     except OSError as err:
         raise ServerError(f"could not start {command.argv[0]}: {err}") from None
 
 
-def wait_until_ready(process: subprocess.Popen, url: str,
-                     timeout_s: float = READY_TIMEOUT_S, cafile: str | None = None) -> float:
+def wait_until_ready(
+    process: subprocess.Popen,
+    url: str,
+    timeout_s: float = READY_TIMEOUT_S,
+    cafile: str | None = None,
+) -> float:
     """Poll `url` until it answers 200; return the seconds waited. An https `url` is checked
     against the CA certificate `cafile` when given.
 
@@ -123,14 +142,16 @@ def wait_until_ready(process: subprocess.Popen, url: str,
     started = time.monotonic()
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # loopback
     if cafile:
-        handlers.append(urllib.request.HTTPSHandler(
-            context=ssl.create_default_context(cafile=cafile)))
+        handlers.append(
+            urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile))
+        )
     opener = urllib.request.build_opener(*handlers)
     while True:
         code = process.poll()
         if code is not None:
-            raise ServerError(f"the server exited with status {code} before {url} answered "
-                              "(see its output above)")
+            raise ServerError(
+                f"the server exited with status {code} before {url} answered (see its output above)"
+            )
         try:
             with opener.open(url, timeout=5) as response:
                 if response.status == 200:
@@ -172,8 +193,9 @@ def run_foreground(command: ServerCommand, name: str, ready_line: str) -> int:
 
     # The server runs in its own process group (so `stop` reaches its workers), which
     # also keeps the terminal's Ctrl-C from it: this process turns both into `stop`.
-    previous = {signum: signal.signal(signum, terminate)
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {
+        signum: signal.signal(signum, terminate) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
     process = None
     quiet = startup.stderr_filter()  # the model server's workers load TensorFlow
     try:

@@ -27,7 +27,7 @@ import numpy as np
 from ..monitoring import features
 from .metrics import ServerMetrics
 
-FLUSH_ROWS = 4096          # images waiting that wake the thread before its interval
+FLUSH_ROWS = 4096  # images waiting that wake the thread before its interval
 MAX_PENDING_ROWS = 200_000  # beyond this (a log that hangs), new answers are not recorded
 
 
@@ -36,10 +36,18 @@ def _warn(message: str) -> None:
 
 
 class Recorder:
-    def __init__(self, *, model: str, version: str, metrics: ServerMetrics,
-                 log_url: str | None, max_rows: int = 1_000_000,
-                 flush_interval_s: float = 0.5, image_sample_rate: float = 0.0,
-                 warn: Callable[[str], None] = _warn) -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        version: str,
+        metrics: ServerMetrics,
+        log_url: str | None,
+        max_rows: int = 1_000_000,
+        flush_interval_s: float = 0.5,
+        image_sample_rate: float = 0.0,
+        warn: Callable[[str], None] = _warn,
+    ) -> None:
         if not 0 < flush_interval_s <= 60:
             raise ValueError(f"flush_interval_s: got {flush_interval_s}, expected (0, 60]")
         if not 0 <= image_sample_rate <= 1:
@@ -51,9 +59,9 @@ class Recorder:
         self.flush_interval_s = flush_interval_s
         self.image_sample_rate = image_sample_rate
         self.warn = warn
-        self.requests = 0           # requests recorded (the log's `request` column)
-        self.written = 0            # rows in the log
-        self.dropped = 0            # rows lost to a failing log (or a full queue)
+        self.requests = 0  # requests recorded (the log's `request` column)
+        self.written = 0  # rows in the log
+        self.dropped = 0  # rows lost to a failing log (or a full queue)
         self._log = None  # a monitoring.requestlog.RequestLog, opened by the first flush
         self._failing = False
         # Appended on the event loop, taken by the thread: deque's append and popleft are
@@ -70,8 +78,7 @@ class Recorder:
         self._thread.start()
         return self
 
-    def record(self, images: np.ndarray, probabilities: np.ndarray,
-               unsure: np.ndarray) -> None:
+    def record(self, images: np.ndarray, probabilities: np.ndarray, unsure: np.ndarray) -> None:
         """Called for each answered request, on the event loop: an append, nothing more."""
         self.requests += 1
         if self._pending_rows >= MAX_PENDING_ROWS:
@@ -121,8 +128,13 @@ class Recorder:
             rows = Rows(
                 time=np.repeat([item[0] for item in batch], sizes),
                 request=np.repeat([item[1] for item in batch], sizes).astype(np.int64),
-                predicted=predicted, confidence=confidence, entropy=entropy, unsure=unsure,
-                inputs=features.input_statistics(images), images=self._sample(images))
+                predicted=predicted,
+                confidence=confidence,
+                entropy=entropy,
+                unsure=unsure,
+                inputs=features.input_statistics(images),
+                images=self._sample(images),
+            )
             try:
                 if self._log is None:
                     self._log = RequestLog(self.log_url, create=True)
@@ -132,9 +144,11 @@ class Recorder:
                 self.metrics.log_dropped.inc(count)
                 if not self._failing:
                     self._failing = True
-                    self.warn(f"the request log {display(self.log_url)} failed "
-                              f"({describe_failure(err)}); answering goes on, and the "
-                              "answers are not logged until it works again")
+                    self.warn(
+                        f"the request log {display(self.log_url)} failed "
+                        f"({describe_failure(err)}); answering goes on, and the "
+                        "answers are not logged until it works again"
+                    )
                 if self._log is not None:  # a fresh connection next time
                     self._log.close()
                     self._log = None
@@ -143,12 +157,13 @@ class Recorder:
             self.metrics.log_written.inc(count)
             if self._failing:
                 self._failing = False
-                self.warn(f"the request log {display(self.log_url)} works again "
-                          f"({self.dropped} rows were not logged)")
+                self.warn(
+                    f"the request log {display(self.log_url)} works again "
+                    f"({self.dropped} rows were not logged)"
+                )
 
     def _sample(self, images: np.ndarray) -> list[bytes | None] | None:
         if self.image_sample_rate <= 0:
             return None
         kept = self._rng.random(len(images)) < self.image_sample_rate
-        return [image.tobytes() if keep else None
-                for image, keep in zip(images, kept, strict=True)]
+        return [image.tobytes() if keep else None for image, keep in zip(images, kept, strict=True)]

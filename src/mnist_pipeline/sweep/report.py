@@ -1,5 +1,4 @@
-"""What a sweep leaves: the best trial on the parent run, plots, and the experiment file.
-"""
+"""What a sweep leaves: the best trial on the parent run, plots, and the experiment file."""
 
 from __future__ import annotations
 
@@ -34,6 +33,7 @@ NOT_IN_EXPERIMENT = ("train.verbose", "train.checkpoint")
 
 # --- the summary ---------------------------------------------------------------------------
 
+
 @dataclass
 class Summary:
     name: str
@@ -53,27 +53,45 @@ class Summary:
 
     @property
     def line(self) -> str:
-        head = (f"sweep: {self.name}: {self.complete + self.pruned + self.failed} trials "
-                f"({self.complete} complete, {self.pruned} pruned, {self.failed} failed; "
-                f"{self.ran} run now in {self.wall_s / 60:.1f} min)")
+        head = (
+            f"sweep: {self.name}: {self.complete + self.pruned + self.failed} trials "
+            f"({self.complete} complete, {self.pruned} pruned, {self.failed} failed; "
+            f"{self.ran} run now in {self.wall_s / 60:.1f} min)"
+        )
         if self.best_value is None:
             return f"{head}; no complete trial; parent run {self.parent_run_id}"
-        return (f"{head}; best {self.metric} {self.best_value:.4f} (trial {self.best_trial}); "
-                f"wrote {self.experiment}; parent run {self.parent_run_id}")
+        return (
+            f"{head}; best {self.metric} {self.best_value:.4f} (trial {self.best_trial}); "
+            f"wrote {self.experiment}; parent run {self.parent_run_id}"
+        )
 
 
-def summarize(study: optuna.Study, cfg: SweepConfig, conf_dir: Path, fixed: Sequence[str],
-              parent_run_id: str) -> Summary:
+def summarize(
+    study: optuna.Study, cfg: SweepConfig, conf_dir: Path, fixed: Sequence[str], parent_run_id: str
+) -> Summary:
     """Log the study's state and best trial on the parent run; write the experiment file."""
     trials = study.get_trials(deepcopy=False)
     now = progress(study)
     _tag_children(parent_run_id, {t.number: t for t in trials})
-    summary = Summary(name=cfg.name, n_trials=cfg.n_trials, complete=now.complete,
-                      pruned=now.pruned, failed=now.failed, ran=0, workers=0, wall_s=0.0,
-                      parent_run_id=parent_run_id, metric=cfg.metric)
+    summary = Summary(
+        name=cfg.name,
+        n_trials=cfg.n_trials,
+        complete=now.complete,
+        pruned=now.pruned,
+        failed=now.failed,
+        ran=0,
+        workers=0,
+        wall_s=0.0,
+        parent_run_id=parent_run_id,
+        metric=cfg.metric,
+    )
     finished = now.complete + now.pruned + now.failed
-    metrics: dict[str, float] = {"trials_complete": now.complete, "trials_pruned": now.pruned,
-                                 "trials_failed": now.failed, "trials_target": cfg.n_trials}
+    metrics: dict[str, float] = {
+        "trials_complete": now.complete,
+        "trials_pruned": now.pruned,
+        "trials_failed": now.failed,
+        "trials_target": cfg.n_trials,
+    }
     if now.complete:
         best = study.best_trial
         assert best.value is not None
@@ -81,18 +99,33 @@ def summarize(study: optuna.Study, cfg: SweepConfig, conf_dir: Path, fixed: Sequ
         summary.best_params = dict(best.params)
         metrics.update({f"best_{cfg.metric}": best.value, "best_trial": best.number})
         best_cfg, choices = compose(conf_dir, [*fixed, *best.user_attrs[OVERRIDES_ATTR]])
-        header = (f"Best trial ({best.number}) {sweep_marker(cfg.name)}: "
-                  f"{cfg.metric} {best.value:.4f} on the validation split; {finished} trials: "
-                  f"{now.complete} complete, {now.pruned} pruned, {now.failed} failed.")
+        header = (
+            f"Best trial ({best.number}) {sweep_marker(cfg.name)}: "
+            f"{cfg.metric} {best.value:.4f} on the validation split; {finished} trials: "
+            f"{now.complete} complete, {now.pruned} pruned, {now.failed} failed."
+        )
         summary.experiment = write_experiment(conf_dir, cfg.name, best_cfg, choices, header)
-        runs.set_tags({**{f"best.{k}": v for k, v in best.params.items()},
-                       "best.trial": best.number,
-                       "best.mlflow_run_id": best.user_attrs.get(RUN_ATTR, "")},
-                      run_id=parent_run_id)
-        runs.log_text(json.dumps({"trial": best.number, "value": best.value,
-                                  "params": best.params,
-                                  "overrides": best.user_attrs[OVERRIDES_ATTR]}, indent=2),
-                      "best_params.json", run_id=parent_run_id)
+        runs.set_tags(
+            {
+                **{f"best.{k}": v for k, v in best.params.items()},
+                "best.trial": best.number,
+                "best.mlflow_run_id": best.user_attrs.get(RUN_ATTR, ""),
+            },
+            run_id=parent_run_id,
+        )
+        runs.log_text(
+            json.dumps(
+                {
+                    "trial": best.number,
+                    "value": best.value,
+                    "params": best.params,
+                    "overrides": best.user_attrs[OVERRIDES_ATTR],
+                },
+                indent=2,
+            ),
+            "best_params.json",
+            run_id=parent_run_id,
+        )
     runs.log_metrics(metrics, step=finished, run_id=parent_run_id)
     if finished:
         _log_plots(study, parent_run_id)
@@ -121,8 +154,10 @@ def _log_plots(study: optuna.Study, run_id: str) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        for name, plot in (("optimization_history.png", optuna_plots.plot_optimization_history),
-                           ("intermediate_values.png", optuna_plots.plot_intermediate_values)):
+        for name, plot in (
+            ("optimization_history.png", optuna_plots.plot_optimization_history),
+            ("intermediate_values.png", optuna_plots.plot_intermediate_values),
+        ):
             axes = plot(study)
             figure = axes.get_figure()
             figure.set_size_inches(8, 5)
@@ -133,8 +168,14 @@ def _log_plots(study: optuna.Study, run_id: str) -> None:
 
 # --- the experiment file -------------------------------------------------------------------
 
-def experiment_text(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[str, Any],
-                    choices: Mapping[str, str], header: str) -> str:
+
+def experiment_text(
+    conf_dir: str | os.PathLike[str],
+    name: str,
+    cfg: Mapping[str, Any],
+    choices: Mapping[str, str],
+    header: str,
+) -> str:
     """An experiment file that composes to `cfg`'s model, optimizer and train sections.
 
     Its defaults list picks the same group options; its body holds only the values that
@@ -148,11 +189,16 @@ def experiment_text(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[st
         if changed:
             body[section] = changed
     comment = "".join(f"# {line}\n" for line in _wrap(header))
-    return ("# @package _global_\n" + comment
-            + "# Train it through the pipeline (the gate decides on it):\n"
-            + f"#   dvc exp run -S experiment={name}\n"
-            + "defaults:\n" + "".join(f"  - override /{g}: {o}\n" for g, o in groups.items())
-            + "\n" + yaml.dump(body, Dumper=_ExperimentDumper, sort_keys=False))
+    return (
+        "# @package _global_\n"
+        + comment
+        + "# Train it through the pipeline (the gate decides on it):\n"
+        + f"#   dvc exp run -S experiment={name}\n"
+        + "defaults:\n"
+        + "".join(f"  - override /{g}: {o}\n" for g, o in groups.items())
+        + "\n"
+        + yaml.dump(body, Dumper=_ExperimentDumper, sort_keys=False)
+    )
 
 
 def sweep_marker(name: str) -> str:
@@ -169,21 +215,37 @@ def check_target(conf_dir: str | os.PathLike[str], name: str) -> Path:
     if not target.is_file() or sweep_marker(name) in target.read_text(encoding="utf-8"):
         return target
     try:
-        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", target.name],
-                                 cwd=target.parent, capture_output=True, timeout=20,
-                                 check=False).returncode == 0
+        tracked = (
+            subprocess.run(
+                ["git", "ls-files", "--error-unmatch", target.name],
+                cwd=target.parent,
+                capture_output=True,
+                timeout=20,
+                check=False,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.SubprocessError):
         tracked = True  # cannot tell: keep the file
     if tracked:
-        raise ConfigError("sweep.name", name, f"a name whose experiment file is not a recipe "
-                          f"kept in git: {target} is one, written by hand, and the sweep would "
-                          f"replace it with its best trial (pick another name, e.g. "
-                          f"sweep.name={name}-sweep)")
+        raise ConfigError(
+            "sweep.name",
+            name,
+            f"a name whose experiment file is not a recipe "
+            f"kept in git: {target} is one, written by hand, and the sweep would "
+            f"replace it with its best trial (pick another name, e.g. "
+            f"sweep.name={name}-sweep)",
+        )
     return target
 
 
-def write_experiment(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[str, Any],
-                     choices: Mapping[str, str], header: str) -> Path:
+def write_experiment(
+    conf_dir: str | os.PathLike[str],
+    name: str,
+    cfg: Mapping[str, Any],
+    choices: Mapping[str, str],
+    header: str,
+) -> Path:
     """Write `conf/experiment/<name>.yaml` for `cfg`, once a copy of `conf/` proves it.
 
     The candidate is composed in a temporary copy of the config tree exactly as
@@ -203,14 +265,17 @@ def write_experiment(conf_dir: str | os.PathLike[str], name: str, cfg: Mapping[s
             config.section(composed, section)
     for section in SEARCHED_SECTIONS:
         if _trained(composed[section], section) != _trained(cfg[section], section):
-            raise PipelineError(f"{target}: would compose to {section} "
-                                f"{composed[section]}, not the best trial's {cfg[section]}")
+            raise PipelineError(
+                f"{target}: would compose to {section} "
+                f"{composed[section]}, not the best trial's {cfg[section]}"
+            )
     write_text(target, text)
     return target
 
 
-def _difference(reference: Mapping[str, Any], value: Mapping[str, Any], prefix: str
-                ) -> dict[str, Any]:
+def _difference(
+    reference: Mapping[str, Any], value: Mapping[str, Any], prefix: str
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, item in value.items():
         dotted = f"{prefix}.{key}"
@@ -234,8 +299,12 @@ class _ExperimentDumper(yaml.SafeDumper):
     """Block mappings with lists inline (`hidden_units: [1024, 512]`), as conf/ is written."""
 
 
-_ExperimentDumper.add_representer(list, lambda dumper, value: dumper.represent_sequence(
-    "tag:yaml.org,2002:seq", value, flow_style=True))
+_ExperimentDumper.add_representer(
+    list,
+    lambda dumper, value: dumper.represent_sequence(
+        "tag:yaml.org,2002:seq", value, flow_style=True
+    ),
+)
 
 
 def _wrap(text: str, width: int = 88) -> list[str]:

@@ -1,5 +1,5 @@
-"""The search space: `conf/sweep/<space>.yaml` in Hydra's override syntax as Optuna distributions.
-"""
+"""The search space: `conf/sweep/<space>.yaml`, in Hydra's override syntax, as Optuna
+distributions."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ SEARCHED_SECTIONS = ("model", "optimizer", "train")
 
 
 # --- search space --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Dimension:
@@ -79,15 +80,20 @@ def parse_space(space: Mapping[str, str]) -> list[Dimension]:
         try:
             override = parser.parse_override(f"{key}={spec}")
         except HydraException as err:
-            raise ConfigError(name, spec, f"Hydra sweep syntax ({str(err).splitlines()[0]})") \
-                from None
+            raise ConfigError(
+                name, spec, f"Hydra sweep syntax ({str(err).splitlines()[0]})"
+            ) from None
         _check_searched_key(name, override.key_or_group)
         if override.type != OverrideType.CHANGE or override.package is not None:
             raise ConfigError(name, key, "a plain key: no '+', '++', '~' or '@package'")
         value = override.value()
         if not override.is_sweep_override():
-            raise ConfigError(name, spec, "a sweep: choice(...), range(...) or interval(...); "
-                                          "fixed values belong in sweep.overrides")
+            raise ConfigError(
+                name,
+                spec,
+                "a sweep: choice(...), range(...) or interval(...); "
+                "fixed values belong in sweep.overrides",
+            )
         tags = set(getattr(value, "tags", set()))
         if tags - {"log"}:
             raise ConfigError(name, spec, "no tag other than 'log'")
@@ -110,15 +116,20 @@ def parse_space(space: Mapping[str, str]) -> list[Dimension]:
                     raise ConfigError(name, spec, "a range holding at least one value")
                 if all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
                     distribution: BaseDistribution = IntDistribution(
-                        values[0], values[-1], step=int(value.step), log=log)
+                        values[0], values[-1], step=int(value.step), log=log
+                    )
                 else:
                     distribution = FloatDistribution(
-                        float(values[0]), float(values[-1]), step=float(value.step), log=log)
+                        float(values[0]), float(values[-1]), step=float(value.step), log=log
+                    )
                 dimensions.append(Dimension(key, spec, distribution))
             elif override.is_interval_sweep():
                 assert isinstance(value, IntervalSweep)
-                dimensions.append(Dimension(key, spec, FloatDistribution(
-                    float(value.start), float(value.end), log=log)))
+                dimensions.append(
+                    Dimension(
+                        key, spec, FloatDistribution(float(value.start), float(value.end), log=log)
+                    )
+                )
             else:
                 raise ConfigError(name, spec, "choice(...), range(...) or interval(...)")
         except ValueError as err:
@@ -130,8 +141,13 @@ def parse_space(space: Mapping[str, str]) -> list[Dimension]:
 
 def _check_searched_key(name: str, key: str) -> None:
     if key.split(".")[0] not in SEARCHED_SECTIONS:
-        raise ConfigError(name, key, "a key or group of " + ", ".join(SEARCHED_SECTIONS)
-                          + " (what a trial trains; data, paths and runtime are not searched)")
+        raise ConfigError(
+            name,
+            key,
+            "a key or group of "
+            + ", ".join(SEARCHED_SECTIONS)
+            + " (what a trial trains; data, paths and runtime are not searched)",
+        )
 
 
 def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -150,8 +166,11 @@ def split_overrides(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
         if key == "sweep" or key.startswith("sweep."):
             for_sweep.append(text)
         elif override.is_sweep_override():
-            raise ConfigError("overrides", text, "a fixed value; searched keys belong in "
-                                                 "the space (sweep.params in conf/sweep/)")
+            raise ConfigError(
+                "overrides",
+                text,
+                "a fixed value; searched keys belong in the space (sweep.params in conf/sweep/)",
+            )
         else:
             for_trials.append(text)
     return for_sweep, for_trials

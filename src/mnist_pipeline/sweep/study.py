@@ -1,5 +1,4 @@
-"""The Optuna study: its storage, sampler and pruner, and which trials use up its budget.
-"""
+"""The Optuna study: its storage, sampler and pruner, and which trials use up its budget."""
 
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ STATE_TAG = "optuna.state"
 
 # --- the study -----------------------------------------------------------------------------
 
+
 def storage_url(cfg: SweepConfig) -> str:
     """`sweep.storage`, else SQLite at `<repository root>/sweeps/optuna.db`."""
     if cfg.storage:
@@ -51,8 +51,12 @@ def public_url(url: str) -> str:
         return url
 
 
-def open_study(cfg: SweepConfig, *, sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+def open_study(
+    cfg: SweepConfig,
+    *,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
     """Create the study `cfg.name` in its storage, or load it if it exists."""
     url = storage_url(cfg)
     engine_kwargs: dict[str, Any] = {}
@@ -65,11 +69,19 @@ def open_study(cfg: SweepConfig, *, sampler: optuna.samplers.BaseSampler | None 
     with storage_lock(url, "create"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
         storage = optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=cfg.heartbeat_s,
-            grace_period=cfg.grace_s)
-        return optuna.create_study(storage=storage, study_name=cfg.name,
-                                   direction=cfg.direction, sampler=sampler, pruner=pruner,
-                                   load_if_exists=True)
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=cfg.heartbeat_s,
+            grace_period=cfg.grace_s,
+        )
+        return optuna.create_study(
+            storage=storage,
+            study_name=cfg.name,
+            direction=cfg.direction,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
 
 
 def storage_lock(url: str, name: str) -> contextlib.AbstractContextManager[Any]:
@@ -88,23 +100,28 @@ def make_sampler(cfg: SweepSamplerConfig, seed: int) -> optuna.samplers.BaseSamp
         return optuna.samplers.RandomSampler(seed=seed)
     # Optuna 5's TPE is multivariate for one objective and, with `constant_liar`, treats
     # the trials other workers are running as bad, so parallel workers spread out.
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.n_startup_trials,
-                                      constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=cfg.n_startup_trials, constant_liar=True
+    )
 
 
 def make_pruner(cfg: SweepPrunerConfig, direction: str) -> optuna.pruners.BasePruner:
     if cfg.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.n_startup_trials,
-                                           n_warmup_steps=cfg.n_warmup_steps,
-                                           interval_steps=cfg.interval_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.n_startup_trials,
+            n_warmup_steps=cfg.n_warmup_steps,
+            interval_steps=cfg.interval_steps,
+        )
     if cfg.name == "successive_halving":
         # Its warm-up is min_resource: the first rung is at epoch min_resource.
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=cfg.min_resource,
-                                                      reduction_factor=cfg.reduction_factor)
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=cfg.min_resource, reduction_factor=cfg.reduction_factor
+        )
     if cfg.name == "threshold":
         bound = {"lower" if direction == "maximize" else "upper": cfg.threshold}
-        return optuna.pruners.ThresholdPruner(**bound, n_warmup_steps=cfg.n_warmup_steps,
-                                              interval_steps=cfg.interval_steps)
+        return optuna.pruners.ThresholdPruner(
+            **bound, n_warmup_steps=cfg.n_warmup_steps, interval_steps=cfg.interval_steps
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -127,8 +144,8 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
 
 @dataclass(frozen=True)
 class Progress:
-    done: int      # complete, pruned, or failed in its objective
-    running: int   # running or waiting, here or on another machine
+    done: int  # complete, pruned, or failed in its objective
+    running: int  # running or waiting, here or on another machine
     complete: int
     pruned: int
     failed: int
@@ -147,5 +164,7 @@ def progress(study: optuna.Study) -> Progress:
     return Progress(
         done=sum(1 for t in trials if t.state.is_finished() and counts_toward_budget(t)),
         running=states.count(TrialState.RUNNING) + states.count(TrialState.WAITING),
-        complete=states.count(TrialState.COMPLETE), pruned=states.count(TrialState.PRUNED),
-        failed=sum(1 for t in trials if t.state == TrialState.FAIL))
+        complete=states.count(TrialState.COMPLETE),
+        pruned=states.count(TrialState.PRUNED),
+        failed=sum(1 for t in trials if t.state == TrialState.FAIL),
+    )

@@ -1,5 +1,4 @@
-"""Sweep worker processes: each runs trials (training jobs) until the study's budget is met.
-"""
+"""Sweep worker processes: each runs trials (training jobs) until the study's budget is met."""
 
 from __future__ import annotations
 
@@ -39,13 +38,14 @@ from .study import (
 
 # --- workers -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Plan:
     """What a worker process needs (picklable: it crosses a process boundary)."""
 
     sweep: SweepConfig
     conf_dir: str
-    overrides: tuple[str, ...]    # for every trial, before its sampled values
+    overrides: tuple[str, ...]  # for every trial, before its sampled values
     space: tuple[Dimension, ...]
     parent_run_id: str
     worker: int
@@ -72,8 +72,11 @@ def work(plan: Plan) -> None:
     from ..training import job  # TensorFlow: imported by worker processes only
 
     cfg = plan.sweep
-    study = open_study(cfg, sampler=make_sampler(cfg.sampler, plan.seed),
-                       pruner=make_pruner(cfg.pruner, cfg.direction))
+    study = open_study(
+        cfg,
+        sampler=make_sampler(cfg.sampler, plan.seed),
+        pruner=make_pruner(cfg.pruner, cfg.direction),
+    )
 
     def objective(trial: optuna.Trial) -> float:
         return run_trial(plan, study, trial, job.train)
@@ -82,8 +85,12 @@ def work(plan: Plan) -> None:
         while True:
             now = progress(study)
             if now.remaining(cfg.n_trials) > 0:
-                study.optimize(objective, n_trials=1, gc_after_trial=True,
-                               catch=(TrainingError, ConfigError, Surplus))
+                study.optimize(
+                    objective,
+                    n_trials=1,
+                    gc_after_trial=True,
+                    catch=(TrainingError, ConfigError, Surplus),
+                )
             elif now.running:
                 # Another worker's trial is running; if that worker is dead, the trial
                 # goes stale and its place in the budget comes back to us.
@@ -98,8 +105,11 @@ def work(plan: Plan) -> None:
 def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, train: Any) -> float:
     """The objective: train one sampled config; its last-epoch validation metric."""
     cfg = plan.sweep
-    ahead = [t for t in study.get_trials(deepcopy=False)
-             if t.number < trial.number and counts_toward_budget(t)]
+    ahead = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number < trial.number and counts_toward_budget(t)
+    ]
     if len(ahead) >= cfg.n_trials:
         trial.set_user_attr(SURPLUS_ATTR, True)
         raise Surplus(f"trial {trial.number}: the study already has {cfg.n_trials} trials")
@@ -121,11 +131,19 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, train: Any) 
     started = time.perf_counter()
     try:
         outcome = train(
-            train_job, checkpoint_dir=None, run_name=f"{study.study_name}-trial-{trial.number}",
+            train_job,
+            checkpoint_dir=None,
+            run_name=f"{study.study_name}-trial-{trial.number}",
             parent_run_id=plan.parent_run_id,
-            tags={STUDY_TAG: study.study_name, TRIAL_TAG: str(trial.number),
-                  "sweep.worker": str(plan.worker), "sweep.overrides": " ".join(overrides)},
-            epoch_hook=report_epoch, log_model=False)
+            tags={
+                STUDY_TAG: study.study_name,
+                TRIAL_TAG: str(trial.number),
+                "sweep.worker": str(plan.worker),
+                "sweep.overrides": " ".join(overrides),
+            },
+            epoch_hook=report_epoch,
+            log_model=False,
+        )
     except TrainingError as err:
         _fail(trial, err, shown)
         raise
@@ -133,9 +151,11 @@ def run_trial(plan: Plan, study: optuna.Study, trial: optuna.Trial, train: Any) 
     values = outcome.history[cfg.metric]
     state = TrialState.PRUNED if outcome.stopped_by_hook else TrialState.COMPLETE
     runs.set_tags({STATE_TAG: state.name}, run_id=outcome.run_id)
-    print(f"sweep: trial {trial.number} {state.name.lower()} {cfg.metric} {values[-1]:.4f} "
-          f"after {len(values)} epochs ({time.perf_counter() - started:.0f} s): {shown}",
-          flush=True)
+    print(
+        f"sweep: trial {trial.number} {state.name.lower()} {cfg.metric} {values[-1]:.4f} "
+        f"after {len(values)} epochs ({time.perf_counter() - started:.0f} s): {shown}",
+        flush=True,
+    )
     if outcome.stopped_by_hook:
         raise optuna.TrialPruned(f"{cfg.metric} {values[-1]:.4f} after epoch {len(values)}")
     return values[-1]
@@ -147,15 +167,18 @@ def _fail(trial: optuna.Trial, err: Exception, shown: str) -> None:
 
 
 def describe(values: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in values.items())
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+    )
 
 
 def run_workers(plans: Sequence[Plan]) -> list[int]:
     """Start one process per plan and wait; on Ctrl-C/SIGTERM stop them and re-raise."""
     context = multiprocessing.get_context("spawn")  # never fork a process that ran TF/MLflow
-    processes = [context.Process(target=work, args=(plan,), name=f"sweep-worker-{plan.worker}")
-                 for plan in plans]
+    processes = [
+        context.Process(target=work, args=(plan,), name=f"sweep-worker-{plan.worker}")
+        for plan in plans
+    ]
     for process in processes:
         process.start()
     try:

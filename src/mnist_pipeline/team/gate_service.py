@@ -39,7 +39,7 @@ from typing import Any
 
 from ..errors import DataError, ModelError, PipelineError, ServerError
 
-SIGNATURE_WINDOW_S = 300   # a delivery older (or newer) than this is refused: no replays
+SIGNATURE_WINDOW_S = 300  # a delivery older (or newer) than this is refused: no replays
 MAX_BODY = 1 << 20
 WEBHOOK_PATH = "/webhook"
 EVENT = "model_version.created"
@@ -51,11 +51,11 @@ class ServiceConfig:
 
     registered_model: str
     port: int
-    data: str            # holds processed/test.npz and corrupted/ (the suite)
-    test_sha256: str     # the pinned test split
+    data: str  # holds processed/test.npz and corrupted/ (the suite)
+    test_sha256: str  # the pinned test split
     tracking_uri: str
     lock_url: str | None
-    records: str         # the service's own per-version results on the suite
+    records: str  # the service's own per-version results on the suite
     evaluate: dict[str, Any]
     gate: dict[str, Any]
     scan_interval_s: float = 10.0
@@ -65,8 +65,10 @@ class ServiceConfig:
         try:
             return ServiceConfig(**json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as err:
-            raise ServerError(f"{path}: not a gate service config ({err}); run make team-up "
-                              "ARGS=--network to write it again") from None
+            raise ServerError(
+                f"{path}: not a gate service config ({err}); run make team-up "
+                "ARGS=--network to write it again"
+            ) from None
 
 
 def signature_problem(secret: str, headers: Any, body: bytes, now: float) -> str | None:
@@ -82,8 +84,9 @@ def signature_problem(secret: str, headers: Any, body: bytes, now: float) -> str
             return f"timestamp {stamp} is more than {SIGNATURE_WINDOW_S} s away"
     except ValueError:
         return f"timestamp {stamp!r} is not a number"
-    expected = base64.b64encode(hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode()
-                                         + body, hashlib.sha256).digest()).decode()
+    expected = base64.b64encode(
+        hmac.new(secret.encode(), f"{delivery}.{stamp}.".encode() + body, hashlib.sha256).digest()
+    ).decode()
     if not hmac.compare_digest(expected, given[3:]):
         return "signature does not match"
     return None
@@ -116,7 +119,8 @@ class Service:
                 f"{data / 'processed' / 'test.npz'}: sha256 {self.test.sha256()[:12]}…, but "
                 f"the gate service is pinned to {cfg.test_sha256[:12]}…: it decides on the "
                 "test set it was started with only (remove the folder and run make team-up "
-                "ARGS=--network to pin the checkout's current one)")
+                "ARGS=--network to pin the checkout's current one)"
+            )
         self.suite = suite.load(data / "corrupted", self.test)
         self.records = Path(cfg.records)
         self.records.mkdir(parents=True, exist_ok=True)
@@ -130,8 +134,14 @@ class Service:
         from ..evaluation.promotion import VERDICT_TAG
         from ..tracking import registry
 
-        return sorted((str(v.version) for v in registry.versions(self.cfg.registered_model)
-                       if VERDICT_TAG not in (v.tags or {})), key=int)
+        return sorted(
+            (
+                str(v.version)
+                for v in registry.versions(self.cfg.registered_model)
+                if VERDICT_TAG not in (v.tags or {})
+            ),
+            key=int,
+        )
 
     def decide_pending(self) -> None:
         for number in self.pending():
@@ -145,16 +155,32 @@ class Service:
         say(f"version {number}: scoring it on the pinned test set and the corrupted suite")
 
         def scored(scores: Any, shift: Any) -> None:
-            say(f"version {number}: accuracy {scores.accuracy:.4f}, corrupted mean "
-                f"{shift.mean_accuracy:.4f}; waiting for the promotion lock")
+            say(
+                f"version {number}: accuracy {scores.accuracy:.4f}, corrupted mean "
+                f"{shift.mean_accuracy:.4f}; waiting for the promotion lock"
+            )
 
         try:
-            result = promotion.rescore(name, number, self.test, self.suite, self.evaluate_cfg,
-                                       self.gate_cfg, self.cfg.lock_url, self.records,
-                                       on_scored=scored)
+            result = promotion.rescore(
+                name,
+                number,
+                self.test,
+                self.suite,
+                self.evaluate_cfg,
+                self.gate_cfg,
+                self.cfg.lock_url,
+                self.records,
+                on_scored=scored,
+            )
         except ModelError as err:  # the version itself cannot be scored: a rejection
-            promotion.refuse(name, number, f"the gate service could not score it: {err}",
-                             self.test, self.gate_cfg, self.cfg.lock_url)
+            promotion.refuse(
+                name,
+                number,
+                f"the gate service could not score it: {err}",
+                self.test,
+                self.gate_cfg,
+                self.cfg.lock_url,
+            )
             self.state.last = {"version": number, "passed": False, "reason": str(err)}
             say(f"version {number}: rejected, could not score it: {err}")
             return
@@ -162,8 +188,11 @@ class Service:
             self.state.deciding = None
         judgement = result.judgement
         self.state.decided += 1
-        self.state.last = {"version": number, "passed": judgement.verdict.passed,
-                           "champion": judgement.champion_after}
+        self.state.last = {
+            "version": number,
+            "passed": judgement.verdict.passed,
+            "champion": judgement.champion_after,
+        }
         from ..evaluation import gate
 
         say(gate.summary_line(judgement.verdict, number, judgement.champion_before))
@@ -222,8 +251,9 @@ def handler(service: Service) -> type[BaseHTTPRequestHandler]:
             if self.path != "/health":
                 self._answer(404, {"error": f"no {self.path}; try /health"})
                 return
-            self._answer(200, {"registered_model": service.cfg.registered_model,
-                               **asdict(service.state)})
+            self._answer(
+                200, {"registered_model": service.cfg.registered_model, **asdict(service.state)}
+            )
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path != WEBHOOK_PATH:
@@ -248,8 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     from .. import startup
 
     startup.prepare()
-    parser = argparse.ArgumentParser(prog="python -m mnist_pipeline.team.gate_service",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_pipeline.team.gate_service", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("config", type=Path, help="service.json, written by make team-up")
     args = parser.parse_args(argv)
     from ..errors import reported
@@ -265,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ServiceConfig.load(args.config)
         secret = os.environ.get(secure.WEBHOOK_SECRET_ENV, "")
         if not secret:
-            raise ServerError(f"{secure.WEBHOOK_SECRET_ENV} is not set: the service cannot "
-                              "check that deliveries come from the MLflow server")
+            raise ServerError(
+                f"{secure.WEBHOOK_SECRET_ENV} is not set: the service cannot "
+                "check that deliveries come from the MLflow server"
+            )
         store.silence()
         mlflow.set_tracking_uri(cfg.tracking_uri)
         service = Service(cfg, secret)
@@ -276,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ServerError(f"port {cfg.port} on 127.0.0.1: {err.strerror}") from None
         stop = threading.Event()
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        say(f"deciding on {cfg.registered_model} as {os.environ.get('MLFLOW_TRACKING_USERNAME')}"
+        say(
+            f"deciding on {cfg.registered_model} as {os.environ.get('MLFLOW_TRACKING_USERNAME')}"
             f" against {cfg.tracking_uri}; deliveries to http://127.0.0.1:{cfg.port}"
-            f"{WEBHOOK_PATH}; test set {cfg.test_sha256[:12]}…")
+            f"{WEBHOOK_PATH}; test set {cfg.test_sha256[:12]}…"
+        )
         try:
             service.run(stop)
         finally:

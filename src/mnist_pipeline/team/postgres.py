@@ -43,11 +43,20 @@ def binaries() -> Path:
     found = shutil.which("initdb")
     if found:
         return Path(found).parent
-    candidates = sorted((Path(p) for pattern in BINARY_GLOBS for p in glob.glob(pattern)
-                         if (Path(p) / "initdb").is_file()), reverse=True)
+    candidates = sorted(
+        (
+            Path(p)
+            for pattern in BINARY_GLOBS
+            for p in glob.glob(pattern)
+            if (Path(p) / "initdb").is_file()
+        ),
+        reverse=True,
+    )
     if not candidates:
-        raise ServerError("PostgreSQL's initdb was not found: install the server "
-                          "(Debian: apt-get install postgresql) or put its bin/ on PATH")
+        raise ServerError(
+            "PostgreSQL's initdb was not found: install the server "
+            "(Debian: apt-get install postgresql) or put its bin/ on PATH"
+        )
     return candidates[0]
 
 
@@ -81,29 +90,61 @@ class Cluster:
             return
         self.data.mkdir(parents=True, exist_ok=True)
         _hand_over(self.folder)
-        _run([str(binaries() / "initdb"), "-D", str(self.data), "-A", "trust", "-U", SUPERUSER,
-              "-E", "UTF8", "--no-sync"], f"initdb in {self.data}")
+        _run(
+            [
+                str(binaries() / "initdb"),
+                "-D",
+                str(self.data),
+                "-A",
+                "trust",
+                "-U",
+                SUPERUSER,
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            f"initdb in {self.data}",
+        )
 
     def running(self) -> bool:
-        done = subprocess.run(_as_service([str(binaries() / "pg_ctl"), "-D", str(self.data),
-                                           "status"]),
-                              capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            _as_service([str(binaries() / "pg_ctl"), "-D", str(self.data), "status"]),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         return done.returncode == 0
 
     def start(self) -> None:
         if self.running():
             return
-        options = (f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 "
-                   "-c max_connections=200")
-        _run([str(binaries() / "pg_ctl"), "-D", str(self.data), "-o", options,
-              "-l", str(self.log), "-w", "-t", str(START_TIMEOUT_S), "start"],
-             f"pg_ctl start on port {self.port} (log: {self.log})")
+        options = (
+            f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        )
+        _run(
+            [
+                str(binaries() / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                options,
+                "-l",
+                str(self.log),
+                "-w",
+                "-t",
+                str(START_TIMEOUT_S),
+                "start",
+            ],
+            f"pg_ctl start on port {self.port} (log: {self.log})",
+        )
 
     def stop(self, mode: str = "fast") -> None:
         if not self.initialised() or not self.running():
             return
-        _run([str(binaries() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
-             "pg_ctl stop")
+        _run(
+            [str(binaries() / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"],
+            "pg_ctl stop",
+        )
 
     def connect(self, database: str = "postgres") -> Any:
         """An autocommit connection as the superuser, once the cluster accepts one."""
@@ -112,12 +153,18 @@ class Cluster:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
-                return psycopg.connect(self.url(database), autocommit=True, connect_timeout=5,
-                                       **({"password": self.password} if self.password else {}))
+                return psycopg.connect(
+                    self.url(database),
+                    autocommit=True,
+                    connect_timeout=5,
+                    **({"password": self.password} if self.password else {}),
+                )
             except psycopg.OperationalError as err:
                 if time.monotonic() > deadline:
-                    raise ServerError(f"PostgreSQL on port {self.port} does not accept "
-                                      f"connections: {str(err).strip()}") from None
+                    raise ServerError(
+                        f"PostgreSQL on port {self.port} does not accept "
+                        f"connections: {str(err).strip()}"
+                    ) from None
                 time.sleep(0.2)
 
     def require_passwords(self) -> None:
@@ -129,8 +176,11 @@ class Cluster:
             raise ServerError("require_passwords: the cluster has no password to set")
         with self.connect() as connection:
             connection.execute("SET password_encryption = 'scram-sha-256'")
-            connection.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                sql.Identifier(SUPERUSER), sql.Literal(self.password)))
+            connection.execute(
+                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                    sql.Identifier(SUPERUSER), sql.Literal(self.password)
+                )
+            )
         rules = self.data / "pg_hba.conf"
         write_text(rules, HBA_PASSWORDS, permissions=0o600)
         _hand_over(rules)
@@ -161,18 +211,22 @@ def _hand_over(folder: Path) -> None:
     try:
         account = pwd.getpwnam(SERVICE_USER)
     except KeyError:
-        raise ServerError(f"running as root, PostgreSQL must run as the '{SERVICE_USER}' "
-                          "user, which does not exist: install Debian's postgresql package "
-                          "or run as an ordinary user") from None
+        raise ServerError(
+            f"running as root, PostgreSQL must run as the '{SERVICE_USER}' "
+            "user, which does not exist: install Debian's postgresql package "
+            "or run as an ordinary user"
+        ) from None
     for path in [folder, *(folder.rglob("*") if folder.is_dir() else ())]:
         os.chown(path, account.pw_uid, account.pw_gid)
     if not folder.is_dir():
         return  # a file inside a cluster folder already handed over
     for parent in folder.resolve().parents:
         if not os.stat(parent).st_mode & 0o001:
-            raise ServerError(f"{parent} is not searchable by other users, so the "
-                              f"'{SERVICE_USER}' user cannot reach {folder}; choose a folder "
-                              "elsewhere (--dir) or chmod o+x it")
+            raise ServerError(
+                f"{parent} is not searchable by other users, so the "
+                f"'{SERVICE_USER}' user cannot reach {folder}; choose a folder "
+                "elsewhere (--dir) or chmod o+x it"
+            )
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -38,8 +38,12 @@ RESERVED_TAG_PREFIXES = ("gate.", "champion.")
 _ALIAS = {"_set_registered_model_alias", "_delete_registered_model_alias"}
 _MODEL = {"_rename_registered_model", "_delete_registered_model"}
 _VERSION_DELETE = "_delete_model_version"
-_TAGS = {"_set_model_version_tag", "_delete_model_version_tag", "_set_registered_model_tag",
-         "_delete_registered_model_tag"}
+_TAGS = {
+    "_set_model_version_tag",
+    "_delete_model_version_tag",
+    "_set_registered_model_tag",
+    "_delete_registered_model_tag",
+}
 _CREATE_WITH_TAGS = {"_create_model_version", "_create_registered_model"}
 _LOOKUP_FAILED = {"<registry lookup failed>": "*"}
 
@@ -47,15 +51,17 @@ _logger = logging.getLogger(__name__)
 
 
 def _names(env: str, default: str) -> frozenset[str]:
-    return frozenset(part.strip() for part in os.environ.get(env, default).split(",")
-                     if part.strip())
+    return frozenset(
+        part.strip() for part in os.environ.get(env, default).split(",") if part.strip()
+    )
 
 
 def _deny(message: str) -> Any:
     from flask import make_response
 
-    response = make_response(json.dumps({"error_code": "PERMISSION_DENIED",
-                                         "message": message}), 403)
+    response = make_response(
+        json.dumps({"error_code": "PERMISSION_DENIED", "message": message}), 403
+    )
     response.mimetype = "application/json"
     return response
 
@@ -107,8 +113,11 @@ def _protected_on(name: str, protected: frozenset[str]) -> dict[str, str]:
     except Exception:  # noqa: BLE001 - any failure keeps the alias closed
         _logger.exception("release gate: registry lookup failed for %r", name)
         return _LOOKUP_FAILED
-    return {alias: str(version) for alias, version in (model.aliases or {}).items()
-            if alias.casefold() in protected}
+    return {
+        alias: str(version)
+        for alias, version in (model.aliases or {}).items()
+        if alias.casefold() in protected
+    }
 
 
 def gate_hook(gate_users: frozenset[str], protected: frozenset[str]) -> Callable[[], Any]:
@@ -118,7 +127,8 @@ def gate_hook(gate_users: frozenset[str], protected: frozenset[str]) -> Callable
     def release_gate() -> Any:
         endpoint = request.endpoint
         if request.method not in ("POST", "DELETE", "PATCH") or endpoint not in (
-                _ALIAS | _MODEL | _TAGS | _CREATE_WITH_TAGS | {_VERSION_DELETE}):
+            _ALIAS | _MODEL | _TAGS | _CREATE_WITH_TAGS | {_VERSION_DELETE}
+        ):
             return None
         user = g.get("mlflow_authenticated_user")  # set by MLflow's auth hook, which ran first
         if not user:
@@ -126,36 +136,51 @@ def gate_hook(gate_users: frozenset[str], protected: frozenset[str]) -> Callable
         if user in gate_users:
             return None
         if endpoint in _TAGS or endpoint in _CREATE_WITH_TAGS:
-            reserved = sorted(key for key in _values("key") | _tag_keys()
-                              if key.casefold().startswith(RESERVED_TAG_PREFIXES))
+            reserved = sorted(
+                key
+                for key in _values("key") | _tag_keys()
+                if key.casefold().startswith(RESERVED_TAG_PREFIXES)
+            )
             if reserved:
-                return _deny(f"tags {reserved} are written by the gate only; user {user!r} may "
-                             "not write them")
+                return _deny(
+                    f"tags {reserved} are written by the gate only; user {user!r} may "
+                    "not write them"
+                )
             return None
         if endpoint in _ALIAS:
             aliases = _values("alias")
             hit = sorted(alias for alias in aliases if alias.casefold() in protected)
             if hit or not aliases:
-                _logger.warning("release gate: refused %s of alias %s to user %s",
-                                request.method, hit or "(none given)", user)
-                return _deny(f"only the gate ({', '.join(sorted(gate_users))}) moves the alias "
-                             f"{hit or sorted(protected)}: a candidate becomes champion by "
-                             f"passing the gate; user {user!r} may not set or delete it")
+                _logger.warning(
+                    "release gate: refused %s of alias %s to user %s",
+                    request.method,
+                    hit or "(none given)",
+                    user,
+                )
+                return _deny(
+                    f"only the gate ({', '.join(sorted(gate_users))}) moves the alias "
+                    f"{hit or sorted(protected)}: a candidate becomes champion by "
+                    f"passing the gate; user {user!r} may not set or delete it"
+                )
             return None
         names = _values("name")
         if endpoint in _MODEL:
             for name in sorted(names):
                 carried = _protected_on(name, protected)
                 if carried:
-                    return _deny(f"registered model {name!r} carries {sorted(carried)}: only "
-                                 "the gate may rename or delete it")
+                    return _deny(
+                        f"registered model {name!r} carries {sorted(carried)}: only "
+                        "the gate may rename or delete it"
+                    )
             return None
         versions = _values("version")
         for name in sorted(names):
             carried = _protected_on(name, protected)
             if carried is _LOOKUP_FAILED or versions & set(carried.values()):
-                return _deny(f"{sorted(carried)} of {name!r} points at version "
-                             f"{', '.join(sorted(versions))}: only the gate may delete it")
+                return _deny(
+                    f"{sorted(carried)} of {name!r} points at version "
+                    f"{', '.join(sorted(versions))}: only the gate may delete it"
+                )
         return None
 
     return release_gate

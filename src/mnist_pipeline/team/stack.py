@@ -43,7 +43,7 @@ from ..tracking import locks
 from .postgres import SUPERUSER, Cluster
 
 DEFAULT_DIR = ".team"
-DEFAULT_PORT = 5050           # the MLflow server (the local UI takes 5000, serving 5001)
+DEFAULT_PORT = 5050  # the MLflow server (the local UI takes 5000, serving 5001)
 DEFAULT_POSTGRES_PORT = 5433  # beside a system PostgreSQL on 5432
 DATABASES = ("mlflow", "optuna", "monitoring", "mlflow_auth")
 # Two uvicorn workers: parallel sweep workers and evaluations call the server at once.
@@ -133,16 +133,19 @@ class Stack:
         write_json(self.root / "stack.json", asdict(self))
 
     def exports(self) -> str:
-        trust = (f"export MLFLOW_TRACKING_SERVER_CERT_PATH={self.ca}\n" if self.network
-                 else "")
+        trust = f"export MLFLOW_TRACKING_SERVER_CERT_PATH={self.ca}\n" if self.network else ""
         if self.network:  # the evaluate stage leaves the decision to the gate service
             from .users import GATE_SERVICE_ENV, GATE_WAIT_S
 
-            trust += (f"export {GATE_SERVICE_ENV}={GATE_WAIT_S:g}\n"
-                      f"export {PASSWORD_FILE_ENV}={self.pgpass}\n")
-        return (f"export MLFLOW_TRACKING_URI={self.tracking_uri}\n{trust}"
-                f"export {LOCK_ENV}={self.lock_url}\n"
-                f"export {MONITORING_ENV}={self.request_log}\n")
+            trust += (
+                f"export {GATE_SERVICE_ENV}={GATE_WAIT_S:g}\n"
+                f"export {PASSWORD_FILE_ENV}={self.pgpass}\n"
+            )
+        return (
+            f"export MLFLOW_TRACKING_URI={self.tracking_uri}\n{trust}"
+            f"export {LOCK_ENV}={self.lock_url}\n"
+            f"export {MONITORING_ENV}={self.request_log}\n"
+        )
 
 
 def load(folder: Path) -> Stack | None:
@@ -151,8 +154,10 @@ def load(folder: Path) -> Stack | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as err:
-        raise ServerError(f"{folder / 'stack.json'}: unreadable ({err}); remove it and run "
-                          "up again (the data stays)") from None
+        raise ServerError(
+            f"{folder / 'stack.json'}: unreadable ({err}); remove it and run "
+            "up again (the data stays)"
+        ) from None
     return Stack(**saved)
 
 
@@ -177,8 +182,9 @@ def alive(pid: int | None) -> bool:
     return True
 
 
-def up(folder: Path, port: int, postgres_port: int, network: bool = False,
-       checkout: Path | None = None) -> tuple[Stack, float]:
+def up(
+    folder: Path, port: int, postgres_port: int, network: bool = False, checkout: Path | None = None
+) -> tuple[Stack, float]:
     """Start PostgreSQL and the MLflow server (each only if not running); return the stack and
     the seconds it took. `network`: the MLflow server on every interface, with logins,
     roles and TLS (a stack started so stays so), and the gate service, which decides with
@@ -189,8 +195,10 @@ def up(folder: Path, port: int, postgres_port: int, network: bool = False,
     stack.folder = str(folder)
     if network and not stack.network:
         if server_alive(stack):
-            raise ServerError("the stack's MLflow server is running without logins: stop it "
-                              "first (make team-down), then make team-up ARGS=--network")
+            raise ServerError(
+                "the stack's MLflow server is running without logins: stop it "
+                "first (make team-down), then make team-up ARGS=--network"
+            )
         stack.network = True
     for directory in (stack.artifacts, stack.dvc_remote):
         directory.mkdir(parents=True, exist_ok=True)
@@ -225,8 +233,11 @@ def up(folder: Path, port: int, postgres_port: int, network: bool = False,
 @contextlib.contextmanager
 def login(stack: Stack, credentials: dict[str, str]) -> Iterator[None]:
     """MLflow's client environment switched to `credentials` on the stack's server, and back."""
-    keys = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-            "MLFLOW_TRACKING_SERVER_CERT_PATH")
+    keys = (
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    )
     saved = {key: os.environ.get(key) for key in keys}
     os.environ.update({**credentials, "MLFLOW_TRACKING_SERVER_CERT_PATH": str(stack.ca)})
     try:
@@ -247,8 +258,9 @@ def start_gate_service(stack: Stack, checkout: Path) -> None:
 
     made = secure.load_secrets(stack.secrets)
     with login(stack, made.admin_env):
-        users.ensure(users.client(stack.tracking_uri), secure.GATE_LOGIN, "gate",
-                     made.gate_password)
+        users.ensure(
+            users.client(stack.tracking_uri), secure.GATE_LOGIN, "gate", made.gate_password
+        )
     if alive(stack.gate_pid):
         return
     stack.gate_pid, stack.gate_note = None, ""
@@ -258,18 +270,35 @@ def start_gate_service(stack: Stack, checkout: Path) -> None:
         return
     stack.gate_port = stack.gate_port or _free_port()
     config = stack.gate_folder / "service.json"
-    write_text(config, json.dumps(asdict(gate_service.ServiceConfig(
-        port=stack.gate_port, test_sha256=stack.gate_test_sha256 or "",
-        tracking_uri=stack.tracking_uri, lock_url=stack.lock_url,
-        records=str(stack.gate_folder / "records"), **settings)), indent=2) + "\n",
-        permissions=0o600)
+    write_text(
+        config,
+        json.dumps(
+            asdict(
+                gate_service.ServiceConfig(
+                    port=stack.gate_port,
+                    test_sha256=stack.gate_test_sha256 or "",
+                    tracking_uri=stack.tracking_uri,
+                    lock_url=stack.lock_url,
+                    records=str(stack.gate_folder / "records"),
+                    **settings,
+                )
+            ),
+            indent=2,
+        )
+        + "\n",
+        permissions=0o600,
+    )
     command = process.ServerCommand(
         argv=[sys.executable, "-m", "mnist_pipeline.team.gate_service", str(config)],
-        env_overrides={**made.gate_env, "MLFLOW_TRACKING_URI": stack.tracking_uri,
-                       "MLFLOW_TRACKING_SERVER_CERT_PATH": str(stack.ca),
-                       PASSWORD_FILE_ENV: str(stack.pgpass)},
+        env_overrides={
+            **made.gate_env,
+            "MLFLOW_TRACKING_URI": stack.tracking_uri,
+            "MLFLOW_TRACKING_SERVER_CERT_PATH": str(stack.ca),
+            PASSWORD_FILE_ENV: str(stack.pgpass),
+        },
         url=f"http://127.0.0.1:{stack.gate_port}",
-        ready_url=f"http://127.0.0.1:{stack.gate_port}/health")
+        ready_url=f"http://127.0.0.1:{stack.gate_port}/health",
+    )
     with open(stack.gate_log, "ab") as log:
         service = process.start(command, log=log, cwd=stack.gate_folder)
     stack.gate_pid = service.pid
@@ -279,8 +308,9 @@ def start_gate_service(stack: Stack, checkout: Path) -> None:
     except ServerError as err:
         raise ServerError(f"the gate service: {err}; see {stack.gate_log}") from None
     with login(stack, made.admin_env):
-        _ensure_webhook(stack.tracking_uri, f"{command.url}{gate_service.WEBHOOK_PATH}",
-                        made.webhook_secret)
+        _ensure_webhook(
+            stack.tracking_uri, f"{command.url}{gate_service.WEBHOOK_PATH}", made.webhook_secret
+        )
 
 
 WEBHOOK_NAME = "mnist-gate-service"
@@ -295,11 +325,21 @@ def _ensure_webhook(tracking_uri: str, url: str, secret: str) -> None:
     client = MlflowClient(tracking_uri)
     found = [hook for hook in client.list_webhooks() if hook.name == WEBHOOK_NAME]
     if found:
-        client.update_webhook(found[0].webhook_id, url=url, events=[gate_service.EVENT],
-                              secret=secret, status="ACTIVE")
+        client.update_webhook(
+            found[0].webhook_id,
+            url=url,
+            events=[gate_service.EVENT],
+            secret=secret,
+            status="ACTIVE",
+        )
     else:
-        client.create_webhook(WEBHOOK_NAME, url, [gate_service.EVENT], secret=secret,
-                              description="wakes the gate service (mnist-pipeline)")
+        client.create_webhook(
+            WEBHOOK_NAME,
+            url,
+            [gate_service.EVENT],
+            secret=secret,
+            description="wakes the gate service (mnist-pipeline)",
+        )
 
 
 def _gate_settings(stack: Stack, checkout: Path) -> dict | str:
@@ -315,17 +355,21 @@ def _gate_settings(stack: Stack, checkout: Path) -> dict | str:
     try:
         params = yaml.safe_load((checkout / "params.yaml").read_text(encoding="utf-8"))
         paths = section(params, "paths")
-        settings = {"registered_model": section(params, "tracking").registered_model,
-                    "evaluate": section(params, "evaluate").model_dump(),
-                    "gate": section(params, "gate").model_dump()}
+        settings = {
+            "registered_model": section(params, "tracking").registered_model,
+            "evaluate": section(params, "evaluate").model_dump(),
+            "gate": section(params, "gate").model_dump(),
+        }
     except (OSError, KeyError, TypeError, AttributeError, yaml.YAMLError) as err:
         return f"not started: {checkout / 'params.yaml'} is unreadable ({err})"
     data = stack.gate_folder / "data"
     if not (data / "processed" / "test.npz").is_file():
         test, suite = checkout / paths.processed / "test.npz", checkout / paths.corrupted
         if not (test.is_file() and suite.is_dir()):
-            return (f"not started: no test data to pin in {checkout} ({test}, {suite}); run "
-                    "dvc repro corrupt there, then make team-up ARGS=--network again")
+            return (
+                f"not started: no test data to pin in {checkout} ({test}, {suite}); run "
+                "dvc repro corrupt there, then make team-up ARGS=--network again"
+            )
         staging = stack.gate_folder / "data.partial"
         shutil.rmtree(staging, ignore_errors=True)
         (staging / "processed").mkdir(parents=True)
@@ -346,18 +390,30 @@ def _free_port() -> int:
 def server_command(stack: Stack) -> tuple[process.ServerCommand, str | None]:
     """The MLflow server's command, and the CA certificate that checks it (None: plain)."""
     if not stack.network:
-        return tracking_server_command(stack.cluster.url("mlflow"), stack.artifacts,
-                                       host="127.0.0.1", port=stack.port,
-                                       workers=SERVER_WORKERS), None
+        return tracking_server_command(
+            stack.cluster.url("mlflow"),
+            stack.artifacts,
+            host="127.0.0.1",
+            port=stack.port,
+            workers=SERVER_WORKERS,
+        ), None
     from . import secure
 
     hostname = socket.gethostname()
     plain = tracking_server_command(
-        stack.cluster.url("mlflow"), stack.artifacts, host="0.0.0.0", port=stack.port,
-        workers=SERVER_WORKERS, extra_hosts=(f"{hostname}:{stack.port}", hostname))
-    command, certs = secure.secured(plain, stack.secrets,
-                                    auth_database=stack.cluster.url("mlflow_auth"),
-                                    names=["127.0.0.1", "localhost", hostname])
+        stack.cluster.url("mlflow"),
+        stack.artifacts,
+        host="0.0.0.0",
+        port=stack.port,
+        workers=SERVER_WORKERS,
+        extra_hosts=(f"{hostname}:{stack.port}", hostname),
+    )
+    command, certs = secure.secured(
+        plain,
+        stack.secrets,
+        auth_database=stack.cluster.url("mlflow_auth"),
+        names=["127.0.0.1", "localhost", hostname],
+    )
     command.env_overrides[PASSWORD_FILE_ENV] = str(stack.pgpass)
     return command, str(certs.ca)
 
@@ -365,8 +421,10 @@ def server_command(stack: Stack) -> tuple[process.ServerCommand, str | None]:
 def user(stack: Stack, action: str, name: str, role: str | None) -> str:
     """Add (with `role`) or remove a user of a `--network` stack; what to tell them."""
     if not stack.network:
-        raise ServerError("this stack has no logins: start it with make team-up ARGS=--network "
-                          "(after make team-down)")
+        raise ServerError(
+            "this stack has no logins: start it with make team-up ARGS=--network "
+            "(after make team-down)"
+        )
     if not server_alive(stack):
         raise ServerError("the stack's MLflow server is not running: make team-up")
     from . import secure, users
@@ -379,9 +437,11 @@ def user(stack: Stack, action: str, name: str, role: str | None) -> str:
             users.remove(auth, name)
             return f"team: removed {name}; their password no longer works\n"
         password = users.add(auth, name, role or "viewer")
-    return (f"team: added {name} ({role}). Give them these lines (the password is shown only "
-            f"now), and the CA certificate {stack.ca}:\n"
-            + users.exports(stack.tracking_uri, str(stack.ca), name, password))
+    return (
+        f"team: added {name} ({role}). Give them these lines (the password is shown only "
+        f"now), and the CA certificate {stack.ca}:\n"
+        + users.exports(stack.tracking_uri, str(stack.ca), name, password)
+    )
 
 
 def down(folder: Path) -> Stack | None:
@@ -419,75 +479,100 @@ def _check_free(port: int, option: str) -> None:
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
-            raise ServerError(f"port {port} on 127.0.0.1 is in use; pick another with "
-                              f"{option} <port>") from None
+            raise ServerError(
+                f"port {port} on 127.0.0.1 is in use; pick another with {option} <port>"
+            ) from None
 
 
 def describe(stack: Stack) -> str:
-    return (f"  MLflow server  {stack.tracking_uri}  (runs and registry in PostgreSQL; "
-            f"artifacts uploaded through it to {stack.artifacts})\n"
-            f"  PostgreSQL     {stack.cluster.url('')}  (databases {', '.join(DATABASES)}; "
-            f"data in {stack.cluster.data})\n"
-            f"  DVC remote     {stack.dvc_remote}\n"
-            + (f"  gate service   {_gate_state(stack)}\n" if stack.network else ""))
+    return (
+        f"  MLflow server  {stack.tracking_uri}  (runs and registry in PostgreSQL; "
+        f"artifacts uploaded through it to {stack.artifacts})\n"
+        f"  PostgreSQL     {stack.cluster.url('')}  (databases {', '.join(DATABASES)}; "
+        f"data in {stack.cluster.data})\n"
+        f"  DVC remote     {stack.dvc_remote}\n"
+        + (f"  gate service   {_gate_state(stack)}\n" if stack.network else "")
+    )
 
 
 def _gate_state(stack: Stack) -> str:
     if alive(stack.gate_pid):
-        return (f"http://127.0.0.1:{stack.gate_port}/health, pinned to test set "
-                f"{(stack.gate_test_sha256 or '?')[:12]}… (log: {stack.gate_log})")
+        return (
+            f"http://127.0.0.1:{stack.gate_port}/health, pinned to test set "
+            f"{(stack.gate_test_sha256 or '?')[:12]}… (log: {stack.gate_log})"
+        )
     return stack.gate_note or f"stopped (log: {stack.gate_log})"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mnist_pipeline.team",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mnist_pipeline.team", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("action", choices=("up", "down", "status", "env", "user"))
-    parser.add_argument("words", nargs="*", metavar="ARG",
-                        help="user: add NAME | remove NAME")
-    parser.add_argument("--role", choices=("viewer", "member", "gate"), default="viewer",
-                        help="user add: what the user may do (default viewer)")
-    parser.add_argument("--network", action="store_true",
-                        help="up: serve MLflow on every interface, with logins, roles and TLS")
-    parser.add_argument("--dir", help=f"the stack's folder (default: <repository root>/"
-                                      f"{DEFAULT_DIR})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help="the MLflow server's port (first start only)")
-    parser.add_argument("--postgres-port", type=int, default=DEFAULT_POSTGRES_PORT,
-                        help="PostgreSQL's port (first start only)")
+    parser.add_argument("words", nargs="*", metavar="ARG", help="user: add NAME | remove NAME")
+    parser.add_argument(
+        "--role",
+        choices=("viewer", "member", "gate"),
+        default="viewer",
+        help="user add: what the user may do (default viewer)",
+    )
+    parser.add_argument(
+        "--network",
+        action="store_true",
+        help="up: serve MLflow on every interface, with logins, roles and TLS",
+    )
+    parser.add_argument(
+        "--dir", help=f"the stack's folder (default: <repository root>/{DEFAULT_DIR})"
+    )
+    parser.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="the MLflow server's port (first start only)"
+    )
+    parser.add_argument(
+        "--postgres-port",
+        type=int,
+        default=DEFAULT_POSTGRES_PORT,
+        help="PostgreSQL's port (first start only)",
+    )
     args = parser.parse_args(argv)
     folder = Path(args.dir) if args.dir else project.root() / DEFAULT_DIR
     with reported("team"):
         if args.action == "user":
             if len(args.words) != 2 or args.words[0] not in ("add", "remove"):
-                raise ServerError("usage: team user add NAME --role viewer|member|gate, or "
-                                  "team user remove NAME")
+                raise ServerError(
+                    "usage: team user add NAME --role viewer|member|gate, or team user remove NAME"
+                )
             stack = load(folder.resolve())
             if stack is None:
                 raise ServerError(f"no team stack in {folder}: make team-up ARGS=--network")
             print(user(stack, args.words[0], args.words[1], args.role), end="")
         elif args.action == "up":
             stack, seconds = up(folder, args.port, args.postgres_port, network=args.network)
-            print(f"team: up in {seconds:.1f} s\n{describe(stack)}"
-                  "Point each checkout at it (every clone, every shell):\n"
-                  + "".join(f"  {line}\n" for line in stack.exports().splitlines())
-                  + f"  dvc remote add --local -f -d team {stack.dvc_remote}\n"
-                  "One Bayesian study shared by every machine:\n"
-                  f"  python pipelines/sweep.py +sweep=mlp sweep.storage={stack.optuna_storage}")
+            print(
+                f"team: up in {seconds:.1f} s\n{describe(stack)}"
+                "Point each checkout at it (every clone, every shell):\n"
+                + "".join(f"  {line}\n" for line in stack.exports().splitlines())
+                + f"  dvc remote add --local -f -d team {stack.dvc_remote}\n"
+                "One Bayesian study shared by every machine:\n"
+                f"  python pipelines/sweep.py +sweep=mlp sweep.storage={stack.optuna_storage}"
+            )
         elif args.action == "down":
             stack = down(folder)
-            print("team: nothing to stop" if stack is None
-                  else f"team: stopped (data kept in {stack.folder})")
+            print(
+                "team: nothing to stop"
+                if stack is None
+                else f"team: stopped (data kept in {stack.folder})"
+            )
         else:
             stack = load(folder.resolve())
             if stack is None:
-                raise ServerError(f"no team stack in {folder}: start one with "
-                                  "python -m mnist_pipeline.team up (make team-up)")
+                raise ServerError(
+                    f"no team stack in {folder}: start one with "
+                    "python -m mnist_pipeline.team up (make team-up)"
+                )
             if args.action == "env":
                 print(stack.exports(), end="")
             else:
-                state = ("running" if server_alive(stack) and stack.cluster.running()
-                         else "stopped")
+                state = "running" if server_alive(stack) and stack.cluster.running() else "stopped"
                 print(f"team: {state}\n{describe(stack)}", end="")
     return 0
 

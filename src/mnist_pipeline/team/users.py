@@ -25,8 +25,11 @@ from ..errors import ServerError
 WORKSPACE = "default"
 ROLES: dict[str, list[tuple[str, str, str]]] = {
     "viewer": [("experiment", "*", "READ"), ("registered_model", "*", "READ")],
-    "member": [("workspace", "*", "USE"), ("experiment", "*", "EDIT"),
-               ("registered_model", "*", "EDIT")],
+    "member": [
+        ("workspace", "*", "USE"),
+        ("experiment", "*", "EDIT"),
+        ("registered_model", "*", "EDIT"),
+    ],
     "gate": [("experiment", "*", "READ"), ("registered_model", "*", "MANAGE")],
 }
 # evaluation.promotion.GATE_SERVICE_ENV: how long a member's evaluate waits for the verdict
@@ -95,8 +98,10 @@ def remove(auth: Any, name: str) -> None:
 def exports(tracking_uri: str, ca: str, name: str, password: str) -> str:
     """What the user puts in their shell to work against the server (the evaluate stage then
     leaves the decision to the gate service and waits up to GATE_WAIT_S for it)."""
-    return (f"export MLFLOW_TRACKING_URI={tracking_uri}\n"
-            f"export MLFLOW_TRACKING_SERVER_CERT_PATH={ca}\n"
-            f"export MLFLOW_TRACKING_USERNAME={name}\n"
-            f"export MLFLOW_TRACKING_PASSWORD={password}\n"
-            f"export {GATE_SERVICE_ENV}={GATE_WAIT_S:g}\n")
+    return (
+        f"export MLFLOW_TRACKING_URI={tracking_uri}\n"
+        f"export MLFLOW_TRACKING_SERVER_CERT_PATH={ca}\n"
+        f"export MLFLOW_TRACKING_USERNAME={name}\n"
+        f"export MLFLOW_TRACKING_PASSWORD={password}\n"
+        f"export {GATE_SERVICE_ENV}={GATE_WAIT_S:g}\n"
+    )

@@ -45,9 +45,11 @@ Record = dict[str, Any]
 
 def identity(name: str, version: Any | None) -> Record:
     """What the record says about `version` of `name` (None: no champion)."""
-    return {"registered_model": name,
-            "version": None if version is None else str(version.version),
-            "run_id": None if version is None else version.run_id}
+    return {
+        "registered_model": name,
+        "version": None if version is None else str(version.version),
+        "run_id": None if version is None else version.run_id,
+    }
 
 
 def current(cfg: TrackingConfig) -> Record:
@@ -68,8 +70,10 @@ def current(cfg: TrackingConfig) -> Record:
         store.use_store(cfg)
         return identity(name, registry.champion(name))
     except (MlflowException, SQLAlchemyError, OSError) as err:
-        raise TrackingError(f"tracking store {uri}: could not read the champion of '{name}': "
-                            f"{str(err).splitlines()[0][:300]}") from None
+        raise TrackingError(
+            f"tracking store {uri}: could not read the champion of '{name}': "
+            f"{str(err).splitlines()[0][:300]}"
+        ) from None
 
 
 # The MLflow schema revision (alembic head) the query below was written for: MLflow 3.17.2's.
@@ -97,14 +101,14 @@ def read_sqlite(database: Path, name: str) -> Record | None:
     MLflow's `get_model_version_by_alias` would give it; None when this cannot be trusted
     (another schema revision, or anything unexpected): the caller then asks MLflow."""
     try:
-        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
-                                     timeout=30)
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         with contextlib.closing(connection):
             revision = connection.execute("SELECT version_num FROM alembic_version").fetchall()
             if revision != [(SCHEMA_REVISION,)]:
                 return None
-            rows = connection.execute(_CHAMPION_QUERY,
-                                      (DEFAULT_WORKSPACE, name, registry.CHAMPION)).fetchall()
+            rows = connection.execute(
+                _CHAMPION_QUERY, (DEFAULT_WORKSPACE, name, registry.CHAMPION)
+            ).fetchall()
     except (sqlite3.Error, OSError, ValueError, RuntimeError):  # RuntimeError: a symlink loop
         return None
     if len(rows) > 1:
@@ -123,17 +127,21 @@ def read(path: str | os.PathLike[str]) -> Record | None:
 
 @dataclass(frozen=True)
 class Decision:
-    record: Record      # what the file must hold
-    champion: Record    # the registry's champion now
+    record: Record  # what the file must hold
+    champion: Record  # the registry's champion now
     left_by_evaluate: bool  # the champion is the one the last evaluate left
 
     def line(self, path: str | os.PathLike[str]) -> str:
         """The stage's summary line."""
         if self.left_by_evaluate:
-            return (f"champion: {describe(self.champion)}, as the last evaluate left it; "
-                    f"wrote {path} as that evaluate saw it")
-        return (f"champion: {describe(self.champion)}, set since the last evaluate here (or "
-                f"none ran yet); wrote {path}")
+            return (
+                f"champion: {describe(self.champion)}, as the last evaluate left it; "
+                f"wrote {path} as that evaluate saw it"
+            )
+        return (
+            f"champion: {describe(self.champion)}, set since the last evaluate here (or "
+            f"none ran yet); wrote {path}"
+        )
 
 
 def decide(cfg: TrackingConfig, gate_path: str | os.PathLike[str]) -> Decision:
@@ -142,9 +150,12 @@ def decide(cfg: TrackingConfig, gate_path: str | os.PathLike[str]) -> Decision:
     now = current(cfg)
     gate = read(gate_path) or {}
     ran_with = gate.get("champion_record")
-    if (isinstance(ran_with, dict) and gate.get("registered_model") == now["registered_model"]
-            and ran_with.get("registered_model") == now["registered_model"]
-            and gate.get("champion_version") == now["version"]):
+    if (
+        isinstance(ran_with, dict)
+        and gate.get("registered_model") == now["registered_model"]
+        and ran_with.get("registered_model") == now["registered_model"]
+        and gate.get("champion_version") == now["version"]
+    ):
         return Decision(record=ran_with, champion=now, left_by_evaluate=True)
     return Decision(record=now, champion=now, left_by_evaluate=False)
 

@@ -42,39 +42,71 @@ def context() -> dict[str, Any]:
     the working directory, and the DVC experiment (inside `dvc exp run`)."""
     commit = lineage.git_commit()
     login = os.environ.get("MLFLOW_TRACKING_USERNAME")  # the server's login, when it has logins
-    return {"time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "user": _user(), **({"login": login} if login else {}),
-            "host": socket.gethostname(),
-            "git_commit": commit, "git_dirty": lineage.git_dirty(None, commit),
-            "dvc_experiment": lineage.dvc_experiment().get("dvc.experiment")}
+    return {
+        "time": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "user": _user(),
+        **({"login": login} if login else {}),
+        "host": socket.gethostname(),
+        "git_commit": commit,
+        "git_dirty": lineage.git_dirty(None, commit),
+        "dvc_experiment": lineage.dvc_experiment().get("dvc.experiment"),
+    }
 
 
-def gate_entry(verdict: Mapping[str, Any], *, candidate: str, champion_before: str | None,
-               champion_after: str | None, run_id: str,
-               test_sha256: str | None = None) -> dict[str, Any]:
+def gate_entry(
+    verdict: Mapping[str, Any],
+    *,
+    candidate: str,
+    champion_before: str | None,
+    champion_after: str | None,
+    run_id: str,
+    test_sha256: str | None = None,
+) -> dict[str, Any]:
     """An entry for one gate decision; `verdict` is `gate.Verdict.to_dict()`, with the
     significance level it tested at and its number among the decisions on `test_sha256`."""
     if not verdict["passed"]:
         outcome = REJECTED
     else:
         outcome = KEPT if champion_before == candidate else PROMOTED
-    return {**context(), "action": "gate", "outcome": outcome, "candidate": candidate,
-            "champion_before": champion_before, "champion_after": champion_after,
-            "run_id": run_id, "p_value": verdict.get("p_value"),
-            "test_sha256": test_sha256, "level": verdict.get("level"),
-            "decision": verdict.get("decision"),
-            "rules": [{"rule": r["name"], "passed": r["passed"], "value": r["value"],
-                       "threshold": r["threshold"]} for r in verdict["rules"]],
-            "reason": verdict["reason"]}
+    return {
+        **context(),
+        "action": "gate",
+        "outcome": outcome,
+        "candidate": candidate,
+        "champion_before": champion_before,
+        "champion_after": champion_after,
+        "run_id": run_id,
+        "p_value": verdict.get("p_value"),
+        "test_sha256": test_sha256,
+        "level": verdict.get("level"),
+        "decision": verdict.get("decision"),
+        "rules": [
+            {
+                "rule": r["name"],
+                "passed": r["passed"],
+                "value": r["value"],
+                "threshold": r["threshold"],
+            }
+            for r in verdict["rules"]
+        ],
+        "reason": verdict["reason"],
+    }
 
 
-def move_entry(*, forced: bool, candidate: str, champion_before: str | None, reason: str,
-               checks: list[str]) -> dict[str, Any]:
+def move_entry(
+    *, forced: bool, candidate: str, champion_before: str | None, reason: str, checks: list[str]
+) -> dict[str, Any]:
     """An entry for a move by hand (`champion rollback`): why, and what was checked."""
-    return {**context(), "action": "force" if forced else "rollback",
-            "outcome": FORCED if forced else ROLLED_BACK, "candidate": candidate,
-            "champion_before": champion_before, "champion_after": candidate,
-            "checks": checks, "reason": reason}
+    return {
+        **context(),
+        "action": "force" if forced else "rollback",
+        "outcome": FORCED if forced else ROLLED_BACK,
+        "candidate": candidate,
+        "champion_before": champion_before,
+        "champion_after": candidate,
+        "checks": checks,
+        "reason": reason,
+    }
 
 
 def append(name: str, entry: Mapping[str, Any]) -> int:
@@ -124,15 +156,20 @@ def encode(entry: Mapping[str, Any]) -> str:
         safe = _shorten(safe, limit)
         text = _dumps(safe)
     if len(text) > MAX_CHARS:
-        raise ValueError(f"history entry: {len(text)} characters even with short texts, "
-                         f"over the registry's {MAX_CHARS}")
+        raise ValueError(
+            f"history entry: {len(text)} characters even with short texts, "
+            f"over the registry's {MAX_CHARS}"
+        )
     return text
 
 
 def _tagged(client: Any, name: str) -> list[tuple[int, str]]:
     tags = retry(lambda: client.get_registered_model(name)).tags
-    return [(int(key[len(PREFIX):]), value) for key, value in tags.items()
-            if key.startswith(PREFIX) and key[len(PREFIX):].isdigit()]
+    return [
+        (int(key[len(PREFIX) :]), value)
+        for key, value in tags.items()
+        if key.startswith(PREFIX) and key[len(PREFIX) :].isdigit()
+    ]
 
 
 def _dumps(entry: Any) -> str:
@@ -141,7 +178,7 @@ def _dumps(entry: Any) -> str:
 
 def _shorten(value: Any, limit: int) -> Any:
     if isinstance(value, str):
-        return value if len(value) <= limit else value[:limit - 1] + "…"
+        return value if len(value) <= limit else value[: limit - 1] + "…"
     if isinstance(value, list):
         return [_shorten(item, limit) for item in value]
     if isinstance(value, dict):

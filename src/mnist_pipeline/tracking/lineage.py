@@ -37,8 +37,9 @@ def git_commit(cwd: str | os.PathLike[str] | None = None) -> str | None:
 
 def _git(cwd: str | os.PathLike[str] | None, *args: str) -> str | None:
     try:
-        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              timeout=20, check=True)
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=20, check=True
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return done.stdout.strip()

@@ -33,9 +33,11 @@ def lock_url(configured: str | None) -> str | None:
     """`MNIST_PIPELINE_LOCK_URL` if set, else the configured URL (`tracking.lock_url`)."""
     url = os.environ.get(LOCK_URL_ENV) or configured
     if url and not url.startswith(POSTGRES_SCHEMES):
-        raise TrackingError(f"lock URL {url!r}: expected postgresql://user@host:port/database "
-                            f"(set {LOCK_URL_ENV} or tracking.lock_url), or nothing for a file "
-                            "lock in this checkout")
+        raise TrackingError(
+            f"lock URL {url!r}: expected postgresql://user@host:port/database "
+            f"(set {LOCK_URL_ENV} or tracking.lock_url), or nothing for a file "
+            "lock in this checkout"
+        )
     return url or None
 
 
@@ -56,8 +58,10 @@ class Held:
         try:
             self._connection.execute("SELECT 1")  # type: ignore[attr-defined]
         except psycopg.Error as err:
-            raise TrackingError(f"lost {self.description} ({describe_error(err)}): nothing was "
-                                "changed after that; rerun the stage") from None
+            raise TrackingError(
+                f"lost {self.description} ({describe_error(err)}): nothing was "
+                "changed after that; rerun the stage"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -71,8 +75,9 @@ def held(name: str, url: str | None, *, wait_s: float = WAIT_S) -> Iterator[Held
             with FileLock(str(path), timeout=wait_s):
                 yield Held(f"the file lock {path}")
         except Timeout:
-            raise TrackingError(f"the file lock {path} was not free within {wait_s:.0f} s") \
-                from None
+            raise TrackingError(
+                f"the file lock {path} was not free within {wait_s:.0f} s"
+            ) from None
         return
     with _advisory(name, url, wait_s) as lock:
         yield lock
@@ -85,11 +90,14 @@ def _advisory(name: str, url: str, wait_s: float) -> Iterator[Held]:
     key = f"mnist-pipeline:{name}"
     where = public_url(url)
     try:
-        connection = psycopg.connect(_libpq(url), autocommit=True,
-                                     connect_timeout=CONNECT_TIMEOUT_S)
+        connection = psycopg.connect(
+            _libpq(url), autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+        )
     except psycopg.Error as err:
-        raise TrackingError(f"cannot reach the lock database {where}: {describe_error(err)} "
-                            f"(check {LOCK_URL_ENV} / tracking.lock_url)") from None
+        raise TrackingError(
+            f"cannot reach the lock database {where}: {describe_error(err)} "
+            f"(check {LOCK_URL_ENV} / tracking.lock_url)"
+        ) from None
     description = f"the advisory lock '{name}' on {where}"
     try:
         with connection:
@@ -98,8 +106,7 @@ def _advisory(name: str, url: str, wait_s: float) -> Iterator[Held]:
                 connection.execute(f"SET lock_timeout = '{int(wait_s * 1000)}ms'")
                 connection.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
             except psycopg.errors.LockNotAvailable:
-                raise TrackingError(f"{description} was not free within {wait_s:.0f} s") \
-                    from None
+                raise TrackingError(f"{description} was not free within {wait_s:.0f} s") from None
             except psycopg.Error as err:
                 raise TrackingError(f"cannot take {description}: {describe_error(err)}") from None
             yield Held(description, connection)

@@ -33,6 +33,7 @@ KERAS_REQUIREMENTS = ("mlflow", "keras", "tensorflow", "numpy")
 
 # --- models --------------------------------------------------------------------------------
 
+
 def pinned_requirements(names: tuple[str, ...] = MODEL_REQUIREMENTS) -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in names]
 
@@ -42,13 +43,20 @@ def image_signature():
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
 
 
-def log_served_model(keras_file: str | Path, onnx_file: str | Path, *,
-                     calibration: Mapping[str, Any] | None = None, name: str = "model",
-                     tags: Mapping[str, str] | None = None) -> str:
+def log_served_model(
+    keras_file: str | Path,
+    onnx_file: str | Path,
+    *,
+    calibration: Mapping[str, Any] | None = None,
+    name: str = "model",
+    tags: Mapping[str, str] | None = None,
+) -> str:
     """Log the served pyfunc around `onnx_file` (what answers), `keras_file` (what it was
     exported from) and `calibration` (temperature and abstention threshold; none: raw
     probabilities, every answer stands); return its `models:/` URI."""
@@ -63,27 +71,44 @@ def log_served_model(keras_file: str | Path, onnx_file: str | Path, *,
         folder = Path(tmp)  # the names mnist_onnx.OnnxDigitModel reads
         shutil.copyfile(keras_file, folder / "model.keras")
         shutil.copyfile(onnx_file, folder / mnist_onnx.ONNX_FILE)
-        write_json(folder / mnist_onnx.CALIBRATION_FILE,
-                   dict(calibration or {"temperature": 1.0, "threshold": 0.0}))
-        artifacts = {served_model.KERAS_ARTIFACT: str(folder / "model.keras"),
-                     served_model.ONNX_ARTIFACT: str(folder / mnist_onnx.ONNX_FILE),
-                     served_model.CALIBRATION_ARTIFACT: str(folder / mnist_onnx.CALIBRATION_FILE)}
-        info = retry(lambda: mlflow.pyfunc.log_model(
-            name=name, python_model=served_model.__file__, artifacts=artifacts,
-            code_paths=[mnist_onnx.__file__],
-            signature=image_signature(), pip_requirements=pinned_requirements(),
-            tags=dict(tags or {})))
+        write_json(
+            folder / mnist_onnx.CALIBRATION_FILE,
+            dict(calibration or {"temperature": 1.0, "threshold": 0.0}),
+        )
+        artifacts = {
+            served_model.KERAS_ARTIFACT: str(folder / "model.keras"),
+            served_model.ONNX_ARTIFACT: str(folder / mnist_onnx.ONNX_FILE),
+            served_model.CALIBRATION_ARTIFACT: str(folder / mnist_onnx.CALIBRATION_FILE),
+        }
+        info = retry(
+            lambda: mlflow.pyfunc.log_model(
+                name=name,
+                python_model=served_model.__file__,
+                artifacts=artifacts,
+                code_paths=[mnist_onnx.__file__],
+                signature=image_signature(),
+                pip_requirements=pinned_requirements(),
+                tags=dict(tags or {}),
+            )
+        )
     return info.model_uri
 
 
-def log_keras_flavour(model: Any, name: str = "model",
-                      tags: Mapping[str, str] | None = None) -> str:
+def log_keras_flavour(
+    model: Any, name: str = "model", tags: Mapping[str, str] | None = None
+) -> str:
     """Log `model` with MLflow's Keras flavour (served by `model.predict` per request)."""
     import mlflow
 
-    info = retry(lambda: mlflow.keras.log_model(
-        model, name=name, signature=image_signature(),
-        pip_requirements=pinned_requirements(KERAS_REQUIREMENTS), tags=dict(tags or {})))
+    info = retry(
+        lambda: mlflow.keras.log_model(
+            model,
+            name=name,
+            signature=image_signature(),
+            pip_requirements=pinned_requirements(KERAS_REQUIREMENTS),
+            tags=dict(tags or {}),
+        )
+    )
     return info.model_uri
 
 
@@ -148,8 +173,7 @@ def download(model_uri: str, folder: str | Path) -> Path:
     """Every file of the model behind `model_uri`, downloaded into `folder`."""
     import mlflow
 
-    return Path(retry(lambda: mlflow.artifacts.download_artifacts(model_uri,
-                                                                   dst_path=str(folder))))
+    return Path(retry(lambda: mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder))))
 
 
 def keras_in(folder: Path, model_uri: str) -> Any:
@@ -158,7 +182,8 @@ def keras_in(folder: Path, model_uri: str) -> Any:
     from ..training import models  # here: training imports this module
 
     keras_files = sorted((folder / "artifacts").glob("*.keras")) or sorted(
-        (folder / "data").glob("*.keras"))
+        (folder / "data").glob("*.keras")
+    )
     if not keras_files:
         raise ModelError(f"{model_uri}: no .keras file among the model's artifacts")
     return models.load(keras_files[0])
@@ -176,7 +201,9 @@ def calibration_in(folder: Path) -> dict[str, float] | None:
         return None
     try:
         fitted = json.loads(path.read_text(encoding="utf-8"))
-        return {"temperature": float(fitted["temperature"]),
-                "threshold": float(fitted["threshold"])}
+        return {
+            "temperature": float(fitted["temperature"]),
+            "threshold": float(fitted["threshold"]),
+        }
     except (ValueError, KeyError, TypeError) as err:
         raise ModelError(f"{path}: not a calibration ({err})") from None

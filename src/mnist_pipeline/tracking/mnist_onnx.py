@@ -40,16 +40,18 @@ def threads(spec: str | None = None) -> tuple[int, int]:
     try:
         return (int(intra) if intra.strip() else 0, int(inter) if inter.strip() else 1)
     except ValueError:
-        raise ValueError(f"{THREADS_ENV}: got {text!r}, expected '<intra>[,<inter>]' "
-                         "(integers)") from None
+        raise ValueError(
+            f"{THREADS_ENV}: got {text!r}, expected '<intra>[,<inter>]' (integers)"
+        ) from None
 
 
 def calibrated(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T), row by row, as float32 (training.calibration.scale's formula)."""
     if temperature == 1.0:
         return np.asarray(probabilities, dtype=np.float32)
-    logits = np.log(np.clip(np.asarray(probabilities, dtype=np.float64),
-                            np.finfo(np.float32).tiny, None))
+    logits = np.log(
+        np.clip(np.asarray(probabilities, dtype=np.float64), np.finfo(np.float32).tiny, None)
+    )
     logits /= temperature
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
@@ -59,8 +61,9 @@ def calibrated(probabilities: np.ndarray, temperature: float) -> np.ndarray:
 def check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
-        raise ModelInputError(f"expected uint8 images of shape (N, 28, 28), got "
-                              f"{images.dtype} {images.shape}")
+        raise ModelInputError(
+            f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}"
+        )
     return images
 
 
@@ -74,8 +77,9 @@ class OnnxDigitModel:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads(thread_spec)
         options.log_severity_level = 3  # errors only: no graph-optimisation notices
-        self.session = onnxruntime.InferenceSession(str(folder / ONNX_FILE), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
         self.input_name = self.session.get_inputs()[0].name
         self.temperature, self.threshold = 1.0, 0.0
         calibration = folder / CALIBRATION_FILE

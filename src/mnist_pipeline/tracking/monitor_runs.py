@@ -28,15 +28,19 @@ def download_reference(name: str, version: str, dst: str | os.PathLike[str]) -> 
     """Version `version` of `name`'s reference, downloaded into `dst`."""
     found = registry.version(name, version)
     if found is None:
-        raise TrackingError(f"the request log names version {version} of {name!r}, which the "
-                            "registry does not have: is MLFLOW_TRACKING_URI / tracking.uri "
-                            "the store the server was started from?")
+        raise TrackingError(
+            f"the request log names version {version} of {name!r}, which the "
+            "registry does not have: is MLFLOW_TRACKING_URI / tracking.uri "
+            "the store the server was started from?"
+        )
     path = runs.download_artifact(found.run_id, REFERENCE_ARTIFACT, dst)
     if path is None:
-        raise TrackingError(f"version {version} of {name!r} (run {found.run_id}) has no "
-                            f"{REFERENCE_ARTIFACT}: it was evaluated before references were "
-                            "recorded; evaluate it again (dvc repro -f evaluate in its "
-                            "workspace) or monitor a newer version")
+        raise TrackingError(
+            f"version {version} of {name!r} (run {found.run_id}) has no "
+            f"{REFERENCE_ARTIFACT}: it was evaluated before references were "
+            "recorded; evaluate it again (dvc repro -f evaluate in its "
+            "workspace) or monitor a newer version"
+        )
     return Path(path)
 
 
@@ -52,16 +56,28 @@ def logged_windows(experiment_id: str, keys: Iterable[str]) -> set[str]:
     for prefix in sorted({key.rsplit("/", 1)[0] for key in wanted}):
         # `_` and `%` in a name match more than themselves: harmless, the keys are compared.
         escaped = prefix.replace("'", "\\'")
-        runs_found = retry(lambda escaped=escaped: mlflow.search_runs(
-            experiment_ids=[experiment_id],
-            filter_string=f"tags.`{WINDOW_TAG}` LIKE '{escaped}/%'",
-            output_format="list", max_results=MAX_WINDOW_RUNS))
+        runs_found = retry(
+            lambda escaped=escaped: mlflow.search_runs(
+                experiment_ids=[experiment_id],
+                filter_string=f"tags.`{WINDOW_TAG}` LIKE '{escaped}/%'",
+                output_format="list",
+                max_results=MAX_WINDOW_RUNS,
+            )
+        )
         found |= {run.data.tags.get(WINDOW_TAG, "") for run in runs_found}
     return found & wanted
 
 
-def log_window(experiment_id: str, key: str, *, name: str, tags: dict[str, str],
-               metrics: dict[str, float], timestamp_ms: int, report: dict[str, Any]) -> str:
+def log_window(
+    experiment_id: str,
+    key: str,
+    *,
+    name: str,
+    tags: dict[str, str],
+    metrics: dict[str, float],
+    timestamp_ms: int,
+    report: dict[str, Any],
+) -> str:
     """One run for one window: its figures as metrics stamped with the window's last answer,
     the full result as `window.json`."""
     from mlflow import MlflowClient
@@ -77,4 +93,5 @@ def log_window(experiment_id: str, key: str, *, name: str, tags: dict[str, str],
 
 def _json(obj: Any) -> str:
     import json
+
     return json.dumps(obj, indent=2, default=float)

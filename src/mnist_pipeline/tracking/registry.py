@@ -1,5 +1,4 @@
-"""The Model Registry: versions, their tags, and the `champion` alias.
-"""
+"""The Model Registry: versions, their tags, and the `champion` alias."""
 
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ APPROVED_DIGEST = "gate.sha256"
 
 # --- registry ------------------------------------------------------------------------------
 
+
 def find_version(name: str, tag: str, value: str) -> Any | None:
     """The registered version of `name` whose tag `tag` equals `value`, if any.
 
@@ -27,8 +27,11 @@ def find_version(name: str, tag: str, value: str) -> Any | None:
 
     if "`" in tag:
         raise ValueError(f"registry tag {tag!r}: got a backtick, which a filter cannot quote")
-    found = retry(lambda: MlflowClient().search_model_versions(
-        f"name = {_quoted(name)} and tags.`{tag}` = {_quoted(value)}", max_results=1))
+    found = retry(
+        lambda: MlflowClient().search_model_versions(
+            f"name = {_quoted(name)} and tags.`{tag}` = {_quoted(value)}", max_results=1
+        )
+    )
     return found[0] if found else None
 
 
@@ -39,8 +42,11 @@ def versions(name: str, page_size: int = 200) -> list[Any]:
     found: list[Any] = []
     token = None
     while True:
-        page = retry(lambda t=token: MlflowClient().search_model_versions(
-            f"name = {_quoted(name)}", max_results=page_size, page_token=t))
+        page = retry(
+            lambda t=token: MlflowClient().search_model_versions(
+                f"name = {_quoted(name)}", max_results=page_size, page_token=t
+            )
+        )
         found.extend(page)
         token = page.token
         if not token:
@@ -53,8 +59,10 @@ def _quoted(value: str) -> str:
     for quote in ("'", '"'):
         if quote not in value:
             return f"{quote}{value}{quote}"
-    raise ValueError(f"registry filter value {value!r}: got both ' and \", which MLflow's "
-                     "filter syntax cannot quote")
+    raise ValueError(
+        f"registry filter value {value!r}: got both ' and \", which MLflow's "
+        "filter syntax cannot quote"
+    )
 
 
 def register(model_uri: str, name: str, tags: Mapping[str, str]) -> Any:
@@ -105,9 +113,12 @@ def by_alias(name: str, alias: str) -> Any | None:
     try:
         return retry(lambda: MlflowClient().get_model_version_by_alias(name, alias))
     except MlflowException as err:
-        if "not found" in str(err).lower() or "RESOURCE_DOES_NOT_EXIST" in str(err) \
-                or "does not exist" in str(err).lower() or _refused_for_a_missing_model(
-                    err, name):
+        if (
+            "not found" in str(err).lower()
+            or "RESOURCE_DOES_NOT_EXIST" in str(err)
+            or "does not exist" in str(err).lower()
+            or _refused_for_a_missing_model(err, name)
+        ):
             return None
         raise
 
@@ -119,8 +130,9 @@ def _refused_for_a_missing_model(err: Exception, name: str) -> bool:
 
     if getattr(err, "error_code", "") != "PERMISSION_DENIED" and "403" not in str(err):
         return False
-    return not retry(lambda: MlflowClient().search_registered_models(
-        f"name = {_quoted(name)}", max_results=1))
+    return not retry(
+        lambda: MlflowClient().search_registered_models(f"name = {_quoted(name)}", max_results=1)
+    )
 
 
 def promote(name: str, version: str) -> None:
@@ -142,7 +154,8 @@ def promote(name: str, version: str) -> None:
             "on a team server with logins only the gate service's login moves it. To have the "
             "evaluate stage leave the decision to the service: export "
             "MNIST_PIPELINE_GATE_SERVICE=900; to roll back: run the command with the gate's "
-            "login (docs/team.md)") from None
+            "login (docs/team.md)"
+        ) from None
 
 
 def label(version: str | None) -> str:

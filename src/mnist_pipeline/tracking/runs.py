@@ -29,15 +29,27 @@ DIGEST_CHARS = 36
 
 
 @contextlib.contextmanager
-def run(experiment_id: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None,
-        parent_run_id: str | None = None, resume_run_id: str | None = None) -> Iterator[str]:
+def run(
+    experiment_id: str,
+    *,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> Iterator[str]:
     """A run that always ends: FINISHED, FAILED on an exception, KILLED on SIGINT/SIGTERM."""
     import mlflow
 
-    active = retry(lambda: mlflow.start_run(
-        run_id=resume_run_id, experiment_id=None if resume_run_id else experiment_id,
-        run_name=None if resume_run_id else run_name, tags={**(tags or {}), **owner_tags()},
-        parent_run_id=parent_run_id, nested=parent_run_id is not None))
+    active = retry(
+        lambda: mlflow.start_run(
+            run_id=resume_run_id,
+            experiment_id=None if resume_run_id else experiment_id,
+            run_name=None if resume_run_id else run_name,
+            tags={**(tags or {}), **owner_tags()},
+            parent_run_id=parent_run_id,
+            nested=parent_run_id is not None,
+        )
+    )
     run_id = active.info.run_id
     try:
         if GIT_COMMIT not in active.data.tags:
@@ -69,8 +81,11 @@ def create(experiment_id: str, *, run_name: str, tags: Mapping[str, str]) -> str
     """A new run, RUNNING but not started in this process (`run(resume_run_id=...)` does)."""
     from mlflow import MlflowClient
 
-    created = retry(lambda: MlflowClient().create_run(
-        experiment_id, run_name=run_name, tags={**tags, **owner_tags()}))
+    created = retry(
+        lambda: MlflowClient().create_run(
+            experiment_id, run_name=run_name, tags={**tags, **owner_tags()}
+        )
+    )
     return created.info.run_id
 
 
@@ -105,10 +120,13 @@ def reap_orphans(experiment_id: str) -> list[str]:
 
     client = MlflowClient()
     host = socket.gethostname()
-    running = retry(lambda: client.search_runs(
-        [experiment_id],
-        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
-        max_results=1000))
+    running = retry(
+        lambda: client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+            max_results=1000,
+        )
+    )
     reaped = []
     for stale in running:
         pid = stale.data.tags.get("process.pid", "")
@@ -143,14 +161,18 @@ def log_params(params: Mapping[str, Any]) -> None:
     retry(lambda: mlflow.log_params(clean))
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None,
-                run_id: str | None = None) -> None:
+def log_metrics(
+    metrics: Mapping[str, float], step: int | None = None, run_id: str | None = None
+) -> None:
     """Log finite numeric metrics (NaN/inf are skipped: MLflow stores them poorly)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    clean = {k: float(v) for k, v in metrics.items()
-             if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))}
+    clean = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))
+    }
     if not clean:
         return
     target = run_id or _active_run_id()
@@ -168,24 +190,27 @@ def set_tags(tags: Mapping[str, Any], run_id: str | None = None) -> None:
     retry(lambda: MlflowClient().log_batch(target, tags=batch))
 
 
-def log_artifact(path: str | os.PathLike[str], artifact_path: str | None = None,
-                 run_id: str | None = None) -> None:
+def log_artifact(
+    path: str | os.PathLike[str], artifact_path: str | None = None, run_id: str | None = None
+) -> None:
     from mlflow import MlflowClient
 
     target = run_id or _active_run_id()
     retry(lambda: MlflowClient().log_artifact(target, str(path), artifact_path))
 
 
-def download_artifact(run_id: str, artifact_path: str,
-                      dst: str | os.PathLike[str]) -> str | None:
+def download_artifact(run_id: str, artifact_path: str, dst: str | os.PathLike[str]) -> str | None:
     """Artifact `artifact_path` of run `run_id` downloaded into `dst`; None when the run has
     no such artifact (or no longer exists)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return retry(lambda: mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+        return retry(
+            lambda: mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+            )
+        )
     except (MlflowException, OSError):
         return None
 
@@ -197,15 +222,17 @@ def log_text(text: str, artifact_file: str, run_id: str | None = None) -> None:
     retry(lambda: MlflowClient().log_text(target, text, artifact_file))
 
 
-def log_dataset(images: np.ndarray, labels: np.ndarray, *, name: str, sha256: str, source: str,
-                context: str) -> None:
+def log_dataset(
+    images: np.ndarray, labels: np.ndarray, *, name: str, sha256: str, source: str, context: str
+) -> None:
     """Record the data a run used as an MLflow dataset input keyed by its SHA-256."""
     import mlflow
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
-        dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name,
-                                         digest=sha256[:DIGEST_CHARS])
+        dataset = mlflow.data.from_numpy(
+            images, targets=labels, source=source, name=name, digest=sha256[:DIGEST_CHARS]
+        )
     retry(lambda: mlflow.log_input(dataset, context=context, tags={"sha256": sha256}))
 
 
@@ -233,10 +260,12 @@ def run_info(run_id: str, *, named_in: str | None = None) -> Any:
             f"{named_in}: run {run_id} is not in the tracking store {current_uri()}; the train "
             "outputs were logged to another store (restored from a DVC cache or pulled), or "
             "the run was deleted: point MLFLOW_TRACKING_URI at that store, or train again here "
-            "(`dvc repro -f train`, `dvc exp run -f`)") from None
+            "(`dvc repro -f train`, `dvc exp run -f`)"
+        ) from None
 
 
 # --- sweeps --------------------------------------------------------------------------------
+
 
 def log_figure(figure: Any, artifact_file: str, run_id: str) -> None:
     """A matplotlib figure as a PNG artifact of `run_id`."""
@@ -268,9 +297,14 @@ def child_runs(parent_run_id: str) -> list[Any]:
     runs: list[Any] = []
     token: str | None = None
     while True:
-        page = retry(lambda token=token: client.search_runs(
-            [experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-            max_results=1000, page_token=token))
+        page = retry(
+            lambda token=token: client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                max_results=1000,
+                page_token=token,
+            )
+        )
         runs.extend(page)
         token = page.token
         if not token:

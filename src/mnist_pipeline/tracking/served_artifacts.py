@@ -42,8 +42,8 @@ _ALIAS_QUERY = """
 
 @dataclass(frozen=True)
 class Served:
-    folder: Path   # holds model.onnx and calibration.json
-    name: str      # registered model
+    folder: Path  # holds model.onnx and calibration.json
+    name: str  # registered model
     version: str
 
 
@@ -52,41 +52,48 @@ def locate(cfg: TrackingConfig, model_uri: str, cache: str | os.PathLike[str]) -
     `models:/<name>/<version>`), downloaded into `cache` when they are not on this disk."""
     match = MODEL_URI.match(model_uri)
     if match is None:
-        raise ModelError(f"{model_uri}: expected models:/<name>@<alias> or "
-                         "models:/<name>/<version>")
+        raise ModelError(
+            f"{model_uri}: expected models:/<name>@<alias> or models:/<name>/<version>"
+        )
     name = match["name"]
     found = _from_sqlite(cfg, model_uri, name, match["alias"], match["version"])
     if found is None:
         found = _from_mlflow(cfg, model_uri, name, match["alias"], match["version"], cache)
     if not (found.folder / ONNX_FILE).exists():
-        raise ModelError(f"{model_uri}: version {found.version} of '{name}' was logged "
-                         "before models were exported to ONNX: retrain it (dvc repro), or "
-                         "serve it with MLflow's own server (--mlflow)")
+        raise ModelError(
+            f"{model_uri}: version {found.version} of '{name}' was logged "
+            "before models were exported to ONNX: retrain it (dvc repro), or "
+            "serve it with MLflow's own server (--mlflow)"
+        )
     return found
 
 
 def missing(name: str, alias: str | None, version: str | None, model_uri: str) -> str:
-    return (f"{model_uri}: no version of '{name}' is '{alias}' yet" if alias
-            else f"{model_uri}: '{name}' has no version {version}")
+    return (
+        f"{model_uri}: no version of '{name}' is '{alias}' yet"
+        if alias
+        else f"{model_uri}: '{name}' has no version {version}"
+    )
 
 
-def _from_sqlite(cfg: TrackingConfig, model_uri: str, name: str, alias: str | None,
-                 version: str | None) -> Served | None:
+def _from_sqlite(
+    cfg: TrackingConfig, model_uri: str, name: str, alias: str | None, version: str | None
+) -> Served | None:
     """The version's local artifacts, read with plain SQL where MLflow would read this same
     SQLite file (as champion_record decides); None when it cannot be trusted."""
     database = store.sqlite_file(store.tracking_uri(cfg))
     if database is None or any(os.environ.get(key) for key in champion_record.ELSEWHERE_ENV):
         return None
     try:
-        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True,
-                                     timeout=30)
+        connection = sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
         with contextlib.closing(connection):
             revision = connection.execute("SELECT version_num FROM alembic_version").fetchall()
             if revision != [(champion_record.SCHEMA_REVISION,)]:
                 return None
             query, key = (_ALIAS_QUERY, alias) if alias else (_VERSION_QUERY, version)
-            rows = connection.execute(query, (champion_record.DEFAULT_WORKSPACE, name,
-                                              key)).fetchall()
+            rows = connection.execute(
+                query, (champion_record.DEFAULT_WORKSPACE, name, key)
+            ).fetchall()
     except (sqlite3.Error, OSError, ValueError, RuntimeError):
         return None
     if not rows:
@@ -97,8 +104,14 @@ def _from_sqlite(cfg: TrackingConfig, model_uri: str, name: str, alias: str | No
     return Served(folder=folder / "artifacts", name=name, version=str(rows[0][0]))
 
 
-def _from_mlflow(cfg: TrackingConfig, model_uri: str, name: str, alias: str | None,
-                 number: str | None, cache: str | os.PathLike[str]) -> Served:
+def _from_mlflow(
+    cfg: TrackingConfig,
+    model_uri: str,
+    name: str,
+    alias: str | None,
+    number: str | None,
+    cache: str | os.PathLike[str],
+) -> Served:
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -109,8 +122,11 @@ def _from_mlflow(cfg: TrackingConfig, model_uri: str, name: str, alias: str | No
     if version is None:
         raise ModelError(missing(name, alias, number, model_uri))
     try:
-        folder = store.retry(lambda: mlflow.artifacts.download_artifacts(
-            registry.version_uri(name, str(version.version)), dst_path=str(cache)))
+        folder = store.retry(
+            lambda: mlflow.artifacts.download_artifacts(
+                registry.version_uri(name, str(version.version)), dst_path=str(cache)
+            )
+        )
     except MlflowException as err:
         raise ModelError(f"{model_uri}: {str(err).splitlines()[0]}") from None
     approved = (version.tags or {}).get(registry.APPROVED_DIGEST)
@@ -121,5 +137,6 @@ def _from_mlflow(cfg: TrackingConfig, model_uri: str, name: str, alias: str | No
                 f"{model_uri}: version {version.version}'s files are not the ones the gate "
                 f"approved (sha256 {found[:12]}…, {registry.APPROVED_DIGEST} {approved[:12]}…):"
                 " its artifacts were rewritten after approval; refusing to serve them (roll "
-                "back to another version, and find who wrote to the artifact store)")
+                "back to another version, and find who wrote to the artifact store)"
+            )
     return Served(folder=Path(folder) / "artifacts", name=name, version=str(version.version))

@@ -26,8 +26,8 @@ try:  # loaded by MLflow: the model's code folder is on sys.path
 except ImportError:  # imported from this package
     from mnist_pipeline.tracking.mnist_onnx import ModelInputError, OnnxDigitModel
 
-KERAS_ARTIFACT = "keras_model"        # model.keras: lineage and re-scoring
-ONNX_ARTIFACT = "onnx_model"          # model.onnx: what answers
+KERAS_ARTIFACT = "keras_model"  # model.keras: lineage and re-scoring
+ONNX_ARTIFACT = "onnx_model"  # model.onnx: what answers
 CALIBRATION_ARTIFACT = "calibration"  # calibration.json
 
 

@@ -27,9 +27,8 @@ from . import locks
 T = TypeVar("T")
 
 
-
-
 # --- the store -----------------------------------------------------------------------------
+
 
 def tracking_uri(cfg: TrackingConfig) -> str:
     """`MLFLOW_TRACKING_URI` if set, else `tracking.uri`, else SQLite at the repository root."""
@@ -72,7 +71,6 @@ def artifact_location(uri: str, cfg: TrackingConfig) -> str | None:
     return None if folder is None else folder.as_uri()
 
 
-
 def connect(cfg: TrackingConfig) -> str:
     """Point MLflow at the store, create it once (under a lock), return the experiment id.
 
@@ -98,7 +96,8 @@ def connect(cfg: TrackingConfig) -> str:
     except (MlflowException, OSError, sqlite3.Error) as err:
         raise TrackingError(
             f"tracking store {uri} is not usable: {str(err).splitlines()[0][:300]} "
-            "(check MLFLOW_TRACKING_URI / tracking.uri, and that the server is up)") from None
+            "(check MLFLOW_TRACKING_URI / tracking.uri, and that the server is up)"
+        ) from None
 
 
 CERT_ENV = "MLFLOW_TRACKING_SERVER_CERT_PATH"
@@ -115,8 +114,10 @@ def check_certificate(uri: str) -> None:
     try:
         context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as err:
-        raise TrackingError(f"{CERT_ENV}={cafile}: not a CA certificate file "
-                            f"({getattr(err, 'strerror', None) or err})") from None
+        raise TrackingError(
+            f"{CERT_ENV}={cafile}: not a CA certificate file "
+            f"({getattr(err, 'strerror', None) or err})"
+        ) from None
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=30, context=context).close()
     except urllib.error.URLError as err:
@@ -125,7 +126,8 @@ def check_certificate(uri: str) -> None:
             raise TrackingError(
                 f"{uri}: its TLS certificate is not signed by {trusted} "
                 f"({err.reason.verify_message}); set {CERT_ENV} to the team's CA "
-                "certificate (the ca.pem that came with your login)") from None
+                "certificate (the ca.pem that came with your login)"
+            ) from None
     except OSError:
         pass  # any other failure: MLflow's own retries and message
 
@@ -158,22 +160,37 @@ def _get_or_create_experiment(cfg: TrackingConfig, artifacts: str | None) -> str
 
 
 # Signs of a store that is busy or away for a while, not of a wrong request.
-TRANSIENT = ("database is locked", "busy", "connection", "timed out", "timeout",
-             "max retries exceeded")
+TRANSIENT = (
+    "database is locked",
+    "busy",
+    "connection",
+    "timed out",
+    "timeout",
+    "max retries exceeded",
+)
 # A gateway's HTTP status as MLflow's REST client and HTTP servers word it; a bare "503" is
 # not one (about one random run id in 140 contains it, and a model may be version 503).
 TRANSIENT_STATUS = re.compile(
-    r"error code 50[234]\b|\b50[234] (?:error|bad gateway|service unavailable|gateway time-?out)")
+    r"error code 50[234]\b|\b50[234] (?:error|bad gateway|service unavailable|gateway time-?out)"
+)
 # What MLflow says of a wrong request: never worth a retry, whatever the message contains.
-PERMANENT_CODES = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
-                   "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "UNAUTHENTICATED")
+PERMANENT_CODES = (
+    "RESOURCE_DOES_NOT_EXIST",
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+)
 # How long a call keeps retrying a store that does not answer before the stage gives up with
 # one line: long enough for a server restart, short enough that nothing seems to hang.
 RETRY_S = 60.0
 RETRY_ENV = "MNIST_PIPELINE_RETRY_S"
 # MLflow's own HTTP retries for a tracking server, per call (its defaults add up to minutes).
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
 
 
 def retry(fn: Callable[[], T], *, within_s: float | None = None, base_delay: float = 0.2) -> T:
@@ -195,8 +212,9 @@ def retry(fn: Callable[[], T], *, within_s: float | None = None, base_delay: flo
                 raise TrackingError(
                     f"the tracking store {current_uri()} did not answer within "
                     f"{within_s:.0f} s ({describe_error(err)}); nothing more was recorded: "
-                    "rerun once it is back") from None
-            pause = min(base_delay * (2 ** attempt), 5.0) * (0.5 + random.random())
+                    "rerun once it is back"
+                ) from None
+            pause = min(base_delay * (2**attempt), 5.0) * (0.5 + random.random())
             time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
     raise AssertionError("unreachable")
 
@@ -213,7 +231,6 @@ def current_uri() -> str:
     import mlflow
 
     return locks.public_url(mlflow.get_tracking_uri())
-
 
 
 def silence() -> None:

@@ -34,7 +34,7 @@ class Calibration:
     """What travels with a model version: how to rescale its outputs and when to abstain."""
 
     temperature: float
-    threshold: float            # answers with calibrated confidence below it are "unsure"
+    threshold: float  # answers with calibrated confidence below it are "unsure"
     target_selective_accuracy: float
     val_images: int
     val_sha256: str
@@ -42,7 +42,7 @@ class Calibration:
     val_nll_after: float
     val_ece_before: float
     val_ece_after: float
-    val_coverage: float         # answered share of the validation images at `threshold`
+    val_coverage: float  # answered share of the validation images at `threshold`
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,13 +53,22 @@ class Calibration:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
-IDENTITY = Calibration(temperature=1.0, threshold=0.0, target_selective_accuracy=math.nan,
-                       val_images=0, val_sha256="", val_nll_before=math.nan,
-                       val_nll_after=math.nan, val_ece_before=math.nan,
-                       val_ece_after=math.nan, val_coverage=math.nan)
+IDENTITY = Calibration(
+    temperature=1.0,
+    threshold=0.0,
+    target_selective_accuracy=math.nan,
+    val_images=0,
+    val_sha256="",
+    val_nll_before=math.nan,
+    val_nll_after=math.nan,
+    val_ece_before=math.nan,
+    val_ece_after=math.nan,
+    val_coverage=math.nan,
+)
 
 
 # --- rescaling -----------------------------------------------------------------------------
+
 
 def scale(probabilities: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T) for each row of (N, classes) probabilities, in float64."""
@@ -88,12 +97,12 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(log_norm - z[np.arange(labels.size), labels]))
 
     low, high = (math.log(t) for t in TEMPERATURE_RANGE)
-    result = minimize_scalar(loss, bounds=(low, high), method="bounded",
-                             options={"xatol": 1e-7})
+    result = minimize_scalar(loss, bounds=(low, high), method="bounded", options={"xatol": 1e-7})
     return float(math.exp(result.x))
 
 
 # --- measures ------------------------------------------------------------------------------
+
 
 def nll(probabilities: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the labels, as Keras' categorical cross-entropy
@@ -139,8 +148,7 @@ class Reliability:
         return float(np.sum(self.counts[used] * gaps) / total)
 
 
-def reliability(probabilities: np.ndarray, labels: np.ndarray,
-                bins: int = ECE_BINS) -> Reliability:
+def reliability(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> Reliability:
     probabilities = np.asarray(probabilities, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     confidence = probabilities.max(axis=1) if labels.size else np.zeros(0)
@@ -159,8 +167,10 @@ def ece(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> 
 
 # --- abstention ----------------------------------------------------------------------------
 
-def selective(probabilities: np.ndarray, labels: np.ndarray,
-              threshold: float) -> tuple[float, float]:
+
+def selective(
+    probabilities: np.ndarray, labels: np.ndarray, threshold: float
+) -> tuple[float, float]:
     """(coverage, selective accuracy): the share of images answered (confidence >=
     `threshold`) and the accuracy on those; NaN accuracy when none is answered."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -199,8 +209,14 @@ def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, target: floa
     return float(sorted_conf[meets[-1]])
 
 
-def fit(probabilities: np.ndarray, labels: np.ndarray, *, target: float, scale_temperature: bool,
-        val_sha256: str) -> Calibration:
+def fit(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    *,
+    target: float,
+    scale_temperature: bool,
+    val_sha256: str,
+) -> Calibration:
     """Temperature (1.0 when `scale_temperature` is off) and threshold from validation
     outputs; with the validation measures before and after."""
     temperature = fit_temperature(probabilities, labels) if scale_temperature else 1.0
@@ -208,8 +224,14 @@ def fit(probabilities: np.ndarray, labels: np.ndarray, *, target: float, scale_t
     threshold = choose_threshold(calibrated, labels, target)
     coverage, _ = selective(calibrated, labels, threshold)
     return Calibration(
-        temperature=temperature, threshold=threshold, target_selective_accuracy=target,
-        val_images=int(np.asarray(labels).size), val_sha256=val_sha256,
-        val_nll_before=nll(probabilities, labels), val_nll_after=nll(calibrated, labels),
-        val_ece_before=ece(probabilities, labels), val_ece_after=ece(calibrated, labels),
-        val_coverage=coverage)
+        temperature=temperature,
+        threshold=threshold,
+        target_selective_accuracy=target,
+        val_images=int(np.asarray(labels).size),
+        val_sha256=val_sha256,
+        val_nll_before=nll(probabilities, labels),
+        val_nll_after=nll(calibrated, labels),
+        val_ece_before=ece(probabilities, labels),
+        val_ece_after=ece(calibrated, labels),
+        val_coverage=coverage,
+    )

@@ -25,6 +25,7 @@ EpochHook = Callable[[int, dict[str, float]], bool | None]
 
 # --- callbacks -----------------------------------------------------------------------------
 
+
 def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
     """Learning-rate multiplier for `epoch` (0-based) under `train.lr_schedule`."""
     sched = cfg.lr_schedule
@@ -82,8 +83,7 @@ class LearningRate(keras.callbacks.LearningRateScheduler):
         steps = self.params.get("steps") if self.params else None
         if self.cfg.lr_schedule.name == "onecycle" and steps:
             progress = self.epoch + batch / steps
-            self.model.optimizer.learning_rate = (
-                self.base_lr * onecycle_factor(self.cfg, progress))
+            self.model.optimizer.learning_rate = self.base_lr * onecycle_factor(self.cfg, progress)
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -117,8 +117,9 @@ class Calls(keras.callbacks.LambdaCallback):
         def call(*_: Any, **__: Any) -> None:  # (batch or epoch, logs=...)
             check()
 
-        super().__init__(on_epoch_begin=call, on_epoch_end=call, on_train_batch_end=call,
-                         on_test_batch_end=call)
+        super().__init__(
+            on_epoch_begin=call, on_epoch_end=call, on_train_batch_end=call, on_test_batch_end=call
+        )
 
 
 class EpochReport(keras.callbacks.Callback):
@@ -160,12 +161,16 @@ class EpochLine(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs or {}
         values = ", ".join(f"{key} {float(logs[key]):.4f}" for key in self.KEYS if key in logs)
-        print(f"epoch {epoch + 1}/{self.epochs}: {values} "
-              f"({time.perf_counter() - self.started:.1f} s)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{self.epochs}: {values} "
+            f"({time.perf_counter() - self.started:.1f} s)",
+            flush=True,
+        )
 
 
-def progress(verbose: int, epochs: int,
-             stream: Any = None) -> tuple[int, list[keras.callbacks.Callback]]:
+def progress(
+    verbose: int, epochs: int, stream: Any = None
+) -> tuple[int, list[keras.callbacks.Callback]]:
     """What `train.verbose` asks for (0 silent, 1 progress bar, 2 one line per epoch), as the
     verbosity to hand Keras and the callbacks to add: Keras' bar only on a terminal (elsewhere,
     e.g. in `dvc repro` logs, it is a stream of escape codes), else `EpochLine`."""

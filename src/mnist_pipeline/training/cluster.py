@@ -54,9 +54,13 @@ def task(environ: Mapping[str, str] | None = None) -> Task | None:
         cluster = spec["cluster"]
         workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(TF_CONFIG, raw, "TensorFlow's cluster spec: {\"cluster\": {\"worker\":"
-                          " [\"host:port\", ...]}, \"task\": {\"type\": \"worker\", \"index\": i}}"
-                          f" ({err})") from None
+        raise ConfigError(
+            TF_CONFIG,
+            raw,
+            'TensorFlow\'s cluster spec: {"cluster": {"worker":'
+            ' ["host:port", ...]}, "task": {"type": "worker", "index": i}}'
+            f" ({err})",
+        ) from None
     if kind not in ("chief", "worker"):
         raise ConfigError(f"{TF_CONFIG}.task.type", kind, "'chief' or 'worker'")
     return Task(kind=kind, index=index, workers=workers)
@@ -79,9 +83,10 @@ def free_ports(count: int) -> list[int]:
 def local_specs(workers: int) -> list[str]:
     """`TF_CONFIG` for each of `workers` processes on loopback ports."""
     addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
-    return [json.dumps({"cluster": {"worker": addresses},
-                        "task": {"type": "worker", "index": index}})
-            for index in range(workers)]
+    return [
+        json.dumps({"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}})
+        for index in range(workers)
+    ]
 
 
 def run_local(argv: Sequence[str], workers: int, *, poll_s: float = 0.2) -> None:
@@ -96,8 +101,11 @@ def run_local(argv: Sequence[str], workers: int, *, poll_s: float = 0.2) -> None
         for index, spec in enumerate(local_specs(workers)):
             env = {**os.environ, TF_CONFIG: spec}
             out = None if index == 0 else logs[index]
-            processes.append(subprocess.Popen(list(argv), env=env, stdin=subprocess.DEVNULL,
-                                              stdout=out, stderr=out))
+            processes.append(
+                subprocess.Popen(
+                    list(argv), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out
+                )
+            )
         while True:
             codes = [process.poll() for process in processes]
             failed = [index for index, code in enumerate(codes) if code not in (None, 0)]
@@ -109,9 +117,11 @@ def run_local(argv: Sequence[str], workers: int, *, poll_s: float = 0.2) -> None
                 index = _cause(codes, failed[0])
                 _stop(processes)
                 tail = _tail(logs[index]) if index else ""
-                raise TrainingError(f"worker {index} of {workers} {_exit(codes[index])}; the "
-                                    "other workers were stopped and the job failed"
-                                    + (f" (its last output: {tail})" if tail else ""))
+                raise TrainingError(
+                    f"worker {index} of {workers} {_exit(codes[index])}; the "
+                    "other workers were stopped and the job failed"
+                    + (f" (its last output: {tail})" if tail else "")
+                )
             if all(code == 0 for code in codes):
                 return
             time.sleep(poll_s)

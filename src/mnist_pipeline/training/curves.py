@@ -11,8 +11,9 @@ from ..files import atomic_path, write_text
 COLUMNS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
 
 
-def write_history_csv(path: str | os.PathLike[str], history: dict[str, list[float]],
-                      first_epoch: int = 1) -> None:
+def write_history_csv(
+    path: str | os.PathLike[str], history: dict[str, list[float]], first_epoch: int = 1
+) -> None:
     """One row per epoch: `epoch,loss,accuracy,val_loss,val_accuracy,learning_rate`."""
     columns = [c for c in COLUMNS if c in history]
     buffer = io.StringIO()
@@ -23,8 +24,9 @@ def write_history_csv(path: str | os.PathLike[str], history: dict[str, list[floa
     write_text(path, buffer.getvalue())
 
 
-def plot_history_png(path: str | os.PathLike[str], history: dict[str, list[float]],
-                     title: str = "") -> None:
+def plot_history_png(
+    path: str | os.PathLike[str], history: dict[str, list[float]], title: str = ""
+) -> None:
     """Loss and accuracy per epoch, train and validation side by side."""
     import matplotlib
 

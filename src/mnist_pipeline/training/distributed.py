@@ -57,37 +57,59 @@ class Watchdog:
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
             if time.monotonic() - self.last > self.timeout_s:
-                print(f"train: error: {self.what}: no step completed in {self.timeout_s:g} s "
-                      "(runtime.collective_timeout_s); another worker is stuck or gone",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"train: error: {self.what}: no step completed in {self.timeout_s:g} s "
+                    "(runtime.collective_timeout_s); another worker is stuck or gone",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 os._exit(STALLED)
 
 
 class WorkerLoop(EpochLoop):
     """`EpochLoop` for one worker of a multi-worker strategy (see the module docstring)."""
 
-    def __init__(self, model: keras.Model, train: Split, val: Split, *, strategy: object,
-                 batch_size: int, shuffle: bool, seed: int,
-                 augment: bool | AugmentationConfig,
-                 jit_compile: bool, stall_timeout_s: float) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        train: Split,
+        val: Split,
+        *,
+        strategy: object,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        augment: bool | AugmentationConfig,
+        jit_compile: bool,
+        stall_timeout_s: float,
+    ) -> None:
         with strategy.scope():  # type: ignore[attr-defined]
-            super().__init__(model, train, val, batch_size=batch_size, shuffle=shuffle,
-                             seed=seed, augment=augment, steps_per_call=1,
-                             jit_compile=jit_compile)
+            super().__init__(
+                model,
+                train,
+                val,
+                batch_size=batch_size,
+                shuffle=shuffle,
+                seed=seed,
+                augment=augment,
+                steps_per_call=1,
+                jit_compile=jit_compile,
+            )
         self.strategy = strategy
         resolver = strategy.cluster_resolver  # type: ignore[attr-defined]
         self.workers = max(1, len(resolver.cluster_spec().as_dict().get("worker", [])))
         self.worker = int(resolver.task_id or 0)
         n = int(self.train_y.shape[0])
-        self.calls = [(step, step + 1, min(batch_size, n - step * batch_size))
-                      for step in range(self.steps)]
+        self.calls = [
+            (step, step + 1, min(batch_size, n - step * batch_size)) for step in range(self.steps)
+        ]
         self._distributed = tf.function(self._replicated_step, jit_compile=jit_compile)
         self._train = self._worker_step
-        self.watchdog = Watchdog(stall_timeout_s,
-                                 f"worker {self.worker} of {self.workers}")
+        self.watchdog = Watchdog(stall_timeout_s, f"worker {self.worker} of {self.workers}")
 
-    def run(self, callbacks: list[keras.callbacks.Callback], **kwargs: object
-            ) -> keras.callbacks.History:
+    def run(
+        self, callbacks: list[keras.callbacks.Callback], **kwargs: object
+    ) -> keras.callbacks.History:
         with self.watchdog:
             return super().run(callbacks, **kwargs)
 
@@ -108,21 +130,34 @@ class WorkerLoop(EpochLoop):
         reduce = self.strategy.reduce  # type: ignore[attr-defined]
         return tuple(reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in sums)
 
-    def _worker_step(self, images: tf.Tensor, labels: tf.Tensor, order: tf.Tensor,
-                     first: tf.Tensor, last: tf.Tensor, size: int) -> tuple[tf.Tensor, ...]:
+    def _worker_step(
+        self,
+        images: tf.Tensor,
+        labels: tf.Tensor,
+        order: tf.Tensor,
+        first: tf.Tensor,
+        last: tf.Tensor,
+        size: int,
+    ) -> tuple[tf.Tensor, ...]:
         """One global step (the `calls` entry `first`), this worker's share of its batch."""
         start = int(first) * self.batch_size
         with tf.device("/CPU:0"):  # where the arrays are
-            mine = order[start + self.worker:start + size:self.workers]
+            mine = order[start + self.worker : start + size : self.workers]
             x, y = tf.gather(images, mine), tf.gather(labels, mine)
         try:
             loss_sum, correct, seen = self._distributed(x, y)
-        except (tf.errors.UnavailableError, tf.errors.InternalError,
-                tf.errors.CancelledError, tf.errors.AbortedError) as err:
+        except (
+            tf.errors.UnavailableError,
+            tf.errors.InternalError,
+            tf.errors.CancelledError,
+            tf.errors.AbortedError,
+        ) as err:
             reason = _cause(str(err.message))
-            raise TrainingError(f"worker {self.worker} of {self.workers}: the step's "
-                                f"all-reduce with the other workers failed ({reason}); "
-                                "another worker stopped") from None
+            raise TrainingError(
+                f"worker {self.worker} of {self.workers}: the step's "
+                f"all-reduce with the other workers failed ({reason}); "
+                "another worker stopped"
+            ) from None
         self.watchdog.beat()
         diverged_at = tf.constant(-1 if bool(tf.math.is_finite(loss_sum)) else int(first))
         return loss_sum, correct, seen, diverged_at
@@ -132,7 +167,10 @@ def _cause(message: str) -> str:
     """The telling line of a collective op's error (TensorFlow's messages start with where
     the op was defined and end with its node name)."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
-    telling = [line for line in lines if not line.startswith(("File ", "Detected at node",
-                                                               "[[", "Graph execution error"))
-               and not line.endswith(":")]
+    telling = [
+        line
+        for line in lines
+        if not line.startswith(("File ", "Detected at node", "[[", "Graph execution error"))
+        and not line.endswith(":")
+    ]
     return (telling[0] if telling else lines[-1] if lines else "no detail")[:200]

@@ -49,10 +49,19 @@ class Result:
     initial_epoch: int
 
 
-def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_execution: int,
-        on_epoch_end: EpochHook | None = None, checkpoint_dir: Path | None = None,
-        checkpoint_meta: dict[str, Any] | None = None, resume: Resume | None = None,
-        extra_callbacks: list[keras.callbacks.Callback] | None = None) -> Result:
+def fit(
+    job: TrainJob,
+    runtime: Runtime,
+    train: Split,
+    val: Split,
+    *,
+    steps_per_execution: int,
+    on_epoch_end: EpochHook | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_meta: dict[str, Any] | None = None,
+    resume: Resume | None = None,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+) -> Result:
     """Build, compile and train `job`'s model; raise `TrainingError` on divergence.
 
     Reads `job.model`, `job.optimizer` and `job.train`; `runtime` is what
@@ -71,20 +80,35 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
         loss = cfg.loss
         if cfg.label_smoothing:
             loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
-        models.compile_model(model, optimizer, loss, steps_per_execution=steps_per_execution,
-                             jit_compile=runtime.jit_compile)
+        models.compile_model(
+            model,
+            optimizer,
+            loss,
+            steps_per_execution=steps_per_execution,
+            jit_compile=runtime.jit_compile,
+        )
 
     nan_guard = StopOnNaN()
     callbacks: list[keras.callbacks.Callback] = [
-        LearningRate(cfg, job.optimizer.learning_rate), nan_guard]
+        LearningRate(cfg, job.optimizer.learning_rate),
+        nan_guard,
+    ]
     if cfg.lr_schedule.name == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(
-            monitor="val_loss", factor=cfg.lr_schedule.factor, patience=cfg.lr_schedule.patience))
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=cfg.lr_schedule.factor, patience=cfg.lr_schedule.patience
+            )
+        )
     if cfg.early_stopping.enabled:
         es = cfg.early_stopping
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=es.monitor, patience=es.patience, min_delta=es.min_delta,
-            restore_best_weights=es.restore_best_weights))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=es.monitor,
+                patience=es.patience,
+                min_delta=es.min_delta,
+                restore_best_weights=es.restore_best_weights,
+            )
+        )
     callbacks.extend(extra_callbacks or [])
     verbose, progress_callbacks = progress(cfg.verbose, cfg.epochs)
     callbacks.extend(progress_callbacks)
@@ -92,41 +116,75 @@ def fit(job: TrainJob, runtime: Runtime, train: Split, val: Split, *, steps_per_
         callbacks.append(EpochReport(on_epoch_end))
     if checkpoint_dir is not None and cfg.checkpoint.enabled:
         # After the report: a checkpoint never gets ahead of the epochs the run has logged.
-        callbacks.append(Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs,
-                                    dict(checkpoint_meta or {})))
+        callbacks.append(
+            Checkpoint(checkpoint_dir, cfg.checkpoint.every_epochs, dict(checkpoint_meta or {}))
+        )
 
     augment = cfg.augmentation if cfg.augment else False
     if runtime.task is not None:  # one worker of a multi-worker job (Model.fit cannot)
-        with WorkerLoop(model, train, val, strategy=runtime.strategy, batch_size=global_batch,
-                        shuffle=cfg.shuffle, seed=cfg.seed, augment=augment,
-                        jit_compile=bool(model.jit_compile),
-                        stall_timeout_s=job.runtime.collective_timeout_s) as loop:
-            history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                               verbose=cfg.verbose if runtime.chief else 0)
+        with WorkerLoop(
+            model,
+            train,
+            val,
+            strategy=runtime.strategy,
+            batch_size=global_batch,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            augment=augment,
+            jit_compile=bool(model.jit_compile),
+            stall_timeout_s=job.runtime.collective_timeout_s,
+        ) as loop:
+            history = loop.run(
+                callbacks,
+                epochs=cfg.epochs,
+                initial_epoch=initial_epoch,
+                verbose=cfg.verbose if runtime.chief else 0,
+            )
     elif runtime.strategy is tf.distribute.get_strategy():  # the default: no tf.distribute
         # model.jit_compile: what compile() kept of the request (Keras turns XLA off under op
         # determinism and for layers that do not support it).
-        with EpochLoop(model, train, val, batch_size=global_batch, shuffle=cfg.shuffle,
-                       seed=cfg.seed, augment=augment, steps_per_call=steps_per_execution,
-                       jit_compile=bool(model.jit_compile)) as loop:
-            history = loop.run(callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch,
-                               verbose=verbose)
+        with EpochLoop(
+            model,
+            train,
+            val,
+            batch_size=global_batch,
+            shuffle=cfg.shuffle,
+            seed=cfg.seed,
+            augment=augment,
+            steps_per_call=steps_per_execution,
+            jit_compile=bool(model.jit_compile),
+        ) as loop:
+            history = loop.run(
+                callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch, verbose=verbose
+            )
     else:
         # Under a tf.distribute strategy (even with one replica), Keras' own loop feeds it.
-        train_ds = dataset(train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed,
-                           augment=augment)
+        train_ds = dataset(
+            train, batch_size=global_batch, shuffle=cfg.shuffle, seed=cfg.seed, augment=augment
+        )
         val_ds = dataset(val, batch_size=max(global_batch, 1000))
-        history = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs,
-                            initial_epoch=initial_epoch, callbacks=callbacks,
-                            verbose=verbose, shuffle=False)  # the dataset shuffles, seeded
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )  # the dataset shuffles, seeded
     if nan_guard.diverged_at is not None:
         epoch, batch = nan_guard.diverged_at
         raise TrainingError(
             f"loss became NaN/inf at epoch {epoch + 1} (batch {batch + 1}); training stopped. "
-            "Lower optimizer.learning_rate or check the data")
+            "Lower optimizer.learning_rate or check the data"
+        )
     values = {k: [float(v) for v in vs] for k, vs in history.history.items()}
-    return Result(model=model, history=values, epochs_run=len(values.get("loss", [])),
-                  initial_epoch=initial_epoch)
+    return Result(
+        model=model,
+        history=values,
+        epochs_run=len(values.get("loss", [])),
+        initial_epoch=initial_epoch,
+    )
 
 
 def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:

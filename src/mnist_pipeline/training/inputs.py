@@ -1,5 +1,4 @@
-"""Batches for `Model.fit` under `tf.distribute`, and the augmentation both loops share.
-"""
+"""Batches for `Model.fit` under `tf.distribute`, and the augmentation both loops share."""
 
 from __future__ import annotations
 
@@ -17,8 +16,14 @@ from ..data.splits import NUM_CLASSES, Split
 PREFETCH_BATCHES = 2
 
 
-def dataset(split: Split, *, batch_size: int, shuffle: bool = False, seed: int = 0,
-            augment: bool | AugmentationConfig = False) -> tf.data.Dataset:
+def dataset(
+    split: Split,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment: bool | AugmentationConfig = False,
+) -> tf.data.Dataset:
     """Batches of (uint8 images, one-hot float32 labels), one batch at a time.
 
     Nothing runs per image. A shuffled epoch is one seeded permutation of the indices (one
@@ -42,8 +47,9 @@ def dataset(split: Split, *, batch_size: int, shuffle: bool = False, seed: int =
         return images[index], labels[index]
 
     def assemble(index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        x, y = tf.numpy_function(take, [index], (tf.uint8, tf.uint8), stateful=False,
-                                 name="take_batch")
+        x, y = tf.numpy_function(
+            take, [index], (tf.uint8, tf.uint8), stateful=False, name="take_batch"
+        )
         x = tf.ensure_shape(x, (None, *images.shape[1:]))
         y = tf.one_hot(tf.ensure_shape(y, (None,)), NUM_CLASSES, dtype=tf.float32)
         return x, y
@@ -56,14 +62,16 @@ def dataset(split: Split, *, batch_size: int, shuffle: bool = False, seed: int =
 
         def epoch(key: tf.Tensor) -> tf.data.Dataset:
             order = tf.random.experimental.stateless_shuffle(
-                tf.range(n, dtype=tf.int64), seed=tf.stack([key, tf.constant(seed, tf.int64)]))
-            return starts.map(lambda start: order[start:start + batch_size])
+                tf.range(n, dtype=tf.int64), seed=tf.stack([key, tf.constant(seed, tf.int64)])
+            )
+            return starts.map(lambda start: order[start : start + batch_size])
 
         indices = keys.flat_map(epoch)
     else:
         indices = starts.map(lambda start: tf.range(start, tf.minimum(start + batch_size, n)))
     ds = indices.map(assemble).apply(
-        tf.data.experimental.assert_cardinality(math.ceil(n / batch_size)))
+        tf.data.experimental.assert_cardinality(math.ceil(n / batch_size))
+    )
     if augment:
         ds = ds.map(augmenter(seed, augment), num_parallel_calls=tf.data.AUTOTUNE)
     # A fixed prefetch and no tf.data autotuning. With autotuning, the end of an epoch
@@ -78,8 +86,9 @@ def dataset(split: Split, *, batch_size: int, shuffle: bool = False, seed: int =
 # The share of images the photometric operations (blur, contrast, noise, erasing) change.
 PHOTOMETRIC_SHARE = 0.5
 # What `augment=True` applies without a config: small shifts, rotations and zooms.
-DEFAULT_AUGMENTATION = AugmentationConfig(translate=0.1, rotate=0.05, zoom=0.1, shear=0.0,
-                                          noise=0.0, blur=0.0, contrast=0.0, erase=0.0)
+DEFAULT_AUGMENTATION = AugmentationConfig(
+    translate=0.1, rotate=0.05, zoom=0.1, shear=0.0, noise=0.0, blur=0.0, contrast=0.0, erase=0.0
+)
 
 
 def augmenter(seed: int, augment: bool | AugmentationConfig = True) -> Callable:
@@ -97,16 +106,19 @@ def augmenter(seed: int, augment: bool | AugmentationConfig = True) -> Callable:
         raise ValueError(f"augment: got {augment!r}, expected True or an AugmentationConfig")
     affine: list[keras.layers.Layer] = []
     if cfg.translate:
-        affine.append(keras.layers.RandomTranslation(cfg.translate, cfg.translate,
-                                                     fill_mode="constant", seed=seed))
+        affine.append(
+            keras.layers.RandomTranslation(
+                cfg.translate, cfg.translate, fill_mode="constant", seed=seed
+            )
+        )
     if cfg.rotate:
-        affine.append(keras.layers.RandomRotation(cfg.rotate, fill_mode="constant",
-                                                  seed=seed + 1))
+        affine.append(keras.layers.RandomRotation(cfg.rotate, fill_mode="constant", seed=seed + 1))
     if cfg.zoom:
         affine.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed + 2))
     if cfg.shear:
-        affine.append(keras.layers.RandomShear(cfg.shear, cfg.shear, fill_mode="constant",
-                                               seed=seed + 3))
+        affine.append(
+            keras.layers.RandomShear(cfg.shear, cfg.shear, fill_mode="constant", seed=seed + 3)
+        )
     pipeline = keras.Sequential(affine, name="augment") if affine else None
     generator = keras.random.SeedGenerator(seed + 4)
     blur_kernel = _gaussian_kernel(cfg.blur) if cfg.blur else None
@@ -147,7 +159,7 @@ def _gaussian_kernel(sigma: float) -> tf.Tensor:
     """A (size, size, 1, 1) normalised Gaussian kernel reaching 2 sigma (at least 3x3)."""
     radius = max(1, math.ceil(2 * sigma))
     offsets = np.arange(-radius, radius + 1, dtype=np.float64)
-    line = np.exp(-offsets ** 2 / (2 * sigma ** 2))
+    line = np.exp(-(offsets**2) / (2 * sigma**2))
     kernel = np.outer(line, line)
     return tf.constant((kernel / kernel.sum())[:, :, None, None], tf.float32)
 
@@ -164,6 +176,11 @@ def _erase(x: tf.Tensor, share: float, generator: keras.random.SeedGenerator) ->
     left = tf.floor(draw(0, 1) * (tf.cast(width, tf.float32) - size_w + 1))
     rows = tf.cast(tf.range(height), tf.float32)[None, :, None, None]
     cols = tf.cast(tf.range(width), tf.float32)[None, None, :, None]
-    inside = ((rows >= top) & (rows < top + size_h) & (cols >= left) & (cols < left + size_w)
-              & (draw(0, 1) < share))
+    inside = (
+        (rows >= top)
+        & (rows < top + size_h)
+        & (cols >= left)
+        & (cols < left + size_w)
+        & (draw(0, 1) < share)
+    )
     return tf.where(inside, draw(0, 1), x)

@@ -59,9 +59,16 @@ def config_digest(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | None = None,
-          parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-          epoch_hook: callbacks.EpochHook | None = None, log_model: bool = True) -> Outcome:
+def train(
+    job: TrainJob,
+    *,
+    checkpoint_dir: str | None = None,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    epoch_hook: callbacks.EpochHook | None = None,
+    log_model: bool = True,
+) -> Outcome:
     """Train `job`'s model on the train/val splits in `job.paths.processed` inside an MLflow run.
 
     Args:
@@ -97,38 +104,68 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
         # with the chief, which alone records the run and writes outputs (one run per job).
         started = time.perf_counter()
         result = fit(job, runtime, splits["train"], splits["val"], steps_per_execution=1)
-        return Outcome(run_id="", experiment_id="", model_uri="", model=result.model,
-                       history=result.history,
-                       metrics=final_metrics(result, time.perf_counter() - started),
-                       runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
-                       stopped_by_hook=False, initial_epoch=result.initial_epoch,
-                       calibration=calibration.IDENTITY)
+        return Outcome(
+            run_id="",
+            experiment_id="",
+            model_uri="",
+            model=result.model,
+            history=result.history,
+            metrics=final_metrics(result, time.perf_counter() - started),
+            runtime=runtime,
+            data_sha256=data_sha256,
+            test_sha256=test_sha256,
+            stopped_by_hook=False,
+            initial_epoch=result.initial_epoch,
+            calibration=calibration.IDENTITY,
+        )
     experiment_id = store.connect(job.tracking)
     for run_id in runs.reap_orphans(experiment_id):
         print(f"train: run {run_id} had lost its process (killed); marked KILLED")
-    run_tags = {**lineage.git_state(), **lineage.dvc_experiment(),
-                **lineage.dvc_lock_hashes("dvc.lock", [processed_dir]),
-                "data.sha256": data_sha256, "data.test_sha256": test_sha256,
-                "config.digest": digest, **(tags or {})}
+    run_tags = {
+        **lineage.git_state(),
+        **lineage.dvc_experiment(),
+        **lineage.dvc_lock_hashes("dvc.lock", [processed_dir]),
+        "data.sha256": data_sha256,
+        "data.test_sha256": test_sha256,
+        "config.digest": digest,
+        **(tags or {}),
+    }
     if run_name is None:
         # Not MLflow's generated name: it comes from Python's `random`, which the seeded
         # runtime has just reset, so every run with the same seed would get the same one.
         run_name = run_tags.get("dvc.experiment") or (
-            f"{job.model.name}-{job.optimizer.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            f"{job.model.name}-{job.optimizer.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        )
     stopped_by_hook = False
 
-    with interruptible() as raise_pending, runs.run(
-            experiment_id, run_name=run_name, tags=run_tags, parent_run_id=parent_run_id,
-            resume_run_id=resume.meta.get("run_id") if resume else None) as run_id:
+    with (
+        interruptible() as raise_pending,
+        runs.run(
+            experiment_id,
+            run_name=run_name,
+            tags=run_tags,
+            parent_run_id=parent_run_id,
+            resume_run_id=resume.meta.get("run_id") if resume else None,
+        ) as run_id,
+    ):
         if resume is None:
-            runs.log_params({**params, **runtime.describe(),
-                             "runtime.resolved_steps_per_execution": steps_per_execution,
-                             "tracking.experiment_name": job.tracking.experiment_name})
+            runs.log_params(
+                {
+                    **params,
+                    **runtime.describe(),
+                    "runtime.resolved_steps_per_execution": steps_per_execution,
+                    "tracking.experiment_name": job.tracking.experiment_name,
+                }
+            )
             for name in ("train", "val"):
-                runs.log_dataset(splits[name].images, splits[name].labels,
-                                 name=f"mnist-{name}", sha256=data_sha256,
-                                 source=str(Path(processed_dir) / f"{name}.npz"),
-                                 context="training" if name == "train" else "validation")
+                runs.log_dataset(
+                    splits[name].images,
+                    splits[name].labels,
+                    name=f"mnist-{name}",
+                    sha256=data_sha256,
+                    source=str(Path(processed_dir) / f"{name}.npz"),
+                    context="training" if name == "train" else "validation",
+                )
         else:
             runs.set_tags({"resumed_from_epoch": resume.epoch})
 
@@ -140,11 +177,17 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
 
         started = time.perf_counter()
         result = fit(
-            job, runtime, splits["train"], splits["val"],
-            steps_per_execution=steps_per_execution, on_epoch_end=on_epoch_end,
+            job,
+            runtime,
+            splits["train"],
+            splits["val"],
+            steps_per_execution=steps_per_execution,
+            on_epoch_end=on_epoch_end,
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-            checkpoint_meta={"config_digest": digest, "run_id": run_id}, resume=resume,
-            extra_callbacks=[callbacks.Calls(raise_pending)])
+            checkpoint_meta={"config_digest": digest, "run_id": run_id},
+            resume=resume,
+            extra_callbacks=[callbacks.Calls(raise_pending)],
+        )
         raise_pending()  # a signal that came during the last epoch's writes
         wall = time.perf_counter() - started
         metrics = final_metrics(result, wall)
@@ -165,15 +208,25 @@ def train(job: TrainJob, *, checkpoint_dir: str | None = None, run_name: str | N
 
     if checkpoint_dir:
         callbacks.clear_checkpoint(checkpoint_dir)
-    return Outcome(run_id=run_id, experiment_id=experiment_id, model_uri=model_uri,
-                   model=model, history=result.history, metrics=metrics,
-                   runtime=runtime, data_sha256=data_sha256, test_sha256=test_sha256,
-                   stopped_by_hook=stopped_by_hook, initial_epoch=result.initial_epoch,
-                   calibration=fitted)
+    return Outcome(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        model_uri=model_uri,
+        model=model,
+        history=result.history,
+        metrics=metrics,
+        runtime=runtime,
+        data_sha256=data_sha256,
+        test_sha256=test_sha256,
+        stopped_by_hook=stopped_by_hook,
+        initial_epoch=result.initial_epoch,
+        calibration=fitted,
+    )
 
 
-def log_served(model: Any, fitted: calibration.Calibration,
-               tags: dict[str, str] | None = None) -> str:
+def log_served(
+    model: Any, fitted: calibration.Calibration, tags: dict[str, str] | None = None
+) -> str:
     """Export `model` to ONNX and log what is served (`logged_models.log_served_model`):
     the ONNX graph, the `.keras` file and the calibration; the active run records the ONNX
     file's size and how long the export took. Returns the model URI."""
@@ -182,28 +235,41 @@ def log_served(model: Any, fitted: calibration.Calibration,
         model.save(keras_file)
         started = time.perf_counter()
         models.export_onnx(model, onnx_file)
-        runs.log_metrics({"onnx_export_s": time.perf_counter() - started,
-                          "onnx_bytes": float(onnx_file.stat().st_size),
-                          "keras_bytes": float(keras_file.stat().st_size)})
-        return logged_models.log_served_model(keras_file, onnx_file,
-                                              calibration=fitted.to_dict(), tags=tags)
+        runs.log_metrics(
+            {
+                "onnx_export_s": time.perf_counter() - started,
+                "onnx_bytes": float(onnx_file.stat().st_size),
+                "keras_bytes": float(keras_file.stat().st_size),
+            }
+        )
+        return logged_models.log_served_model(
+            keras_file, onnx_file, calibration=fitted.to_dict(), tags=tags
+        )
 
 
 def calibrate(model: Any, val: Split, cfg: CalibrationConfig) -> calibration.Calibration:
     """The temperature and the abstention threshold, fitted on the validation split's
     outputs of the model as it will be saved (float32)."""
-    return calibration.fit(predict(model, val.images), val.labels,
-                           target=cfg.selective_accuracy,
-                           scale_temperature=cfg.temperature_scaling, val_sha256=val.sha256())
+    return calibration.fit(
+        predict(model, val.images),
+        val.labels,
+        target=cfg.selective_accuracy,
+        scale_temperature=cfg.temperature_scaling,
+        val_sha256=val.sha256(),
+    )
 
 
 def calibration_metrics(fitted: calibration.Calibration) -> dict[str, float]:
     """The run's record of its calibration (the model version carries the values)."""
-    return {"calibration_temperature": fitted.temperature,
-            "calibration_threshold": fitted.threshold,
-            "val_coverage": fitted.val_coverage,
-            "val_nll_uncalibrated": fitted.val_nll_before, "val_nll": fitted.val_nll_after,
-            "val_ece_uncalibrated": fitted.val_ece_before, "val_ece": fitted.val_ece_after}
+    return {
+        "calibration_temperature": fitted.temperature,
+        "calibration_threshold": fitted.threshold,
+        "val_coverage": fitted.val_coverage,
+        "val_nll_uncalibrated": fitted.val_nll_before,
+        "val_nll": fitted.val_nll_after,
+        "val_ece_uncalibrated": fitted.val_ece_before,
+        "val_ece": fitted.val_ece_after,
+    }
 
 
 def final_metrics(result: fit.Result, wall_s: float) -> dict[str, float]:
@@ -225,10 +291,18 @@ def final_metrics(result: fit.Result, wall_s: float) -> dict[str, float]:
 def write_outputs(outcome: Outcome, paths: PathsConfig) -> None:
     """The train stage's DVC outputs: model, run id, metrics and per-epoch history."""
     models.save(outcome.model, paths.model)
-    write_json(paths.run, {"run_id": outcome.run_id, "experiment_id": outcome.experiment_id,
-                           "model_uri": outcome.model_uri, "data_sha256": outcome.data_sha256,
-                           "test_sha256": outcome.test_sha256,
-                           "calibration": outcome.calibration.to_dict()})
+    write_json(
+        paths.run,
+        {
+            "run_id": outcome.run_id,
+            "experiment_id": outcome.experiment_id,
+            "model_uri": outcome.model_uri,
+            "data_sha256": outcome.data_sha256,
+            "test_sha256": outcome.test_sha256,
+            "calibration": outcome.calibration.to_dict(),
+        },
+    )
     write_json(paths.train_metrics, {k: round(v, 6) for k, v in outcome.metrics.items()})
-    curves.write_history_csv(paths.train_history, outcome.history,
-                             first_epoch=outcome.initial_epoch + 1)
+    curves.write_history_csv(
+        paths.train_history, outcome.history, first_epoch=outcome.initial_epoch + 1
+    )

@@ -49,21 +49,33 @@ class EpochLoop:
     Without tf.distribute only: under a strategy, `Model.fit` drives it.
     """
 
-    def __init__(self, model: keras.Model, train: Split, val: Split, *, batch_size: int,
-                 shuffle: bool, seed: int, augment: bool | AugmentationConfig,
-                 steps_per_call: int,
-                 jit_compile: bool) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        train: Split,
+        val: Split,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        augment: bool | AugmentationConfig,
+        steps_per_call: int,
+        jit_compile: bool,
+    ) -> None:
         if len(train) == 0 or len(val) == 0:
-            raise ValueError("training loop: got an empty train or validation split, "
-                             "expected at least one image in each")
+            raise ValueError(
+                "training loop: got an empty train or validation split, "
+                "expected at least one image in each"
+            )
         self.model, self.batch_size, self.shuffle, self.seed = model, batch_size, shuffle, seed
         self.steps = math.ceil(len(train) / batch_size)
         # Each call's batches have one static size, so the graph's shape arithmetic folds
         # away: full batches in calls of `steps_per_call` steps, a partial last one on its own.
         full, rest = divmod(len(train), batch_size)
         per_call = max(1, steps_per_call)
-        self.calls = [(first, min(first + per_call, full), batch_size)
-                      for first in range(0, full, per_call)]
+        self.calls = [
+            (first, min(first + per_call, full), batch_size) for first in range(0, full, per_call)
+        ]
         if rest:
             self.calls.append((full, full + 1, rest))
         self.val_batch = max(batch_size, 1000)
@@ -97,7 +109,8 @@ class EpochLoop:
         if not self.shuffle:
             return tf.range(n)
         return tf.random.experimental.stateless_shuffle(
-            tf.range(n), seed=tf.constant([self.seed, epoch], tf.int64))
+            tf.range(n), seed=tf.constant([self.seed, epoch], tf.int64)
+        )
 
     def _train_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         model = self.model
@@ -109,8 +122,15 @@ class EpochLoop:
         model.optimizer.apply(tape.gradient(scaled, weights), weights)
         return loss, _scores(predicted)
 
-    def _train_steps(self, images: tf.Tensor, labels: tf.Tensor, order: tf.Tensor,
-                     first: tf.Tensor, last: tf.Tensor, size: int) -> tuple[tf.Tensor, ...]:
+    def _train_steps(
+        self,
+        images: tf.Tensor,
+        labels: tf.Tensor,
+        order: tf.Tensor,
+        first: tf.Tensor,
+        last: tf.Tensor,
+        size: int,
+    ) -> tuple[tf.Tensor, ...]:
         """Steps `first` to `last` - 1, each on `size` images (a Python int: one trace per
         batch size, with static shapes)."""
         loss_sum, correct, seen = tf.constant(0.0), tf.constant(0, tf.int32), tf.constant(0)
@@ -118,7 +138,7 @@ class EpochLoop:
         for step in tf.range(first, last):
             with tf.device("/CPU:0"):  # where the arrays are
                 start = step * self.batch_size
-                index = tf.reshape(order[start:start + size], [size])
+                index = tf.reshape(order[start : start + size], [size])
                 x, y = tf.gather(images, index), tf.gather(labels, index)
             if self.augment is not None:
                 x, _ = self.augment(x, y)
@@ -136,22 +156,38 @@ class EpochLoop:
         loss_sum, correct = tf.constant(0.0), tf.constant(0, tf.int32)
         for start in tf.range(0, n, self.val_batch):
             with tf.device("/CPU:0"):  # where the arrays are
-                x = images[start:start + self.val_batch]
-                y = labels[start:start + self.val_batch]
+                x = images[start : start + self.val_batch]
+                y = labels[start : start + self.val_batch]
             predicted = self.model(x, training=False)
-            loss = self.model.compute_loss(x=x, y=tf.one_hot(y, NUM_CLASSES, dtype=tf.float32),
-                                           y_pred=predicted, training=False)
+            loss = self.model.compute_loss(
+                x=x,
+                y=tf.one_hot(y, NUM_CLASSES, dtype=tf.float32),
+                y_pred=predicted,
+                training=False,
+            )
             loss_sum += tf.cast(loss, tf.float32) * tf.cast(tf.shape(y)[0], tf.float32)
             correct += count_correct(predicted, y)
         total = tf.cast(n, tf.float32)
         return loss_sum / total, tf.cast(correct, tf.float32) / total
 
-    def run(self, callbacks: list[keras.callbacks.Callback], *, epochs: int,
-            initial_epoch: int = 0, verbose: int = 0) -> keras.callbacks.History:
+    def run(
+        self,
+        callbacks: list[keras.callbacks.Callback],
+        *,
+        epochs: int,
+        initial_epoch: int = 0,
+        verbose: int = 0,
+    ) -> keras.callbacks.History:
         model = self.model
         hooks = keras.callbacks.CallbackList(
-            callbacks, add_history=True, add_progbar=verbose != 0, verbose=verbose,
-            epochs=epochs, steps=self.steps, model=model)
+            callbacks,
+            add_history=True,
+            add_progbar=verbose != 0,
+            verbose=verbose,
+            epochs=epochs,
+            steps=self.steps,
+            model=model,
+        )
         model.stop_training = False
         hooks.on_train_begin()
         logs: dict[str, float] | None = None
@@ -162,8 +198,9 @@ class EpochLoop:
             diverged = False
             for first, last, size in self.calls:
                 hooks.on_train_batch_begin(first)
-                out = self._train(self.train_x, self.train_y, order,
-                                  tf.constant(first), tf.constant(last), size)
+                out = self._train(
+                    self.train_x, self.train_y, order, tf.constant(first), tf.constant(last), size
+                )
                 loss_sum += float(out[0])
                 correct += int(out[1])
                 seen += int(out[2])
@@ -202,6 +239,7 @@ def _scores(predicted: tf.Tensor) -> tf.Tensor:
 
 def count_correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """How many rows of `predicted` put their highest score on the (integer) label."""
-    hits = tf.equal(tf.argmax(_scores(predicted), axis=-1, output_type=tf.int32),
-                    tf.cast(labels, tf.int32))
+    hits = tf.equal(
+        tf.argmax(_scores(predicted), axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32)
+    )
     return tf.reduce_sum(tf.cast(hits, tf.int32))

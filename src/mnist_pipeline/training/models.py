@@ -29,8 +29,9 @@ def build(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
         return build_cnn(cfg, num_classes)
     if isinstance(cfg, RNNConfig):
         return build_rnn(cfg, num_classes)
-    raise ValueError(f"model config: got {type(cfg).__name__}, expected MLPConfig, CNNConfig "
-                     "or RNNConfig")
+    raise ValueError(
+        f"model config: got {type(cfg).__name__}, expected MLPConfig, CNNConfig or RNNConfig"
+    )
 
 
 def _inputs() -> keras.KerasTensor:
@@ -44,8 +45,11 @@ def _classifier(num_classes: int) -> layers.Dense:
 
 def build_mlp(cfg: MLPConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
     """The tutorial MLP (Sequential API): 784 -> 512 relu -> 256 relu -> 10 softmax by default."""
-    stack: list[layers.Layer] = [_inputs(), layers.Rescaling(1.0 / 255, name="rescale"),
-                                 layers.Flatten(name="flatten")]
+    stack: list[layers.Layer] = [
+        _inputs(),
+        layers.Rescaling(1.0 / 255, name="rescale"),
+        layers.Flatten(name="flatten"),
+    ]
     for index, units in enumerate(cfg.hidden_units):
         stack.append(layers.Dense(units, activation=cfg.activation, name=f"dense_{index}"))
         if cfg.dropout:
@@ -66,8 +70,13 @@ def build_cnn(cfg: CNNConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
     for block, filters in enumerate(cfg.filters):
         for conv in range(cfg.convs_per_block):
             name = f"block{block}_conv{conv}"
-            x = layers.Conv2D(filters, cfg.kernel_size, padding=cfg.padding,
-                              use_bias=not cfg.batch_norm, name=name)(x)
+            x = layers.Conv2D(
+                filters,
+                cfg.kernel_size,
+                padding=cfg.padding,
+                use_bias=not cfg.batch_norm,
+                name=name,
+            )(x)
             if cfg.batch_norm:
                 x = layers.BatchNormalization(name=f"{name}_bn")(x)
             x = layers.Activation(cfg.activation, name=f"{name}_act")(x)
@@ -121,17 +130,31 @@ def build_optimizer(cfg: OptimizerConfig) -> keras.optimizers.Optimizer:
         return keras.optimizers.RMSprop(**args)
     if cfg.name == "adam":
         decay = args.pop("weight_decay")
+        if args["ema_momentum"]:
+            args["use_ema"] = True
+        else:
+            del args["ema_momentum"]
         if decay:
             return keras.optimizers.AdamW(weight_decay=decay, **args)
         return keras.optimizers.Adam(**args)
     raise ValueError(f"optimizer.name: got {cfg.name!r}, expected 'sgd', 'rmsprop' or 'adam'")
 
 
-def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                  loss: str | keras.losses.Loss, *,
-                  steps_per_execution: int = 1, jit_compile: bool | str = "auto") -> keras.Model:
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"],
-                  steps_per_execution=steps_per_execution, jit_compile=jit_compile)
+def compile_model(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    loss: str | keras.losses.Loss,
+    *,
+    steps_per_execution: int = 1,
+    jit_compile: bool | str = "auto",
+) -> keras.Model:
+    model.compile(
+        optimizer=optimizer,
+        loss=loss,
+        metrics=["accuracy"],
+        steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
+    )
     return model
 
 
@@ -164,8 +187,10 @@ def export_onnx(model: keras.Model, path: str | os.PathLike[str]) -> None:
 
     mixed = sorted({layer.dtype_policy.name for layer in model.layers} - {"float32"})
     if mixed:
-        raise ValueError(f"export_onnx: the model computes in {', '.join(mixed)}; export its "
-                         "float32 copy (models.as_float32), which ONNX Runtime runs")
+        raise ValueError(
+            f"export_onnx: the model computes in {', '.join(mixed)}; export its "
+            "float32 copy (models.as_float32), which ONNX Runtime runs"
+        )
     model(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # Keras exports only a model that has run
     with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes np.object
@@ -181,8 +206,10 @@ def load(path: str | os.PathLike[str]) -> keras.Model:
     """
     path = Path(path)
     if path.suffix != ".keras":
-        raise ModelError(f"{path}: refused: only the native .keras format is loaded "
-                         f"(got '{path.suffix or 'no extension'}'; HDF5 and pickles can run code)")
+        raise ModelError(
+            f"{path}: refused: only the native .keras format is loaded "
+            f"(got '{path.suffix or 'no extension'}'; HDF5 and pickles can run code)"
+        )
     if not path.is_file():
         raise ModelError(f"{path}: model file not found (run the train stage: dvc repro train)")
     try:
@@ -192,13 +219,16 @@ def load(path: str | os.PathLike[str]) -> keras.Model:
         raise ModelError(f"{path}: not a valid .keras archive ({err})") from None
     unsafe = sorted(_unsafe_layers(config))
     if unsafe:
-        raise ModelError(f"{path}: refused: the model holds layers that would run code from the "
-                         f"file ({', '.join(unsafe)}); rebuild it without Lambda layers")
+        raise ModelError(
+            f"{path}: refused: the model holds layers that would run code from the "
+            f"file ({', '.join(unsafe)}); rebuild it without Lambda layers"
+        )
     try:
         return keras.saving.load_model(path, safe_mode=True, compile=False)
     except ValueError as err:
-        raise ModelError(f"{path}: refused by Keras safe mode: "
-                         f"{str(err).splitlines()[0]}") from None
+        raise ModelError(
+            f"{path}: refused by Keras safe mode: {str(err).splitlines()[0]}"
+        ) from None
 
 
 def _unsafe_layers(node: object) -> set[str]:

@@ -41,16 +41,20 @@ class Runtime:
         return self.task is None or self.task.is_chief
 
     def describe(self) -> dict[str, Any]:
-        return {"runtime.resolved_precision": self.precision,
-                "runtime.resolved_jit_compile": self.jit_compile,
-                "runtime.device": self.device, "runtime.replicas": self.replicas,
-                "runtime.resolved_workers": self.task.workers if self.task else 1}
+        return {
+            "runtime.resolved_precision": self.precision,
+            "runtime.resolved_jit_compile": self.jit_compile,
+            "runtime.device": self.device,
+            "runtime.replicas": self.replicas,
+            "runtime.resolved_workers": self.task.workers if self.task else 1,
+        }
 
 
 # --- runtime -------------------------------------------------------------------------------
 
+
 def cpu_bf16_unit(flags: str | None = None) -> str | None:
-    """"amx" (AMX tiles), "avx512" (AVX-512 BF16 dot products only) or None: how this CPU
+    """ "amx" (AMX tiles), "avx512" (AVX-512 BF16 dot products only) or None: how this CPU
     multiplies bfloat16, from /proc/cpuinfo's flags (or `flags`)."""
     if flags is None:
         try:
@@ -80,8 +84,12 @@ def gpu_precision() -> str | None:
 # convolutions; docs in benchmarks/README.md). Dense layers: faster with AVX-512 BF16 alone
 # and with AMX. Convolutions: faster with AMX (an Intel Xeon); with AVX-512 BF16 alone (the
 # AMD EPYC machines) not measured: float32 there until a measurement says otherwise.
-BF16_FASTER = {("amx", "dense"): True, ("amx", "conv"): True,
-               ("avx512", "dense"): True, ("avx512", "conv"): False}
+BF16_FASTER = {
+    ("amx", "dense"): True,
+    ("amx", "conv"): True,
+    ("avx512", "dense"): True,
+    ("avx512", "conv"): False,
+}
 
 
 def layer_kind(model_name: str) -> str:
@@ -133,7 +141,8 @@ def _configure_devices(cfg: RuntimeConfig) -> None:
     if cfg.logical_devices > 1 and not gpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_devices)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * cfg.logical_devices
+        )
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
 
@@ -165,9 +174,12 @@ def configure_runtime(cfg: RuntimeConfig, seed: int, model_name: str = "mlp") ->
     elif cfg.distribute == "multi_worker":
         task = cluster.task()
         if task is None:
-            raise ConfigError("runtime.distribute", cfg.distribute,
-                              f"a {cluster.TF_CONFIG} describing this worker's cluster (the "
-                              "train stage starts runtime.workers local workers itself)")
+            raise ConfigError(
+                "runtime.distribute",
+                cfg.distribute,
+                f"a {cluster.TF_CONFIG} describing this worker's cluster (the "
+                "train stage starts runtime.workers local workers itself)",
+            )
         # No `CommunicationOptions(timeout_seconds=...)`: TensorFlow keeps a thread per
         # collective op for that long (thousands per minute here, until thread creation
         # fails); `WorkerLoop`'s watchdog bounds a stalled step instead.
@@ -177,7 +189,12 @@ def configure_runtime(cfg: RuntimeConfig, seed: int, model_name: str = "mlp") ->
     if cfg.distribute != "default":
         jit_compile = jit == "true"  # XLA across replicas only when asked for explicitly
     device = f"GPU x{len(gpus)}" if gpus else f"CPU ({os.cpu_count()} cores)"
-    return Runtime(precision=precision, jit_compile=jit_compile, device=device,
-                   strategy=strategy, replicas=strategy.num_replicas_in_sync,
-                   deterministic=cfg.deterministic,
-                   task=cluster.task() if cfg.distribute == "multi_worker" else None)
+    return Runtime(
+        precision=precision,
+        jit_compile=jit_compile,
+        device=device,
+        strategy=strategy,
+        replicas=strategy.num_replicas_in_sync,
+        deterministic=cfg.deterministic,
+        task=cluster.task() if cfg.distribute == "multi_worker" else None,
+    )
