@@ -10,7 +10,7 @@ export PYTHONUNBUFFERED := 1
 STAMP := $(VENV)/.installed
 
 .PHONY: setup repro test test-fast lint test-offline system-deps lock params ui serve predict sweep bench \
-        team-up team-down team-status team-env
+        plots-template team-up team-down team-status team-env
 
 setup: $(STAMP)
 
@@ -38,6 +38,7 @@ LINTED := src tests pipelines benchmarks scripts examples
 lint: setup
 	ruff check $(LINTED)
 	ruff format --check $(LINTED)
+	mypy
 
 # The developer's loop, about a minute on 2 cores: config, data and the corrupted suite, gate
 # rules, scores, calibration, cards, imaging, the request guard, the CLI, the tracking
@@ -83,6 +84,11 @@ sweep: setup
 # A quick look: make bench ARGS="--epochs 2 --skip-repro"
 bench: setup
 	python benchmarks/train_speed.py $(ARGS)
+
+# The page `dvc plots show` fills (.dvc/plots.html, named in .dvc/config), with vega,
+# vega-lite and vega-embed inlined from pinned npm tarballs (needs npm) so plots draw offline.
+plots-template: setup
+	python scripts/plots_template.py
 
 # The team stack in .team/: PostgreSQL, an MLflow server on it, a DVC remote (docs/team.md).
 #   make team-up [ARGS="--port 5050 --postgres-port 5433"]; then: eval "$$(make -s team-env)"

@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from train_speed import (
+from harness import (
     RAW_FILES,
     ROOT,
     child_env,

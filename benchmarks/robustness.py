@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train_speed import ROOT, check_recipes, child_env, cpu_model, run_measured, table
+from harness import ROOT, check_recipes, child_env, cpu_model, run_measured, table
 
 DEFAULT_RECIPES = ("mlp", "fast", "best", "robust")
 BASELINE = "fast"

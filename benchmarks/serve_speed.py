@@ -360,7 +360,7 @@ def main() -> int:
     wanted = args.servers.split(",")
     images = test_images(args.data, 4 * args.batch)
     singles, batches = bodies(images, args.batch)
-    from train_speed import cpu_model
+    from harness import cpu_model
 
     print(
         f"{cpu_model()}; load average {os.getloadavg()}, {os.cpu_count()} CPUs; "

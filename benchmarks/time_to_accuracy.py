@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from train_speed import (
+from harness import (
     ROOT,
     check_recipes,
     child_env,

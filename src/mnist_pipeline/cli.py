@@ -210,12 +210,10 @@ def budgets(entries: list[dict[str, Any]], alpha: float) -> str:
 
 def table(entries: list[dict[str, Any]]) -> str:
     """The history as an aligned plain-text table, one row per entry, in the given order."""
-    rows = [COLUMNS, *(_row(entry) for entry in entries)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    )
+    from tabulate import tabulate
+
+    rows = [_row(entry) for entry in entries]
+    return tabulate(rows, headers=COLUMNS, tablefmt="plain", disable_numparse=True)
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:

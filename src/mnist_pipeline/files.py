@@ -49,8 +49,8 @@ def atomic_open(
     target: str | os.PathLike[str], mode: str = "w", permissions: int = 0o644
 ) -> Iterator[IO[Any]]:
     """Open a temporary file beside `target` for writing; replace `target` on success."""
-    encoding = {} if "b" in mode else {"encoding": "utf-8"}
-    with atomic_path(target, mode=permissions) as tmp, open(tmp, mode, **encoding) as fh:
+    encoding = None if "b" in mode else "utf-8"
+    with atomic_path(target, mode=permissions) as tmp, open(tmp, mode, encoding=encoding) as fh:
         yield fh
 
 

@@ -25,6 +25,8 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from types import ModuleType
+from typing import cast
 
 from .errors import DEBUG_ENV
 
@@ -68,7 +70,8 @@ def prepare() -> None:
     """Quiet TensorFlow's start-up, keep unused modules out of memory, exit promptly."""
     quiet()
     for name in UNUSED_BY_STAGES:
-        sys.modules.setdefault(name, None)  # `import sklearn` now raises ImportError
+        # `import sklearn` now raises ImportError (a None entry blocks an import)
+        cast("dict[str, ModuleType | None]", sys.modules).setdefault(name, None)
     exit_promptly()
 
 
@@ -135,6 +138,7 @@ def end_filter(process: subprocess.Popen | None, timeout_s: float = 10) -> None:
     """Let `process` copy what is left and exit."""
     if process is None:
         return
+    assert process.stdin is not None, "stderr_filter's process reads a pipe"
     process.stdin.close()
     try:
         process.wait(timeout=timeout_s)
@@ -148,6 +152,8 @@ def without_startup_lines() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     process = stderr_filter()
+    # `quiet` installs the importer that calls this only when not debugging: a filter runs.
+    assert process is not None and process.stdin is not None, "no stderr filter to write to"
     os.dup2(process.stdin.fileno(), 2)
     try:
         yield

@@ -15,6 +15,8 @@ from mnist_pipeline.evaluation.robustness import Shift
 from mnist_pipeline.evaluation.scores import score, wilson_interval
 from mnist_pipeline.training.calibration import Calibration
 
+from helpers.markdown import tight_tables
+
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Statistics in
 # Medicine 17:857-872, Table I, method 3 (score interval without continuity correction).
@@ -144,7 +146,7 @@ def _facts(tmp_path, passed: bool = True, params: dict | None = None) -> card.Fa
 
 def test_the_card_says_what_the_model_is_saw_scores_and_is_for(tmp_path):
     md_path, html_path = card.write(tmp_path, _facts(tmp_path))
-    text = md_path.read_text()
+    text = tight_tables(md_path.read_text())
     assert text.startswith("# Model card: mnist-classifier v3\n")
     for needle in (
         "| model.name | cnn |",
@@ -198,7 +200,7 @@ def test_the_card_reports_corrupted_suite_calibration_and_abstention(tmp_path):
         "train.augmentation.blur": "0.0",
     }
     md_path, _ = card.write(tmp_path, _facts(tmp_path, params=params))
-    text = md_path.read_text()
+    text = tight_tables(md_path.read_text())
     # fog: 400 of 500 right (the 100 fives and eights lost); translate: as clean (483).
     assert "## Robustness: the corrupted test suite" in text
     assert "Mean corruption accuracy 0.8830 (the champion before this evaluation: 0.9250)" in text
@@ -225,7 +227,9 @@ def test_the_card_without_augmentation_or_calibration_says_so(tmp_path):
     bare = Shift.measure(
         np.eye(10)[labels], np.stack([np.eye(10)[labels]]), labels, ["fog"], "s" * 64, IDENTITY
     )
-    text = card.markdown(card.build(replace(facts, shift=bare, champion_corrupted=None)))
+    text = tight_tables(
+        card.markdown(card.build(replace(facts, shift=bare, champion_corrupted=None)))
+    )
     assert "Training used no augmentation" in text
     assert "No calibration was fitted for this model" in text
     assert "No abstention threshold: every answer stands." in text

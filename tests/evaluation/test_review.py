@@ -8,6 +8,7 @@ import re
 
 import pytest
 from helpers import repo
+from helpers.markdown import tight_tables
 
 from mnist_pipeline.evaluation import review
 
@@ -24,7 +25,7 @@ def test_nested_metrics_fold_away_and_unchanged_ones_are_counted():
         "metrics/data.json": {"test.count": {"old": 10000, "new": 10000, "diff": 0}},
         "gate.json": {"p_value": {"old": 0.1, "new": 0.01}},
     }
-    text = "\n".join(review._metrics_section(diff, "gate.json"))
+    text = tight_tables("\n".join(review._metrics_section(diff, "gate.json")))
     headline, folded = text.split("<details>")
     assert "| `test_accuracy` | 0.9500 | 0.9500 | +0.0000 | metrics/evaluate.json |" in headline
     assert "| `per_class.3.recall` | 0.9000 | 0.9300 | +0.0300 |" in folded
@@ -50,7 +51,7 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
     done = _review(path, "--exp", "one-epoch", "--against", "main", "-o", "review.md")
     assert done.returncode == 0, done.stderr
     assert "mnist-pipeline: wrote review.md" in done.stdout
-    text = (path / "review.md").read_text()
+    text = tight_tables((path / "review.md").read_text())
     assert text.startswith("## Review: experiment `one-epoch` against `main`\n")
     params = text.split("### Params that changed")[1].split("###")[0]
     assert "| `train.epochs` | 2 | 1 |" in params
@@ -80,11 +81,13 @@ def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path
 
     # The other experiment, to stdout; and the workspace (it holds the last experiment run).
     other = _review(path, "--exp", "slow-sgd")
-    assert "| `optimizer.learning_rate` | 0.05 | 0.001 |" in other.stdout, other.stdout
+    assert "| `optimizer.learning_rate` | 0.05 | 0.001 |" in tight_tables(other.stdout), (
+        other.stdout
+    )
     assert "train.epochs" not in other.stdout.split("### Metrics")[0]
     workspace = _review(path)
     assert workspace.stdout.startswith("## Review: the workspace against `main`")
-    assert "| `optimizer.learning_rate` | 0.05 | 0.001 |" in workspace.stdout
+    assert "| `optimizer.learning_rate` | 0.05 | 0.001 |" in tight_tables(workspace.stdout)
 
     missing = _review(path, "--exp", "no-such-experiment")
     assert missing.returncode == 1

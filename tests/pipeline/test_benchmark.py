@@ -1,4 +1,5 @@
-"""benchmarks/train_speed.py: its arithmetic and report helpers, and one tiny end-to-end run."""
+"""The benchmarks: the shared harness's arithmetic and report helpers, each script's argument
+checks, and one tiny end-to-end run of each."""
 
 from __future__ import annotations
 
@@ -19,14 +20,12 @@ SCRIPT = ROOT / "benchmarks" / "train_speed.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("train_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from _benchmark_module(SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    yield from _benchmark_module(ROOT / "benchmarks" / "harness.py")
 
 
 def test_mlp_flops_count_forward_and_both_gradients(bench):
@@ -38,20 +37,20 @@ def test_mlp_flops_count_forward_and_both_gradients(bench):
     assert bench.epoch_flops(10, 2) == 10 * training + 2 * forward
 
 
-def test_steady_epoch_time_leaves_out_the_first_epoch(bench):
-    assert bench.steady_epoch_time([9.0, 1.0, 3.0, 2.0]) == 2.0
-    assert bench.steady_epoch_time([4.0]) == 4.0
-    assert bench.steady_epoch_time([]) != bench.steady_epoch_time([])  # NaN
+def test_steady_epoch_time_leaves_out_the_first_epoch(harness):
+    assert harness.steady_epoch_time([9.0, 1.0, 3.0, 2.0]) == 2.0
+    assert harness.steady_epoch_time([4.0]) == 4.0
+    assert harness.steady_epoch_time([]) != harness.steady_epoch_time([])  # NaN
 
 
-def test_ratio_is_nan_when_undefined(bench):
-    assert bench.ratio(1.0, 4.0) == 0.25
+def test_ratio_is_nan_when_undefined(harness):
+    assert harness.ratio(1.0, 4.0) == 0.25
     for args in ((1.0, 0.0), (float("nan"), 1.0)):
-        value = bench.ratio(*args)
+        value = harness.ratio(*args)
         assert value != value
 
 
-def test_stage_times_split_dvc_output_at_each_stage(bench):
+def test_stage_times_split_dvc_output_at_each_stage(harness):
     output = "\n".join(
         [
             "    0.50 Stage 'fetch' didn't change, skipping",
@@ -63,7 +62,7 @@ def test_stage_times_split_dvc_output_at_each_stage(bench):
             "   20.00 Use `dvc push` to send your updates to remote storage.",
         ]
     )
-    before, stages = bench.stage_times(output)
+    before, stages = harness.stage_times(output)
     assert before == pytest.approx(0.6)
     assert stages == pytest.approx({"preprocess": 1.5, "train": 10.0, "evaluate": 7.9})
 
@@ -76,8 +75,8 @@ def test_arguments_are_validated(bench, capsys):
     assert "--epochs: got 0" in capsys.readouterr().err
 
 
-def test_table_aligns_columns(bench):
-    text = bench.table([["a", "1.0"], ["bbb", "22.5"]], ["", "s"])
+def test_table_aligns_columns(harness):
+    text = harness.table([["a", "1.0"], ["bbb", "22.5"]], ["", "s"])
     assert text.splitlines() == ["        s", "a     1.0", "bbb  22.5"]
 
 
@@ -138,7 +137,7 @@ TTA_SCRIPT = ROOT / "benchmarks" / "time_to_accuracy.py"
 
 
 def _benchmark_module(script: Path):
-    """Load a benchmark script that imports its helpers from train_speed (beside it)."""
+    """Load a benchmark script that imports its helpers from harness.py (beside it)."""
     sys.path.insert(0, str(script.parent))
     spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)

@@ -94,6 +94,7 @@ def config_error(err: ValidationError, schema: Any, raw: Any, prefix: str) -> Co
         allowed = "one of " + ", ".join(map(repr, get_args(_strip(annotation)[0])))
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
         members, tag = _strip(annotation)
+        assert tag is not None, "a tagged union's error comes with its discriminator"
         key, value = f"{key}.{tag}", value.get(tag) if isinstance(value, Mapping) else None
         allowed = "one of " + ", ".join(map(repr, _variants(members, tag)))
     elif kind == "missing":
@@ -140,9 +141,8 @@ def _strip(annotation: Any) -> tuple[Any, str | None]:
     tag = None
     while get_origin(annotation) is Annotated:
         annotation, *metadata = get_args(annotation)
-        tag = next(
-            (m.discriminator for m in metadata if isinstance(m, FieldInfo) and m.discriminator), tag
-        )
+        tags = [m.discriminator for m in metadata if isinstance(m, FieldInfo)]
+        tag = next((t for t in tags if isinstance(t, str) and t), tag)
     return annotation, tag
 
 

@@ -83,12 +83,14 @@ class Expect:
         return core_schema.no_info_wrap_validator_function(check, handler(source))
 
 
-def integer(low: int, high: int | None = None, text: str | None = None) -> Any:
-    """An int >= `low` (and <= `high`)."""
-    if high is None:
-        return Annotated[int, Field(ge=low), Expect(text or f"an integer >= {low}")]
-    return Annotated[int, Field(ge=low, le=high), Expect(text or f"an integer in [{low}, {high}]")]
-
+# Integers in a range, as `Annotated` types (which type checkers read, unlike a call).
+IntAtLeast0 = Annotated[int, Field(ge=0), Expect("an integer >= 0")]
+IntAtLeast1 = Annotated[int, Field(ge=1), Expect("an integer >= 1")]
+IntAtLeast1000 = Annotated[int, Field(ge=1000), Expect("an integer >= 1000")]
+Int1To64 = Annotated[int, Field(ge=1, le=64), Expect("an integer in [1, 64]")]
+Int1To400 = Annotated[int, Field(ge=1, le=400), Expect("an integer in [1, 400]")]
+Int1To10000 = Annotated[int, Field(ge=1, le=10000), Expect("an integer in [1, 10000]")]
+Int1To65536 = Annotated[int, Field(ge=1, le=65536), Expect("an integer in [1, 65536]")]
 
 PositiveNumber = Annotated[float, Field(gt=0, allow_inf_nan=False), Expect("a finite number > 0")]
 PositiveCount = Annotated[int, Field(gt=0), Expect("a finite number > 0")]
@@ -197,7 +199,9 @@ class FetchConfig(Section):
 
 class PreprocessConfig(Section):
     # Carved out of the 60,000 training images; the official test set is never touched.
-    val_size: integer(10, text="an integer >= 10 (one image per class at least)")
+    val_size: Annotated[
+        int, Field(ge=10), Expect("an integer >= 10 (one image per class at least)")
+    ]
     seed: int
     train_images: str
     train_labels: str
@@ -230,7 +234,7 @@ CorruptionName = Literal[
 class CorruptConfig(Section):
     # With the corruption's name and the chunk's index, seeds each chunk of images: the suite
     # is the same bytes on every run and machine.
-    seed: integer(0)
+    seed: IntAtLeast0
     corruptions: Annotated[
         list[CorruptionName],
         Field(min_length=1),
@@ -264,13 +268,13 @@ class CNNConfig(Section):
 
     name: Literal["cnn"]
     filters: Positives
-    convs_per_block: integer(1)
+    convs_per_block: IntAtLeast1
     kernel_size: Literal[3, 5]
     # same: blocks keep the image size until they pool; valid: each conv trims a border.
     padding: Literal["same", "valid"]
     batch_norm: bool
     # Units of the hidden dense layer; 0: none, the classifier reads the pooled features.
-    dense_units: integer(0)
+    dense_units: IntAtLeast0
     dropout: OpenFraction
     activation: Activation
 
@@ -308,7 +312,7 @@ class RNNConfig(Section):
 
     name: Literal["rnn"]
     cell: Literal["lstm", "gru", "simple"]
-    units: integer(1)
+    units: IntAtLeast1
     bidirectional: bool
     dropout: OpenFraction
 
@@ -355,7 +359,7 @@ OptimizerConfig = Annotated[SGDConfig | RMSpropConfig | AdamConfig, Field(discri
 class EarlyStoppingConfig(Section):
     enabled: bool
     monitor: Literal["val_loss", "val_accuracy", "loss", "accuracy"]
-    patience: integer(1)
+    patience: IntAtLeast1
     min_delta: NonNegative
     restore_best_weights: bool
 
@@ -368,17 +372,17 @@ class LRScheduleConfig(Section):
     # rises linearly from lr/25 over the first `warmup_epochs`, then follows a cosine down
     # to lr*min_factor at the last step.
     name: Literal["constant", "cosine", "step", "plateau", "onecycle"]
-    warmup_epochs: integer(0)
+    warmup_epochs: IntAtLeast0
     min_factor: Fraction
     factor: Factor
-    step_epochs: integer(1)
-    patience: integer(1)
+    step_epochs: IntAtLeast1
+    patience: IntAtLeast1
 
 
 class CheckpointConfig(Section):
     # Save the full training state every `every_epochs` epochs so a killed run can resume.
     enabled: bool
-    every_epochs: integer(1)
+    every_epochs: IntAtLeast1
     # Continue from the last checkpoint of an interrupted run with the same config.
     resume: bool
 
@@ -413,9 +417,9 @@ class CalibrationConfig(Section):
 
 
 class TrainConfig(Section):
-    batch_size: integer(1, 65536)
-    epochs: integer(1, 10000)
-    seed: integer(0)
+    batch_size: Int1To65536
+    epochs: Int1To10000
+    seed: IntAtLeast0
     loss: Literal["categorical_crossentropy", "mean_squared_error"]
     # Cross-entropy against (1 - s) * one-hot + s / 10: the model is not pushed towards
     # certainty on every training image. 0: plain one-hot targets (the tutorial).
@@ -465,7 +469,7 @@ class RuntimeConfig(Section):
     precision: Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
     # Training steps per compiled call; callbacks' batch hooks (signal checks, NaN stop)
     # run between calls.
-    steps_per_execution: integer(1, 10000)
+    steps_per_execution: Int1To10000
     # XLA compilation of the train step: auto = on GPUs, where it helps (slower on CPUs).
     jit_compile: Annotated[
         str,
@@ -480,14 +484,14 @@ class RuntimeConfig(Section):
     distribute: Literal["default", "mirrored", "multi_worker"]
     # multi_worker without TF_CONFIG: the train stage starts this many worker processes on
     # this machine (loopback); with TF_CONFIG, each machine runs one and this is not used.
-    workers: integer(1, 64)
+    workers: Int1To64
     # How long a worker's step may wait for the others (a stopped or silent worker) before
     # the worker fails: a lost worker must fail the job, not hang it.
     collective_timeout_s: PositiveNumber
-    logical_devices: integer(0)
+    logical_devices: IntAtLeast0
     # Threads for TF ops; 0 = TensorFlow decides.
-    intra_op_threads: integer(0)
-    inter_op_threads: integer(0)
+    intra_op_threads: IntAtLeast0
+    inter_op_threads: IntAtLeast0
 
 
 # --- tracking ------------------------------------------------------------------------------
@@ -520,9 +524,9 @@ class TrackingConfig(Section):
 
 
 class EvaluateConfig(Section):
-    batch_size: integer(1)
+    batch_size: IntAtLeast1
     # Misclassified test digits drawn in the grid artifact.
-    misclassified_grid: integer(1, 400)
+    misclassified_grid: Int1To400
 
 
 class GateConfig(Section):
@@ -566,13 +570,13 @@ class MonitoringConfig(Section):
         | None
     )
     log_requests: bool
-    max_rows: integer(1000)
+    max_rows: IntAtLeast1000
     flush_interval_s: Annotated[
         float, Field(gt=0, le=60, allow_inf_nan=False), Expect("seconds in (0, 60]")
     ]
     image_sample_rate: Fraction
-    window: integer(20, text="an integer >= 20 (requests per window)")
-    windows: integer(1)
+    window: Annotated[int, Field(ge=20), Expect("an integer >= 20 (requests per window)")]
+    windows: IntAtLeast1
     alpha: Factor
     min_distance: OpenFraction
     estimator: Literal["atc", "cbpe"]

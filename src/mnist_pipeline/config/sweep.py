@@ -8,11 +8,15 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from ..errors import ConfigError
-from .schema import NAME_PATTERN, Expect, Section, integer
+from .schema import NAME_PATTERN, Expect, IntAtLeast0, IntAtLeast1, Section
 
 # The per-epoch validation metrics a study can optimise (the test set is never used to
 # choose), and the direction each is optimised in.
 SWEEP_METRICS = {"val_accuracy": "maximize", "val_loss": "minimize"}
+
+IntAtLeast2 = Annotated[int, Field(ge=2), Expect("an integer >= 2")]
+Int1To256 = Annotated[int, Field(ge=1, le=256), Expect("an integer in [1, 256]")]
+Int1To100000 = Annotated[int, Field(ge=1, le=100000), Expect("an integer in [1, 100000]")]
 
 
 class SweepSamplerConfig(Section):
@@ -21,10 +25,10 @@ class SweepSamplerConfig(Section):
     name: Literal["tpe", "random"]
     # Each worker seeds its sampler from (seed, worker, trials already run), so parallel
     # workers and resumed studies do not draw the same points.
-    seed: integer(0)
+    seed: IntAtLeast0
     # Random trials before TPE models the space. Optuna's 10 suits long studies; for the
     # ~16-trial sweeps one machine affords, fewer leaves more trials to the model.
-    n_startup_trials: integer(0)
+    n_startup_trials: IntAtLeast0
 
 
 class SweepPrunerConfig(Section):
@@ -35,13 +39,13 @@ class SweepPrunerConfig(Section):
     name: Literal["median", "successive_halving", "threshold", "none"]
     # Complete trials before the median pruner prunes anything: a median of one or two
     # runs is noise.
-    n_startup_trials: integer(0)
+    n_startup_trials: IntAtLeast0
     # Epochs every trial trains before it may be pruned: the first epochs rank runs poorly
     # (a high learning rate leads early, a well-tuned slower one overtakes it).
-    n_warmup_steps: integer(0)
-    interval_steps: integer(1)
-    min_resource: integer(1)
-    reduction_factor: integer(2)
+    n_warmup_steps: IntAtLeast0
+    interval_steps: IntAtLeast1
+    min_resource: IntAtLeast1
+    reduction_factor: IntAtLeast2
     threshold: float | None
 
     @model_validator(mode="after")
@@ -68,15 +72,15 @@ class SweepConfig(Section):
         Expect("letters, digits, '.', '_' or '-' (it names a config file)"),
     ]
     # Total trials of the study; a resumed study runs only the missing ones.
-    n_trials: integer(1, 100000)
+    n_trials: Int1To100000
     # Worker processes on this machine, each with cores // n_jobs TensorFlow threads.
-    n_jobs: integer(1, 256)
+    n_jobs: Int1To256
     # Optuna storage URL; null: SQLite at <repository root>/sweeps/optuna.db. Point several
     # machines at one database (e.g. postgresql://...) to share a study.
     storage: str | None
     # A running trial records a heartbeat every heartbeat_s; one silent for grace_s (its
     # worker was killed) is failed and its place in the budget given to a new trial.
-    heartbeat_s: integer(1)
+    heartbeat_s: IntAtLeast1
     grace_s: int
     metric: Literal[tuple(SWEEP_METRICS)]  # type: ignore[valid-type]
     direction: Literal["maximize", "minimize"]

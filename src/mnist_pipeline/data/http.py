@@ -82,7 +82,8 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         self._connection = _connection_class(http.client.HTTPSConnection, read_timeout)
 
     def https_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(self._connection, req, context=self._context)
+        context = self._context  # type: ignore[attr-defined]  # set by HTTPSHandler; stub omits it
+        return self.do_open(self._connection, req, context=context)
 
 
 def http_chunks(url: str, cfg: FetchConfig, *, desc: str, show_bar: bool) -> Iterator[bytes]:

@@ -13,6 +13,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class Split:
         digest = hashlib.sha256()
         for array in (self.images, self.labels):
             digest.update(f"{array.dtype.str}{array.shape}".encode())
-            digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))  # no copy
+            digest.update(np.ascontiguousarray(array).data.cast("B"))  # no copy
         return digest.hexdigest()
 
 
@@ -157,7 +158,8 @@ ALIGNMENT = 64
 def _read_aligned(archive: zipfile.ZipFile, key: str) -> np.ndarray:
     """Array `key` of an .npz archive (no pickles), read straight into aligned memory."""
     member = archive.getinfo(f"{key}.npy")
-    with archive.open(member) as fh:
+    # Read mode: a ZipExtFile (typeshed says IO[bytes], which has no readinto).
+    with cast(zipfile.ZipExtFile, archive.open(member)) as fh:
         version = np.lib.format.read_magic(fh)
         if version not in ((1, 0), (2, 0), (3, 0)):
             raise ValueError(f"{key}: unknown .npy format version {version}")
@@ -184,7 +186,7 @@ def _read_aligned(archive: zipfile.ZipFile, key: str) -> np.ndarray:
         buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
         start = -buffer.ctypes.data % ALIGNMENT
         raw = buffer[start : start + nbytes]
-        view, filled = memoryview(raw), 0
+        view, filled = raw.data, 0
         while filled < nbytes:
             got = fh.readinto(view[filled:])
             if not got:

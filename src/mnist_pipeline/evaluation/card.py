@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tabulate import tabulate
 
 from ..files import write_text
 from ..tracking import runs
@@ -416,9 +417,9 @@ STYLE = (
 
 def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table: `|` in a cell escaped, a line break made a space."""
-    return "\n".join(
-        "| " + " | ".join(_md_cell(c) for c in row) + " |"
-        for row in [header, ["---"] * len(header), *rows]
+    cells = [[_md_cell(c) for c in row] for row in rows]
+    return tabulate(
+        cells, headers=[_md_cell(c) for c in header], tablefmt="github", disable_numparse=True
     )
 
 

@@ -284,13 +284,14 @@ def _min_accuracy(candidate: Candidate, cfg: GateConfig) -> Rule:
             cfg.min_accuracy,
             f"accuracy is missing or not finite ({accuracy!r})",
         )
-    ok = float(accuracy) >= cfg.min_accuracy  # type: ignore[arg-type]
+    assert accuracy is not None  # _finite(None) is False
+    ok = float(accuracy) >= cfg.min_accuracy
     sign = ">=" if ok else "<"
     return Rule(
         "min_accuracy",
         ok,
         float(accuracy),
-        cfg.min_accuracy,  # type: ignore[arg-type]
+        cfg.min_accuracy,
         f"{accuracy:.4f} {sign} {cfg.min_accuracy:.4f}",
     )
 
@@ -468,13 +469,14 @@ def _calibrated(candidate: Candidate, ceiling: float) -> Rule:
             ceiling,
             f"expected calibration error is missing or not finite ({value!r})",
         )
-    ok = float(value) <= ceiling  # type: ignore[arg-type]
+    assert value is not None  # _finite(None) is False
+    ok = float(value) <= ceiling
     sign = "<=" if ok else ">"
     return Rule(
         "calibrated",
         ok,
         float(value),
-        ceiling,  # type: ignore[arg-type]
+        ceiling,
         f"test ECE after temperature scaling {value:.4f} {sign} max_ece {ceiling:.4f}",
     )
 

@@ -497,7 +497,7 @@ def evaluate(
                 lock,
                 run_id=run["run_id"],
             )
-    if candidate is None:
+    if service_wait is not None:  # no candidate here: the gate service judges
         judgement = await_verdict(name, version_id, service_wait)
     verdict, decided, spent = judgement.verdict, judgement.decided, judgement.budget
     champion_before, champion_after = judgement.champion_before, judgement.champion_after
@@ -712,7 +712,13 @@ def rescore(
         digest = tree_sha256(folder)
         model = logged_models.keras_in(folder, uri)
         saved = logged_models.calibration_in(folder)
-    fitted = dataclasses.replace(calibration.IDENTITY, **saved) if saved else calibration.IDENTITY
+    fitted = (
+        dataclasses.replace(
+            calibration.IDENTITY, temperature=saved["temperature"], threshold=saved["threshold"]
+        )
+        if saved
+        else calibration.IDENTITY
+    )
     probabilities, scores = measure(model, test, eval_cfg)
     shift = measure_shift(model, probabilities, corrupted, fitted, eval_cfg)
     parity = served_parity(uri, test, calibration.scale(probabilities, fitted.temperature))

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,9 @@ def _params_section(diff: dict[str, Any]) -> list[str]:
 def _metrics_section(diff: dict[str, Any], gate_path: str) -> list[str]:
     """Every headline metric with before, after and delta; nested ones (per class, the data
     report) in a folded table when they changed, else only counted."""
-    headline, nested, unchanged = [], [], {}
+    headline: list[tuple[str, ...]] = []
+    nested: list[tuple[str, ...]] = []
+    unchanged: dict[str, int] = {}
     for file, metrics in sorted(diff.items()):
         if Path(file) == Path(gate_path):
             continue  # the verdict has its own section
@@ -200,7 +203,7 @@ def _plot_files(root: Path) -> list[str]:
     return files
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
     return [markdown_table(header, rows), ""]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import DataError
 from . import drift, estimate
+from .estimate import Estimate
 from .requestlog import RequestLog, Window, display, split
 
 ALARM_EXIT = 3  # 0: no alarm; 1: could not check (an error); 3: drift in a window checked
@@ -30,8 +31,8 @@ ALARM_EXIT = 3  # 0: no alarm; 1: could not check (an error); 3: drift in a wind
 class Checked:
     window: Window
     drift: drift.Drift
-    estimate: estimate.Estimate  # the configured estimator's
-    cbpe: estimate.Estimate  # mean confidence, for comparison
+    estimate: Estimate  # the configured estimator's
+    cbpe: Estimate  # mean confidence, for comparison
     reference_accuracy: float
 
     @property

@@ -240,7 +240,7 @@ class RequestLog:
         with self.engine.connect() as conn:
             fetched = conn.execute(query).all()
         if newest:
-            fetched.reverse()
+            fetched = fetched[::-1]
         table = np.array([tuple(row) for row in fetched], dtype=np.float64).reshape(
             len(fetched), len(wanted)
         )

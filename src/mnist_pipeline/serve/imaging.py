@@ -62,9 +62,9 @@ def read_gray(path: str | os.PathLike[str]) -> np.ndarray:
                         f"{path}: {image.width}x{image.height} pixels is too large "
                         f"(at most {MAX_PIXELS:,})"
                     )
-                image = ImageOps.exif_transpose(image)
-                image.load()
-                return flatten(image)
+                upright = ImageOps.exif_transpose(image)
+                upright.load()
+                return flatten(upright)
     except ImageError:
         raise
     except FileNotFoundError:

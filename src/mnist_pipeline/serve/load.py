@@ -53,6 +53,8 @@ class Client:
 
     def __init__(self, url: str, timeout_s: float = 120) -> None:
         parts = urllib.parse.urlsplit(url)
+        if parts.hostname is None:
+            raise ValueError(f"{url}: no host to connect to")
         self.host, self.port, self.path = parts.hostname, parts.port, parts.path or "/"
         self.timeout_s = timeout_s
         self.connection: http.client.HTTPConnection | None = None

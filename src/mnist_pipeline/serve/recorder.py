@@ -21,11 +21,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..monitoring import features
 from .metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from ..monitoring.requestlog import RequestLog
 
 FLUSH_ROWS = 4096  # images waiting that wake the thread before its interval
 MAX_PENDING_ROWS = 200_000  # beyond this (a log that hangs), new answers are not recorded
@@ -62,7 +66,7 @@ class Recorder:
         self.requests = 0  # requests recorded (the log's `request` column)
         self.written = 0  # rows in the log
         self.dropped = 0  # rows lost to a failing log (or a full queue)
-        self._log = None  # a monitoring.requestlog.RequestLog, opened by the first flush
+        self._log: RequestLog | None = None  # opened by the first flush
         self._failing = False
         # Appended on the event loop, taken by the thread: deque's append and popleft are
         # atomic, so no answer is lost between them.

@@ -150,6 +150,7 @@ def _log_plots(study: optuna.Study, run_id: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from optuna.visualization import matplotlib as optuna_plots
 
     with warnings.catch_warnings():
@@ -160,6 +161,7 @@ def _log_plots(study: optuna.Study, run_id: str) -> None:
         ):
             axes = plot(study)
             figure = axes.get_figure()
+            assert isinstance(figure, Figure)  # a plot of its own, not a subfigure
             figure.set_size_inches(8, 5)
             figure.tight_layout()
             runs.log_figure(figure, name, run_id=run_id)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.distributions import (
     BaseDistribution,
+    CategoricalChoiceType,
     CategoricalDistribution,
     FloatDistribution,
     IntDistribution,
@@ -36,7 +37,9 @@ class Dimension:
 
     def override(self, value: Any) -> str:
         if isinstance(self.distribution, CategoricalDistribution):
-            return f"{self.key}={self.texts[self.distribution.to_internal_repr(value)]}"
+            # A categorical's internal representation is the choice's index.
+            index = int(self.distribution.to_internal_repr(value))
+            return f"{self.key}={self.texts[index]}"
         return f"{self.key}={value!r}"
 
     def suggest(self, trial: optuna.Trial) -> str:
@@ -53,7 +56,10 @@ class Dimension:
     def probe(self) -> str:
         """An override with one valid value (the first choice, the low end)."""
         d = self.distribution
-        return self.override(d.choices[0] if isinstance(d, CategoricalDistribution) else d.low)
+        if isinstance(d, CategoricalDistribution):
+            return self.override(d.choices[0])
+        assert isinstance(d, (IntDistribution, FloatDistribution))
+        return self.override(d.low)
 
 
 def parse_space(space: Mapping[str, str]) -> list[Dimension]:
@@ -102,8 +108,14 @@ def parse_space(space: Mapping[str, str]) -> list[Dimension]:
             if override.is_choice_sweep():
                 if not isinstance(value, ChoiceSweep) or value.shuffle or log:
                     raise ConfigError(name, spec, "choice(a, b, ...) without shuffle or log")
-                choices = list(override.sweep_iterator(transformer=Transformer.encode))
-                texts = tuple(override.sweep_iterator(transformer=Transformer.str))
+                # encode: a number, bool or string as itself, anything else as its text.
+                choices = cast(
+                    "list[CategoricalChoiceType]",
+                    list(override.sweep_iterator(transformer=Transformer.encode)),
+                )
+                texts = cast(
+                    "tuple[str, ...]", tuple(override.sweep_iterator(transformer=Transformer.str))
+                )
                 if len(set(map(repr, choices))) != len(choices):
                     raise ConfigError(name, spec, "distinct choices")
                 dimensions.append(Dimension(key, spec, CategoricalDistribution(choices), texts))
@@ -125,6 +137,7 @@ def parse_space(space: Mapping[str, str]) -> list[Dimension]:
                 dimensions.append(Dimension(key, spec, distribution))
             elif override.is_interval_sweep():
                 assert isinstance(value, IntervalSweep)
+                assert value.start is not None and value.end is not None  # interval(a, b)
                 dimensions.append(
                     Dimension(
                         key, spec, FloatDistribution(float(value.start), float(value.end), log=log)

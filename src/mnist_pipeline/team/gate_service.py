@@ -35,14 +35,14 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ..errors import DataError, ModelError, PipelineError, ServerError
 
 SIGNATURE_WINDOW_S = 300  # a delivery older (or newer) than this is refused: no replays
 MAX_BODY = 1 << 20
 WEBHOOK_PATH = "/webhook"
-EVENT = "model_version.created"
+EVENT: Final = "model_version.created"
 
 
 @dataclass(frozen=True)

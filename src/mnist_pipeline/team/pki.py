@@ -12,8 +12,13 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast, get_args
 
+from ..errors import ServerError
 from ..files import write_bytes
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest validity clients accept for a server certificate
@@ -46,6 +51,7 @@ def ensure(folder: Path, names: list[str]) -> Pki:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     pki = Pki(folder)
@@ -53,7 +59,10 @@ def ensure(folder: Path, names: list[str]) -> Pki:
     os.chmod(folder, 0o700)
     now = dt.datetime.now(dt.UTC)
     if pki.ca.is_file() and pki.ca_key.is_file():
-        ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+        loaded = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+        if not isinstance(loaded, get_args(CertificateIssuerPrivateKeyTypes)):
+            raise ServerError(f"{pki.ca_key}: a {type(loaded).__name__} cannot sign certificates")
+        ca_key = cast(CertificateIssuerPrivateKeyTypes, loaded)
         ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -139,13 +148,13 @@ def _covers(cert_path: Path, names: list[str]) -> bool:
     return set(names) <= present
 
 
-def _write_key(key: object, path: Path) -> None:
+def _write_key(key: PrivateKeyTypes, path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
     write_bytes(
         path,
         key.private_bytes(
-            serialization.Encoding.PEM,  # type: ignore[attr-defined]
+            serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ),

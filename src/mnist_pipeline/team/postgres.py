@@ -151,13 +151,11 @@ class Cluster:
         import psycopg
 
         deadline = time.monotonic() + START_TIMEOUT_S
+        password: dict[str, Any] = {"password": self.password} if self.password else {}
         while True:
             try:
                 return psycopg.connect(
-                    self.url(database),
-                    autocommit=True,
-                    connect_timeout=5,
-                    **({"password": self.password} if self.password else {}),
+                    self.url(database), autocommit=True, connect_timeout=5, **password
                 )
             except psycopg.OperationalError as err:
                 if time.monotonic() > deadline:

@@ -459,7 +459,7 @@ def down(folder: Path) -> Stack | None:
 
 def _stop_group(pid: int | None) -> None:
     """SIGTERM the process group `process.start` made for `pid`; SIGKILL it after 20 s."""
-    if not alive(pid):
+    if pid is None or not alive(pid):
         return
     try:
         os.killpg(pid, signal.SIGTERM)

@@ -10,6 +10,7 @@ cron every few minutes adds one run per new window.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,7 +58,8 @@ def logged_windows(experiment_id: str, keys: Iterable[str]) -> set[str]:
         # `_` and `%` in a name match more than themselves: harmless, the keys are compared.
         escaped = prefix.replace("'", "\\'")
         runs_found = retry(
-            lambda escaped=escaped: mlflow.search_runs(
+            functools.partial(
+                mlflow.search_runs,
                 experiment_ids=[experiment_id],
                 filter_string=f"tags.`{WINDOW_TAG}` LIKE '{escaped}/%'",
                 output_format="list",

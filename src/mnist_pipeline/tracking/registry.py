@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,11 +43,13 @@ def versions(name: str, page_size: int = 200) -> list[Any]:
     found: list[Any] = []
     token = None
     while True:
-        page = retry(
-            lambda t=token: MlflowClient().search_model_versions(
-                f"name = {_quoted(name)}", max_results=page_size, page_token=t
+
+        def search(page_token: str | None = token) -> Any:
+            return MlflowClient().search_model_versions(
+                f"name = {_quoted(name)}", max_results=page_size, page_token=page_token
             )
-        )
+
+        page = retry(search)
         found.extend(page)
         token = page.token
         if not token:
@@ -77,7 +80,7 @@ def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
 
     client = MlflowClient()
     for key, value in tags.items():
-        retry(lambda k=key, v=value: client.set_model_version_tag(name, version, k, str(v)))
+        retry(functools.partial(client.set_model_version_tag, name, version, key, str(value)))
 
 
 def delete_version_tag(name: str, version: str, key: str) -> None:

@@ -5,6 +5,7 @@ reaping of runs whose process was killed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import socket
@@ -132,7 +133,7 @@ def reap_orphans(experiment_id: str) -> list[str]:
         pid = stale.data.tags.get("process.pid", "")
         if not pid.isdigit() or _alive(int(pid)):
             continue
-        retry(lambda r=stale: client.set_tag(r.info.run_id, "ended_by", "orphan reaper"))
+        retry(functools.partial(client.set_tag, stale.info.run_id, "ended_by", "orphan reaper"))
         end_run(stale.info.run_id, "KILLED")
         reaped.append(stale.info.run_id)
     return reaped
@@ -227,10 +228,11 @@ def log_dataset(
 ) -> None:
     """Record the data a run used as an MLflow dataset input keyed by its SHA-256."""
     import mlflow
+    from mlflow.data.numpy_dataset import from_numpy
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "source can be interpreted in multiple ways"
-        dataset = mlflow.data.from_numpy(
+        dataset = from_numpy(
             images, targets=labels, source=source, name=name, digest=sha256[:DIGEST_CHARS]
         )
     retry(lambda: mlflow.log_input(dataset, context=context, tags={"sha256": sha256}))
@@ -298,7 +300,8 @@ def child_runs(parent_run_id: str) -> list[Any]:
     token: str | None = None
     while True:
         page = retry(
-            lambda token=token: client.search_runs(
+            functools.partial(
+                client.search_runs,
                 [experiment_id],
                 filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                 max_results=1000,

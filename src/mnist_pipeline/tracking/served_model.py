@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.models import set_model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 
 try:  # loaded by MLflow: the model's code folder is on sys.path
     from mnist_onnx import ModelInputError, OnnxDigitModel
@@ -31,7 +31,7 @@ ONNX_ARTIFACT = "onnx_model"  # model.onnx: what answers
 CALIBRATION_ARTIFACT = "calibration"  # calibration.json
 
 
-class DigitClassifier(mlflow.pyfunc.PythonModel):
+class DigitClassifier(PythonModel):
     """uint8 images (N, 28, 28) -> float32 calibrated class probabilities (N, 10).
 
     `threshold`: answers whose top probability is below it are "unsure" (callers mark them;

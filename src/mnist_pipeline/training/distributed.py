@@ -108,10 +108,17 @@ class WorkerLoop(EpochLoop):
         self.watchdog = Watchdog(stall_timeout_s, f"worker {self.worker} of {self.workers}")
 
     def run(
-        self, callbacks: list[keras.callbacks.Callback], **kwargs: object
+        self,
+        callbacks: list[keras.callbacks.Callback],
+        *,
+        epochs: int,
+        initial_epoch: int = 0,
+        verbose: int = 0,
     ) -> keras.callbacks.History:
         with self.watchdog:
-            return super().run(callbacks, **kwargs)
+            return super().run(
+                callbacks, epochs=epochs, initial_epoch=initial_epoch, verbose=verbose
+            )
 
     def _replicated_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, ...]:
         def replica(x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, ...]:

@@ -23,7 +23,7 @@ from ..errors import interruptible
 from ..files import write_json
 from ..tracking import lineage, logged_models, runs, store
 from . import calibration, callbacks, curves, models
-from .fit import fit, predict
+from .fit import Result, fit, predict
 from .runtime import Runtime, configure_runtime
 
 # Keys that change how a run is resumed, not what it computes.
@@ -272,7 +272,7 @@ def calibration_metrics(fitted: calibration.Calibration) -> dict[str, float]:
     }
 
 
-def final_metrics(result: fit.Result, wall_s: float) -> dict[str, float]:
+def final_metrics(result: Result, wall_s: float) -> dict[str, float]:
     history = result.history
     metrics: dict[str, float] = {"epochs_run": float(result.epochs_run), "train_time_s": wall_s}
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
