@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make repro   set up, then run the whole pipeline (dvc repro) on real MNIST
-#   make test    set up (Python venv and system packages), then run the test suite
+#   make test    set up (Python venv and system packages), lint, then run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -22,7 +22,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python --no-deps -e .
 	touch $@
 
-# Chromium for the UI tests; npm for the npm mirror of the fetch stage.
+# Chromium for the UI tests; npm for the npm mirror of the fetch stage; PostgreSQL for the
+# team stack's tests.
 system-deps:
 	@bash scripts/system-deps.sh
 
@@ -46,7 +47,7 @@ lint: setup
 # `make test` runs everything.
 FAST_TESTS := tests/config tests/data tests/docs tests/evaluation tests/serve tests/tracking \
               tests/monitoring \
-              tests/pipeline/test_dvc_graph.py tests/training/test_calibration.py
+              tests/pipeline/test_dvc_graph.py tests/training/test_calibration.py tests/test_cli.py
 test-fast: setup
 	pytest -n 2 -m "not slow and not browser and not team and not network" $(FAST_TESTS)
 

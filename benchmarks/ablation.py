@@ -24,12 +24,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from mnist_pipeline.data.splits import load_split
-from mnist_pipeline.training.inputs import dataset
-from mnist_pipeline.training.loop import EpochLoop
-from mnist_pipeline.training.runtime import configure_runtime, resolve_precision
+from mnist_pipeline import startup
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+startup.load_tensorflow()  # as the train stage loads it: its import-time objects frozen
+
+from mnist_pipeline.data.splits import load_split  # noqa: E402
+from mnist_pipeline.training.inputs import dataset  # noqa: E402
+from mnist_pipeline.training.loop import EpochLoop  # noqa: E402
+from mnist_pipeline.training.runtime import configure_runtime, resolve_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +43,6 @@ class Variant:
     steps_per_execution: int = 1
     jit_compile: bool = False
     pipeline: str = "legacy"  # legacy | legacy-fixed | gather | loop (EpochLoop)
-    softmax_accuracy: bool = False  # loop only: accuracy from the softmax, not the logits
 
 
 def ablation_steps() -> list[Variant]:
@@ -70,11 +71,6 @@ def ablation_steps() -> list[Variant]:
         replace(
             loop, label="  alt: steps_per_execution 512 (1 call/epoch)", steps_per_execution=512
         ),
-        replace(
-            loop,
-            label="  alt: accuracy from the softmax output (computed every step)",
-            softmax_accuracy=True,
-        ),
         replace(loop, label="  alt: float32", precision="float32"),
         replace(loop, label="  alt: float32 + XLA", precision="float32", jit_compile=True),
         replace(
@@ -102,20 +98,6 @@ def legacy_dataset(split, batch_size: int, shuffle: bool, seed: int, autotune: b
     options = tf.data.Options()
     options.autotune.enabled = False
     return ds.prefetch(2).with_options(options)
-
-
-def softmax_accuracy_loop():
-    """The stage's loop scoring accuracy on the softmax output, as Keras' metric does."""
-    import tensorflow as tf
-
-    pass
-
-    class SoftmaxAccuracyLoop(EpochLoop):
-        def _train_step(self, x, y):
-            loss, logits = super()._train_step(x, y)
-            return loss, tf.nn.softmax(logits)
-
-    return SoftmaxAccuracyLoop
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -153,7 +135,6 @@ def main(argv: list[str] | None = None) -> None:
     train = load_split(args.processed, "train")
     val = load_split(args.processed, "val")
 
-    SoftmaxAccuracyLoop = softmax_accuracy_loop()
     variants = ablation_steps()
     chosen = [(i, v) for i, v in enumerate(variants, 1) if not args.only or i in args.only]
     runs = []
@@ -180,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             jit_compile=variant.jit_compile,
         )
         if variant.pipeline == "loop":
-            kind = SoftmaxAccuracyLoop if variant.softmax_accuracy else EpochLoop
-            loop = kind(
+            loop = EpochLoop(
                 model,
                 train,
                 val,

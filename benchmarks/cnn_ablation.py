@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name}: got {getattr(args, name)}, expected an integer >= 1")
 
+    from mnist_pipeline import startup
+
+    startup.load_tensorflow()  # as the train stage loads it: its import-time objects frozen
     import keras
     import tensorflow as tf
 

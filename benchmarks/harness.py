@@ -227,8 +227,8 @@ def make_repo(path: Path, raw: Path | None) -> None:
     ]
     if raw is not None:
         shutil.copytree(raw, path / "data" / "raw")
-        # `dvc repro` deletes a stage's outputs before running it, so "already fetched"
-        # means recorded in dvc.lock, as after an earlier `dvc repro fetch`.
+        # "Already fetched" means recorded in dvc.lock, as after an earlier `dvc repro
+        # fetch`: an unrecorded copy would be fetched again.
         commands.append(["dvc", "commit", "--force", "fetch"])
     commands += [["git", "add", "-A"], ["git", "commit", "-qm", "benchmark copy"]]
     for command in commands:

@@ -49,7 +49,8 @@ STARTUP_PROBE = """
 import sys
 from mnist_pipeline import startup
 startup.prepare()
-import keras, mlflow
+startup.load_tensorflow()
+import mlflow
 mlflow.MlflowClient(sys.argv[1]).search_experiments()
 """
 

@@ -80,6 +80,7 @@ def recipe_child(name: str, processed: Path, out: Path, max_epochs: int) -> None
     from mnist_pipeline import startup
 
     startup.prepare()
+    startup.load_tensorflow()
     from mnist_pipeline.config import TrainJob
     from mnist_pipeline.config.compose import compose
     from mnist_pipeline.data.splits import load_split
@@ -119,6 +120,9 @@ def recipe_child(name: str, processed: Path, out: Path, max_epochs: int) -> None
 
 def score(folder: Path, processed: Path, corrupted: Path) -> dict[str, Any]:
     """Evaluate's measurements of the model in `folder` (clean test set, suite, confidence)."""
+    from mnist_pipeline import startup
+
+    startup.load_tensorflow()  # the first model to score loads it; then nothing to do
     from mnist_pipeline.config import EvaluateConfig
     from mnist_pipeline.data import suite
     from mnist_pipeline.data.splits import load_split
@@ -230,9 +234,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         name, processed, out, max_epochs = args.recipe_child
         recipe_child(name, Path(processed), Path(out), int(max_epochs))
         return
-    from mnist_pipeline import startup
-
-    startup.quiet()  # this process scores the models: no TensorFlow start-up lines
     print(f"robustness: {cpu_model()}; recipes {', '.join(args.recipes)}", flush=True)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="robustness-") as work:

@@ -225,6 +225,7 @@ def recipe_child(name: str, processed: Path, report: Path, started: float, max_e
     from mnist_pipeline import startup
 
     startup.prepare()
+    startup.load_tensorflow()
     from mnist_pipeline.config import TrainJob
     from mnist_pipeline.config.compose import compose
     from mnist_pipeline.data.splits import load_split

@@ -6,11 +6,9 @@ passes every gate rule moves the `champion` alias. A rejection is a normal outco
 stage succeeds and records it in gate.json) unless `gate.fail_on_reject` is set.
 """
 
-import gc
-
 from mnist_pipeline import startup
 
-startup.prepare()  # before TensorFlow loads
+startup.prepare()  # first: quiet logging, prompt exit
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
@@ -26,10 +24,10 @@ def main(cfg: DictConfig) -> None:
         eval_cfg, gate_cfg, tracking_cfg = (
             config.section(cfg, name) for name in ("evaluate", "gate", "tracking")
         )
+        startup.load_tensorflow()  # only once config is valid, before what imports it
         from mnist_pipeline.evaluation import promotion
-        from mnist_pipeline.tracking import store  # TensorFlow loads once config is valid
+        from mnist_pipeline.tracking import store
 
-        gc.freeze()  # the ~600k objects TensorFlow creates at import: out of every collection
         store.silence()
         decision = promotion.evaluate(paths, eval_cfg, gate_cfg, tracking_cfg)
         s, shift = decision.scores, decision.shift

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mnist_pipeline import startup
 
-startup.prepare()  # before TensorFlow loads
+startup.prepare()  # first: quiet logging (the workers inherit it), prompt exit
 
 from mnist_pipeline.errors import reported  # noqa: E402
 from mnist_pipeline.sweep import coordinator  # noqa: E402

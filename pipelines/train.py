@@ -7,7 +7,7 @@ multirun (`-m`); multirun jobs only log to MLflow and never touch the DVC output
 
 from mnist_pipeline import startup
 
-startup.prepare()  # before TensorFlow loads
+startup.prepare()  # first: quiet logging, prompt exit
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -36,8 +36,9 @@ def main(cfg: DictConfig) -> None:
             # This machine's workers, each this same command with its own TF_CONFIG.
             cluster.run_local(cluster.this_command(), train_job.runtime.workers)
             return
+        startup.load_tensorflow()  # only once config is valid, before what imports it
         from mnist_pipeline.tracking import store
-        from mnist_pipeline.training import job  # TensorFlow loads only once config is valid
+        from mnist_pipeline.training import job
 
         store.silence()
         outcome = job.train(

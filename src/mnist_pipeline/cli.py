@@ -42,6 +42,9 @@ REASON_CHARS = 70
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    if words[:1] == ["team"]:  # its own parser: `team --help` is the stack's help
+        return _team(argparse.Namespace(rest=words[1:]))
     args = _parser().parse_args(argv)
     with reported(PROG):
         return args.run(args)

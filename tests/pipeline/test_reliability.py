@@ -89,7 +89,6 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig):
 
 def test_killed_preprocess_never_leaves_a_trusted_partial_split(tmp_path):
     """Kill preprocess at moments spread over its run; a rerun always rebuilds the same arrays."""
-    pass
 
     path = repo.make(tmp_path / "repo", n_train=60000)  # big enough to kill mid-write
     repo.run(["dvc", "repro", "fetch"], path)

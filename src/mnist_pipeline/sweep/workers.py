@@ -69,7 +69,8 @@ def work(plan: Plan) -> None:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial prints its own line
     store.silence()
     startup.prepare()
-    from ..training import job  # TensorFlow: imported by worker processes only
+    startup.load_tensorflow()  # worker processes only; the coordinator never loads it
+    from ..training import job
 
     cfg = plan.sweep
     study = open_study(

@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("config", type=Path, help="service.json, written by make team-up")
     args = parser.parse_args(argv)
+    startup.load_tensorflow()  # the service scores models with Keras
     from ..errors import reported
 
     with reported("gate service"):

@@ -506,10 +506,12 @@ def _gate_state(stack: Stack) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mnist_pipeline.team", description=__doc__.splitlines()[0]
+        prog="mnist-pipeline team", description=__doc__.splitlines()[0]
     )
     parser.add_argument("action", choices=("up", "down", "status", "env", "user"))
-    parser.add_argument("words", nargs="*", metavar="ARG", help="user: add NAME | remove NAME")
+    parser.add_argument(
+        "words", nargs="*", default=[], metavar="ARG", help="user: add NAME | remove NAME"
+    )
     parser.add_argument(
         "--role",
         choices=("viewer", "member", "gate"),

@@ -3,8 +3,9 @@
 `log_served_model` logs what is served: the pyfunc of `served_model.py` (models from code),
 which runs the version's ONNX export in ONNX Runtime, with the `.keras` file it came from and
 its calibration beside it. `log_keras_flavour` logs MLflow's Keras flavour (what earlier
-versions logged; the serving benchmark compares them). `load_keras` reads the Keras model
-back from either.
+versions logged; the serving benchmark compares them). `keras_file_in` finds the `.keras`
+file in either, once downloaded; loading it is `training.models.load`'s (safe mode), which
+`evaluation.promotion.load_keras` calls: tracking sits below training.
 """
 
 from __future__ import annotations
@@ -158,17 +159,6 @@ class _PyfuncModel:
             raise ModelError(f"prediction refused: {str(err).splitlines()[0]}") from None
 
 
-def load_keras(model_uri: str) -> Any:
-    """The Keras model behind `model_uri`: the served pyfunc's `.keras` artifact (loaded in
-    safe mode), or a model logged with MLflow's Keras flavour."""
-    import mlflow
-
-    if "keras" in mlflow.models.get_model_info(model_uri).flavors:
-        return mlflow.keras.load_model(model_uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        return keras_in(download(model_uri, tmp), model_uri)
-
-
 def download(model_uri: str, folder: str | Path) -> Path:
     """Every file of the model behind `model_uri`, downloaded into `folder`."""
     import mlflow
@@ -176,17 +166,15 @@ def download(model_uri: str, folder: str | Path) -> Path:
     return Path(retry(lambda: mlflow.artifacts.download_artifacts(model_uri, dst_path=str(folder))))
 
 
-def keras_in(folder: Path, model_uri: str) -> Any:
-    """The Keras model in a downloaded model folder (`download`): the served pyfunc's `.keras`
-    artifact, or MLflow's Keras flavour's file; loaded in safe mode."""
-    from ..training import models  # here: training imports this module
-
+def keras_file_in(folder: Path, model_uri: str) -> Path:
+    """The `.keras` file in a downloaded model folder (`download`): the served pyfunc's
+    artifact, or MLflow's Keras flavour's file."""
     keras_files = sorted((folder / "artifacts").glob("*.keras")) or sorted(
         (folder / "data").glob("*.keras")
     )
     if not keras_files:
         raise ModelError(f"{model_uri}: no .keras file among the model's artifacts")
-    return models.load(keras_files[0])
+    return keras_files[0]
 
 
 def calibration_in(folder: Path) -> dict[str, float] | None:

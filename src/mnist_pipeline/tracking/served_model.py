@@ -6,7 +6,7 @@ code (it imports only numpy, onnxruntime and mlflow, never this package, and nev
 TensorFlow), so any MLflow deployment target loads the model with the small environment of
 its `pip_requirements`. Artifacts: `model.onnx` (what answers), `calibration.json` (the
 temperature applied to every answer and the abstention threshold) and `model.keras` (the
-Keras model it was exported from, for lineage and re-scoring: `logged_models.load_keras`).
+Keras model it was exported from, for lineage and re-scoring: `evaluation.promotion.load_keras`).
 
 Versions logged before the ONNX export carry their own copy of the earlier code (a
 TensorFlow `tf.function` over the `.keras` file) and keep loading with it.

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from ..config import TrainConfig
 from ..files import atomic_path, write_json
@@ -33,13 +34,7 @@ def schedule_factor(cfg: TrainConfig, epoch: int) -> float:
         return onecycle_factor(cfg, float(epoch))
     if sched.warmup_epochs and epoch < sched.warmup_epochs:
         return (epoch + 1) / (sched.warmup_epochs + 1)
-    if sched.name == "cosine":
-        span = max(cfg.epochs - sched.warmup_epochs, 1)
-        progress = (epoch - sched.warmup_epochs) / span
-        return sched.min_factor + (1 - sched.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if sched.name == "step":
-        return sched.factor ** ((epoch - sched.warmup_epochs) // sched.step_epochs)
-    return 1.0
+    return _at(_keras_schedule(cfg), epoch - sched.warmup_epochs)  # after the warm-up
 
 
 # Where one-cycle's warm-up starts: lr/25, as in Smith's one-cycle policy and PyTorch's
@@ -50,12 +45,40 @@ ONECYCLE_START = 1 / 25
 def onecycle_factor(cfg: TrainConfig, progress: float) -> float:
     """Learning-rate multiplier at `progress` epochs into the run (fractional) under
     `onecycle`: linear from 1/25 to 1 over `warmup_epochs`, then a cosine to `min_factor`."""
-    sched = cfg.lr_schedule
-    if progress < sched.warmup_epochs:
-        return ONECYCLE_START + (1 - ONECYCLE_START) * progress / sched.warmup_epochs
-    span = max(cfg.epochs - sched.warmup_epochs, 1e-9)
-    done = min((progress - sched.warmup_epochs) / span, 1.0)
-    return sched.min_factor + (1 - sched.min_factor) * 0.5 * (1 + math.cos(math.pi * done))
+    return _at(_keras_schedule(cfg), progress)
+
+
+def _keras_schedule(cfg: TrainConfig) -> keras.optimizers.schedules.LearningRateSchedule | None:
+    """`train.lr_schedule` as Keras' schedule of the multiplier of the base rate, with epochs
+    (fractional for onecycle) as its steps; None where the rate is constant (constant, and
+    plateau, whose reductions `ReduceLROnPlateau` makes).
+
+    The multiplier is set from callbacks, not by handing Keras the schedule: onecycle moves
+    before each group of steps, plateau hands the rate to `ReduceLROnPlateau` after the
+    warm-up, and a resumed run continues from its epoch. Computed in float64, like the
+    arithmetic it replaces: the rates, and so the trained weights, stay the same.
+    """
+    sched, schedules = cfg.lr_schedule, keras.optimizers.schedules
+    warmup, one = sched.warmup_epochs, np.float64(1.0)
+    if sched.name == "onecycle":
+        return schedules.CosineDecay(
+            np.float64(ONECYCLE_START),
+            cfg.epochs - warmup,
+            alpha=sched.min_factor,
+            warmup_target=one,
+            warmup_steps=warmup,
+        )
+    # cosine and step: counted from the end of schedule_factor's own warm-up
+    if sched.name == "cosine":
+        return schedules.CosineDecay(one, max(cfg.epochs - warmup, 1), alpha=sched.min_factor)
+    if sched.name == "step":
+        return schedules.ExponentialDecay(one, sched.step_epochs, sched.factor, staircase=True)
+    return None
+
+
+def _at(schedule: keras.optimizers.schedules.LearningRateSchedule | None, step: float) -> float:
+    # float64 in and out (a Python float step would go through float32 first)
+    return 1.0 if schedule is None else float(schedule(np.float64(step)))
 
 
 class LearningRate(keras.callbacks.LearningRateScheduler):
@@ -72,6 +95,7 @@ class LearningRate(keras.callbacks.LearningRateScheduler):
 
         super().__init__(rate)
         self.cfg, self.base_lr, self.epoch = cfg, base_lr, 0
+        self.onecycle = _keras_schedule(cfg) if cfg.lr_schedule.name == "onecycle" else None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = epoch
@@ -81,9 +105,9 @@ class LearningRate(keras.callbacks.LearningRateScheduler):
         # onecycle moves within the epoch: before each group of steps (`batch` is the
         # group's first step), at the fraction of the epoch done.
         steps = self.params.get("steps") if self.params else None
-        if self.cfg.lr_schedule.name == "onecycle" and steps:
+        if self.onecycle is not None and steps:
             progress = self.epoch + batch / steps
-            self.model.optimizer.learning_rate = self.base_lr * onecycle_factor(self.cfg, progress)
+            self.model.optimizer.learning_rate = self.base_lr * _at(self.onecycle, progress)
 
 
 class StopOnNaN(keras.callbacks.Callback):

@@ -120,7 +120,7 @@ class EpochLoop:
             scaled = model.optimizer.scale_loss(loss)
         weights = model.trainable_variables
         model.optimizer.apply(tape.gradient(scaled, weights), weights)
-        return loss, _scores(predicted)
+        return loss, predicted
 
     def _train_steps(
         self,
@@ -229,17 +229,7 @@ class EpochLoop:
         return model.history
 
 
-def _scores(predicted: tf.Tensor) -> tf.Tensor:
-    """What to take the argmax of: a softmax's input where Keras kept it (`_keras_logits`,
-    which its losses compute from), else `predicted`. Same argmax, and then no training step
-    computes the softmax itself, which nothing else there needs. Only in the function that
-    called the model: the attribute does not cross a function's boundary."""
-    return getattr(predicted, "_keras_logits", predicted)
-
-
 def count_correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     """How many rows of `predicted` put their highest score on the (integer) label."""
-    hits = tf.equal(
-        tf.argmax(_scores(predicted), axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32)
-    )
+    hits = tf.equal(tf.argmax(predicted, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32))
     return tf.reduce_sum(tf.cast(hits, tf.int32))
