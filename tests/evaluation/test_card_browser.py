@@ -12,7 +12,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.browser,
     pytest.mark.timeout(900),
-    pytest.mark.xdist_group("ui"),
     pytest.mark.skipif(not browser.available(), reason=browser.MISSING),
 ]
 

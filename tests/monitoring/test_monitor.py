@@ -22,7 +22,7 @@ from mnist_pipeline.data.splits import Split
 from mnist_pipeline.monitoring.monitor import ALARM_EXIT
 from mnist_pipeline.serve.model_server import model_server_command
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving")]
+pytestmark = pytest.mark.slow
 
 WINDOW = 200
 

@@ -28,7 +28,7 @@ from mnist_pipeline.monitoring.requestlog import RequestLog, Rows
 from mnist_pipeline.serve import app
 from mnist_pipeline.serve.process import ServerCommand, start, stop, wait_until_ready
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("serving")]
+pytestmark = pytest.mark.slow
 
 THRESHOLD = 0.5  # the abstention threshold the tiny model's calibration.json carries
 

@@ -228,7 +228,6 @@ def open_offline(index: Path, tmp_path: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.timeout(600)
-@pytest.mark.xdist_group("ui")
 @pytest.mark.skipif(not browser.available(), reason=browser.MISSING)
 def test_dvc_plots_show_draws_every_plot_offline(tmp_path):
     project, vega_plots = plots_project(tmp_path / "repo")

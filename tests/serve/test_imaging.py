@@ -13,8 +13,6 @@ from scipy import ndimage
 
 from mnist_pipeline.serve import imaging
 
-pytestmark = pytest.mark.xdist_group("imaging")
-
 
 def as_array(picture: Image.Image) -> np.ndarray:
     return np.asarray(picture, dtype=np.float32)

@@ -17,7 +17,6 @@ from mnist_pipeline.data.splits import Split
 from mnist_pipeline.serve import predict
 from mnist_pipeline.tracking import logged_models
 
-pytestmark = pytest.mark.xdist_group("predict")
 LINE = re.compile(r"^(?P<file>.+): (?P<digit>\d) \((?P<probability>[01]\.\d{3})(, unsure)?\)$")
 
 

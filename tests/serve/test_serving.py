@@ -23,8 +23,6 @@ from mnist_pipeline.serve.model_server import main, model_server_command
 from mnist_pipeline.tracking.served_artifacts import Served
 from mnist_pipeline.tracking.store import connect
 
-pytestmark = pytest.mark.xdist_group("serving")
-
 
 # --- the command line (no server) ----------------------------------------------------------
 

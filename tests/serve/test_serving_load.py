@@ -21,7 +21,6 @@ from mnist_pipeline.serve.guard import RequestRefused, check
 from mnist_pipeline.serve.model_server import model_server_command
 from mnist_pipeline.serve.process import start, stop, wait_until_ready
 
-pytestmark = pytest.mark.xdist_group("serving")
 
 LIMIT = 256 * 1024  # bytes: a batch of ~90 images as JSON
 

@@ -21,8 +21,6 @@ from helpers.browser import (
 from mnist_pipeline.errors import ServerError
 from mnist_pipeline.serve import ui
 
-pytestmark = pytest.mark.xdist_group("ui")
-
 
 # --- the command line (no server) ----------------------------------------------------------
 

@@ -153,16 +153,14 @@ class WorkerLoop(EpochLoop):
             x, y = tf.gather(images, mine), tf.gather(labels, mine)
         try:
             loss_sum, correct, seen = self._distributed(x, y)
-        except (
-            tf.errors.UnavailableError,
-            tf.errors.InternalError,
-            tf.errors.CancelledError,
-            tf.errors.AbortedError,
-        ) as err:
+        except tf.errors.OpError as err:
+            # A peer that dies mid-step fails the all-reduce with one of several error
+            # classes (Unavailable, Cancelled, Aborted, Internal, Unknown, ...), depending on
+            # where its collective was: each gets the same one line, with the class named.
             reason = _cause(str(err.message))
             raise TrainingError(
                 f"worker {self.worker} of {self.workers}: the step's "
-                f"all-reduce with the other workers failed ({reason}); "
+                f"all-reduce with the other workers failed ({type(err).__name__}: {reason}); "
                 "another worker stopped"
             ) from None
         self.watchdog.beat()
