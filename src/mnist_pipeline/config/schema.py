@@ -211,7 +211,8 @@ class PreprocessConfig(Section):
 
 # --- corrupt -------------------------------------------------------------------------------
 
-# The MNIST-C benchmark's corruptions (data.corruptions.CORRUPTIONS, in its order).
+# The MNIST-C benchmark's corruptions, in its order (data.corruptions.CORRUPTIONS): a
+# corruption's place here is part of its seed, so never reorder, only append.
 CorruptionName = Literal[
     "shot_noise",
     "impulse_noise",

@@ -22,29 +22,16 @@ pixel rather than only where a swap happens; affine warps use SciPy's bilinear i
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import get_args
 
 import numpy as np
 from scipy import ndimage
 
+from ..config.schema import CorruptionName
+
 # The benchmark's 15 corruptions, in its order (`CORRUPTIONS` of corruptions.py, without
-# `identity`). A corruption's place here is part of its seed: never reorder, only append.
-CORRUPTIONS = (
-    "shot_noise",
-    "impulse_noise",
-    "glass_blur",
-    "motion_blur",
-    "shear",
-    "scale",
-    "rotate",
-    "brightness",
-    "translate",
-    "stripe",
-    "fog",
-    "spatter",
-    "dotted_line",
-    "zigzag",
-    "canny_edges",
-)
+# `identity`), as the config names them. A corruption's place there is part of its seed.
+CORRUPTIONS: tuple[str, ...] = get_args(CorruptionName)
 CHUNK = 500  # images per seeded generator (and per task of `generate`)
 SIZE = 28
 CENTRE = 13.5  # the affine corruptions keep the image centre fixed
