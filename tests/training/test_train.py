@@ -163,6 +163,20 @@ def test_onecycle_rises_from_a_25th_to_the_peak_then_anneals_to_the_floor():
     assert all(a >= b for a, b in zip(rates[peak:], rates[peak + 1 :], strict=False))
 
 
+def test_schedules_hold_their_floor_after_the_last_epoch():
+    # Keras' schedules clamp at the end of their decay: a run resumed or extended past its
+    # last epoch stays at the floor instead of climbing back up the cosine.
+    for name in ("cosine", "onecycle"):
+        cfg = test_config.section(
+            "train", epochs=10, lr_schedule={"name": name, "warmup_epochs": 2, "min_factor": 0.1}
+        )
+        assert [schedule_factor(cfg, e) for e in (12, 15, 30)] == pytest.approx([0.1] * 3)
+    step = test_config.section(
+        "train", epochs=10, lr_schedule={"name": "step", "step_epochs": 3, "factor": 0.5}
+    )
+    assert [schedule_factor(step, e) for e in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
+
+
 def test_warmup_ramps_up():
     cfg = test_config.section(
         "train", epochs=10, lr_schedule={"name": "cosine", "warmup_epochs": 2}
