@@ -43,8 +43,10 @@ REASON_CHARS = 70
 
 def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
-    if words[:1] == ["team"]:  # its own parser: `team --help` is the stack's help
-        return _team(argparse.Namespace(rest=words[1:]))
+    if words[:1] == ["team"]:  # the stack parses its own words, `--help` included
+        from .team import stack
+
+        return stack.main(words[1:])
     args = _parser().parse_args(argv)
     with reported(PROG):
         return args.run(args)
@@ -128,21 +130,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     monitor.set_defaults(run=_monitor)
 
-    team = commands.add_parser(
+    # Listed for `mnist-pipeline --help`; `main` hands its words to the stack's own parser.
+    commands.add_parser(
         "team",
         help="the team stack: up [--network], down, status, "
         "env, user add NAME --role R, user remove NAME",
         add_help=False,
     )
-    team.add_argument("rest", nargs=argparse.REMAINDER)
-    team.set_defaults(run=_team)
     return parser
-
-
-def _team(args: argparse.Namespace) -> int:
-    from .team import stack
-
-    return stack.main(args.rest)
 
 
 def _fraction(text: str) -> float:
