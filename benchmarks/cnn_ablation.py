@@ -76,6 +76,18 @@ def variants() -> list[Variant]:
             "dropout": 0.3,
         },
     )
+    # conf/experiment/best.yaml's and robust.yaml's network
+    recipe = Variant(
+        "best/robust recipes' convnet (16 then 64 filters, 2 valid convs per block), float32",
+        {
+            "filters": [16, 64],
+            "convs_per_block": 2,
+            "batch_norm": False,
+            "padding": "valid",
+            "dense_units": 128,
+            "dropout": 0.3,
+        },
+    )
     bn = replace(
         example,
         label="Keras example convnet + batch norm, float32",
@@ -118,6 +130,8 @@ def variants() -> list[Variant]:
         replace(
             example, label="Keras example convnet, bf16, 1 step/call", **both, steps_per_execution=1
         ),
+        recipe,
+        replace(recipe, label="  bf16", **both),
     ]
 
 

@@ -50,6 +50,17 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator
 
 
+def add_recipes(
+    parser: argparse.ArgumentParser, default: Sequence[str], named: Sequence[str]
+) -> None:
+    """The `--recipes` option: `named` ones (mlp, peer, ...) or conf/experiment/ names."""
+    kinds = [*named, "experiment names"]
+    either = f"{', '.join(kinds[:-1])} or {kinds[-1]}" if named else kinds[-1]
+    parser.add_argument(
+        "--recipes", nargs="+", default=list(default), help=f"{either} (default: %(default)s)"
+    )
+
+
 def check_recipes(
     parser: argparse.ArgumentParser, recipes: Sequence[str], named: Sequence[str]
 ) -> None:
@@ -57,8 +68,9 @@ def check_recipes(
     experiments = {p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")}
     unknown = [r for r in recipes if r not in {*named, *experiments}]
     if unknown:
+        either = f"{', '.join(named)} or " if named else ""
         parser.error(
-            f"--recipes: got {', '.join(unknown)}, expected {', '.join(named)} or "
+            f"--recipes: got {', '.join(unknown)}, expected {either}"
             f"one of conf/experiment/: {', '.join(sorted(experiments))}"
         )
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from harness import ROOT, check_recipes, child_env, cpu_model, run_measured, table
+from harness import ROOT, add_recipes, check_recipes, child_env, cpu_model, run_measured, table
 
 DEFAULT_RECIPES = ("mlp", "fast", "best", "robust")
 BASELINE = "fast"
@@ -35,12 +35,7 @@ BASELINE = "fast"
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--recipes",
-        nargs="+",
-        default=list(DEFAULT_RECIPES),
-        help="mlp or experiment names (default: %(default)s)",
-    )
+    add_recipes(parser, DEFAULT_RECIPES, ("mlp",))
     parser.add_argument(
         "--max-epochs",
         type=int,

@@ -40,6 +40,7 @@ from typing import Any
 
 from harness import (
     ROOT,
+    add_recipes,
     check_recipes,
     child_env,
     cpu_model,
@@ -60,12 +61,7 @@ DEFAULT_RECIPES = ("peer", "mlp", "mlp-tuned", "cnn", "quick", "fast", "best")
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--recipes",
-        nargs="+",
-        default=list(DEFAULT_RECIPES),
-        help="peer, mlp or experiment names (default: %(default)s)",
-    )
+    add_recipes(parser, DEFAULT_RECIPES, ("peer", "mlp"))
     parser.add_argument(
         "--max-epochs",
         type=int,

@@ -157,7 +157,7 @@ def test_the_card_says_what_the_model_is_saw_scores_and_is_for(tmp_path):
         "| dvc.lock md5 of data/processed | f00d.dir |",
         f"| dataset SHA-256 (train, val, test) | {'d' * 64} |",
         "PASSED: beats champion v1 by +0.0100",
-        "McNemar p-value: 0.0123",
+        "Significance test p-value: 0.0123",
         "| test_data_matches_training | yes | aaaaaaaaaaaa… |",
         "centred 28x28 greyscale",
         "mnist-predict",

@@ -11,7 +11,7 @@ from helpers import config as test_config
 
 from mnist_pipeline.evaluation import reuse
 from mnist_pipeline.evaluation.gate import Candidate, Champion, Parity, decide, summary_line
-from mnist_pipeline.evaluation.scores import paired_difference
+from mnist_pipeline.evaluation.scores import paired_difference, paired_z_test
 
 N = 1000
 PARITY = Parity(
@@ -19,6 +19,8 @@ PARITY = Parity(
 )
 SHA, SUITE = "a" * 64, "s" * 64
 CFG = test_config.section("gate")  # the defaults: every rule on
+# The significance test on clean digits alone (no robustness gain as evidence).
+CLEAN_ONLY = test_config.section("gate", robustness_gain=False)
 
 
 def corrupted(accuracy: float, corruptions: int = 15, seed: int = 0) -> np.ndarray:
@@ -151,14 +153,82 @@ def test_reuse_budget_sets_the_significance_level():
     assert verdict.to_dict()["level"] == pytest.approx(0.05 / 110)
     # 6 fixed, none broken: p = 2 * 0.5**6 ~= 0.031, enough at 0.05 but not at the 10th level.
     weak = candidate(n_wrong=24)
-    assert decide(weak, champion(), test_config.section("gate", reuse=False), budget=spent).passed
-    late = decide(weak, champion(), CFG, budget=spent)
+    at_alpha = test_config.section("gate", reuse=False, robustness_gain=False)
+    assert decide(weak, champion(), at_alpha, budget=spent).passed
+    late = decide(weak, champion(), CLEAN_ONLY, budget=spent)
     assert not late.passed and late.reason.startswith(
         "significant: McNemar exact p=0.0312 >= level 0.000455 (decision 10"
     )
 
 
 def test_reuse_first_comparison_is_tested_at_half_alpha():
-    verdict = decide(candidate(n_wrong=24), champion(), CFG, budget=reuse.budget([], 0.05))
+    verdict = decide(candidate(n_wrong=24), champion(), CLEAN_ONLY, budget=reuse.budget([], 0.05))
     assert verdict.decision == 1 and verdict.level == pytest.approx(0.025)
     assert not verdict.passed  # p = 0.031 >= 0.025: a first decision spends half the budget
+
+
+def test_corrupt_paired_z_test_against_a_hand_computed_case():
+    # The clustered example above: difference 0.25, standard error 0.25, so z = 1 and the
+    # two-sided p = erfc(1 / sqrt(2)) = 0.3173.
+    ours = np.array([[1, 0, 0, 1], [1, 0, 1, 1]], dtype=bool)
+    theirs = np.array([[0, 0, 1, 1], [0, 0, 0, 1]], dtype=bool)
+    diff, p = paired_z_test(ours, theirs)
+    assert diff == pytest.approx(0.25) and p == pytest.approx(0.31731, abs=1e-5)
+    assert paired_z_test(ours, ours) == (0.0, 1.0)
+
+
+def test_corrupt_gain_is_evidence_when_the_clean_gain_alone_is_not():
+    """A candidate a little better on clean digits (p = 0.031, not enough at the second
+    decision's 0.0083) and much more robust (+2 points over 15,000 corrupted images) is
+    promoted on the robustness gain; without `robustness_gain` it is not."""
+    weak_but_robust = candidate(n_wrong=24, robust=0.97)
+    second = reuse.budget([False], 0.05)
+    verdict = decide(weak_but_robust, champion(robust=0.95), CFG, budget=second)
+    significant = rule(verdict, "significant")
+    assert verdict.passed, verdict.reason
+    assert significant.value < 1e-10 and significant.threshold == pytest.approx(0.05 / 6)
+    assert significant.detail.startswith("Bonferroni p=")
+    assert "clean digits, McNemar exact p=0.0312" in significant.detail
+    assert "corrupted suite, mean accuracy +0.0" in significant.detail
+    assert ": clean p=0.0312, corrupted +0.0" in verdict.reason
+    assert verdict.p_value == significant.value  # what the history and card record
+    clean_only = decide(weak_but_robust, champion(robust=0.95), CLEAN_ONLY, budget=second)
+    assert not clean_only.passed and clean_only.reason.startswith(
+        "significant: McNemar exact p=0.0312 >= level 0.00833 (decision 2"
+    )
+
+
+def test_corrupt_gain_splits_the_level_between_the_two_tests():
+    """Two chances to show a gain cost half the level each: a clean p of 0.031 passes at
+    0.05 alone, but not with an equally robust candidate's corrupted test beside it."""
+    weak = candidate(n_wrong=24)  # equally robust as the champion
+    at_alpha = test_config.section("gate", reuse=False)
+    both = decide(weak, champion(), at_alpha)
+    assert not both.passed
+    assert rule(both, "significant").value == pytest.approx(2 * 0.03125)
+    alone = test_config.section("gate", reuse=False, robustness_gain=False)
+    assert decide(weak, champion(), alone).passed
+
+
+def test_corrupt_gain_in_the_champions_favour_is_no_evidence():
+    """Equal on clean digits, significantly worse on the suite: the smallest p-value is the
+    champion's, and it does not count for the candidate."""
+    worse = candidate(n_wrong=30, robust=0.90)
+    verdict = decide(worse, champion(robust=0.95), test_config.section("gate", reuse=False))
+    significant = rule(verdict, "significant")
+    assert not significant.passed
+    assert "in the champion's favour" in significant.detail
+    assert not rule(verdict, "robust_vs_champion").passed
+
+
+def test_corrupt_gain_needs_the_same_suite():
+    """A champion scored on another suite gives no corrupted evidence (the clean test alone,
+    at the full level); the robustness rule refuses the pair."""
+    verdict = decide(
+        candidate(n_wrong=24, robust=0.97),
+        champion(suite_sha256="z" * 64),
+        test_config.section("gate", reuse=False),
+    )
+    significant = rule(verdict, "significant")
+    assert significant.passed and significant.detail.startswith("McNemar exact p=0.0312 < ")
+    assert not rule(verdict, "robust_vs_champion").passed

@@ -83,7 +83,17 @@ def _model(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return rng.random(N) < p
 
 
-def _decide(cfg, challenger: np.ndarray, champion: np.ndarray, promoted: list[bool]):
+def _decide(
+    cfg,
+    challenger: np.ndarray,
+    champion: np.ndarray,
+    promoted: list[bool],
+    corrupted: tuple[np.ndarray, np.ndarray] | None = None,
+):
+    """`corrupted`: the challenger's and the champion's (corruptions, N) correctness on one
+    suite, or None for none."""
+    ours, theirs = corrupted or (None, None)
+    suite = None if corrupted is None else "c" * 64
     candidate = gate.Candidate(
         accuracy=float(challenger.mean()),
         loss=0.05,
@@ -93,25 +103,38 @@ def _decide(cfg, challenger: np.ndarray, champion: np.ndarray, promoted: list[bo
         trained_test_sha256=SHA,
         correct=challenger,
         parity=PARITY,
+        corrupted_correct=ours,
+        suite_sha256=suite,
     )
     holder = gate.Champion(
-        version="1", accuracy=float(champion.mean()), correct=champion, test_sha256=SHA
+        version="1",
+        accuracy=float(champion.mean()),
+        correct=champion,
+        test_sha256=SHA,
+        corrupted_correct=theirs,
+        suite_sha256=suite,
     )
     return gate.decide(candidate, holder, cfg, budget=reuse.budget(promoted, cfg.alpha))
 
 
-def _sequence(cfg, rng: np.random.Generator, challengers: int) -> int:
+def _sequence(cfg, rng: np.random.Generator, challengers: int, corruptions: int = 0) -> int:
     """Challengers of the champion's true accuracy, gated one after another; a promoted one
-    becomes the champion. Returns how many were promoted (every one a false promotion)."""
+    becomes the champion. Returns how many were promoted (every one a false promotion).
+    `corruptions` > 0: each model is also scored on a corrupted suite of that many
+    corruptions of the test images (same quality there too), which the gate may count."""
     p = _difficulty(rng)
+    shifted = rng.uniform(0.5, 1.0, size=(corruptions, N))  # per corrupted image
     champion = _model(p, rng)
+    champion_shifted = rng.random(shifted.shape) < shifted
     promoted: list[bool] = []
     for _ in range(challengers):
         challenger = _model(p, rng)
-        won = _decide(cfg, challenger, champion, promoted).passed
+        challenger_shifted = rng.random(shifted.shape) < shifted
+        both = (challenger_shifted, champion_shifted) if corruptions else None
+        won = _decide(cfg, challenger, champion, promoted, both).passed
         promoted.append(won)
         if won:
-            champion = challenger
+            champion, champion_shifted = challenger, challenger_shifted
     return sum(promoted)
 
 
@@ -145,3 +168,18 @@ def test_reuse_simulation_still_promotes_a_really_better_model():
         assert verdict.decision == 200 and verdict.level == pytest.approx(0.05 / (200 * 201))
         passed += verdict.passed
     assert passed / runs >= 0.9
+
+
+@pytest.mark.slow
+def test_reuse_simulation_with_the_corrupted_suite_as_evidence_holds_alpha():
+    """With `robustness_gain`, a challenger may show it is better on clean digits or on the
+    corrupted suite, each at half the decision's level. 100 sequences of 100 same-quality
+    challengers (same quality on both) still promote any at all in at most 5% of the
+    sequences; at a fixed 0.05 per decision they do far more often."""
+    rng = np.random.default_rng(2027)
+    gain = test_config.section("gate", **{**CFG.model_dump(), "robustness_gain": True})
+    with_budget = [_sequence(gain, rng, 100, corruptions=3) for _ in range(100)]
+    assert np.mean([count > 0 for count in with_budget]) <= 0.05
+    naive_gain = test_config.section("gate", **{**gain.model_dump(), "reuse": False})
+    naive = [_sequence(naive_gain, rng, 100, corruptions=3) for _ in range(50)]
+    assert np.mean([count > 0 for count in naive]) >= 3 * 0.05

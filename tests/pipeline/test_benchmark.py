@@ -275,6 +275,28 @@ def test_quick_experiment_report_has_every_run_and_the_medians(quick_experiment)
     assert header[:3] == ["run", "wall", "s"] and "evaluate" in header
 
 
+# --- benchmarks/gate_scenario.py -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gate_scenario():
+    yield from _benchmark_module(ROOT / "benchmarks" / "gate_scenario.py")
+
+
+def test_corrupt_gate_scenario_arguments_are_validated(gate_scenario, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        gate_scenario.parse_args(["--recipes", "fast", "nope", "--raw", str(tmp_path)])
+    assert "--recipes: got nope, expected one of conf/experiment/: best, cnn, fast" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        gate_scenario.parse_args(["--raw", str(tmp_path)])
+    assert f"--raw {tmp_path}: no MNIST files there" in capsys.readouterr().err
+    for name in gate_scenario.RAW_FILES.values():
+        (tmp_path / name).write_bytes(b"")
+    assert gate_scenario.parse_args(["--raw", str(tmp_path)]).recipes == ["fast", "best", "robust"]
+
+
 # --- benchmarks/robustness.py ----------------------------------------------------------------
 
 ROBUSTNESS_SCRIPT = ROOT / "benchmarks" / "robustness.py"

@@ -170,6 +170,29 @@ def test_augmentation_runs_inside_the_loop(splits):
     )
 
 
+def test_every_augmentation_runs_under_a_bfloat16_policy(splits):
+    """The robust recipe's operations (affine, blur, contrast, noise, erasing) under
+    mixed_bfloat16, as `runtime.precision: auto` trains a CNN on a CPU with bfloat16: the
+    affine layers must not hand bfloat16 images to the float32 operations after them."""
+    from mnist_pipeline.config.schema import AugmentationConfig
+    from mnist_pipeline.training.inputs import augmenter
+
+    cfg = AugmentationConfig(
+        translate=0.1, rotate=0.05, zoom=0.15, shear=0.1, noise=0.3, blur=0.7, contrast=0.5,
+        erase=1.0,
+    )  # fmt: skip
+    images, labels = splits[0].images[:64], splits[0].labels[:64]
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        out, same = augmenter(0, cfg)(tf.constant(images), tf.constant(labels))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert out.dtype == tf.uint8 and out.shape == images.shape
+    assert np.array_equal(same.numpy(), labels)
+    changed = np.mean(out.numpy() != images, axis=(1, 2))
+    assert (changed > 0).all(), "every image is moved by the affine step"
+
+
 def test_a_closed_loop_lets_go_of_the_images(splits, tmp_path):
     # Its compiled functions hold the loop in a reference cycle; closing it must not wait
     # for a garbage collection to free the images (a sweep worker trains many models).

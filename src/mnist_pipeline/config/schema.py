@@ -401,7 +401,7 @@ class AugmentationConfig(Section):
     # Photometric: Gaussian pixel noise (its largest standard deviation, pixel range 1),
     # Gaussian blur (largest sigma, pixels), contrast (the largest share of the range
     # taken away, the background lifted by up to as much), erasing (the share of images
-    # with one random rectangle filled with one random grey).
+    # with one random rectangle filled with one random grey or with random pixels).
     noise: Fraction
     blur: Annotated[float, Field(ge=0, le=3), Expect("a number in [0, 3] (pixels)")]
     contrast: Fraction
@@ -545,6 +545,10 @@ class GateConfig(Section):
     # accuracy may be at most this far below the champion's (one-sided 95% bound, paired by
     # image). null: no robustness rule.
     robustness_margin: Fraction | None
+    # A significant gain in mean corruption accuracy also counts as the evidence the
+    # significance test asks for: the candidate is better on clean digits or on the suite,
+    # each test at half the level (Bonferroni). false: clean digits only.
+    robustness_gain: bool
     # Ceiling on the test set's expected calibration error after temperature scaling.
     # null: no calibration rule.
     max_ece: Fraction | None

@@ -111,7 +111,8 @@ def build(facts: Facts) -> list[Block]:
         (
             "p",
             f"{'PASSED' if verdict['passed'] else 'REJECTED'}: {verdict['reason']}. "
-            f"McNemar p-value: {_p(verdict.get('p_value'))}. {_reuse(verdict, facts.budget)}",
+            f"Significance test p-value: {_p(verdict.get('p_value'))} (the `significant` "
+            f"rule below says which test). {_reuse(verdict, facts.budget)}",
         ),
         (
             "table",

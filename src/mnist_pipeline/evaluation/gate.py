@@ -19,7 +19,7 @@ from ..config import GateConfig
 from ..data.splits import NUM_CLASSES
 from ..files import json_safe
 from .reuse import Budget
-from .scores import Z_95_ONE_SIDED, mcnemar_exact, paired_difference
+from .scores import Z_95_ONE_SIDED, mcnemar_exact, paired_difference, paired_z_test
 
 # Accuracies are ratios of counts; an improvement equal to min_improvement up to float
 # rounding (0.9512 - 0.95 != 0.0012 in binary) must count as meeting it.
@@ -80,6 +80,41 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Evidence:
+    """What the significance test weighs, candidate against champion: McNemar's exact test
+    on the clean test images and, with `gate.robustness_gain`, the paired z-test of mean
+    accuracy on the corrupted suite. Either may show the candidate better; with both, each
+    is tested at half the decision's level (Bonferroni), so `p` is twice the smaller
+    p-value in the candidate's favour."""
+
+    gains: int  # clean test images only the candidate gets right
+    losses: int  # ...and only the champion does
+    p_clean: float
+    corrupted_gain: float | None = None  # mean corruption accuracy, candidate - champion
+    p_corrupted: float | None = None
+
+    @property
+    def endpoints(self) -> list[tuple[float, bool]]:
+        """(p-value, in the candidate's favour) of each test made."""
+        out = [(self.p_clean, self.gains > self.losses)]
+        if self.p_corrupted is not None and self.corrupted_gain is not None:
+            out.append((self.p_corrupted, self.corrupted_gain > 0))
+        return out
+
+    @property
+    def favours_candidate(self) -> bool:
+        return any(favour for _, favour in self.endpoints)
+
+    @property
+    def p(self) -> float:
+        """Bonferroni-adjusted: the smallest p-value in the candidate's favour (of all, if
+        none is) times the number of tests, at most 1."""
+        tests = self.endpoints
+        favoured = [p for p, favour in tests if favour] or [p for p, _ in tests]
+        return min(1.0, len(tests) * min(favoured))
+
+
+@dataclass(frozen=True)
 class Verdict:
     passed: bool
     rules: list[Rule]
@@ -127,6 +162,7 @@ def decide(
     `reigning`: the candidate is the champion itself, re-checked (only absolute rules apply).
     `budget`: the decisions already made on this test set (`reuse.budget`); with
     `cfg.reuse`, the significance rule tests at its level instead of `cfg.alpha`.
+    `p_value` is the significance test's (`Evidence.p`).
     """
     rules = [
         _test_set_nonempty(candidate),
@@ -143,13 +179,14 @@ def decide(
     p_value = level = decision = None
     if champion is not None:
         mismatch = _incomparable(candidate, champion)
-        p_value = None if mismatch else mcnemar_exact(candidate.correct, champion.correct)[2]
+        evidence = None if mismatch else _evidence(candidate, champion, cfg.robustness_gain)
+        p_value = None if evidence is None else evidence.p
         level, decision = cfg.alpha, None
         if cfg.reuse and budget is not None:
             level, decision = budget.level, budget.decisions + 1
         rules.append(_beats_champion(candidate, champion, cfg, mismatch))
         if cfg.require_significance:
-            rules.append(_significant(candidate, champion, level, decision, mismatch))
+            rules.append(_significant(evidence, champion, level, decision, mismatch))
         if cfg.robustness_margin is not None:
             rules.append(_robust_vs_champion(candidate, champion, cfg.robustness_margin))
 
@@ -163,6 +200,12 @@ def decide(
             if cfg.require_significance
             else f"p={_fmt_p(p_value)}, significance not required"
         )
+        assert evidence is not None  # every rule passed, so the two are comparable
+        if evidence.p_corrupted is not None:
+            test += (
+                f": clean p={_fmt_p(evidence.p_clean)}, corrupted "
+                f"{evidence.corrupted_gain:+.4f} p={_fmt_p(evidence.p_corrupted)}, Bonferroni"
+            )
         reason = f"beats champion {_label(champion.version)} by {gain:+.4f} ({test})"
     elif reigning:
         reason = f"passed all {len(rules)} rules (already champion, re-checked)"
@@ -430,18 +473,39 @@ def _beats_champion(
     )
 
 
+def _evidence(candidate: Candidate, champion: Champion, robustness_gain: bool) -> Evidence:
+    """The tests behind `significant` (the two test sets already known comparable); the
+    corrupted suite counts only when both models were scored on the same one."""
+    gains, losses, p_clean = mcnemar_exact(candidate.correct, champion.correct)
+    ours, theirs = candidate.corrupted_correct, champion.corrupted_correct
+    if (
+        not robustness_gain
+        or ours is None
+        or theirs is None
+        or candidate.suite_sha256 != champion.suite_sha256
+        or ours.shape != theirs.shape
+    ):
+        return Evidence(gains, losses, p_clean)
+    gain, p_corrupted = paired_z_test(ours, theirs)
+    return Evidence(gains, losses, p_clean, gain, p_corrupted)
+
+
 def _significant(
-    candidate: Candidate, champion: Champion, level: float, decision: int | None, mismatch: str
+    evidence: Evidence | None,
+    champion: Champion,
+    level: float,
+    decision: int | None,
+    mismatch: str,
 ) -> Rule:
-    if mismatch:
+    if mismatch or evidence is None:
         return Rule("significant", False, None, level, mismatch)
-    gains, losses, p = mcnemar_exact(candidate.correct, champion.correct)
+    p = evidence.p
     # Significant *in the candidate's favour*: a clearly worse model differs significantly
     # too, and must not read as passing this rule.
-    ok = p < level and gains > losses
+    ok = p < level and evidence.favours_candidate
     counts = (
-        f"{gains} images only the candidate gets right, {losses} only champion "
-        f"{_label(champion.version)} does"
+        f"{evidence.gains} images only the candidate gets right, {evidence.losses} only "
+        f"champion {_label(champion.version)} does"
     )
     sign = "<" if p < level else ">="
     favour = "" if ok or p >= level else ", in the champion's favour"
@@ -450,13 +514,16 @@ def _significant(
         if decision
         else f"alpha {level:g}"
     )
-    return Rule(
-        "significant",
-        ok,
-        p,
-        level,
-        f"McNemar exact p={_fmt_p(p)} {sign} {which}{favour} ({counts})",
-    )
+    if evidence.p_corrupted is None:
+        detail = f"McNemar exact p={_fmt_p(p)} {sign} {which}{favour} ({counts})"
+    else:
+        detail = (
+            f"Bonferroni p={_fmt_p(p)} {sign} {which}{favour}, the better of two tests: "
+            f"clean digits, McNemar exact p={_fmt_p(evidence.p_clean)} ({counts}); "
+            f"corrupted suite, mean accuracy {evidence.corrupted_gain:+.4f}, paired z-test "
+            f"p={_fmt_p(evidence.p_corrupted)}"
+        )
+    return Rule("significant", ok, p, level, detail)
 
 
 def _calibrated(candidate: Candidate, ceiling: float) -> Rule:

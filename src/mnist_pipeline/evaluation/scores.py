@@ -200,6 +200,16 @@ def paired_difference(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, floa
     return float(per_image.mean()), float(per_image.std(ddof=1) / math.sqrt(per_image.size))
 
 
+def paired_z_test(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
+    """The mean accuracy difference of `paired_difference` and its two-sided p-value against
+    "no difference" (a z-test: the per-image means of 10,000 test images are many independent
+    observations, so their mean is close to normal). p = 1.0 when the two never differ."""
+    diff, se = paired_difference(ours, theirs)
+    if se == 0:
+        return diff, 1.0 if diff == 0 else 0.0
+    return diff, math.erfc(abs(diff / se) / math.sqrt(2))
+
+
 def wilson_interval(successes: int, trials: int, z: float = Z_95) -> tuple[float, float]:
     """The Wilson score interval for a proportion `successes / trials` (95% by default).
 

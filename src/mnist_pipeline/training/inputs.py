@@ -99,26 +99,26 @@ def augmenter(seed: int, augment: bool | AugmentationConfig = True) -> Callable:
     Affine first (Keras' random layers) on every image; then, on a random half of the images,
     each with its own random strength per image: Gaussian blur (a mix of the image with a
     blurred copy), contrast (the range compressed and the background lifted), Gaussian
-    noise, and erasing (one rectangle of one grey, on a share `erase` of them).
+    noise, and erasing (one rectangle, of one grey or of random pixels, on a share `erase` of
+    them).
     """
     cfg = DEFAULT_AUGMENTATION if augment is True else augment
     if not isinstance(cfg, AugmentationConfig):
         raise ValueError(f"augment: got {augment!r}, expected True or an AugmentationConfig")
     affine: list[keras.layers.Layer] = []
+    # float32 whatever the global policy: under mixed_bfloat16 the layers would otherwise
+    # hand bfloat16 images to the float32 operations after them.
+    common = {"fill_mode": "constant", "dtype": "float32"}
     if cfg.translate:
         affine.append(
-            keras.layers.RandomTranslation(
-                cfg.translate, cfg.translate, fill_mode="constant", seed=seed
-            )
+            keras.layers.RandomTranslation(cfg.translate, cfg.translate, seed=seed, **common)
         )
     if cfg.rotate:
-        affine.append(keras.layers.RandomRotation(cfg.rotate, fill_mode="constant", seed=seed + 1))
+        affine.append(keras.layers.RandomRotation(cfg.rotate, seed=seed + 1, **common))
     if cfg.zoom:
-        affine.append(keras.layers.RandomZoom(cfg.zoom, fill_mode="constant", seed=seed + 2))
+        affine.append(keras.layers.RandomZoom(cfg.zoom, seed=seed + 2, **common))
     if cfg.shear:
-        affine.append(
-            keras.layers.RandomShear(cfg.shear, cfg.shear, fill_mode="constant", seed=seed + 3)
-        )
+        affine.append(keras.layers.RandomShear(cfg.shear, cfg.shear, seed=seed + 3, **common))
     pipeline = keras.Sequential(affine, name="augment") if affine else None
     generator = keras.random.SeedGenerator(seed + 4)
     blur_kernel = _gaussian_kernel(cfg.blur) if cfg.blur else None
@@ -165,7 +165,9 @@ def _gaussian_kernel(sigma: float) -> tf.Tensor:
 
 
 def _erase(x: tf.Tensor, share: float, generator: keras.random.SeedGenerator) -> tf.Tensor:
-    """One rectangle (3 to 14 pixels a side) of one random grey in a `share` of the images."""
+    """One rectangle (3 to 14 pixels a side) in a `share` of the images, filled with one
+    random grey or, in half of them, with random pixels (both variants of Zhong et al.'s
+    Random Erasing): a solid block hides part of the digit, speckles add clutter to it."""
     n, height, width = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
 
     def draw(low: float, high: float) -> tf.Tensor:
@@ -183,4 +185,6 @@ def _erase(x: tf.Tensor, share: float, generator: keras.random.SeedGenerator) ->
         & (cols < left + size_w)
         & (draw(0, 1) < share)
     )
-    return tf.where(inside, draw(0, 1), x)
+    speckled = draw(0, 1) < 0.5
+    fill = tf.where(speckled, keras.random.uniform(tf.shape(x), seed=generator), draw(0, 1))
+    return tf.where(inside, fill, x)
