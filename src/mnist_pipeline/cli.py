@@ -230,7 +230,7 @@ def _row(entry: dict[str, Any]) -> tuple[str, ...]:
         str(entry.get("outcome", "")),
         label(entry.get("candidate")),
         champion,
-        "" if p_value is None else f"{p_value:.3g}",
+        "" if p_value is None else ("<1e-300" if p_value < 1e-300 else f"{p_value:.3g}"),
         "" if level is None or p_value is None else f"{level:.3g}",
         f"{entry.get('user', '?')}@{entry.get('host', '?')}",
         commit or "-",

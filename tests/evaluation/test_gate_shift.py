@@ -232,3 +232,15 @@ def test_corrupt_gain_needs_the_same_suite():
     significant = rule(verdict, "significant")
     assert significant.passed and significant.detail.startswith("McNemar exact p=0.0312 < ")
     assert not rule(verdict, "robust_vs_champion").passed
+
+
+def test_corrupt_gain_too_significant_to_hold_is_shown_as_a_bound():
+    """The normal tail underflows to 0.0 (z > 38): the reason says p<1e-300, not p=0."""
+    verdict = decide(
+        candidate(n_wrong=24, robust=0.99),
+        champion(robust=0.5),
+        test_config.section("gate", reuse=False),
+    )
+    assert verdict.passed and verdict.p_value == 0.0
+    assert "(p<1e-300 < 0.05: clean p=0.0312, corrupted +0.4" in verdict.reason
+    assert "paired z-test p<1e-300" in rule(verdict, "significant").detail

@@ -437,4 +437,6 @@ def _value(value: Any) -> str:
 
 
 def _p(value: float | None) -> str:
-    return "n/a (no champion to compare with)" if value is None else f"{value:.4g}"
+    if value is None:
+        return "n/a (no champion to compare with)"
+    return "<1e-300" if value < 1e-300 else f"{value:.4g}"

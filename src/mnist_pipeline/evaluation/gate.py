@@ -196,15 +196,15 @@ def decide(
     elif champion is not None:
         gain = float(candidate.accuracy) - float(champion.accuracy)  # type: ignore[arg-type]
         test = (
-            f"p={_fmt_p(p_value)} < {level:.3g}"
+            f"{_p_is(p_value)} < {level:.3g}"
             if cfg.require_significance
-            else f"p={_fmt_p(p_value)}, significance not required"
+            else f"{_p_is(p_value)}, significance not required"
         )
         assert evidence is not None  # every rule passed, so the two are comparable
         if evidence.p_corrupted is not None:
             test += (
-                f": clean p={_fmt_p(evidence.p_clean)}, corrupted "
-                f"{evidence.corrupted_gain:+.4f} p={_fmt_p(evidence.p_corrupted)}, Bonferroni"
+                f": clean {_p_is(evidence.p_clean)}, corrupted "
+                f"{evidence.corrupted_gain:+.4f} {_p_is(evidence.p_corrupted)}, Bonferroni"
             )
         reason = f"beats champion {_label(champion.version)} by {gain:+.4f} ({test})"
     elif reigning:
@@ -515,13 +515,13 @@ def _significant(
         else f"alpha {level:g}"
     )
     if evidence.p_corrupted is None:
-        detail = f"McNemar exact p={_fmt_p(p)} {sign} {which}{favour} ({counts})"
+        detail = f"McNemar exact {_p_is(p)} {sign} {which}{favour} ({counts})"
     else:
         detail = (
-            f"Bonferroni p={_fmt_p(p)} {sign} {which}{favour}, the better of two tests: "
-            f"clean digits, McNemar exact p={_fmt_p(evidence.p_clean)} ({counts}); "
+            f"Bonferroni {_p_is(p)} {sign} {which}{favour}, the better of two tests: "
+            f"clean digits, McNemar exact {_p_is(evidence.p_clean)} ({counts}); "
             f"corrupted suite, mean accuracy {evidence.corrupted_gain:+.4f}, paired z-test "
-            f"p={_fmt_p(evidence.p_corrupted)}"
+            f"{_p_is(evidence.p_corrupted)}"
         )
     return Rule("significant", ok, p, level, detail)
 
@@ -604,9 +604,21 @@ def _finite(value: object) -> bool:
     return math.isfinite(float(value))
 
 
+# Below this a p-value is shown as a bound: the normal tail underflows to 0.0 for z > 38.
+P_SHOWN_DOWN_TO = 1e-300
+
+
+def _p_is(p: float | None) -> str:
+    """'p=0.0350', 'p=2.1e-05', or 'p<1e-300' for a p-value too small to hold."""
+    text = _fmt_p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
+
+
 def _fmt_p(p: float | None) -> str:
     if p is None:
         return "n/a"
+    if p < P_SHOWN_DOWN_TO:
+        return f"<{P_SHOWN_DOWN_TO:.0e}"
     return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
