@@ -40,7 +40,7 @@ RESEMBLES = {
     "noise": "shot noise and impulse noise",
     "blur": "glass blur and motion blur",
     "contrast": "brightness and fog",
-    "erase": "spatter and stripe (patches of one grey)",
+    "erase": "spatter, stripe and dotted line (patches of one grey or of random pixels)",
 }
 
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", header, rows) | ("img", alt, path)
