@@ -14,8 +14,6 @@ Numbers and verdicts are printed, never asserted.
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from harness import (
     cpu_model,
     make_repo,
     run_measured,
+    scratch_dir,
 )
 
 PROGRAM = "gate_scenario"
@@ -56,8 +55,7 @@ def run(command: list[str], repo: Path, timeout: float) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="gate-scenario-"))
-    try:
+    with scratch_dir("gate-scenario-", args.keep) as work:
         repo = work / "repo"
         make_repo(repo, args.raw)
         print(f"{PROGRAM}: {cpu_model()}; recipes {', '.join(args.recipes)}", flush=True)
@@ -72,11 +70,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(line)
         print("$ mnist-pipeline champion history")
         print(run(["mnist-pipeline", "champion", "history"], repo, args.timeout).rstrip())
-    finally:
-        if args.keep:
-            print(f"{PROGRAM}: the copy is at {work / 'repo'}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

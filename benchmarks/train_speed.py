@@ -36,7 +36,6 @@ import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from harness import (
     ratio,
     raw_arrays,
     run_measured,
+    scratch_dir,
     stage_times,
     steady_epoch_time,
     synthetic_arrays,
@@ -591,9 +591,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         probe_child(Path(argv[1]), Path(argv[2]), argv[3])
         return
     args = parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="train-speed-"))
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
-    try:
+    with scratch_dir("train-speed-", args.keep) as work:
         print(
             f"train_speed: {args.epochs} epochs, {args.repeats} repeat(s), "
             f"{'synthetic data' if args.synthetic else 'data/'}; load average "
@@ -670,11 +669,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         if args.json:
             args.json.write_text(json.dumps(results, indent=2, default=str))
-    finally:
-        if args.keep:
-            print(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,7 @@ def table(entries: list[dict[str, Any]]) -> str:
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, ...]:
+    from .evaluation.scores import p_text
     from .tracking.registry import label
 
     before, after = entry.get("champion_before"), entry.get("champion_after")
@@ -230,7 +231,7 @@ def _row(entry: dict[str, Any]) -> tuple[str, ...]:
         str(entry.get("outcome", "")),
         label(entry.get("candidate")),
         champion,
-        "" if p_value is None else ("<1e-300" if p_value < 1e-300 else f"{p_value:.3g}"),
+        "" if p_value is None else p_text(p_value, ".3g"),
         "" if level is None or p_value is None else f"{level:.3g}",
         f"{entry.get('user', '?')}@{entry.get('host', '?')}",
         commit or "-",

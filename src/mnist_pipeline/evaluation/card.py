@@ -24,7 +24,7 @@ from ..tracking import runs
 from ..tracking.registry import label
 from .reuse import Budget
 from .robustness import Confidence, Shift
-from .scores import Scores, wilson_interval
+from .scores import Scores, p_text, wilson_interval
 
 CARD_MD = "model_card.md"
 CARD_HTML = "model_card.html"
@@ -437,6 +437,4 @@ def _value(value: Any) -> str:
 
 
 def _p(value: float | None) -> str:
-    if value is None:
-        return "n/a (no champion to compare with)"
-    return "<1e-300" if value < 1e-300 else f"{value:.4g}"
+    return "n/a (no champion to compare with)" if value is None else p_text(value, ".4g")

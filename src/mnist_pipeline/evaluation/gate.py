@@ -19,7 +19,7 @@ from ..config import GateConfig
 from ..data.splits import NUM_CLASSES
 from ..files import json_safe
 from .reuse import Budget
-from .scores import Z_95_ONE_SIDED, mcnemar_exact, paired_difference, paired_z_test
+from .scores import Z_95_ONE_SIDED, mcnemar_exact, p_text, paired_difference, paired_z_test
 
 # Accuracies are ratios of counts; an improvement equal to min_improvement up to float
 # rounding (0.9512 - 0.95 != 0.0012 in binary) must count as meeting it.
@@ -477,17 +477,22 @@ def _evidence(candidate: Candidate, champion: Champion, robustness_gain: bool) -
     """The tests behind `significant` (the two test sets already known comparable); the
     corrupted suite counts only when both models were scored on the same one."""
     gains, losses, p_clean = mcnemar_exact(candidate.correct, champion.correct)
-    ours, theirs = candidate.corrupted_correct, champion.corrupted_correct
-    if (
-        not robustness_gain
-        or ours is None
-        or theirs is None
-        or candidate.suite_sha256 != champion.suite_sha256
-        or ours.shape != theirs.shape
-    ):
+    paired = _suite_pair(candidate, champion)
+    if not robustness_gain or paired is None:
         return Evidence(gains, losses, p_clean)
-    gain, p_corrupted = paired_z_test(ours, theirs)
+    gain, p_corrupted = paired_z_test(*paired)
     return Evidence(gains, losses, p_clean, gain, p_corrupted)
+
+
+def _suite_pair(candidate: Candidate, champion: Champion) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both models' results on the corrupted suite, when both were scored on the same one
+    (so they pair image by image); else None."""
+    ours, theirs = candidate.corrupted_correct, champion.corrupted_correct
+    if ours is None or theirs is None:
+        return None
+    if candidate.suite_sha256 != champion.suite_sha256 or ours.shape != theirs.shape:
+        return None
+    return ours, theirs
 
 
 def _significant(
@@ -566,7 +571,7 @@ def _robust_vs_champion(candidate: Candidate, champion: Champion, margin: float)
             -margin,
             f"the {who} was not scored on the corrupted suite; run: dvc repro corrupt evaluate",
         )
-    if candidate.suite_sha256 != champion.suite_sha256 or ours.shape != theirs.shape:
+    if _suite_pair(candidate, champion) is None:
         return Rule(
             name,
             False,
@@ -604,10 +609,6 @@ def _finite(value: object) -> bool:
     return math.isfinite(float(value))
 
 
-# Below this a p-value is shown as a bound: the normal tail underflows to 0.0 for z > 38.
-P_SHOWN_DOWN_TO = 1e-300
-
-
 def _p_is(p: float | None) -> str:
     """'p=0.0350', 'p=2.1e-05', or 'p<1e-300' for a p-value too small to hold."""
     text = _fmt_p(p)
@@ -617,9 +618,7 @@ def _p_is(p: float | None) -> str:
 def _fmt_p(p: float | None) -> str:
     if p is None:
         return "n/a"
-    if p < P_SHOWN_DOWN_TO:
-        return f"<{P_SHOWN_DOWN_TO:.0e}"
-    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+    return p_text(p, ".4f" if p >= 1e-4 else ".1e")
 
 
 def _label(version: str | None) -> str:

@@ -200,6 +200,15 @@ def paired_difference(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, floa
     return float(per_image.mean()), float(per_image.std(ddof=1) / math.sqrt(per_image.size))
 
 
+# Below this a p-value is shown as a bound: the normal tail underflows to 0.0 for z > 38.
+P_SHOWN_DOWN_TO = 1e-300
+
+
+def p_text(p: float, spec: str) -> str:
+    """`p` in the format `spec` ('.3g', '.4f', ...), or '<1e-300' when too small to hold."""
+    return f"<{P_SHOWN_DOWN_TO:.0e}" if p < P_SHOWN_DOWN_TO else format(p, spec)
+
+
 def paired_z_test(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
     """The mean accuracy difference of `paired_difference` and its two-sided p-value against
     "no difference" (a z-test: the per-image means of 10,000 test images are many independent
