@@ -47,7 +47,8 @@ lint: setup
 # `make test` runs everything.
 FAST_TESTS := tests/config tests/data tests/docs tests/evaluation tests/serve tests/tracking \
               tests/monitoring \
-              tests/pipeline/test_dvc_graph.py tests/training/test_calibration.py tests/test_cli.py
+              tests/pipeline/test_dvc_graph.py tests/training/test_calibration.py tests/test_cli.py \
+              tests/team/test_credentials.py
 test-fast: setup
 	pytest -n 2 -m "not slow and not browser and not team and not network" $(FAST_TESTS)
 

@@ -46,6 +46,13 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
+def set_params(path: Path, section: str, **values) -> None:
+    """Change keys of one section of the repository's params.yaml (as an editor would)."""
+    params = yaml.safe_load((path / "params.yaml").read_text())
+    params[section].update(values)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[str, str]:
     """Synthetic IDX files in `folder`; returns their SHA-256 by file name."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-import yaml
 from helpers import config as test_config
 from helpers import repo
 
@@ -27,12 +26,6 @@ def _repro(path) -> tuple[set[str], str]:
             f"Stage '{stage}' didn't change, skipping" in out or f"Stage '{stage}' is cached" in out
         ), out
     return ran, out
-
-
-def _set(path, section: str, **values) -> None:
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params[section].update(values)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def _gate(path) -> dict:
@@ -67,12 +60,12 @@ def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves
 
 def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
     path = repo.make(tmp_path / "repo", gate={"min_accuracy": 0.0, "require_significance": False})
-    _set(path, "optimizer", learning_rate=0.001)  # a weak first champion...
-    _set(path, "train", epochs=1)
+    repo.set_params(path, "optimizer", learning_rate=0.001)  # a weak first champion...
+    repo.set_params(path, "train", epochs=1)
     ran, out = _repro(path)
     assert "gate: PASSED" in out
-    _set(path, "optimizer", learning_rate=0.05)  # ...that the next model beats
-    _set(path, "train", epochs=3)
+    repo.set_params(path, "optimizer", learning_rate=0.05)  # ...that the next model beats
+    repo.set_params(path, "train", epochs=3)
     ran, out = _repro(path)
     assert ran == {"champion", "train", "evaluate"} and "gate: PASSED" in out, out
     assert (_gate(path)["champion_version_before"], _gate(path)["champion_version"]) == ("1", "2")
@@ -87,7 +80,7 @@ def test_two_rejections_in_a_row_leave_nothing_to_rerun(tmp_path):
     ran, out = _repro(path)
     assert "gate: PASSED" in out
     for seed in (7, 8):  # models no better than the champion: rejected (a tie never wins)
-        _set(path, "train", seed=seed)
+        repo.set_params(path, "train", seed=seed)
         ran, out = _repro(path)
         assert ran == {"champion", "train", "evaluate"} and "gate: REJECTED" in out, out
     assert _gate(path)["champion_version"] == "1"

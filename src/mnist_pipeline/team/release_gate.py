@@ -18,7 +18,8 @@ gate identity:
 
 The server's environment configures it: MNIST_AUTH_GATE_USERS (default `gate`),
 MNIST_AUTH_PROTECTED_ALIASES (default `champion`). Admins are not exempt: the gate's decision
-is the only way to move the alias.
+is the only way to move the alias. Password checks that passed are remembered
+(`credentials.py`): scrypt runs once per member's password, not on every request.
 """
 
 from __future__ import annotations
@@ -189,10 +190,14 @@ def gate_hook(gate_users: frozenset[str], protected: frozenset[str]) -> Callable
 def create_app(app: Any = None) -> Any:
     """`mlflow server --app-name mnist-auth`: MLflow's basic-auth app plus the release gate."""
     from mlflow.server import app as mlflow_app
+    from mlflow.server import auth
     from mlflow.server.auth import create_app as basic_auth
+
+    from .credentials import remember_passed_checks
 
     flask_app = app if app is not None else mlflow_app
     served = basic_auth(flask_app)  # registers authentication first
+    remember_passed_checks(auth.store)  # one scrypt check per login, not per request
     gate_users = _names(GATE_USERS_ENV, "gate")
     protected = frozenset(a.casefold() for a in _names(PROTECTED_ENV, "champion"))
     flask_app.before_request(gate_hook(gate_users, protected))
