@@ -33,6 +33,7 @@ def _gate(path) -> dict:
 
 
 def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves(tmp_path):
+    """...nor after its own decisions, passed or rejected."""
     path = repo.make(tmp_path / "repo")
     ran, out = _repro(path)
     assert ran == {"fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
@@ -57,6 +58,17 @@ def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves
     ran, _ = _repro(path)
     assert ran == {"champion"}
 
+    # Models no better than the champion, twice: rejected (a tie never wins), and nothing
+    # is left to rerun after either.
+    for seed in (7, 8):
+        repo.set_params(path, "train", seed=seed)
+        ran, out = _repro(path)
+        assert ran == {"champion", "train", "evaluate"} and "gate: REJECTED" in out, out
+    assert _gate(path)["champion_version"] == "2"
+
+    ran, out = _repro(path)
+    assert ran == {"champion"}, out
+
 
 def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
     path = repo.make(tmp_path / "repo", gate={"min_accuracy": 0.0, "require_significance": False})
@@ -73,17 +85,3 @@ def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
     ran, out = _repro(path)
     assert ran == {"champion"}, out
     assert "champion: mnist-classifier v2, as the last evaluate left it" in out
-
-
-def test_two_rejections_in_a_row_leave_nothing_to_rerun(tmp_path):
-    path = repo.make(tmp_path / "repo")
-    ran, out = _repro(path)
-    assert "gate: PASSED" in out
-    for seed in (7, 8):  # models no better than the champion: rejected (a tie never wins)
-        repo.set_params(path, "train", seed=seed)
-        ran, out = _repro(path)
-        assert ran == {"champion", "train", "evaluate"} and "gate: REJECTED" in out, out
-    assert _gate(path)["champion_version"] == "1"
-
-    ran, out = _repro(path)
-    assert ran == {"champion"}, out

@@ -26,6 +26,7 @@ from . import pki, release_gate
 ADMIN = "admin"
 SECRETS_FILE = "secrets.json"
 AUTH_CONFIG = "basic_auth.ini"
+GRACEFUL_SHUTDOWN_S = 5  # how long a stopping server lets running requests finish
 
 
 GATE_LOGIN = "gate"  # the gate service's login (release_gate.py's default gate user)
@@ -120,7 +121,14 @@ def secured(
         "mnist-auth",
         "--enable-workspaces",
         "--uvicorn-opts",
-        shlex.join(["--ssl-keyfile", str(certs.key), "--ssl-certfile", str(certs.cert)]),
+        shlex.join(
+            [
+                *("--ssl-keyfile", str(certs.key), "--ssl-certfile", str(certs.cert)),
+                # A client's idle TLS keep-alive connection would hold a stopping server
+                # until it is killed (20 s later); requests still running get this long.
+                *("--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_S)),
+            ]
+        ),
     ]
     env = {
         **command.env_overrides,
