@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -51,6 +52,17 @@ def set_params(path: Path, section: str, **values) -> None:
     params = yaml.safe_load((path / "params.yaml").read_text())
     params[section].update(values)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def exp_metric(path: Path, name: str) -> float:
+    """The test accuracy `dvc exp show` reports for experiment `name`."""
+    done = run(["dvc", "exp", "show", "--json"], path)
+    for baseline in json.loads(done.stdout):
+        for exp in baseline.get("experiments") or []:
+            if exp.get("name") == name:
+                revs = exp["revs"][0]["data"]["metrics"]
+                return revs["metrics/evaluate.json"]["data"]["test_accuracy"]
+    raise AssertionError(f"experiment {name} not found: {done.stdout[:2000]}")
 
 
 def write_mirror(folder: Path, n_train: int = 600, n_test: int = 200) -> dict[str, str]:

@@ -118,6 +118,7 @@ def test_the_team_walkthrough(tmp_path, team_stack):
 
     # 7. Multi-worker training, from the second machine: one run, by the chief.
     before = {r.info.run_id for r in client.search_runs([experiment], max_results=100)}
+    single = json.loads((b / "metrics/evaluate.json").read_text())["test_accuracy"]
     done = repo.run(
         [
             "dvc",
@@ -139,4 +140,5 @@ def test_the_team_walkthrough(tmp_path, team_stack):
     ]
     assert [
         (r.info.run_name, r.info.status, r.data.params.get("runtime.resolved_workers")) for r in new
-    ] == [("two-workers", "FINISHED", "2")]
+    ] == [("two-workers", "FINISHED", "2")]  # one run, by the chief
+    assert abs(repo.exp_metric(b, "two-workers") - single) <= 0.02  # the same model, trained apart
