@@ -19,6 +19,8 @@ from mnist_pipeline.team import stack as stacks
 pytestmark = [pytest.mark.slow, pytest.mark.team]
 
 RETRY_S = 8  # how long the stages keep retrying here (60 s by default)
+# MLflow's own retries of each HTTP call inside that window (3 by default, tracking/store.py).
+ENV = {"MNIST_PIPELINE_RETRY_S": str(RETRY_S), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}
 
 
 def _champion(stack: stacks.Stack) -> str | None:
@@ -62,7 +64,7 @@ def _one_error_line(stderr: str, stage: str) -> str:
 
 def test_tracking_server_lost_mid_training(tmp_path, team_stack):
     path = repo.make(tmp_path / "repo", epochs=150, train={"batch_size": 8})
-    env = {**client_env(team_stack), "MNIST_PIPELINE_RETRY_S": str(RETRY_S)}
+    env = {**client_env(team_stack), **ENV}
     proc = repo.start(["dvc", "repro"], path, **env)
     deadline = time.monotonic() + 300
     while _epochs_logged(team_stack) < 2:
@@ -95,7 +97,7 @@ def test_tracking_server_lost_mid_training(tmp_path, team_stack):
 
 def test_postgres_lost_during_the_gate(tmp_path, team_stack):
     path = repo.make(tmp_path / "repo", epochs=2)
-    env = {**client_env(team_stack), "MNIST_PIPELINE_RETRY_S": str(RETRY_S)}
+    env = {**client_env(team_stack), **ENV}
     repo.run(["dvc", "repro"], path, **env)
     stack = stacks.load(team_stack.root)
     before = _champion(stack)
