@@ -196,9 +196,7 @@ def test_invalid_config_fails_before_any_work(tmp_path, override, needle):
 
 def test_bad_params_yaml_fails_dvc_repro_naming_the_key(tmp_path):
     path = repo.make(tmp_path / "repo")
-    params = yaml.safe_load((path / "params.yaml").read_text())
-    params["fetch"]["read_timeout_s"] = -1
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo.set_params(path, "fetch", read_timeout_s=-1)
     done = repo.run(["dvc", "repro", "fetch"], path, check=False)
     assert done.returncode != 0
     assert "config 'fetch.read_timeout_s': got -1" in done.stderr
