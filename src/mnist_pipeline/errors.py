@@ -117,8 +117,9 @@ def interruptible() -> Iterator[Callable[[], None]]:
     land while Python runs a finaliser (TensorFlow tears down each epoch's input iterator in
     one, at the epoch boundary); an exception raised there is printed and dropped and
     training would go on, so training calls `raise_pending` after every group of steps.
-    A signal that lands inside a write to the tracking store is only recorded, so that
-    write is never cut in two; `raise_pending` raises it right after. SIGINT is left alone
+    A signal that lands inside a write to the tracking store, or while TensorFlow builds
+    the exception of a failed op, is only recorded, so that code is never cut in two;
+    `raise_pending` raises it right after. SIGINT is left alone
     where it is ignored (sweep workers, `nohup`).
     """
     received: list[int] = []
@@ -133,8 +134,8 @@ def interruptible() -> Iterator[Callable[[], None]]:
 
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
-        if _writing_to_a_database(frame):
-            return  # raised by the next `raise_pending`, once the write is whole
+        if _in_uncuttable_code(frame):
+            return  # raised by the next `raise_pending`, once that code is through
         raise Interrupted(f"received signal {signum}")
 
     handled = [signal.SIGTERM]
@@ -148,14 +149,21 @@ def interruptible() -> Iterator[Callable[[], None]]:
             signal.signal(signum, before)
 
 
-# Code an exception must not cut in two: a write to the tracking store raised out of halfway
-# leaves its SQLite transaction open, and the KILLED status after it waits on that lock.
-_DATABASE_CODE = tuple(f"{os.sep}{part}{os.sep}" for part in ("sqlalchemy", "sqlite3", "alembic"))
+# Code an exception must not cut in two:
+# - a write to the tracking store raised out of halfway leaves its SQLite transaction open,
+#   and the KILLED status after it waits on that lock;
+# - TensorFlow building the exception of a failed op for its C++ caller (a worker's
+#   all-reduce broken by a lost peer, while the coordinator stops that worker): pybind11
+#   turns a second exception raised there into a RuntimeError ("MISMATCH of original and
+#   normalized active exception types"), and the op's own error is lost.
+_UNCUTTABLE_CODE = tuple(
+    f"{os.sep}{part}{os.sep}" for part in ("sqlalchemy", "sqlite3", "alembic")
+) + (os.path.join("tensorflow", "python", "framework", "errors_impl.py"),)
 
 
-def _writing_to_a_database(frame: Any) -> bool:
+def _in_uncuttable_code(frame: Any) -> bool:
     while frame is not None:
-        if any(part in frame.f_code.co_filename for part in _DATABASE_CODE):
+        if any(part in frame.f_code.co_filename for part in _UNCUTTABLE_CODE):
             return True
         frame = frame.f_back
     return False

@@ -350,6 +350,35 @@ def test_a_signal_dropped_in_a_finaliser_still_stops_training():
     assert survived
 
 
+def test_a_signal_while_tensorflow_builds_an_ops_error_keeps_that_error():
+    # A worker's all-reduce fails (its peer was killed) just as the coordinator sends it
+    # SIGTERM: the signal lands while TensorFlow builds the op's exception for its C++ caller.
+    # Raised there, pybind11 would replace both with a RuntimeError and a traceback.
+    import sys
+
+    import tensorflow as tf
+
+    gather = tf.function(lambda i: tf.gather(tf.constant([1, 2]), i))
+    gather(tf.constant(0))
+    sent = []
+
+    def signal_on_building_the_error(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.endswith("errors_impl.py") and not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with job.interruptible() as raise_pending:
+        sys.setprofile(signal_on_building_the_error)
+        try:
+            with pytest.raises(tf.errors.InvalidArgumentError, match="indices = 5"):
+                gather(tf.constant(5))
+        finally:
+            sys.setprofile(None)
+        assert sent
+        with pytest.raises(Interrupted, match=f"signal {int(signal.SIGTERM)}"):
+            raise_pending()
+
+
 # --- runtime.precision: auto ---------------------------------------------------------------
 
 
