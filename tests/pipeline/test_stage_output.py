@@ -52,6 +52,11 @@ def test_a_repro_log_is_plain_readable_lines(tmp_path):
     assert not any(line.startswith("Epoch ") for line in lines), "Keras' own epoch lines"
     for summary in SUMMARIES:
         assert sum(line.startswith(summary) for line in lines) == 1, (summary, out)
+    # The train stage says only its own lines (not the ONNX converter's progress).
+    train = lines[lines.index("Running stage 'train':") + 2 :]
+    train = train[: next(i for i, line in enumerate(train) if line.startswith("Updating lock"))]
+    strays = [line for line in train if not (line.startswith("train: ") or re.match(EPOCH, line))]
+    assert strays == [], out
 
     debug = _dvc(path, "repro", "--force", "--single-item", "train", **{DEBUG_ENV: "1"})
     assert tuple(tf_output.found(debug)) == tf_output.printed_here()

@@ -188,8 +188,16 @@ def fit(
 
 
 def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
-    """Class probabilities (N, 10) float32 for raw uint8 images."""
-    return np.asarray(model.predict(images, batch_size=batch_size, verbose=0), dtype=np.float32)
+    """Class probabilities (N, 10) float32 for raw uint8 images.
+
+    Batch by batch through the model's compiled predict step (`predict_on_batch`): the same
+    batches and figures as `model.predict`, without the input pipeline it builds on every
+    call (about 30 ms each, and evaluate calls it for every corruption)."""
+    batches = [
+        np.asarray(model.predict_on_batch(images[start : start + batch_size]), np.float32)
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(batches) if batches else np.zeros((0, 10), np.float32)
 
 
 def weights_digest(model: keras.Model) -> str:

@@ -179,6 +179,7 @@ def save(model: keras.Model, path: str | os.PathLike[str]) -> None:
 def export_onnx(model: keras.Model, path: str | os.PathLike[str]) -> None:
     """The model as an ONNX graph, atomically: uint8 (N, 28, 28) in, probabilities out, for
     ONNX Runtime (Keras' own export, through tf2onnx)."""
+    import logging
     import warnings
 
     import numpy as np
@@ -192,9 +193,15 @@ def export_onnx(model: keras.Model, path: str | os.PathLike[str]) -> None:
             "float32 copy (models.as_float32), which ONNX Runtime runs"
         )
     model(np.zeros((1, *IMAGE_SHAPE), np.uint8))  # Keras exports only a model that has run
-    with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes np.object
-        model.export(str(tmp), format="onnx", verbose=False)
+    converter = logging.getLogger("tf2onnx")  # its INFO lines would land in the stage's log
+    level = converter.level
+    converter.setLevel(logging.WARNING)
+    try:
+        with atomic_path(path, suffix=".onnx") as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # tf2onnx probes np.object
+            model.export(str(tmp), format="onnx", verbose=False)
+    finally:
+        converter.setLevel(level)
 
 
 def load(path: str | os.PathLike[str]) -> keras.Model:
