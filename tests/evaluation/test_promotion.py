@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 from helpers import config as test_config
+from helpers import empty_store
 from helpers import repo
 from helpers.digits import ROOT, synthetic_digits
 
@@ -33,7 +34,7 @@ def workspace(tmp_path, monkeypatch):
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store.place(tmp_path / "mlflow.db"))
     return tmp_path
 
 

@@ -40,7 +40,7 @@ def _review(path, *args: str):
 
 @pytest.mark.slow
 def test_review_reports_params_metrics_verdict_and_plots_per_experiment(tmp_path):
-    path = repo.make(tmp_path / "repo")
+    path = repo.make(tmp_path / "repo", store=True)
     repo.run(["dvc", "repro"], path)
     repo.run(["git", "add", "-A"], path)
     repo.run(["git", "commit", "-qm", "baseline results"], path)

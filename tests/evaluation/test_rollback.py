@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from helpers import config as test_config
+from helpers import empty_store
 from helpers.digits import synthetic_digits
 
 from mnist_pipeline.data.splits import Split, save_split
@@ -33,6 +34,7 @@ def checkout(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     test_config.write_params(tmp_path)
+    empty_store.place(tmp_path / "mlflow.db")  # the default store, at the root
     test = Split(*synthetic_digits(50, seed=3))
     save_split(tmp_path / "data" / "processed", "test", test)
     today = test.sha256()

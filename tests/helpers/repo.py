@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from helpers import empty_store
 from helpers.digits import ROOT, synthetic_digits
 from mnist_pipeline.config.compose import write as write_params
 from mnist_pipeline.data import idx
@@ -86,9 +87,13 @@ def make(
     train: dict | None = None,
     commit: bool = True,
     n_train: int = 600,
+    store: bool = False,
 ) -> Path:
-    """A git + DVC repository at `path` whose pipeline runs on synthetic data."""
+    """A git + DVC repository at `path` whose pipeline runs on synthetic data; with `store`,
+    also an empty tracking store at its root (`empty_store`: MLflow need not build one)."""
     path.mkdir(parents=True, exist_ok=True)
+    if store:
+        empty_store.place(path / "mlflow.db")
     for name in COPIED:
         source = ROOT / name
         if source.is_dir():

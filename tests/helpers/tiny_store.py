@@ -23,6 +23,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from helpers import config as test_config
+from helpers import empty_store
 from mnist_pipeline import config
 from mnist_pipeline.config.loading import tracking_config
 from mnist_pipeline.data import corruptions, suite
@@ -85,6 +86,7 @@ def build(
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # also undoes MLflow's own export
         patch.chdir(root)
         test_config.write_params(root)
+        empty_store.place(root / "mlflow.db")  # the default store, at the root
         processed = root / "data" / "processed"
         for name, split in splits.items():
             save_split(processed, name, split)

@@ -34,7 +34,7 @@ def _gate(path) -> dict:
 
 def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves(tmp_path):
     """...nor after its own decisions, passed or rejected."""
-    path = repo.make(tmp_path / "repo")
+    path = repo.make(tmp_path / "repo", store=True)
     ran, out = _repro(path)
     assert ran == {"fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
     assert "gate: PASSED" in out and _gate(path)["champion_version"] == "1"
@@ -71,7 +71,9 @@ def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves
 
 
 def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
-    path = repo.make(tmp_path / "repo", gate={"min_accuracy": 0.0, "require_significance": False})
+    path = repo.make(
+        tmp_path / "repo", gate={"min_accuracy": 0.0, "require_significance": False}, store=True
+    )
     repo.set_params(path, "optimizer", learning_rate=0.001)  # a weak first champion...
     repo.set_params(path, "train", epochs=1)
     ran, out = _repro(path)

@@ -49,7 +49,7 @@ def clean_hashes(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig, clean_hashes):
-    path = repo.make(tmp_path / "repo", epochs=400)
+    path = repo.make(tmp_path / "repo", epochs=400, store=True)
     repo.run(["dvc", "repro", "corrupt"], path)
     before = _lock(path)
     proc = repo.start(["dvc", "repro"], path)
@@ -97,27 +97,35 @@ def test_killed_preprocess_never_leaves_a_trusted_partial_split(tmp_path):
     path = repo.make(tmp_path / "repo", n_train=60000)  # big enough to kill mid-write
     repo.run(["dvc", "repro", "fetch"], path)
 
-    def preprocess() -> float:
-        """A whole run; its duration times the next kill (the other tests' load varies)."""
+    durations: list[float] = []
+
+    def preprocess() -> None:
+        """A whole run; the quickest one times the kills (the other tests' load varies, and
+        a kill timed by a slow run comes after a quick one has ended)."""
         started = time.monotonic()
         repo.run(repo.python("pipelines/preprocess.py"), path)
-        return time.monotonic() - started
+        durations.append(time.monotonic() - started)
 
-    duration = preprocess()
+    preprocess()
     splits = ("train", "val", "test")
     reference = {s: sha256_file(path / f"data/processed/{s}.npz") for s in splits}
     interrupted = 0
-    for fraction in (0.5, 0.65, 0.75, 0.85, 0.9, 0.95):
+    # Moments spread over the run; then, while fewer than two kills landed in a run, more
+    # at its middle (at most three).
+    fractions = [0.5, 0.65, 0.75, 0.85, 0.9, 0.95]
+    while fractions:
         proc = repo.start(repo.python("pipelines/preprocess.py"), path)
-        time.sleep(duration * fraction)
+        time.sleep(min(durations) * fractions.pop(0))
         if proc.poll() is None:
             repo.stop(proc, signal.SIGKILL)
             interrupted += 1
         for split in splits:  # whatever is at a final path is a whole, valid file
             if (path / f"data/processed/{split}.npz").exists():
                 load_split(path / "data/processed", split)
-        duration = preprocess()
+        preprocess()
         assert {s: sha256_file(path / f"data/processed/{s}.npz") for s in splits} == reference
+        if not fractions and interrupted < 2 and len(durations) < 10:
+            fractions.append(0.5)
     assert interrupted >= 2, "the kills must land while preprocess is working"
 
 
@@ -133,7 +141,7 @@ def test_killed_preprocess_never_leaves_a_trusted_partial_split(tmp_path):
     ],
 )
 def test_failed_exp_leaves_the_workspace_as_it_was(tmp_path, override, needle, failed_runs):
-    path = repo.make(tmp_path / "repo")
+    path = repo.make(tmp_path / "repo", store=True)
     repo.run(["dvc", "repro"], path)
     kept = {
         str(file.relative_to(path)): sha256_file(file)

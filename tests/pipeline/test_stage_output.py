@@ -43,7 +43,7 @@ def _dvc(path, *args: str, **env: str) -> str:
 
 
 def test_a_repro_log_is_plain_readable_lines(tmp_path):
-    path = repo.make(tmp_path / "repo", train={"verbose": 2})
+    path = repo.make(tmp_path / "repo", train={"verbose": 2}, store=True)
     out = _dvc(path, "repro")
     assert "\x1b[" not in out
     assert tf_output.found(out) == [], out

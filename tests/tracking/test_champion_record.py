@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import config as test_config
+from helpers import empty_store
 from helpers.digits import ROOT
 
 from mnist_pipeline import config
@@ -22,9 +23,16 @@ NAME = "mnist-classifier"
 
 
 @pytest.fixture()
-def tracking(tmp_path, monkeypatch) -> config.TrackingConfig:
+def no_store(tmp_path, monkeypatch) -> config.TrackingConfig:
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     return test_config.section("tracking", uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+@pytest.fixture()
+def tracking(no_store, tmp_path) -> config.TrackingConfig:
+    """An empty store at the root."""
+    empty_store.place(tmp_path / "mlflow.db")
+    return no_store
 
 
 def _versions(cfg: config.TrackingConfig, count: int) -> list[tuple[str, str]]:
@@ -61,8 +69,8 @@ def _record(version: str | None, run_id: str | None) -> dict:
     return {"registered_model": NAME, "version": version, "run_id": run_id}
 
 
-def test_no_store_means_no_champion_and_creates_none(tracking, tmp_path):
-    decision = champion_record.decide(tracking, tmp_path / "gate.json")
+def test_no_store_means_no_champion_and_creates_none(no_store, tmp_path):
+    decision = champion_record.decide(no_store, tmp_path / "gate.json")
     assert decision.record == _record(None, None) and not decision.left_by_evaluate
     assert not (tmp_path / "mlflow.db").exists()
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from helpers import config as test_config
+from helpers import empty_store
 
 from mnist_pipeline.tracking import history, locks, store
 
@@ -24,7 +25,7 @@ def model(tmp_path, monkeypatch) -> str:
 
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    store.connect(test_config.section("tracking", uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    store.connect(test_config.section("tracking", uri=empty_store.place(tmp_path / "mlflow.db")))
     MlflowClient().create_registered_model(NAME)
     return NAME
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import config as test_config
+from helpers import empty_store
 
 from mnist_pipeline.tracking.registry import find_version
 from mnist_pipeline.tracking.store import use_store
@@ -16,7 +17,7 @@ def register(tmp_path, monkeypatch):
     """Registers a version of a model with the given tags; returns its number."""
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store.place(tmp_path / "mlflow.db"))
     # As the evaluate stage does: MLflow's process-wide URI, which an earlier test may have
     # set, would otherwise win over the environment.
     use_store(test_config.section("tracking"))

@@ -46,7 +46,7 @@ def _worker_pid(index: int) -> int | None:
 
 
 def test_a_killed_worker_fails_the_job_quickly(tmp_path):
-    path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8})
+    path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8}, store=True)
     repo.run(["dvc", "repro", "preprocess"], path)
     proc = repo.start(
         repo.python(
@@ -76,7 +76,7 @@ def test_a_killed_worker_fails_the_job_quickly(tmp_path):
 
 
 def test_a_stalled_worker_fails_the_job_within_the_timeout(tmp_path):
-    path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8})
+    path = repo.make(tmp_path / "repo", epochs=400, train={"batch_size": 8}, store=True)
     repo.run(["dvc", "repro", "preprocess"], path)
     proc = repo.start(
         repo.python(

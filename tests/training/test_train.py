@@ -10,6 +10,7 @@ import signal
 import numpy as np
 import pytest
 from helpers import config as test_config
+from helpers import empty_store
 from helpers import repo
 from helpers.digits import synthetic_digits
 
@@ -36,7 +37,7 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store.place(tmp_path / "store.db"))
     train_job = test_config.train_job(
         model={"name": "mlp", "hidden_units": [32, 16]},
         optimizer={"name": "sgd"},
@@ -82,7 +83,7 @@ def test_one_epoch_run_is_recorded_in_mlflow(tmp_path, processed, monkeypatch):
 
 def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", empty_store.place(tmp_path / "store.db"))
     outcome = job.train(
         test_config.train_job(
             model={"name": "mlp", "hidden_units": [8]},
@@ -189,7 +190,7 @@ def test_warmup_ramps_up():
 
 @pytest.fixture()
 def prepared_repo(tmp_path):
-    path = repo.make(tmp_path / "repo")
+    path = repo.make(tmp_path / "repo", store=True)
     repo.run(["dvc", "repro", "preprocess"], path)
     return path
 
