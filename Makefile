@@ -31,7 +31,7 @@ repro: setup
 	dvc repro
 
 test: setup system-deps lint
-	pytest -n 2 --dist loadfile
+	pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # Likely bugs and style (pyproject.toml's [tool.ruff.lint]), formatting (`ruff format` fixes
 # it) and the library's types ([tool.mypy]); `make test` runs it first.
@@ -48,12 +48,12 @@ lint: setup
 FAST_TESTS := tests/config tests/data tests/docs tests/evaluation tests/serve tests/tracking \
               tests/monitoring \
               tests/pipeline/test_dvc_graph.py tests/training/test_calibration.py tests/test_cli.py \
-              tests/team/test_credentials.py
+              tests/team/test_credentials.py tests/test_suite_order.py
 test-fast: setup
 	pytest -n 2 -m "not slow and not browser and not team and not network" $(FAST_TESTS)
 
 test-offline: setup
-	pytest -n 2 --dist loadfile -m "not network"
+	pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not network"
 
 # Regenerate the lock after editing requirements.in.
 lock:
