@@ -119,8 +119,8 @@ def interruptible() -> Iterator[Callable[[], None]]:
     training would go on, so training calls `raise_pending` after every group of steps.
     A signal that lands inside a write to the tracking store, or while TensorFlow builds
     the exception of a failed op, is only recorded, so that code is never cut in two;
-    `raise_pending` raises it right after. SIGINT is left alone
-    where it is ignored (sweep workers, `nohup`).
+    `raise_pending` raises it right after. SIGINT is left alone where it is ignored (sweep
+    workers, `nohup`).
     """
     received: list[int] = []
 

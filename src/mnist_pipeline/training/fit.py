@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..config import TrainJob
-from ..data.splits import Split
+from ..data.splits import NUM_CLASSES, Split
 from ..errors import TrainingError
 from . import models
 from .callbacks import (
@@ -197,7 +197,7 @@ def predict(model: keras.Model, images: np.ndarray, batch_size: int = 1000) -> n
         np.asarray(model.predict_on_batch(images[start : start + batch_size]), np.float32)
         for start in range(0, len(images), batch_size)
     ]
-    return np.concatenate(batches) if batches else np.zeros((0, 10), np.float32)
+    return np.concatenate(batches) if batches else np.zeros((0, NUM_CLASSES), np.float32)
 
 
 def weights_digest(model: keras.Model) -> str:
