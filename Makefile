@@ -30,8 +30,13 @@ system-deps:
 repro: setup
 	dvc repro
 
+# Three workers on two cores: the whole-workflow tests spend part of their time waiting on
+# DVC, PostgreSQL, servers and the browser, and a third worker runs in those gaps (the CPU
+# stays ~99% busy; with two it had idle moments). Whole modules, longest first
+# (tests/helpers/suite_order.py).
+TEST_WORKERS := 3
 test: setup system-deps lint
-	pytest -n 2 --dist loadfile --no-loadscope-reorder
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Likely bugs and style (pyproject.toml's [tool.ruff.lint]), formatting (`ruff format` fixes
 # it) and the library's types ([tool.mypy]); `make test` runs it first.
@@ -53,7 +58,7 @@ test-fast: setup
 	pytest -n 2 -m "not slow and not browser and not team and not network" $(FAST_TESTS)
 
 test-offline: setup
-	pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not network"
+	pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not network"
 
 # Regenerate the lock after editing requirements.in.
 lock:

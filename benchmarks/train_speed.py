@@ -66,6 +66,8 @@ STAGE = ROOT / "pipelines" / "train.py"
 # The tutorial MLP and the stage's default model: 784 -> 512 -> 256 -> 10.
 LAYERS = (784, 512, 256, 10)
 TUTORIAL_VALIDATION_SPLIT = 0.2  # as in benchmarks/tutorial_mlp.py
+# --synthetic (the smoke test): the matmul's side for the peak (its figure means nothing then)
+SYNTHETIC_MATMUL_N = 1024
 
 
 # --- arguments -----------------------------------------------------------------------------
@@ -96,7 +98,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--synthetic",
         action="store_true",
-        help="learnable synthetic digits instead of data/ (smoke tests)",
+        help="learnable synthetic digits instead of data/, and a small matmul for the peak "
+        "(smoke tests: the figures mean nothing)",
     )
     parser.add_argument(
         "--raw", type=Path, default=ROOT / "data" / "raw", help="folder of the four MNIST IDX files"
@@ -162,7 +165,7 @@ def prepare_data(args: argparse.Namespace, work: Path) -> tuple[Path, Path, Path
     npz = work / "keras_home" / "datasets" / "mnist.npz"
     npz.parent.mkdir(parents=True)
     if args.synthetic:
-        arrays = synthetic_arrays()
+        arrays = synthetic_arrays()  # MNIST's sizes: the tutorial script expects them
         processed = work / "processed"
         train_idx, val_idx = stratified_split(arrays["y_train"], 5000, seed=42)
         splits = {
@@ -371,8 +374,9 @@ def run_stage(
 # --- the probe: device, matmul peaks, the stage model's test accuracy ------------------------
 
 
-def probe_child(report: Path, processed: Path, models_json: str) -> None:
-    """Device name, large fp32/bf16 matmul FLOP/s, and test accuracy of saved models."""
+def probe_child(report: Path, processed: Path, models_json: str, matmul_n: int = 0) -> None:
+    """Device name, large fp32/bf16 matmul FLOP/s (`matmul_n` a side; 0: 8192 on a GPU, 4096
+    on a CPU), and test accuracy of saved models."""
     import numpy as np
     import tensorflow as tf
 
@@ -385,7 +389,7 @@ def probe_child(report: Path, processed: Path, models_json: str) -> None:
         device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
     else:
         device = f"CPU: {cpu_model()} ({os.cpu_count()} cores)"
-    n = 8192 if gpus else 4096
+    n = matmul_n or (8192 if gpus else 4096)
     peaks = {}
     for dtype in (tf.float32, tf.bfloat16):
         a = tf.cast(tf.random.uniform((n, n)), dtype)
@@ -412,7 +416,9 @@ def probe_child(report: Path, processed: Path, models_json: str) -> None:
     )
 
 
-def run_probe(work: Path, processed: Path, model_paths: list[Path], timeout: float) -> dict:
+def run_probe(
+    work: Path, processed: Path, model_paths: list[Path], timeout: float, matmul_n: int = 0
+) -> dict:
     report = work / "probe.json"
     run_measured(
         [
@@ -422,6 +428,7 @@ def run_probe(work: Path, processed: Path, model_paths: list[Path], timeout: flo
             str(report),
             str(processed.resolve()),
             json.dumps([str(p) for p in model_paths]),
+            str(matmul_n),
         ],
         cwd=work,
         env=child_env(),
@@ -588,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tutorial_child(Path(argv[1]), Path(argv[2]), Path(argv[3]))
         return
     if argv[:1] == ["--probe-child"]:
-        probe_child(Path(argv[1]), Path(argv[2]), argv[3])
+        probe_child(Path(argv[1]), Path(argv[2]), argv[3], int(argv[4]))
         return
     args = parse_args(argv)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -627,7 +634,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                         )
                     )
         probe = run_probe(
-            work, processed, [m.extra["model"] for m in stages + same_split], args.timeout
+            work,
+            processed,
+            [m.extra["model"] for m in stages + same_split],
+            args.timeout,
+            matmul_n=SYNTHETIC_MATMUL_N if args.synthetic else 0,
         )
         for m in stages + same_split:
             m.test_accuracy = probe["test_accuracy"][str(m.extra["model"])]

@@ -5,8 +5,8 @@ machine, 3-4 s while the suite runs); opening a migrated one takes 0.06 s. So th
 need an empty store of their own get a copy of one built once per test process. The copy
 holds no experiment: MLflow adds its Default experiment when it first opens it, as it does
 in a store it has just built, and the experiments the pipeline creates get the same ids.
-The path where MLflow builds the store itself is still tested: `tests/pipeline/test_pipeline.py`
-runs its first `dvc repro` without a copy, as a user's first run is.
+The path where MLflow builds the store itself is still tested: the queued grid of
+`tests/pipeline/test_pipeline.py` runs on a repository without a copy, as a user's first run is.
 """
 
 from __future__ import annotations

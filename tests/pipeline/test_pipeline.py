@@ -1,16 +1,34 @@
-"""The whole pipeline through DVC in a throwaway repository: repro, metrics, queued grids."""
+"""The whole pipeline through DVC in a throwaway repository: repro and what it prints,
+metrics, queued grids."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 
 import pytest
 import yaml
-from helpers import repo
+from helpers import repo, tf_output
 
+from mnist_pipeline.errors import DEBUG_ENV
 from mnist_pipeline.tracking.runs import GIT_COMMIT
 
 pytestmark = pytest.mark.slow
+
+# What `dvc repro` prints: each stage's own summary once, one plain line per epoch.
+SUMMARIES = (
+    "fetch: 4 files verified",
+    "preprocess: wrote",
+    "train: mlp 2 epochs",
+    "champion: ",
+    "evaluate: test accuracy",
+    "gate: PASSED",
+)
+EPOCH = (
+    r"epoch (\d+)/2: loss [\d.]+, accuracy [\d.]+, val_loss [\d.]+, val_accuracy [\d.]+ "
+    r"\([\d.]+ s\)"
+)
 
 
 @pytest.fixture()
@@ -29,12 +47,47 @@ def rule_passed(path, name: str) -> bool:
     return next(rule for rule in rules if rule["name"] == name)["passed"]
 
 
-def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
-    done = repo.run(["dvc", "repro"], pipeline)
+def _dvc(path, *args: str, **env: str) -> str:
+    """Both streams of `dvc <args>`, run as a log would capture them (not a terminal), with
+    nothing set that quiets TensorFlow."""
+    done = subprocess.run(
+        ["dvc", *args],
+        cwd=path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=tf_output.unquieted_env(repo.env(), **env),
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def _assert_plain_lines(out: str) -> None:
+    """No escape codes and no TensorFlow C++ start-up lines (back with MNIST_PIPELINE_DEBUG=1);
+    each stage's summary once, one plain line per epoch, and the train stage says only its own
+    lines (not Keras' epoch lines, not the ONNX converter's progress)."""
+    assert "\x1b[" not in out
+    assert tf_output.found(out) == [], out
+    lines = out.splitlines()
+    assert [m.group(1) for m in map(re.compile(EPOCH).fullmatch, lines) if m] == ["1", "2"], out
+    assert not any(line.startswith("Epoch ") for line in lines), "Keras' own epoch lines"
+    for summary in SUMMARIES:
+        assert sum(line.startswith(summary) for line in lines) == 1, (summary, out)
+    train = lines[lines.index("Running stage 'train':") + 2 :]
+    train = train[: next(i for i, line in enumerate(train) if line.startswith("Updating lock"))]
+    strays = [line for line in train if not (line.startswith("train: ") or re.match(EPOCH, line))]
+    assert strays == [], out
+
+
+def test_dvc_repro_runs_all_stages_and_promotes_a_champion(tmp_path):
+    """...and its log is plain readable lines. (The queued grid below runs on a repository
+    with no tracking store yet, so MLflow builds it there, as on a user's first run.)"""
+    pipeline = repo.make(tmp_path / "repo", train={"verbose": 2}, store=True)
+    out = _dvc(pipeline, "repro")
+    _assert_plain_lines(out)
     stages = {"fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
     for stage in stages:
-        assert f"Running stage '{stage}'" in done.stdout
-    assert "gate: PASSED" in done.stdout
+        assert f"Running stage '{stage}'" in out
     lock = yaml.safe_load((pipeline / "dvc.lock").read_text())
     assert set(lock["stages"]) == stages
     assert json.loads((pipeline / "gate.json").read_text())["champion_version"] == "1"
@@ -96,6 +149,11 @@ def test_dvc_repro_runs_all_stages_and_promotes_a_champion(pipeline):
     assert "evaluation/outcomes.npz" in [
         a.path for a in client.list_artifacts(champion.run_id, "evaluation")
     ]
+
+    # MNIST_PIPELINE_DEBUG=1 brings TensorFlow's start-up lines back.
+    debug = _dvc(pipeline, "repro", "--force", "--single-item", "train", **{DEBUG_ENV: "1"})
+    assert tuple(tf_output.found(debug)) == tf_output.printed_here()
+    assert len(re.findall(EPOCH, debug)) == 2
 
 
 def test_queued_grid_runs_every_experiment_into_the_root_store(pipeline):
