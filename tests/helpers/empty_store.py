@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
-
-_built: list[Path] = []
 
 
 def place(path: Path) -> str:
@@ -27,17 +26,16 @@ def place(path: Path) -> str:
     return f"sqlite:///{path}"
 
 
+@functools.cache
 def _template() -> Path:
-    if not _built:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-        folder = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-"))
-        atexit.register(shutil.rmtree, folder, True)
-        database = folder / "mlflow.db"
-        store = SqlAlchemyStore(f"sqlite:///{database}", str(folder / "artifacts"))
-        store.engine.dispose()
-        with contextlib.closing(sqlite3.connect(database)) as conn, conn:
-            conn.execute("delete from experiment_tags")
-            conn.execute("delete from experiments")  # the Default one, pointing in `folder`
-        _built.append(database)
-    return _built[0]
+    folder = Path(tempfile.mkdtemp(prefix="empty-mlflow-store-"))
+    atexit.register(shutil.rmtree, folder, True)
+    database = folder / "mlflow.db"
+    store = SqlAlchemyStore(f"sqlite:///{database}", str(folder / "artifacts"))
+    store.engine.dispose()
+    with contextlib.closing(sqlite3.connect(database)) as conn, conn:
+        conn.execute("delete from experiment_tags")
+        conn.execute("delete from experiments")  # the Default one, pointing in `folder`
+    return database

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -148,22 +149,18 @@ def make(
     return path
 
 
-_dvc_folders: list[Path] = []
-
-
+@functools.cache
 def _dvc_folder() -> Path:
     """`.dvc/` as `dvc init` and `dvc config` leave it in a new git repository, made once per
     test process (three DVC start-ups, about 1.5 s, saved on every other repository)."""
-    if not _dvc_folders:
-        scratch = Path(tempfile.mkdtemp(prefix="dvc-init-"))
-        atexit.register(shutil.rmtree, scratch, True)
-        run(["git", "init", "-q", "-b", "main"], scratch)
-        run(["dvc", "init", "-q"], scratch)
-        run(["dvc", "config", "hydra.enabled", "True"], scratch)
-        run(["dvc", "config", "core.analytics", "false"], scratch)
-        shutil.rmtree(scratch / ".dvc/tmp")  # this repository's own state, made on first use
-        _dvc_folders.append(scratch / ".dvc")
-    return _dvc_folders[0]
+    scratch = Path(tempfile.mkdtemp(prefix="dvc-init-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    run(["git", "init", "-q", "-b", "main"], scratch)
+    run(["dvc", "init", "-q"], scratch)
+    run(["dvc", "config", "hydra.enabled", "True"], scratch)
+    run(["dvc", "config", "core.analytics", "false"], scratch)
+    shutil.rmtree(scratch / ".dvc/tmp")  # this repository's own state, made on first use
+    return scratch / ".dvc"
 
 
 def run(
