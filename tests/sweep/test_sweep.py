@@ -181,7 +181,7 @@ def test_only_trials_that_ran_their_objective_use_up_the_budget(tmp_path):
 def test_a_dead_workers_trial_goes_stale_and_frees_its_place(tmp_path):
     study = open_study(_sweep_cfg(tmp_path, heartbeat_s=1, grace_s=2))
     trial = study.ask()
-    study._storage.record_heartbeat(trial._trial_id)  # then its worker is killed
+    study._storage.record_heartbeat(trial._trial_id)  # a later beat; then its worker is killed
     assert progress(study).remaining(2) == 1
     deadline = time.monotonic() + 60  # stale 2 s after its last heartbeat; a busy machine lags
     now = progress(study)
@@ -190,6 +190,21 @@ def test_a_dead_workers_trial_goes_stale_and_frees_its_place(tmp_path):
         now = progress(study)
     assert study.trials[0].state == TrialState.FAIL
     assert (now.done, now.running, now.remaining(2)) == (0, 0, 2)
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_a_worker_killed_before_its_first_heartbeat_thread_beat_still_goes_stale(tmp_path):
+    # `ask` made the trial RUNNING and the worker died before Optuna's heartbeat thread
+    # started (the sampler runs in between): the trial still has a heartbeat, and goes stale.
+    study = open_study(_sweep_cfg(tmp_path, heartbeat_s=1, grace_s=2))
+    study.ask()
+    assert progress(study).running == 1
+    deadline = time.monotonic() + 60
+    while study.trials[0].state != TrialState.FAIL and time.monotonic() < deadline:
+        time.sleep(0.2)
+        progress(study)
+    assert study.trials[0].state == TrialState.FAIL
+    assert progress(study).remaining(2) == 2
 
 
 # --- the experiment file -------------------------------------------------------------------

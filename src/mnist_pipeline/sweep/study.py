@@ -68,7 +68,7 @@ def open_study(
     # Two processes creating a new storage's tables at once collide: one at a time.
     with storage_lock(url, "create"), warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # heartbeat_interval
-        storage = optuna.storages.RDBStorage(
+        storage = HeartbeatFromBirth(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=cfg.heartbeat_s,
@@ -82,6 +82,24 @@ def open_study(
             pruner=pruner,
             load_if_exists=True,
         )
+
+
+class HeartbeatFromBirth(optuna.storages.RDBStorage):
+    """An RDB storage whose new RUNNING trials record their first heartbeat as they are made.
+
+    Optuna records a trial's first heartbeat only after `study.ask` returns, once the sampler
+    has run, and it never fails a RUNNING trial that has no heartbeat at all. A worker killed
+    in that window would leave a trial that runs forever, and a study that never fills: the
+    other workers wait for it. Here the gap is two back-to-back writes of one process.
+    """
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        trial = super()._create_new_trial(study_id, template_trial)
+        if trial.state == TrialState.RUNNING and self.heartbeat_interval is not None:
+            self.record_heartbeat(trial._trial_id)
+        return trial
 
 
 def storage_lock(url: str, name: str) -> contextlib.AbstractContextManager[Any]:
