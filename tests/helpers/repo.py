@@ -204,6 +204,18 @@ def store(path: Path) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def last_epoch(db: Path) -> int:
+    """The highest epoch any run in the SQLite store `db` has logged metrics for (0: none)."""
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            row = conn.execute("select max(step) from metrics where key='loss'").fetchone()
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+    return int(row[0] or 0) if row else 0
+
+
 def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float = 180) -> None:
     """Block until some run in the SQLite store has logged metrics for `epoch`."""
     deadline = time.monotonic() + timeout
@@ -212,14 +224,8 @@ def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float 
             raise AssertionError(
                 f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}"
             )
-        if db.exists():
-            try:
-                with sqlite3.connect(db, timeout=5) as conn:
-                    row = conn.execute("select max(step) from metrics where key='loss'").fetchone()
-                if row and row[0] is not None and row[0] >= epoch:
-                    return
-            except sqlite3.OperationalError:
-                pass  # tables not created yet
+        if last_epoch(db) >= epoch:
+            return
         time.sleep(0.2)
     raise AssertionError(f"no epoch {epoch} logged within {timeout} s")
 

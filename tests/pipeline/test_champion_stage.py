@@ -33,51 +33,15 @@ def _gate(path) -> dict:
 
 
 def test_a_second_repro_runs_neither_train_nor_evaluate_until_the_champion_moves(tmp_path):
-    """...nor after its own decisions, passed or rejected."""
-    path = repo.make(tmp_path / "repo", store=True)
-    ran, out = _repro(path)
-    assert ran == {"fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
-    assert "gate: PASSED" in out and _gate(path)["champion_version"] == "1"
-
-    ran, out = _repro(path)
-    assert ran == {"champion"}
-    assert "Stage 'train' didn't change, skipping" in out
-    assert "Stage 'evaluate' didn't change, skipping" in out
-    assert "champion: mnist-classifier v1, as the last evaluate left it" in out
-
-    # Someone else moves the alias: a second version of the same model becomes champion.
-    store.use_store(test_config.section("tracking", uri=repo.store(path)))
-    model_uri = json.loads((path / "models/run.json").read_text())["model_uri"]
-    other = registry.register(model_uri, NAME, tags={})
-    registry.promote(NAME, str(other.version))
-    ran, out = _repro(path)
-    assert ran == {"champion", "evaluate"}
-    assert _gate(path)["champion_version_before"] == str(other.version)
-    assert json.loads((path / "models/champion.json").read_text())["version"] == "2"
-
-    ran, _ = _repro(path)
-    assert ran == {"champion"}
-
-    # Models no better than the champion, twice: rejected (a tie never wins), and nothing
-    # is left to rerun after either.
-    for seed in (7, 8):
-        repo.set_params(path, "train", seed=seed)
-        ran, out = _repro(path)
-        assert ran == {"champion", "train", "evaluate"} and "gate: REJECTED" in out, out
-    assert _gate(path)["champion_version"] == "2"
-
-    ran, out = _repro(path)
-    assert ran == {"champion"}, out
-
-
-def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
+    """...nor after its own decisions: two passes in a row, then two rejections."""
     path = repo.make(
         tmp_path / "repo", gate={"min_accuracy": 0.0, "require_significance": False}, store=True
     )
     repo.set_params(path, "optimizer", learning_rate=0.001)  # a weak first champion...
     repo.set_params(path, "train", epochs=1)
     ran, out = _repro(path)
-    assert "gate: PASSED" in out
+    assert ran == {"fetch", "preprocess", "corrupt", "train", "champion", "evaluate"}
+    assert "gate: PASSED" in out and _gate(path)["champion_version"] == "1"
     repo.set_params(path, "optimizer", learning_rate=0.05)  # ...that the next model beats
     repo.set_params(path, "train", epochs=3)
     ran, out = _repro(path)
@@ -85,5 +49,33 @@ def test_two_passes_in_a_row_leave_nothing_to_rerun(tmp_path):
     assert (_gate(path)["champion_version_before"], _gate(path)["champion_version"]) == ("1", "2")
 
     ran, out = _repro(path)
-    assert ran == {"champion"}, out
+    assert ran == {"champion"}
+    assert "Stage 'train' didn't change, skipping" in out
+    assert "Stage 'evaluate' didn't change, skipping" in out
     assert "champion: mnist-classifier v2, as the last evaluate left it" in out
+
+    # Someone else moves the alias: another version of the same model becomes champion.
+    store.use_store(test_config.section("tracking", uri=repo.store(path)))
+    model_uri = json.loads((path / "models/run.json").read_text())["model_uri"]
+    other = registry.register(model_uri, NAME, tags={})
+    registry.promote(NAME, str(other.version))
+    ran, out = _repro(path)
+    assert ran == {"champion", "evaluate"}
+    assert _gate(path)["champion_version_before"] == str(other.version)
+    assert json.loads((path / "models/champion.json").read_text())["version"] == "3"
+
+    ran, _ = _repro(path)
+    assert ran == {"champion"}
+
+    # Models no better than the champion, twice, under the default rules: rejected (a tie
+    # never wins), and nothing is left to rerun after either.
+    repo.set_params(path, "gate", require_significance=True)
+    for seed in (7, 8):
+        repo.set_params(path, "train", seed=seed)
+        ran, out = _repro(path)
+        assert ran == {"champion", "train", "evaluate"} and "gate: REJECTED" in out, out
+    assert _gate(path)["champion_version"] == "3"
+
+    ran, out = _repro(path)
+    assert ran == {"champion"}, out
+    assert "champion: mnist-classifier v3, as the last evaluate left it" in out

@@ -39,45 +39,42 @@ def _out_hashes(path) -> dict[str, str]:
 # --- row 6: a stage killed ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clean_hashes(tmp_path_factory) -> dict[str, str]:
-    """The data stages' outputs of a run nothing interrupted (one for every kill below)."""
-    clean = repo.make(tmp_path_factory.mktemp("uninterrupted") / "clean")
-    repo.run(["dvc", "repro", "corrupt"], clean)
-    return _out_hashes(clean)
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig, clean_hashes):
-    path = repo.make(tmp_path / "repo", epochs=400, store=True)
-    repo.run(["dvc", "repro", "corrupt"], path)
-    before = _lock(path)
-    proc = repo.start(["dvc", "repro"], path)
-    repo.wait_for_epoch(path / "mlflow.db", 1, proc)  # the train stage is mid-run
-    if sig == signal.SIGKILL:
-        repo.stop(proc, signal.SIGKILL)  # the whole process group, DVC and the stage
-    else:
-        import os
-
-        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C / a scheduler's TERM would
-        proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert _lock(path) == before, "dvc.lock records only completed stages"
-    assert not (path / "models/model.keras").exists(), "no half-written model"
-    assert not list((path / "models").glob(".*tmp*")) if (path / "models").exists() else True
+def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path):
+    """The train stage killed mid-run by SIGINT (a terminal's Ctrl-C), SIGTERM (a scheduler)
+    and SIGKILL, one after the other in one repository; then one rerun completes."""
+    import os
 
     from mlflow import MlflowClient
 
+    path = repo.make(tmp_path / "repo", epochs=400, store=True)
+    repo.run(["dvc", "repro", "corrupt"], path)
+    before, data = _lock(path), _out_hashes(path)
     client = MlflowClient(tracking_uri=repo.store(path))
-    experiment = client.get_experiment_by_name("mnist").experiment_id
-    killed = client.search_runs([experiment])
-    # SIGKILL cannot be caught: that run is left RUNNING until the next train stage reaps it.
-    assert {r.info.status for r in killed} == ({"RUNNING"} if sig == signal.SIGKILL else {"KILLED"})
+    killed: dict[str, int] = {}  # run id -> the signal that ended it
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        proc = repo.start(["dvc", "repro"], path)
+        db = path / "mlflow.db"
+        repo.wait_for_epoch(db, repo.last_epoch(db) + 1, proc)  # mid-run
+        if sig == signal.SIGKILL:
+            repo.stop(proc, signal.SIGKILL)  # the whole process group, DVC and the stage
+        else:
+            os.killpg(proc.pid, sig)
+            proc.communicate(timeout=120)
+        assert proc.returncode != 0, sig
+        assert _lock(path) == before, f"{sig!r}: dvc.lock records only completed stages"
+        assert not (path / "models/model.keras").exists(), f"{sig!r}: a half-written model"
+        assert not list((path / "models").glob(".*tmp*")) if (path / "models").exists() else True
+        experiment = client.get_experiment_by_name("mnist").experiment_id
+        (run,) = [r for r in client.search_runs([experiment]) if r.info.run_id not in killed]
+        killed[run.info.run_id] = sig
+        # SIGKILL cannot be caught: that run is left RUNNING until the next train stage
+        # reaps it.
+        assert run.info.status == ("RUNNING" if sig == signal.SIGKILL else "KILLED"), sig
 
-    # The rerun completes, and the data stages' outputs match a clean run exactly.
+    # The rerun completes, and the data stages' outputs are the ones made before the kills.
     done = repo.run(["dvc", "exp", "run", "-S", "train.epochs=1"], path)
     assert "gate:" in done.stdout
-    assert _out_hashes(path) == clean_hashes
+    assert _out_hashes(path) == data
     assert set(yaml.safe_load((path / "dvc.lock").read_text())["stages"]) == {
         "fetch",
         "preprocess",
@@ -87,7 +84,7 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path, sig, clean_ha
         "evaluate",
     }
     statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment])}
-    assert statuses[killed[0].info.run_id] == "KILLED", "no run is left RUNNING"
+    assert {statuses[run_id] for run_id in killed} == {"KILLED"}, "no run is left RUNNING"
     assert "RUNNING" not in statuses.values()
 
 
@@ -132,15 +129,11 @@ def test_killed_preprocess_never_leaves_a_trusted_partial_split(tmp_path):
 # --- row 24: a failed experiment ------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "override, needle, failed_runs",
-    [
-        ("train.epochs=0", "config 'train.epochs': got 0", []),  # refused before any run
-        # A crash mid-run (row 8, the loss becomes NaN): the run is marked FAILED.
-        ("optimizer.learning_rate=1e12", "loss became NaN", ["FAILED"]),
-    ],
-)
-def test_failed_exp_leaves_the_workspace_as_it_was(tmp_path, override, needle, failed_runs):
+def test_failed_exp_leaves_the_workspace_as_it_was(tmp_path):
+    """Two failed experiments, one after the other on one workspace: a value refused before
+    any run, then a crash mid-run (row 8, the loss becomes NaN), whose run is FAILED."""
+    from mlflow import MlflowClient
+
     path = repo.make(tmp_path / "repo", store=True)
     repo.run(["dvc", "repro"], path)
     kept = {
@@ -151,23 +144,29 @@ def test_failed_exp_leaves_the_workspace_as_it_was(tmp_path, override, needle, f
     }
     assert "models/model.keras" in kept and "plots/evaluate/confusion.png" in kept
     params = (path / "params.yaml").read_text()
-    done = repo.run(["dvc", "exp", "run", "-S", override], path, check=False)
-    assert done.returncode != 0 and needle in done.stderr + done.stdout, done.stderr[-2000:]
-    after = {name: sha256_file(path / name) for name in kept if (path / name).is_file()}
-    assert after == kept, "a failed experiment changed or removed workspace outputs"
-    assert (path / "params.yaml").read_text() != params  # DVC left the -S value there...
-    ours = [line for line in done.stderr.splitlines() if line.startswith("train: ")]
-    assert ours[-1].endswith("git checkout -- params.yaml"), ours  # ...and we say how back
-    repo.run(["git", "checkout", "--", "params.yaml"], path)
-    assert (path / "params.yaml").read_text() == params
-    status = repo.run(["dvc", "status", "train"], path)
-    assert "up to date" in status.stdout, status.stdout
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=repo.store(path))
-    assert [str(v.version) for v in client.search_model_versions()] == ["1"], "nothing registered"
-    runs = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
-    assert sorted(r.info.status for r in runs) == sorted(["FINISHED", *failed_runs])
+    experiment = client.get_experiment_by_name("mnist").experiment_id
+    failed: list[str] = []
+    for override, needle, failed_runs in (
+        ("train.epochs=0", "config 'train.epochs': got 0", []),
+        ("optimizer.learning_rate=1e12", "loss became NaN", ["FAILED"]),
+    ):
+        done = repo.run(["dvc", "exp", "run", "-S", override], path, check=False)
+        assert done.returncode != 0 and needle in done.stderr + done.stdout, done.stderr[-2000:]
+        after = {name: sha256_file(path / name) for name in kept if (path / name).is_file()}
+        assert after == kept, f"{override}: the failed experiment changed or removed outputs"
+        assert (path / "params.yaml").read_text() != params  # DVC left the -S value there...
+        ours = [line for line in done.stderr.splitlines() if line.startswith("train: ")]
+        assert ours[-1].endswith("git checkout -- params.yaml"), ours  # ...and we say how back
+        repo.run(["git", "checkout", "--", "params.yaml"], path)
+        assert (path / "params.yaml").read_text() == params
+        status = repo.run(["dvc", "status", "train"], path)
+        assert "up to date" in status.stdout, status.stdout
+        versions = [str(v.version) for v in client.search_model_versions()]
+        assert versions == ["1"], f"{override}: registered {versions}"
+        failed += failed_runs
+        runs = client.search_runs([experiment])
+        assert sorted(r.info.status for r in runs) == sorted(["FINISHED", *failed]), override
 
 
 # --- row 9: invalid config ------------------------------------------------------------------
