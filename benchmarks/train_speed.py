@@ -520,10 +520,11 @@ def report_training(
         f"{params.get('runtime.resolved_jit_compile')}, on "
         f"{params.get('runtime.device')}",
     ]
-    variants = [("stage", stages, "the pipeline's split")]
+    # Time per epoch: at most 0.40x on the pipeline's split, 0.35x on the same work.
+    variants = [("stage", stages, "the pipeline's split", 0.40)]
     if same_split:
-        variants.append(("same_split", same_split, "the tutorial's own split, the same work"))
-    for prefix, runs, label in variants:
+        variants.append(("same_split", same_split, "the tutorial's own split, the same work", 0.35))
+    for prefix, runs, label, epoch_target in variants:
         ours = medians(prefix, runs)
         med.update(ours)
         r = {
@@ -540,7 +541,7 @@ def report_training(
             f"stage / tutorial, the stage on {label} ({runs[0].train_samples} + "
             f"{runs[0].val_samples} images per epoch; the tutorial: {tutorials[0].train_samples}"
             f" + {tutorials[0].val_samples}), medians of {len(runs)} run(s):",
-            f"  time per epoch     {r['epoch_ratio']:.2f}x   (target <= 0.40)",
+            f"  time per epoch     {r['epoch_ratio']:.2f}x   (target <= {epoch_target:.2f})",
             f"  time per sample    {r['sample_time_ratio']:.2f}x",
             f"  peak RSS           {r['rss_ratio']:.2f}x   (target <= 0.75)",
             f"  test accuracy      {r['accuracy_points']:+.2f} points   (target within +-0.3)",
