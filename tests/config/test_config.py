@@ -287,7 +287,8 @@ def test_cnn_blocks_must_leave_an_image_to_pool():
 
 # The train section of the default config exactly as the dataclass schema flattened it: the
 # MLflow params and config digest of a run with the same config must not change (they did
-# once, when `augmentation.*` and `calibration.*` were added).
+# when `augmentation.*` and `calibration.*` were added, and when
+# `augmentation.photometric_share` was).
 DEFAULT_TRAIN_PARAMS = {
     "batch_size": 128,
     "epochs": 20,
@@ -304,6 +305,7 @@ DEFAULT_TRAIN_PARAMS = {
     "augmentation.blur": 0.0,
     "augmentation.contrast": 0.0,
     "augmentation.erase": 0.0,
+    "augmentation.photometric_share": 0.5,
     "early_stopping.enabled": False,
     "early_stopping.monitor": "val_loss",
     "early_stopping.patience": 5,

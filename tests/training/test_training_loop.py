@@ -179,7 +179,7 @@ def test_every_augmentation_runs_under_a_bfloat16_policy(splits):
 
     cfg = AugmentationConfig(
         translate=0.1, rotate=0.05, zoom=0.15, shear=0.1, noise=0.3, blur=0.7, contrast=0.5,
-        erase=1.0,
+        erase=1.0, photometric_share=0.5,
     )  # fmt: skip
     images, labels = splits[0].images[:64], splits[0].labels[:64]
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -191,6 +191,23 @@ def test_every_augmentation_runs_under_a_bfloat16_policy(splits):
     assert np.array_equal(same.numpy(), labels)
     changed = np.mean(out.numpy() != images, axis=(1, 2))
     assert (changed > 0).all(), "every image is moved by the affine step"
+
+
+@pytest.mark.parametrize("share, low, high", [(0.0, 0.0, 0.0), (0.3, 0.15, 0.45), (1.0, 0.95, 1.0)])
+def test_photometric_share_is_the_share_of_images_the_photometric_operations_change(
+    splits, share, low, high
+):
+    from mnist_pipeline.config.schema import AugmentationConfig
+    from mnist_pipeline.training.inputs import augmenter
+
+    cfg = AugmentationConfig(
+        translate=0.0, rotate=0.0, zoom=0.0, shear=0.0, noise=0.3, blur=0.0, contrast=0.0,
+        erase=0.0, photometric_share=share,
+    )  # fmt: skip
+    images, labels = splits[0].images[:256], splits[0].labels[:256]
+    out, _ = augmenter(0, cfg)(tf.constant(images), tf.constant(labels))
+    changed = np.mean((out.numpy() != images).any(axis=(1, 2)))
+    assert low <= changed <= high, changed
 
 
 def test_a_closed_loop_lets_go_of_the_images(splits, tmp_path):

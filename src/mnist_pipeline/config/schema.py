@@ -406,6 +406,9 @@ class AugmentationConfig(Section):
     blur: Annotated[float, Field(ge=0, le=3), Expect("a number in [0, 3] (pixels)")]
     contrast: Fraction
     erase: Fraction
+    # The share of images the photometric operations change (drawn per image); the others
+    # stay as the affine step left them, so clean digits stay common in every batch.
+    photometric_share: Fraction
 
 
 class CalibrationConfig(Section):

@@ -83,11 +83,17 @@ def dataset(
     return ds.prefetch(PREFETCH_BATCHES).with_options(options)
 
 
-# The share of images the photometric operations (blur, contrast, noise, erasing) change.
-PHOTOMETRIC_SHARE = 0.5
 # What `augment=True` applies without a config: small shifts, rotations and zooms.
 DEFAULT_AUGMENTATION = AugmentationConfig(
-    translate=0.1, rotate=0.05, zoom=0.1, shear=0.0, noise=0.0, blur=0.0, contrast=0.0, erase=0.0
+    translate=0.1,
+    rotate=0.05,
+    zoom=0.1,
+    shear=0.0,
+    noise=0.0,
+    blur=0.0,
+    contrast=0.0,
+    erase=0.0,
+    photometric_share=0.5,
 )
 
 
@@ -96,11 +102,11 @@ def augmenter(seed: int, augment: bool | AugmentationConfig = True) -> Callable:
     random strengths for every image of every batch (seeded). `augment`: the config, or True
     for `DEFAULT_AUGMENTATION`.
 
-    Affine first (Keras' random layers) on every image; then, on a random half of the images,
-    each with its own random strength per image: Gaussian blur (a mix of the image with a
-    blurred copy), contrast (the range compressed and the background lifted), Gaussian
-    noise, and erasing (one rectangle, of one grey or of random pixels, on a share `erase` of
-    them).
+    Affine first (Keras' random layers) on every image; then, on a random share
+    `photometric_share` of the images, each with its own random strength per image:
+    Gaussian blur (a mix of the image with a blurred copy), contrast (the range compressed
+    and the background lifted), Gaussian noise, and erasing (one rectangle, of one grey or
+    of random pixels, on a share `erase` of them).
     """
     cfg = DEFAULT_AUGMENTATION if augment is True else augment
     if not isinstance(cfg, AugmentationConfig):
@@ -128,10 +134,10 @@ def augmenter(seed: int, augment: bool | AugmentationConfig = True) -> Callable:
         if pipeline is not None:
             x = pipeline(x, training=True)
         shape = (tf.shape(x)[0], 1, 1, 1)
-        # The photometric operations change a random half of the images (each with its own
-        # strengths) and leave the other half as the affine step left them: clean digits
+        # The photometric operations change a random share of the images (each with its
+        # own strengths) and leave the others as the affine step left them: clean digits
         # stay common in every batch.
-        changed = keras.random.uniform(shape, seed=generator) < PHOTOMETRIC_SHARE
+        changed = keras.random.uniform(shape, seed=generator) < cfg.photometric_share
 
         def strength(high: float) -> tf.Tensor:
             """A uniform draw in [0, high) per changed image, 0 for the others."""
