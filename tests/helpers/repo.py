@@ -213,7 +213,7 @@ def last_epoch(db: Path) -> int:
             row = conn.execute("select max(step) from metrics where key='loss'").fetchone()
     except sqlite3.OperationalError:  # tables not created yet
         return 0
-    return int(row[0] or 0) if row else 0
+    return int(row[0] or 0)  # an aggregate: always one row, NULL when empty
 
 
 def wait_for_epoch(db: Path, epoch: int, proc: subprocess.Popen, timeout: float = 180) -> None:

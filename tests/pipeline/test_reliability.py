@@ -50,10 +50,10 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path):
     repo.run(["dvc", "repro", "corrupt"], path)
     before, data = _lock(path), _out_hashes(path)
     client = MlflowClient(tracking_uri=repo.store(path))
-    killed: dict[str, int] = {}  # run id -> the signal that ended it
+    db = path / "mlflow.db"
+    killed: list[str] = []  # the run ids, one per kill
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         proc = repo.start(["dvc", "repro"], path)
-        db = path / "mlflow.db"
         repo.wait_for_epoch(db, repo.last_epoch(db) + 1, proc)  # mid-run
         if sig == signal.SIGKILL:
             repo.stop(proc, signal.SIGKILL)  # the whole process group, DVC and the stage
@@ -66,7 +66,7 @@ def test_killed_repro_leaves_lock_and_outputs_consistent(tmp_path):
         assert not list((path / "models").glob(".*tmp*")) if (path / "models").exists() else True
         experiment = client.get_experiment_by_name("mnist").experiment_id
         (run,) = [r for r in client.search_runs([experiment]) if r.info.run_id not in killed]
-        killed[run.info.run_id] = sig
+        killed.append(run.info.run_id)
         # SIGKILL cannot be caught: that run is left RUNNING until the next train stage
         # reaps it.
         assert run.info.status == ("RUNNING" if sig == signal.SIGKILL else "KILLED"), sig

@@ -29,6 +29,7 @@ from mnist_pipeline.sweep.study import (
     PARENT_ATTR,
     STATE_TAG,
     TRIAL_TAG,
+    Progress,
     open_study,
     progress,
 )
@@ -177,18 +178,25 @@ def test_only_trials_that_ran_their_objective_use_up_the_budget(tmp_path):
     assert now.remaining(5) == 2
 
 
+def _until_the_first_trial_fails(study: optuna.Study) -> Progress:
+    """Poll `progress` (which fails stale trials) until trial 0 is FAIL; the last progress.
+    Stale `grace_s` after its last heartbeat; a busy machine lags, so up to 60 s."""
+    deadline = time.monotonic() + 60
+    now = progress(study)
+    while study.trials[0].state != TrialState.FAIL and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = progress(study)
+    assert study.trials[0].state == TrialState.FAIL
+    return now
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
 def test_a_dead_workers_trial_goes_stale_and_frees_its_place(tmp_path):
     study = open_study(_sweep_cfg(tmp_path, heartbeat_s=1, grace_s=2))
     trial = study.ask()
     study._storage.record_heartbeat(trial._trial_id)  # a later beat; then its worker is killed
     assert progress(study).remaining(2) == 1
-    deadline = time.monotonic() + 60  # stale 2 s after its last heartbeat; a busy machine lags
-    now = progress(study)
-    while study.trials[0].state != TrialState.FAIL and time.monotonic() < deadline:
-        time.sleep(0.2)
-        now = progress(study)
-    assert study.trials[0].state == TrialState.FAIL
+    now = _until_the_first_trial_fails(study)
     assert (now.done, now.running, now.remaining(2)) == (0, 0, 2)
 
 
@@ -199,12 +207,8 @@ def test_a_worker_killed_before_its_first_heartbeat_thread_beat_still_goes_stale
     study = open_study(_sweep_cfg(tmp_path, heartbeat_s=1, grace_s=2))
     study.ask()
     assert progress(study).running == 1
-    deadline = time.monotonic() + 60
-    while study.trials[0].state != TrialState.FAIL and time.monotonic() < deadline:
-        time.sleep(0.2)
-        progress(study)
-    assert study.trials[0].state == TrialState.FAIL
-    assert progress(study).remaining(2) == 2
+    now = _until_the_first_trial_fails(study)
+    assert (now.done, now.running, now.remaining(2)) == (0, 0, 2)
 
 
 # --- the experiment file -------------------------------------------------------------------
