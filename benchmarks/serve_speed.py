@@ -22,7 +22,9 @@ time from process start to the first 200 on /ping, p50/p99 latency, requests/s, 
 errors, resident memory; then the ratios of the onnx server to the echo (the targets) and
 to the tf pyfunc. The targets again with the echo and the onnx server both running,
 measured in turns (`--rounds`), the median of each turn's ratio: the machine's drift
-between two measurements moves these ratios by more than their margins. Then what the
+between two measurements moves these ratios by more than their margins. A third server runs
+in those turns: the onnx server whose model call costs nothing (`no_model_app.py`), the floor
+under any model's figures. Then what the
 request log costs: the onnx server without and with it (`monitoring.log`, SQLite), both
 running, measured in turns (`--log-rounds`), medians of single-image p50 and 8-client
 req/s. Then `mnist-predict` on one picture, against loading the TensorFlow pyfunc for one
@@ -34,6 +36,7 @@ asserted; run it when the machine is quiet (`uptime` is printed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -51,7 +54,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from mnist_pipeline.config.loading import tracking_config  # noqa: E402
 from mnist_pipeline.data.splits import load_split  # noqa: E402
-from mnist_pipeline.serve import load  # noqa: E402
+from mnist_pipeline.serve import app, load  # noqa: E402
 from mnist_pipeline.serve.model_server import model_server_command  # noqa: E402
 from mnist_pipeline.serve.process import ServerCommand, server_path, start, stop, url_for  # noqa: E402
 
@@ -272,31 +275,50 @@ def in_turns(
 
 
 def targets_in_turns(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int) -> None:
-    """The two ratio targets again, the echo and the onnx server both running and measured in
-    turns: the median over turns of each turn's ratio."""
+    """The two ratio targets again, the echo, the onnx server and the same server without
+    its model call (`no_model_command`) all running and measured in turns: the median over
+    turns of each turn's ratio to the echo."""
+    onnx = model_server_command(cfg, model_uri=uri, port=load_port(), cache=str(tmp / "cache"))
     commands = {
         "echo": echo_command(load_port()),
-        "onnx": model_server_command(
-            cfg, model_uri=uri, port=load_port(), cache=str(tmp / "cache")
-        ),
+        "onnx": onnx,
+        "no model": no_model_command(onnx, load_port()),
     }
     figures, _ = in_turns(commands, tmp, singles, rounds, n)
-    echo, onnx = figures["echo"], figures["onnx"]
-    p50 = [o / e for o, e in zip(onnx["p50"], echo["p50"], strict=True)]
-    per_s = [o / e for o, e in zip(onnx["per_s"], echo["per_s"], strict=True)]
-    p99 = [o / e for o, e in zip(onnx["p99"], echo["p99"], strict=True)]
-    print(
-        f"    in turns, echo and onnx both running, {rounds} turns of {n} single images each "
-        f"(1 client, then 8), median of the turns' ratios: single-image p50 "
-        f"{statistics.median(p50):.2f}x (target <= 1.5x); 8 clients "
-        f"{statistics.median(per_s):.2f}x (target >= 0.7x), p99 {statistics.median(p99):.2f}x "
-        "(target <= 3x)",
-        flush=True,
-    )
-    print(
-        f"      per turn: p50 {', '.join(f'{v:.2f}' for v in p50)}; 8 clients "
-        f"{', '.join(f'{v:.2f}' for v in per_s)}",
-        flush=True,
+    for label, what in (
+        ("onnx", "onnx"),
+        ("no model", "the onnx server whose model call costs nothing (the floor)"),
+    ):
+        p50, per_s, p99 = (
+            [o / e for o, e in zip(figures[label][k], figures["echo"][k], strict=True)]
+            for k in ("p50", "per_s", "p99")
+        )
+        print(
+            f"    in turns, echo, onnx and no model all running, {rounds} turns of {n} single "
+            f"images each (1 client, then 8), median of the turns' ratios, {what}: "
+            f"single-image p50 {statistics.median(p50):.2f}x (target <= 1.5x); 8 clients "
+            f"{statistics.median(per_s):.2f}x (target >= 0.7x), p99 "
+            f"{statistics.median(p99):.2f}x (target <= 3x)",
+            flush=True,
+        )
+        print(
+            f"      per turn: p50 {', '.join(f'{v:.2f}' for v in p50)}; 8 clients "
+            f"{', '.join(f'{v:.2f}' for v in per_s)}",
+            flush=True,
+        )
+
+
+def no_model_command(onnx: ServerCommand, port: int) -> ServerCommand:
+    """`onnx`'s server on `port`, its model call answered at no cost (`no_model_app.py`)."""
+    argv = list(onnx.argv)
+    argv[argv.index(f"{app.__name__}:create")] = "no_model_app:create"
+    argv[argv.index("--port") + 1] = str(port)
+    base = url_for("127.0.0.1", port)
+    return dataclasses.replace(
+        onnx,
+        argv=[*argv, "--app-dir", str(BENCHMARKS)],
+        url=f"{base}/invocations",
+        ready_url=f"{base}/ping",
     )
 
 

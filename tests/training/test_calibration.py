@@ -123,7 +123,12 @@ def test_served_calibration_equals_the_trained_one():
 
     rng = np.random.default_rng(1)
     probabilities = rng.dirichlet(np.ones(10), size=50).astype(np.float32)
-    for temperature in (0.46, 1.0, 1.7):
+    # Rows a softmax really gives: sure of one class (exact zeros elsewhere), and torn.
+    probabilities[0] = np.eye(10, dtype=np.float32)[3]
+    probabilities[1] = [0.5, 0.5, 0, 0, 0, 0, 0, 0, 0, 0]
+    probabilities[2] = 0.1
+    low, high = calibration.TEMPERATURE_RANGE
+    for temperature in (low, 0.46, 1.0, 1.7, high):
         np.testing.assert_allclose(
             calibrated(probabilities, temperature),
             calibration.scale(probabilities, temperature),

@@ -46,16 +46,18 @@ def threads(spec: str | None = None) -> tuple[int, int]:
 
 
 def calibrated(probabilities: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T), row by row, as float32 (training.calibration.scale's formula)."""
+    """softmax(log p / T), row by row, as float32 (training.calibration.scale's formula),
+    computed as p^(1/T) / sum(p^(1/T)): the same numbers in half the NumPy calls, which is
+    most of what it costs on a request's few rows. p >= 1/10 for a row's largest entry, so
+    the sum stays far from underflow for every T the fit allows (0.05..20)."""
     if temperature == 1.0:
         return np.asarray(probabilities, dtype=np.float32)
-    logits = np.log(
-        np.clip(np.asarray(probabilities, dtype=np.float64), np.finfo(np.float32).tiny, None)
+    scaled = np.power(
+        np.maximum(np.asarray(probabilities, dtype=np.float64), np.finfo(np.float32).tiny),
+        1.0 / temperature,
     )
-    logits /= temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    exp = np.exp(logits)
-    return (exp / exp.sum(axis=1, keepdims=True)).astype(np.float32)
+    scaled /= scaled.sum(axis=1, keepdims=True)
+    return scaled.astype(np.float32)
 
 
 def check_images(images: np.ndarray) -> np.ndarray:
