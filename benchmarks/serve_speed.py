@@ -5,21 +5,23 @@ an echo server that marks what HTTP alone costs on this machine.
     python benchmarks/serve_speed.py --model best=best.keras --soak 10000   # and a soak
 
 For each `.keras` file, in a throwaway SQLite store, the model is logged twice: as the train
-stage logs it now (its ONNX export, `training.job.log_served`) and as the TensorFlow pyfunc
-`make serve` served before (`benchmarks/tf_pyfunc.py`, a `tf.function` over the `.keras`
-file). Three servers, one worker each, on loopback, each started and measured in turn:
+stage logs it now (its ONNX export and the int8 graph quantized on the validation split,
+`training.job.log_served`) and as the TensorFlow pyfunc `make serve` served before
+(`benchmarks/tf_pyfunc.py`, a `tf.function` over the `.keras` file). Four servers, one
+worker each, on loopback, each started and measured in turn:
 
 - echo: `benchmarks/echo_app.py` under the same uvicorn: reads the body, answers a fixed
   document. The HTTP ceiling.
 - tf pyfunc: `mlflow models serve` on the TensorFlow pyfunc (MLflow's request parsing; the
   earlier `make serve` put a guard in front that parsed well-formed batches itself).
 - onnx: `make serve`'s server (`serve/app.py`) on the ONNX export, micro-batching on.
+- onnx int8: the same server on the int8 graph (`make serve --int8`).
 
 The same clients (`serve/load.py`: keep-alive connections, one thread each, bodies encoded
 before the clock starts) send real test images (data/processed): one client with single
 images, 8 clients with single images, one client with batches of 256. Printed per server:
 time from process start to the first 200 on /ping, p50/p99 latency, requests/s, images/s,
-errors, resident memory; then the ratios of the onnx server to the echo (the targets) and
+errors, resident memory; then the ratios of the onnx servers to the echo (the targets) and
 to the tf pyfunc. The targets again with the echo and the onnx server both running,
 measured in turns (`--rounds`), the median of each turn's ratio: the machine's drift
 between two measurements moves these ratios by more than their margins. A third server runs
@@ -57,8 +59,9 @@ from mnist_pipeline.data.splits import load_split  # noqa: E402
 from mnist_pipeline.serve import app, load  # noqa: E402
 from mnist_pipeline.serve.model_server import model_server_command  # noqa: E402
 from mnist_pipeline.serve.process import ServerCommand, server_path, start, stop, url_for  # noqa: E402
+from mnist_pipeline.tracking import served_artifacts  # noqa: E402
 
-SERVERS = ("echo", "tf pyfunc", "onnx")
+SERVERS = ("echo", "tf pyfunc", "onnx", "onnx int8")
 REGISTERED = "serve-speed"
 
 
@@ -77,9 +80,10 @@ def bodies(images: np.ndarray, batch: int) -> tuple[list[bytes], list[bytes]]:
     return singles, batches
 
 
-def log_both(keras_file: Path, store_dir: Path) -> dict[str, str]:
-    """The model as the train stage logs it (ONNX) and as the TensorFlow pyfunc, registered
-    as versions 1 and 2 of REGISTERED in a fresh SQLite store; their version URIs."""
+def log_both(keras_file: Path, store_dir: Path, val_images: np.ndarray) -> dict[str, str]:
+    """The model as the train stage logs it (ONNX, and its int8 graph quantized on
+    `val_images`) and as the TensorFlow pyfunc, registered as versions 1 and 2 of REGISTERED
+    in a fresh SQLite store; their version URIs."""
     import mlflow
 
     from mnist_pipeline.tracking import logged_models, registry
@@ -96,7 +100,7 @@ def log_both(keras_file: Path, store_dir: Path) -> dict[str, str]:
     keras_copy = store_dir / "model.keras"
     model.save(keras_copy)
     with mlflow.start_run():
-        onnx_uri = job.log_served(model, calibration.IDENTITY)
+        onnx_uri = job.log_served(model, calibration.IDENTITY, int8_images=val_images)
         tf_uri = mlflow.pyfunc.log_model(
             name="tf-pyfunc",
             python_model=str(BENCHMARKS / "tf_pyfunc.py"),
@@ -201,11 +205,11 @@ def version_stats(url: str) -> dict:
     return stats if "model_calls" in stats else {}
 
 
-def ratios(name: str, measured: dict[str, dict], batch: int) -> None:
-    echo, tf, onnx = (measured.get(k) for k in SERVERS)
+def ratios(name: str, measured: dict[str, dict], batch: int, label: str = "onnx") -> None:
+    echo, tf, onnx = (measured.get(k) for k in ("echo", "tf pyfunc", label))
     if onnx is None:
         return
-    print(f"{name}: targets, onnx server against echo (same client, same run):")
+    print(f"{name}: targets, {label} server against echo (same client, same run):")
     if echo is not None:
         print(
             f"    single-image p50: {onnx['single'].quantile_ms(0.5):.2f} / "
@@ -275,18 +279,21 @@ def in_turns(
 
 
 def targets_in_turns(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int) -> None:
-    """The two ratio targets again, the echo, the onnx server and the same server without
-    its model call (`no_model_command`) all running and measured in turns: the median over
-    turns of each turn's ratio to the echo."""
+    """The two ratio targets again, the echo, the onnx server on the float and on the int8
+    graph and the same server without its model call (`no_model_command`) all running and
+    measured in turns: the median over turns of each turn's ratio to the echo."""
     onnx = model_server_command(cfg, model_uri=uri, port=load_port(), cache=str(tmp / "cache"))
+    served = served_artifacts.locate(cfg, uri, tmp / "cache")
     commands = {
         "echo": echo_command(load_port()),
         "onnx": onnx,
+        "onnx int8": model_server_command(cfg, port=load_port(), served=served, int8=True),
         "no model": no_model_command(onnx, load_port()),
     }
     figures, _ = in_turns(commands, tmp, singles, rounds, n)
     for label, what in (
         ("onnx", "onnx"),
+        ("onnx int8", "onnx on the int8 graph"),
         ("no model", "the onnx server whose model call costs nothing (the floor)"),
     ):
         p50, per_s, p99 = (
@@ -294,7 +301,7 @@ def targets_in_turns(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int
             for k in ("p50", "per_s", "p99")
         )
         print(
-            f"    in turns, echo, onnx and no model all running, {rounds} turns of {n} single "
+            f"    in turns, the four servers all running, {rounds} turns of {n} single "
             f"images each (1 client, then 8), median of the turns' ratios, {what}: "
             f"single-image p50 {statistics.median(p50):.2f}x (target <= 1.5x); 8 clients "
             f"{statistics.median(per_s):.2f}x (target >= 0.7x), p99 "
@@ -446,7 +453,7 @@ def main() -> int:
     for spec in args.model:
         name, _, path = spec.partition("=")
         with tempfile.TemporaryDirectory() as tmp:
-            uris = log_both(Path(path), Path(tmp))
+            uris = log_both(Path(path), Path(tmp), load_split(args.data, "val").images)
             cfg = tracking_config(ROOT)
             measured: dict[str, dict] = {}
             for label in SERVERS:
@@ -455,6 +462,13 @@ def main() -> int:
                 port = load_port()
                 if label == "echo":
                     command = echo_command(port)
+                elif label == "onnx int8":  # no gate ran in this store: its folder, as is
+                    command = model_server_command(
+                        cfg,
+                        port=port,
+                        served=served_artifacts.locate(cfg, uris["onnx"], Path(tmp) / "cache"),
+                        int8=True,
+                    )
                 else:
                     command = model_server_command(
                         cfg,
@@ -478,6 +492,7 @@ def main() -> int:
                     finally:
                         stop(process)
             ratios(name, measured, args.batch)
+            ratios(name, measured, args.batch, "onnx int8")
             if args.rounds and {"echo", "onnx"} <= set(wanted):
                 targets_in_turns(cfg, uris["onnx"], singles, Path(tmp), args.rounds, args.single)
             if args.log_rounds:

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from helpers import config as test_config
 
-from mnist_pipeline.evaluation.gate import Candidate, Champion, Parity, decide, summary_line
+from mnist_pipeline.evaluation.gate import (
+    Candidate,
+    Champion,
+    Parity,
+    decide,
+    int8_servable,
+    summary_line,
+)
 
 N = 1000
 SHA = "a" * 64
@@ -294,3 +301,27 @@ def test_onnx_parity_rule_passes_within_both_bounds():
     assert not six.passed and six.reason.startswith(
         "served_parity: the served ONNX model's labels differ on 6 of 10000 test images"
     )
+
+
+def test_int8_parity_is_reported_beside_the_served_graph_and_never_rejects():
+    """The int8 graph's figures follow the float graph's in the parity rule; a gap of 0.2
+    points or less makes it servable, a larger one does not, and neither moves the verdict."""
+    close = parity(int8=parity(disagreements=4, served_accuracy=0.9685))  # -0.0015
+    far = parity(int8=parity(disagreements=30, served_accuracy=0.9670))  # -0.0030
+    broken = parity(int8=parity(error="could not run it: bad graph"))
+    for int8, servable, said in (
+        (close, True, "(-0.0015): servable with --int8"),
+        (far, False, "(-0.0030): over 0.002 apart, not servable"),
+        (broken, False, "the int8 graph could not be checked: could not run it: bad graph"),
+    ):
+        verdict = decide(candidate(parity=int8), None, CFG)
+        assert verdict.passed, verdict.reason
+        assert rule(verdict, "served_parity").detail.endswith(said)
+        assert int8_servable(int8) == (servable, int8_servable(int8)[1])
+        assert said in int8_servable(int8)[1]
+    assert "int8 graph's labels differ on 30 of" in int8_servable(far)[1]
+    # A failing float graph still rejects, with the int8 figures after its reason.
+    bad = decide(candidate(parity=replace(far, disagreements=6, images=10_000)), None, CFG)
+    assert not bad.passed and "agreement < 0.9995; the int8 graph's" in bad.reason
+    assert int8_servable(parity()) == (False, "no int8 graph (the train stage could not make one)")
+    assert "int8" not in rule(decide(candidate(), None, CFG), "served_parity").detail

@@ -55,6 +55,7 @@ def test_command_serves_the_onnx_model_on_loopback():
     )
     assert env["MNIST_SERVE_MAX_BODY_BYTES"] == str(16 * 1024 * 1024)
     assert (env["MNIST_SERVE_MAX_BATCH"], env["MNIST_SERVE_MAX_WAIT_MS"]) == ("256", "2")
+    assert env["MNIST_SERVE_PRECISION"] == "float32"  # the float graph unless --int8
     assert "MLFLOW_TRACKING_URI" not in env  # the server never opens the store
     assert command.env_overrides["PATH"].split(":")[0] == str(Path(sys.executable).parent)
     assert command.url == "http://127.0.0.1:5124/invocations"
@@ -70,6 +71,14 @@ def test_mlflow_is_mlflow_models_serve_itself(tmp_path, monkeypatch):
     assert argv[argv.index("--model-uri") + 1] == "models:/mnist-classifier@champion"
     assert argv[argv.index("--env-manager") + 1] == "local"
     assert command.env_overrides["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_onnx_int8_is_this_servers_option_not_mlflows():
+    tracking = test_config.section("tracking")
+    command = model_server_command(tracking, served=SERVED, int8=True)
+    assert command.env_overrides["MNIST_SERVE_PRECISION"] == "int8"
+    with pytest.raises(ServerError, match="--int8 with --mlflow: MLflow's server runs the float"):
+        model_server_command(tracking, mlflow=True, int8=True)
 
 
 def test_limits_out_of_range_are_refused():
@@ -346,3 +355,44 @@ def test_mlflow_models_serve_runs_the_onnx_pyfunc(store, tmp_path_factory):
             json.loads(answer)["predictions"], store.served(images), atol=1e-5
         )
         assert "tensorflow" not in Path(f"/proc/{_listening_pid(port)}/maps").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_onnx_int8_graph_is_served_once_the_gate_found_it_servable(
+    store, tmp_path_factory, monkeypatch
+):
+    """The evaluate stage measured the champion's int8 graph and tagged it servable:
+    `--int8` serves it (/version says so, the labels are the Keras model's). A version whose
+    tag says otherwise is refused with the gate's figures, before any server starts."""
+    from mnist_pipeline.tracking import registry
+
+    monkeypatch.setenv("DVC_ROOT", str(store.root))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = tracking_config(store.root)
+    connect(cfg)
+    name = cfg.registered_model
+    tags = registry.version(name, store.version).tags
+    assert tags[registry.INT8_SERVABLE] == "true", tags
+    assert tags[registry.INT8_PARITY].endswith("servable with --int8")
+    log = tmp_path_factory.mktemp("int8-log") / "server.log"
+    int8 = lambda cfg, port: model_server_command(cfg, port=port, int8=True)  # noqa: E731
+    with tiny_store.server(store, int8, log) as (_, port):
+        images, _ = synthetic_digits(40, seed=9)
+        status, body = post(port, {"inputs": images.tolist()})
+        assert status == 200, body[:500]
+        predictions = np.asarray(json.loads(body)["predictions"], dtype=np.float32)
+        np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
+        expected = store.served(images)
+        assert (predictions.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.95
+        status, body = post(port, b"", content_type=None, path="/version")
+        assert json.loads(body)["precision"] == "int8"
+    said = "the int8 graph's labels differ on 9 of 100 test images (...): not servable"
+    registry.set_version_tags(
+        name, store.version, {registry.INT8_SERVABLE: "false", registry.INT8_PARITY: said}
+    )
+    try:
+        with pytest.raises(ServerError, match=r"int8 graph is not servable: the int8 graph's"):
+            model_server_command(cfg, int8=True)
+    finally:
+        registry.set_version_tags(name, store.version, tags)

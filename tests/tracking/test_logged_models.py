@@ -131,3 +131,64 @@ def test_a_model_folder_without_a_keras_file_is_refused(tmp_path):
     (tmp_path / "artifacts" / "model.onnx").write_bytes(b"")
     with pytest.raises(ModelError, match="models:/m/1: no .keras file"):
         logged_models.keras_file_in(tmp_path, "models:/m/1")
+
+
+def trained(name: str) -> keras.Model:
+    """`built(name)` trained for a few epochs on synthetic digits: confident, as a model the
+    train stage logs is (an untrained model's near-ties would flip under any rounding)."""
+    model = built(name)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    images, labels = synthetic_digits(600, seed=6)
+    model.fit(images, labels, epochs=4, batch_size=32, verbose=0)
+    return model
+
+
+@pytest.mark.slow  # it trains two small models
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_onnx_int8_graph_is_logged_beside_with_its_parity(tracking, name):
+    """Given calibration images, the served model carries the graph quantized to int8
+    (weights a quarter of the float graph's), and the gate's parity measures it: the same
+    labels as Keras on the test images, accuracy within the servable gap."""
+    from mnist_pipeline.data.splits import Split
+    from mnist_pipeline.evaluation import gate
+    from mnist_pipeline.tracking import mnist_onnx
+
+    model = trained(name)
+    val, _ = synthetic_digits(200, seed=7)
+    uri = job.log_served(model, calibration.IDENTITY, int8_images=val)
+    folder = logged_models.load_pyfunc(uri).folder
+    int8, float32 = folder / mnist_onnx.INT8_FILE, folder / mnist_onnx.ONNX_FILE
+    assert int8.is_file()
+    if name == "mlp":  # nearly all of it is weights
+        assert int8.stat().st_size < 0.4 * float32.stat().st_size
+    test = Split(*synthetic_digits(500, seed=8))
+    parity = promotion.served_parity(uri, test, model.predict(test.images, verbose=0))
+    assert parity.disagreements == 0 and parity.int8 is not None, parity
+    assert parity.int8.error == "" and parity.int8.agreement >= 0.99, parity.int8
+    assert gate.int8_servable(parity)[0], gate.int8_servable(parity)
+    # The int8 runtime answers every batch size, calibrated like the float one.
+    runtime = mnist_onnx.OnnxDigitModel(folder, precision="int8")
+    assert runtime.predict(test.images[:1]).shape == (1, 10)
+    np.testing.assert_allclose(runtime.predict(test.images[:7]).sum(axis=1), 1, atol=1e-5)
+
+
+def test_onnx_int8_graph_needs_uint8_images_and_is_optional(tracking, tmp_path):
+    model = built("mlp")
+    models.export_onnx(model, tmp_path / "model.onnx")
+    floats = np.zeros((10, 28, 28), np.float32)
+    with pytest.raises(ModelError, match=r"expected uint8 images \(N, 28, 28\).*float32"):
+        models.quantize_onnx(tmp_path / "model.onnx", tmp_path / "model.int8.onnx", floats)
+    with pytest.raises(ModelError, match="model.onnx: could not quantize to int8"):
+        models.quantize_onnx(
+            tmp_path / "missing" / "model.onnx",
+            tmp_path / "q.onnx",
+            np.zeros((1, 28, 28), np.uint8),
+        )
+    assert not (tmp_path / "model.int8.onnx").exists() and not (tmp_path / "q.onnx").exists()
+    # Without calibration images (the default) no int8 graph is logged, and none is measured.
+    uri = logged(model)
+    from mnist_pipeline.tracking import mnist_onnx
+
+    assert not (logged_models.load_pyfunc(uri).folder / mnist_onnx.INT8_FILE).exists()
+    with pytest.raises(FileNotFoundError, match="no int8 graph"):
+        mnist_onnx.OnnxDigitModel(logged_models.load_pyfunc(uri).folder, precision="int8")

@@ -37,6 +37,7 @@ class Parity:
     served_accuracy: float
     max_difference: float  # the largest difference of any probability
     error: str = ""  # why the served model could not be loaded or run
+    int8: Parity | None = None  # the version's int8 graph against the same Keras model, if any
 
     @property
     def agreement(self) -> float:
@@ -363,6 +364,32 @@ def _min_class_recall(candidate: Candidate, cfg: GateConfig) -> Rule:
     )
 
 
+# The int8 graph (`make serve --int8`) may be served while its test accuracy stays within
+# this much of the Keras model's. Quantization rounds every weight and activation, so a few
+# borderline images change label: the float graph's bounds (`gate.parity_agreement`,
+# `gate.parity_accuracy_gap`) would refuse nearly every int8 graph.
+INT8_ACCURACY_GAP = 0.002
+
+
+def int8_servable(parity: Parity | None) -> tuple[bool, str]:
+    """Whether the int8 graph may be served, and the figures that say so. Never a reason to
+    reject the model: the float graph is what `make serve` serves by default."""
+    int8 = parity.int8 if parity is not None else None
+    if int8 is None:
+        return False, "no int8 graph (the train stage could not make one)"
+    if int8.error or not int8.images:
+        return False, f"the int8 graph could not be checked: {int8.error or 'no test images'}"
+    gap = int8.served_accuracy - int8.keras_accuracy
+    figures = (
+        f"the int8 graph's labels differ on {int8.disagreements} of {int8.images} test images "
+        f"(agreement {int8.agreement:.4f}), accuracy {int8.served_accuracy:.4f} vs "
+        f"{int8.keras_accuracy:.4f} Keras ({gap:+.4f})"
+    )
+    if abs(gap) > INT8_ACCURACY_GAP + TOLERANCE:
+        return False, f"{figures}: over {INT8_ACCURACY_GAP:g} apart, not servable"
+    return True, f"{figures}: servable with --int8"
+
+
 def _served_parity(candidate: Candidate, cfg: GateConfig) -> Rule:
     """What is served must answer as the model that was measured: the ONNX export's labels
     agree with the Keras model's on nearly every test image, and its accuracy is as close."""
@@ -378,13 +405,15 @@ def _served_parity(candidate: Candidate, cfg: GateConfig) -> Rule:
         f"served vs {parity.keras_accuracy:.4f} Keras ({gap:+.4f}), probabilities "
         f"within {parity.max_difference:.2g}"
     )
+    # The int8 graph's figures come last, never a reason to reject.
+    int8 = f"; {int8_servable(parity)[1]}" if parity.int8 is not None else ""
     if parity.agreement + TOLERANCE < threshold:
         return Rule(
             name,
             False,
             parity.agreement,
             threshold,
-            f"the served ONNX model's {figures}: agreement < {threshold:g}",
+            f"the served ONNX model's {figures}: agreement < {threshold:g}{int8}",
         )
     if abs(gap) > cfg.parity_accuracy_gap + TOLERANCE:
         return Rule(
@@ -392,9 +421,10 @@ def _served_parity(candidate: Candidate, cfg: GateConfig) -> Rule:
             False,
             parity.agreement,
             threshold,
-            f"the served ONNX model's {figures}: accuracy gap over {cfg.parity_accuracy_gap:g}",
+            f"the served ONNX model's {figures}: accuracy gap over "
+            f"{cfg.parity_accuracy_gap:g}{int8}",
         )
-    return Rule(name, True, parity.agreement, threshold, f"the served ONNX model's {figures}")
+    return Rule(name, True, parity.agreement, threshold, f"the served ONNX model's {figures}{int8}")
 
 
 def _not_withdrawn(candidate: Candidate) -> Rule:

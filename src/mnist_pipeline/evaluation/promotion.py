@@ -29,7 +29,16 @@ from ..data.splits import Split, load_split, write_npz
 from ..errors import DataError, PipelineError, PromotionError
 from ..files import sha256_file, tree_sha256, write_json
 from ..monitoring.drift import Reference
-from ..tracking import champion_record, history, locks, logged_models, registry, runs, store
+from ..tracking import (
+    champion_record,
+    history,
+    locks,
+    logged_models,
+    mnist_onnx,
+    registry,
+    runs,
+    store,
+)
 from ..training import calibration, models
 from ..training.fit import predict
 from . import card, gate, plots, reuse
@@ -255,29 +264,45 @@ def load_keras(model_uri: str) -> Any:
 def served_parity(model_uri: str, test: Split, keras_probabilities: np.ndarray) -> gate.Parity:
     """Load the logged model as MLflow serves it (pyfunc: the ONNX export in ONNX Runtime)
     and compare its answers on the test images with the Keras model's
-    (`keras_probabilities`: calibrated as the pyfunc is meant to calibrate them)."""
-    keras_labels = keras_probabilities.argmax(axis=1)
-    keras_accuracy = float(np.mean(keras_labels == test.labels)) if len(test) else math.nan
+    (`keras_probabilities`: calibrated as the pyfunc is meant to calibrate them); the same
+    for the version's int8 graph, when it has one (`Parity.int8`)."""
     try:
         pyfunc = logged_models.load_pyfunc(model_uri)
         served = np.asarray(pyfunc.predict(test.images), dtype=np.float32)
     except (PipelineError, OSError, ValueError, RuntimeError) as err:
-        return gate.Parity(
-            images=len(test),
-            disagreements=len(test),
-            keras_accuracy=keras_accuracy,
-            served_accuracy=math.nan,
-            max_difference=math.nan,
-            error=f"could not load/predict {model_uri} as pyfunc: {err}",
+        return _parity(
+            test, keras_probabilities, None, f"could not load/predict {model_uri} as pyfunc: {err}"
         )
-    if served.shape != keras_probabilities.shape:
+    parity = _parity(test, keras_probabilities, served)
+    folder = pyfunc.folder  # versions logged before int8 graphs were made have none
+    if folder is None or not (folder / mnist_onnx.INT8_FILE).is_file():
+        return parity
+    try:
+        int8 = mnist_onnx.OnnxDigitModel(folder, precision="int8").predict(test.images)
+    except (OSError, ValueError, RuntimeError) as err:
+        return dataclasses.replace(
+            parity, int8=_parity(test, keras_probabilities, None, f"could not run it: {err}")
+        )
+    return dataclasses.replace(parity, int8=_parity(test, keras_probabilities, int8))
+
+
+def _parity(
+    test: Split, keras_probabilities: np.ndarray, served: np.ndarray | None, error: str = ""
+) -> gate.Parity:
+    """`served` (None: it could not run, `error` says why) against the Keras answers."""
+    keras_labels = keras_probabilities.argmax(axis=1)
+    keras_accuracy = float(np.mean(keras_labels == test.labels)) if len(test) else math.nan
+    if served is not None and served.shape != keras_probabilities.shape:
+        error = f"served output shape {served.shape} != Keras {keras_probabilities.shape}"
+        served = None
+    if served is None:
         return gate.Parity(
             images=len(test),
             disagreements=len(test),
             keras_accuracy=keras_accuracy,
             served_accuracy=math.nan,
             max_difference=math.nan,
-            error=f"served output shape {served.shape} != Keras {keras_probabilities.shape}",
+            error=error,
         )
     served_labels = served.argmax(axis=1)
     return gate.Parity(
@@ -381,10 +406,13 @@ def judge(
         reigning=reigning,
         budget=spent,
     )
+    int8_servable, int8_parity = gate.int8_servable(candidate.parity)
     registry.set_version_tags(
         name,
         version_id,
         {
+            registry.INT8_SERVABLE: str(int8_servable).lower(),
+            registry.INT8_PARITY: int8_parity[:4000],
             "gate.passed": str(verdict.passed).lower(),
             "gate.reason": verdict.reason[:4000],
             "test_accuracy": f"{scores.accuracy:.6f}",

@@ -49,6 +49,7 @@ MODEL_VERSION_ENV = "MNIST_SERVE_MODEL_VERSION"
 MAX_BODY_ENV = "MNIST_SERVE_MAX_BODY_BYTES"
 MAX_BATCH_ENV = "MNIST_SERVE_MAX_BATCH"
 MAX_WAIT_ENV = "MNIST_SERVE_MAX_WAIT_MS"
+PRECISION_ENV = "MNIST_SERVE_PRECISION"  # float32 (default) or int8: which graph answers
 LOG_ENV = "MNIST_SERVE_LOG"  # the request log's URL; unset or empty: no log
 LOG_MAX_ROWS_ENV = "MNIST_SERVE_LOG_MAX_ROWS"
 LOG_FLUSH_ENV = "MNIST_SERVE_LOG_FLUSH_S"
@@ -108,6 +109,7 @@ class ServingApp:
                         "model": self.name,
                         "version": self.version,
                         "runtime": "onnxruntime",
+                        "precision": self.model.precision,
                         "requests": self.requests,
                         "model_calls": self.batcher.calls,
                         "log": {
@@ -195,7 +197,11 @@ def create() -> ServingApp:
         image_sample_rate=_number(LOG_IMAGES_ENV, 0.0, float),
     )
     return ServingApp(
-        OnnxDigitModel(os.environ[MODEL_DIR_ENV], os.environ.get(THREADS_ENV) or SERVER_THREADS),
+        OnnxDigitModel(
+            os.environ[MODEL_DIR_ENV],
+            os.environ.get(THREADS_ENV) or SERVER_THREADS,
+            precision=os.environ.get(PRECISION_ENV) or "float32",
+        ),
         name=name,
         version=version,
         max_body_bytes=_int(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES),

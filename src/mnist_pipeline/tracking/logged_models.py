@@ -57,10 +57,12 @@ def log_served_model(
     calibration: Mapping[str, Any] | None = None,
     name: str = "model",
     tags: Mapping[str, str] | None = None,
+    int8_file: str | Path | None = None,
 ) -> str:
     """Log the served pyfunc around `onnx_file` (what answers), `keras_file` (what it was
-    exported from) and `calibration` (temperature and abstention threshold; none: raw
-    probabilities, every answer stands); return its `models:/` URI."""
+    exported from), `calibration` (temperature and abstention threshold; none: raw
+    probabilities, every answer stands) and `int8_file` (the graph quantized to int8, if
+    made: `make serve --int8` serves it); return its `models:/` URI."""
     import mlflow
 
     from ..files import write_json
@@ -81,6 +83,9 @@ def log_served_model(
             served_model.ONNX_ARTIFACT: str(folder / mnist_onnx.ONNX_FILE),
             served_model.CALIBRATION_ARTIFACT: str(folder / mnist_onnx.CALIBRATION_FILE),
         }
+        if int8_file is not None:
+            shutil.copyfile(int8_file, folder / mnist_onnx.INT8_FILE)
+            artifacts[served_model.INT8_ARTIFACT] = str(folder / mnist_onnx.INT8_FILE)
         info = retry(
             lambda: mlflow.pyfunc.log_model(
                 name=name,
@@ -146,6 +151,19 @@ class _PyfuncModel:
         except MlflowException:  # a flavour's model (Keras): no calibration
             return 0.0
         return float(getattr(inner, "threshold", 0.0))
+
+    @property
+    def folder(self) -> Path | None:
+        """The folder of the served artifacts its runtime loaded (None: a flavour's model, or
+        a version logged before the runtime recorded it)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            runtime = getattr(self.model.unwrap_python_model(), "model", None)
+        except MlflowException:
+            return None
+        folder = getattr(runtime, "folder", None)
+        return Path(folder) if folder is not None else None
 
     def predict(self, data: Any) -> Any:
         from mlflow.exceptions import MlflowException

@@ -3,9 +3,12 @@ with the calibration the version carries.
 
 A model version's served artifacts are a folder holding `model.onnx` (the Keras model
 exported at train time, proven equal to it by the gate's parity rule), `calibration.json`
-(the temperature fitted on the validation split and the abstention threshold) and, for
-lineage only, `model.keras`. `OnnxDigitModel(folder)` answers uint8 (N, 28, 28) images with
-calibrated float32 probabilities (N, 10).
+(the temperature fitted on the validation split and the abstention threshold), for lineage
+only `model.keras`, and, for versions trained since it exists, `model.int8.onnx`: the same
+graph quantized to int8 at train time (`training.models.quantize_onnx`), with its own
+parity figures in the gate's verdict. `OnnxDigitModel(folder)` answers uint8 (N, 28, 28)
+images with calibrated float32 probabilities (N, 10); `precision="int8"` runs the int8 graph
+with the same calibration.
 
 Self-contained on purpose (NumPy, ONNX Runtime and the standard library only): the model
 server, `mnist-predict` and the MLflow pyfunc (`tracking/served_model.py`, which carries a
@@ -22,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+PRECISIONS = {"float32": ONNX_FILE, "int8": INT8_FILE}  # which graph answers
 CALIBRATION_FILE = "calibration.json"
 IMAGE_SHAPE = (28, 28)
 # Inference threads: `<intra>[,<inter>]` overrides ONNX Runtime's default (all cores, one
@@ -72,15 +77,29 @@ def check_images(images: np.ndarray) -> np.ndarray:
 class OnnxDigitModel:
     """One ONNX Runtime session over a version's served artifacts."""
 
-    def __init__(self, folder: str | os.PathLike[str], thread_spec: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        thread_spec: str | None = None,
+        precision: str = "float32",
+    ) -> None:
         import onnxruntime
 
         folder = Path(folder)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: got {precision!r}, expected one of {sorted(PRECISIONS)}")
+        graph = folder / PRECISIONS[precision]
+        if precision == "int8" and not graph.is_file():  # float32: ONNX Runtime says it
+            raise FileNotFoundError(
+                f"{graph}: this version has no int8 graph (it was trained before they were "
+                "made): serve its float32 graph"
+            )
+        self.folder, self.precision = folder, precision
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads(thread_spec)
         options.log_severity_level = 3  # errors only: no graph-optimisation notices
         self.session = onnxruntime.InferenceSession(
-            str(folder / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+            str(graph), options, providers=["CPUExecutionProvider"]
         )
         self.input_name = self.session.get_inputs()[0].name
         self.temperature, self.threshold = 1.0, 0.0

@@ -14,6 +14,10 @@ WITHDRAWN = "champion.withdrawn"
 # The digest of a version's files when the team's gate service approved them
 # (files.tree_sha256); what serves it from the team server checks it.
 APPROVED_DIGEST = "gate.sha256"
+# Whether the gate found the version's int8 graph servable ("true"/"false"), and its figures:
+# `make serve --int8` serves only a version whose tag says "true".
+INT8_SERVABLE = "int8.servable"
+INT8_PARITY = "int8.parity"
 
 
 # --- registry ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from ..config import TrackingConfig
 from ..errors import ModelError
 from ..files import tree_sha256
 from . import champion_record, store
-from .mnist_onnx import ONNX_FILE
+from .mnist_onnx import INT8_FILE, ONNX_FILE
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -42,7 +42,7 @@ _ALIAS_QUERY = """
 
 @dataclass(frozen=True)
 class Served:
-    folder: Path  # holds model.onnx and calibration.json
+    folder: Path  # holds model.onnx and calibration.json (and model.int8.onnx, if made)
     name: str  # registered model
     version: str
 
@@ -140,3 +140,27 @@ def _from_mlflow(
                 "back to another version, and find who wrote to the artifact store)"
             )
     return Served(folder=Path(folder) / "artifacts", name=name, version=str(version.version))
+
+
+def require_int8_servable(cfg: TrackingConfig, served: Served, model_uri: str) -> None:
+    """ModelError unless `served` has an int8 graph the gate found servable (its version's
+    `registry.INT8_SERVABLE` tag, written with the verdict, says "true")."""
+    from . import registry
+
+    if not (served.folder / INT8_FILE).is_file():
+        raise ModelError(
+            f"{model_uri}: version {served.version} of '{served.name}' has no int8 graph (it "
+            "was trained before they were made, or its graph could not be quantized): serve "
+            "its float32 graph (leave out --int8), or retrain it (dvc repro)"
+        )
+    store.use_store(cfg)
+    version = registry.version(served.name, served.version)
+    tags = (version.tags or {}) if version is not None else {}
+    if tags.get(registry.INT8_SERVABLE) != "true":
+        why = tags.get(registry.INT8_PARITY) or (
+            "the gate has not measured it yet (run the evaluate stage: dvc repro)"
+        )
+        raise ModelError(
+            f"{model_uri}: version {served.version}'s int8 graph is not servable: {why}; "
+            "serve its float32 graph (leave out --int8)"
+        )

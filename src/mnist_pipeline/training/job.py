@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .. import config
 from ..config import RUN_SECTIONS, CalibrationConfig, PathsConfig, TrainJob
 from ..data.splits import Split, load_split
 from ..data.splits import digest as data_digest
-from ..errors import interruptible
+from ..errors import ModelError, interruptible
 from ..files import write_json
 from ..tracking import lineage, logged_models, runs, store
 from . import calibration, callbacks, curves, models
@@ -203,7 +204,9 @@ def train(
             runs.log_artifact(png)
         model_uri = ""
         if log_model:
-            model_uri = log_served(model, fitted, tags={"data.sha256": data_sha256})
+            model_uri = log_served(
+                model, fitted, tags={"data.sha256": data_sha256}, int8_images=splits["val"].images
+            )
             runs.set_tags({"model_uri": model_uri})
 
     if checkpoint_dir:
@@ -225,25 +228,41 @@ def train(
 
 
 def log_served(
-    model: Any, fitted: calibration.Calibration, tags: dict[str, str] | None = None
+    model: Any,
+    fitted: calibration.Calibration,
+    tags: dict[str, str] | None = None,
+    int8_images: Any = None,
 ) -> str:
     """Export `model` to ONNX and log what is served (`logged_models.log_served_model`):
-    the ONNX graph, the `.keras` file and the calibration; the active run records the ONNX
-    file's size and how long the export took. Returns the model URI."""
+    the ONNX graph, the `.keras` file and the calibration; with `int8_images` (the
+    validation split), also the graph quantized to int8 on them (`models.quantize_onnx`),
+    which the gate measures and `make serve --int8` serves. The active run records the
+    files' sizes and how long the export and the quantization took. A graph that cannot be
+    quantized is logged without its int8 copy, with a warning. Returns the model URI."""
     with tempfile.TemporaryDirectory() as tmp:
         keras_file, onnx_file = Path(tmp) / "model.keras", Path(tmp) / "model.onnx"
         model.save(keras_file)
         started = time.perf_counter()
         models.export_onnx(model, onnx_file)
-        runs.log_metrics(
-            {
-                "onnx_export_s": time.perf_counter() - started,
-                "onnx_bytes": float(onnx_file.stat().st_size),
-                "keras_bytes": float(keras_file.stat().st_size),
-            }
-        )
+        measured = {
+            "onnx_export_s": time.perf_counter() - started,
+            "onnx_bytes": float(onnx_file.stat().st_size),
+            "keras_bytes": float(keras_file.stat().st_size),
+        }
+        int8_file: Path | None = None
+        if int8_images is not None:
+            started = time.perf_counter()
+            try:
+                models.quantize_onnx(onnx_file, Path(tmp) / "model.int8.onnx", int8_images)
+            except ModelError as err:
+                print(f"train: WARNING: no int8 graph: {err}", file=sys.stderr, flush=True)
+            else:
+                int8_file = Path(tmp) / "model.int8.onnx"
+                measured["onnx_int8_quantize_s"] = time.perf_counter() - started
+                measured["onnx_int8_bytes"] = float(int8_file.stat().st_size)
+        runs.log_metrics(measured)
         return logged_models.log_served_model(
-            keras_file, onnx_file, calibration=fitted.to_dict(), tags=tags
+            keras_file, onnx_file, calibration=fitted.to_dict(), tags=tags, int8_file=int8_file
         )
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import keras
 from keras import layers
@@ -202,6 +203,89 @@ def export_onnx(model: keras.Model, path: str | os.PathLike[str]) -> None:
             model.export(str(tmp), format="onnx", verbose=False)
     finally:
         converter.setLevel(level)
+
+
+# How many validation images set the int8 graph's activation ranges, fed in batches of 100.
+QUANTIZE_IMAGES = 1000
+
+
+def quantize_onnx(
+    source: str | os.PathLike[str], path: str | os.PathLike[str], images: Any
+) -> None:
+    """An int8 copy of the ONNX graph at `source`, atomically at `path`: ONNX Runtime's static
+    quantization (weights int8 per output channel, activations uint8, as QuantizeLinear /
+    DequantizeLinear pairs that ONNX Runtime fuses into int8 kernels) of every layer but the
+    classifier, its activation ranges measured on up to QUANTIZE_IMAGES of `images` (uint8
+    (N, 28, 28): the validation split).
+
+    Static, not dynamic: dynamic quantization measures each call's activations, so an image's
+    answer would depend on the other requests batched with it. ModelError when it cannot."""
+    import logging
+    import tempfile
+
+    import numpy as np
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from ..files import atomic_path
+
+    images = np.asarray(images)[:QUANTIZE_IMAGES]
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE:
+        raise ModelError(
+            f"quantize_onnx: expected uint8 images (N, 28, 28) to calibrate on, got "
+            f"{images.dtype} {images.shape}"
+        )
+    if len(images) == 0:
+        raise ModelError("quantize_onnx: no images to calibrate on")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self, name: str) -> None:
+            self.batches = iter([{name: images[i : i + 100]} for i in range(0, len(images), 100)])
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self.batches, None)
+
+    quiet = logging.getLogger()  # ONNX Runtime's quantization logs through the root logger
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+            prepared = Path(tmp) / "prepared.onnx"
+            # Shape inference and graph fusions first, as ONNX Runtime advises: on the tutorial
+            # MLP this agreed with the float graph on more test images (99.55% against 99.37%).
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+            graph = onnx.load(str(prepared), load_external_data=False).graph
+            # The classifier stays float32 from its matrix product on: int8 logits would
+            # give probabilities in steps of 1/255, too coarse for the calibration and the
+            # abstention threshold (0.99 and above). It is a tenth of a percent of the work.
+            nodes = list(graph.node)
+            last = max(
+                (i for i, node in enumerate(nodes) if node.op_type in ("MatMul", "Gemm", "Conv")),
+                default=len(nodes),
+            )
+            float32 = [node.name for node in nodes[last:]]
+            with atomic_path(path, suffix=".onnx") as out:
+                quantize_static(
+                    str(prepared),
+                    str(out),
+                    Batches(graph.input[0].name),
+                    quant_format=QuantFormat.QDQ,
+                    nodes_to_exclude=float32,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                )
+    except Exception as err:  # noqa: BLE001 - the quantizer raises anything; say which graph
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelError(f"{source}: could not quantize to int8: {first[:300]}") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def load(path: str | os.PathLike[str]) -> keras.Model:
