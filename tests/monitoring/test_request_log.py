@@ -375,7 +375,12 @@ def test_metrics_scrape_counts_answers_classes_abstentions_and_latency(onnx_fold
     assert latency["mnist_request_duration_seconds_count"] == 6  # refusals too
     assert 0 < latency["mnist_request_duration_seconds_sum"] < 30
     info = metrics["mnist_served_model_info"][0]
-    assert info.labels == {"model": "digits", "version": "7", "runtime": "onnxruntime"}
+    assert info.labels == {
+        "model": "digits",
+        "version": "7",
+        "runtime": "onnxruntime",
+        "precision": "float32",
+    }
     calls = metrics["mnist_model_calls"][0].value
     assert 1 <= calls <= 4
 

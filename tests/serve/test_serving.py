@@ -387,6 +387,9 @@ def test_onnx_int8_graph_is_served_once_the_gate_found_it_servable(
         assert (predictions.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.95
         status, body = post(port, b"", content_type=None, path="/version")
         assert json.loads(body)["precision"] == "int8"
+        status, body = post(port, b"", content_type=None, path="/metrics")
+        assert b'mnist_served_model_info{model="mnist-classifier"' in body
+        assert b'precision="int8"' in body and b'precision="float32"' not in body
     said = "the int8 graph's labels differ on 9 of 100 test images (...): not servable"
     registry.set_version_tags(
         name, store.version, {registry.INT8_SERVABLE: "false", registry.INT8_PARITY: said}

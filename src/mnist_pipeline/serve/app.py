@@ -81,7 +81,7 @@ class ServingApp:
             model=name,
             version=version,
             log_url=None,
-            metrics=ServerMetrics(model=name, version=version),
+            metrics=ServerMetrics(model=name, version=version, precision=model.precision),
         )
         self.recorder.metrics.register_model_calls(lambda: self.batcher.calls)
         self.metrics = self.recorder.metrics
@@ -187,21 +187,22 @@ SERVER_THREADS = "1"
 def create() -> ServingApp:
     """The app each server process runs (uvicorn --factory), configured by the environment."""
     name, version = os.environ.get(MODEL_NAME_ENV, ""), os.environ.get(MODEL_VERSION_ENV, "")
+    model = OnnxDigitModel(
+        os.environ[MODEL_DIR_ENV],
+        os.environ.get(THREADS_ENV) or SERVER_THREADS,
+        precision=os.environ.get(PRECISION_ENV) or "float32",
+    )
     recorder = Recorder(
         model=name,
         version=version,
-        metrics=ServerMetrics(model=name, version=version),
+        metrics=ServerMetrics(model=name, version=version, precision=model.precision),
         log_url=os.environ.get(LOG_ENV) or None,
         max_rows=_int(LOG_MAX_ROWS_ENV, 1_000_000),
         flush_interval_s=_number(LOG_FLUSH_ENV, 0.5, float),
         image_sample_rate=_number(LOG_IMAGES_ENV, 0.0, float),
     )
     return ServingApp(
-        OnnxDigitModel(
-            os.environ[MODEL_DIR_ENV],
-            os.environ.get(THREADS_ENV) or SERVER_THREADS,
-            precision=os.environ.get(PRECISION_ENV) or "float32",
-        ),
+        model,
         name=name,
         version=version,
         max_body_bytes=_int(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES),

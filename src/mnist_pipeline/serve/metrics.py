@@ -3,7 +3,7 @@
 Through the official `prometheus-client` library, on a registry of the app's own (nothing of
 the process's other collectors):
 
-    mnist_served_model_info{model,version,runtime}       the served version (always 1)
+    mnist_served_model_info{model,version,runtime,precision}  the served version (always 1)
     mnist_requests_total{status}                         requests answered, by HTTP status
     mnist_request_duration_seconds                       /invocations latency histogram
     mnist_predictions_total{digit}                       images answered, by predicted class
@@ -82,15 +82,22 @@ def _le(bound: float) -> str:
 
 
 class ServerMetrics:
-    def __init__(self, *, model: str, version: str, runtime: str = "onnxruntime") -> None:
+    def __init__(
+        self,
+        *,
+        model: str,
+        version: str,
+        runtime: str = "onnxruntime",
+        precision: str = "float32",
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         info = Gauge(
             "mnist_served_model_info",
-            "The model version this server answers with",
-            ["model", "version", "runtime"],
+            "The model version this server answers with, and which of its graphs",
+            ["model", "version", "runtime", "precision"],
             registry=self.registry,
         )
-        info.labels(model=model, version=version, runtime=runtime).set(1)
+        info.labels(model=model, version=version, runtime=runtime, precision=precision).set(1)
         self.requests = Counter(
             "mnist_requests",
             "Requests answered, by HTTP status",
