@@ -133,6 +133,7 @@ def _facts(tmp_path, passed: bool = True, params: dict | None = None) -> card.Fa
         champion_corrupted={"fog": 0.9, "translate": 0.95},
         budget=reuse.budget([False, True], 0.05),
         served_bytes=729_641,
+        int8_bytes=205_810,
         test_sha256="t" * 64,
         verdict=verdict,
         champion_before="1",
@@ -214,6 +215,7 @@ def test_the_card_reports_corrupted_suite_calibration_and_abstention(tmp_path):
     assert "blur" not in text.split("Training augmented")[1].split(".")[0]  # 0: not used
     assert "None of the suite's corruption functions or images was used in training" in text
     assert "## What is served" in text and "ONNX export (0.73 MB)" in text
+    assert "Its int8 graph (0.21 MB) is what `make serve --int8` runs" in text
     assert "weakest on fog (0.800), translate (0.966)" in text
 
 
@@ -233,4 +235,6 @@ def test_the_card_without_augmentation_or_calibration_says_so(tmp_path):
     assert "Training used no augmentation" in text
     assert "No calibration was fitted for this model" in text
     assert "No abstention threshold: every answer stands." in text
+    no_int8 = card.markdown(card.build(replace(facts, int8_bytes=None)))
+    assert "ONNX export (0.73 MB)" in no_int8 and "int8" not in no_int8
     assert "| fog | 1.0000 |  |  |" in text

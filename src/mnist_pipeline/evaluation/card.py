@@ -65,6 +65,7 @@ class Facts:
     champion_before: str | None
     champion_after: str | None
     pictures: Mapping[str, Path]  # caption -> PNG
+    int8_bytes: float | None = None  # the size of its int8 graph, if made (onnx_int8_bytes)
 
 
 def write(folder: str | Path, facts: Facts) -> list[Path]:
@@ -244,6 +245,12 @@ def _served(facts: Facts) -> list[Block]:
     """What `make serve` and `mnist-predict` run, and the gate's proof that it is this model."""
     rule = next((r for r in facts.verdict["rules"] if r["name"] == "served_parity"), None)
     size = f" ({facts.served_bytes / 1e6:.2f} MB)" if facts.served_bytes else ""
+    int8 = (
+        f" Its int8 graph ({facts.int8_bytes / 1e6:.2f} MB) is what `make serve --int8` runs, "
+        "when the figures below call it servable."
+        if facts.int8_bytes
+        else ""
+    )
     proof = (
         f"Against the Keras model it was exported from, on the test images: {rule['detail']}."
         if rule
@@ -255,7 +262,7 @@ def _served(facts: Facts) -> list[Block]:
             "p",
             f"The model's ONNX export{size}, run by ONNX Runtime with the calibration "
             "above: the model server and mnist-predict load neither TensorFlow nor "
-            f"MLflow. {proof}",
+            f"MLflow.{int8} {proof}",
         ),
     ]
 

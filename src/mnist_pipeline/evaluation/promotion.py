@@ -578,6 +578,7 @@ def evaluate(
             champion_corrupted=champion_accuracy,
             budget=spent,
             served_bytes=training_run.data.metrics.get("onnx_bytes"),
+            int8_bytes=training_run.data.metrics.get("onnx_int8_bytes"),
             test_sha256=test.sha256(),
             verdict=decided,
             champion_before=champion_before,
