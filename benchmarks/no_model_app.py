@@ -1,8 +1,9 @@
 """The floor under benchmarks/serve_speed.py's targets: `make serve`'s server (`serve/app.py`:
-request checks, micro-batching, calibrated answers, `unsure`, /metrics, the recorder) on a
-model version whose model call costs nothing: it answers every image with the row the model
-gives a blank image. What the onnx server costs beyond this server is the model call; what
-this server costs beyond the echo is everything else a request goes through."""
+request checks, micro-batching, `unsure`, the JSON answer, /metrics, the recorder) whose model
+call costs nothing: every image gets the calibrated row the model gives a blank image, with no
+ONNX Runtime call and no calibration. What the onnx server costs beyond this server is the
+model call (`OnnxDigitModel.predict`); what this server costs beyond the echo is everything
+else a request goes through."""
 
 from __future__ import annotations
 

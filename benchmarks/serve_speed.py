@@ -15,7 +15,7 @@ worker each, on loopback, each started and measured in turn:
 - tf pyfunc: `mlflow models serve` on the TensorFlow pyfunc (MLflow's request parsing; the
   earlier `make serve` put a guard in front that parsed well-formed batches itself).
 - onnx: `make serve`'s server (`serve/app.py`) on the ONNX export, micro-batching on.
-- onnx int8: the same server on the int8 graph (`make serve --int8`).
+- onnx int8: the same server on the int8 graph (`make serve ARGS=--int8`).
 
 The same clients (`serve/load.py`: keep-alive connections, one thread each, bodies encoded
 before the clock starts) send real test images (data/processed): one client with single
@@ -60,6 +60,7 @@ from mnist_pipeline.serve import app, load  # noqa: E402
 from mnist_pipeline.serve.model_server import model_server_command  # noqa: E402
 from mnist_pipeline.serve.process import ServerCommand, server_path, start, stop, url_for  # noqa: E402
 from mnist_pipeline.tracking import served_artifacts  # noqa: E402
+from mnist_pipeline.tracking.mnist_onnx import INT8_FILE  # noqa: E402
 
 SERVERS = ("echo", "tf pyfunc", "onnx", "onnx int8")
 REGISTERED = "serve-speed"
@@ -278,30 +279,34 @@ def in_turns(
             out.close()
 
 
-def targets_in_turns(cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int) -> None:
+def targets_in_turns(
+    cfg, uri: str, singles: list[bytes], tmp: Path, rounds: int, n: int, int8: bool
+) -> None:
     """The two ratio targets again, the echo, the onnx server on the float and on the int8
     graph and the same server without its model call (`no_model_command`) all running and
     measured in turns: the median over turns of each turn's ratio to the echo."""
-    onnx = model_server_command(cfg, model_uri=uri, port=load_port(), cache=str(tmp / "cache"))
     served = served_artifacts.locate(cfg, uri, tmp / "cache")
-    commands = {
-        "echo": echo_command(load_port()),
-        "onnx": onnx,
-        "onnx int8": model_server_command(cfg, port=load_port(), served=served, int8=True),
-        "no model": no_model_command(onnx, load_port()),
-    }
+    onnx = model_server_command(cfg, port=load_port(), served=served)
+    commands = {"echo": echo_command(load_port()), "onnx": onnx}
+    if int8 and (served.folder / INT8_FILE).is_file():
+        commands["onnx int8"] = model_server_command(
+            cfg, port=load_port(), served=served, int8=True
+        )
+    commands["no model"] = no_model_command(onnx, load_port())
     figures, _ = in_turns(commands, tmp, singles, rounds, n)
     for label, what in (
         ("onnx", "onnx"),
         ("onnx int8", "onnx on the int8 graph"),
         ("no model", "the onnx server whose model call costs nothing (the floor)"),
     ):
+        if label not in figures:
+            continue
         p50, per_s, p99 = (
             [o / e for o, e in zip(figures[label][k], figures["echo"][k], strict=True)]
             for k in ("p50", "per_s", "p99")
         )
         print(
-            f"    in turns, the four servers all running, {rounds} turns of {n} single "
+            f"    in turns, {', '.join(commands)} all running, {rounds} turns of {n} single "
             f"images each (1 client, then 8), median of the turns' ratios, {what}: "
             f"single-image p50 {statistics.median(p50):.2f}x (target <= 1.5x); 8 clients "
             f"{statistics.median(per_s):.2f}x (target >= 0.7x), p99 "
@@ -463,12 +468,11 @@ def main() -> int:
                 if label == "echo":
                     command = echo_command(port)
                 elif label == "onnx int8":  # no gate ran in this store: its folder, as is
-                    command = model_server_command(
-                        cfg,
-                        port=port,
-                        served=served_artifacts.locate(cfg, uris["onnx"], Path(tmp) / "cache"),
-                        int8=True,
-                    )
+                    served = served_artifacts.locate(cfg, uris["onnx"], Path(tmp) / "cache")
+                    if not (served.folder / INT8_FILE).is_file():
+                        print(f"{name}: onnx int8: no int8 graph (see the warning above)")
+                        continue
+                    command = model_server_command(cfg, port=port, served=served, int8=True)
                 else:
                     command = model_server_command(
                         cfg,
@@ -494,7 +498,15 @@ def main() -> int:
             ratios(name, measured, args.batch)
             ratios(name, measured, args.batch, "onnx int8")
             if args.rounds and {"echo", "onnx"} <= set(wanted):
-                targets_in_turns(cfg, uris["onnx"], singles, Path(tmp), args.rounds, args.single)
+                targets_in_turns(
+                    cfg,
+                    uris["onnx"],
+                    singles,
+                    Path(tmp),
+                    args.rounds,
+                    args.single,
+                    int8="onnx int8" in wanted,
+                )
             if args.log_rounds:
                 log_cost(cfg, uris["onnx"], singles, Path(tmp), args.log_rounds, args.single)
             one_picture(os.environ["MLFLOW_TRACKING_URI"], uris)

@@ -215,7 +215,7 @@ def test_the_card_reports_corrupted_suite_calibration_and_abstention(tmp_path):
     assert "blur" not in text.split("Training augmented")[1].split(".")[0]  # 0: not used
     assert "None of the suite's corruption functions or images was used in training" in text
     assert "## What is served" in text and "ONNX export (0.73 MB)" in text
-    assert "Its int8 graph (0.21 MB) is what `make serve --int8` runs" in text
+    assert "Its int8 graph (0.21 MB) is what `make serve ARGS=--int8` runs" in text
     assert "weakest on fog (0.800), translate (0.966)" in text
 
 

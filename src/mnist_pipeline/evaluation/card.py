@@ -246,7 +246,7 @@ def _served(facts: Facts) -> list[Block]:
     rule = next((r for r in facts.verdict["rules"] if r["name"] == "served_parity"), None)
     size = f" ({facts.served_bytes / 1e6:.2f} MB)" if facts.served_bytes else ""
     int8 = (
-        f" Its int8 graph ({facts.int8_bytes / 1e6:.2f} MB) is what `make serve --int8` runs, "
+        f" Its int8 graph ({facts.int8_bytes / 1e6:.2f} MB) is what `make serve ARGS=--int8` runs, "
         "when the figures below call it servable."
         if facts.int8_bytes
         else ""

@@ -364,19 +364,26 @@ def _min_class_recall(candidate: Candidate, cfg: GateConfig) -> Rule:
     )
 
 
-# The int8 graph (`make serve --int8`) may be served while its test accuracy stays within
+# The int8 graph (`make serve ARGS=--int8`) may be served while its test accuracy stays within
 # this much of the Keras model's. Quantization rounds every weight and activation, so a few
 # borderline images change label: the float graph's bounds (`gate.parity_agreement`,
 # `gate.parity_accuracy_gap`) would refuse nearly every int8 graph.
 INT8_ACCURACY_GAP = 0.002
+# ... and its labels agree with the Keras model's on at least this share of them, so that
+# labels flipping both ways cannot hide behind an unchanged accuracy.
+INT8_AGREEMENT = 0.995
 
 
 def int8_servable(parity: Parity | None) -> tuple[bool, str]:
-    """Whether the int8 graph may be served, and the figures that say so. Never a reason to
-    reject the model: the float graph is what `make serve` serves by default."""
+    """Whether the int8 graph may be served (accuracy within INT8_ACCURACY_GAP of Keras',
+    labels agreeing on INT8_AGREEMENT of the images), and the figures that say so. Never a
+    reason to reject the model: the float graph is what `make serve` serves by default."""
     int8 = parity.int8 if parity is not None else None
     if int8 is None:
-        return False, "no int8 graph (the train stage could not make one)"
+        return False, (
+            "no int8 graph was measured (the version has none: trained before int8 graphs "
+            "were made, or its graph could not be quantized; or its served model did not load)"
+        )
     if int8.error or not int8.images:
         return False, f"the int8 graph could not be checked: {int8.error or 'no test images'}"
     gap = int8.served_accuracy - int8.keras_accuracy
@@ -387,6 +394,8 @@ def int8_servable(parity: Parity | None) -> tuple[bool, str]:
     )
     if abs(gap) > INT8_ACCURACY_GAP + TOLERANCE:
         return False, f"{figures}: over {INT8_ACCURACY_GAP:g} apart, not servable"
+    if int8.agreement + TOLERANCE < INT8_AGREEMENT:
+        return False, f"{figures}: agreement below {INT8_AGREEMENT:g}, not servable"
     return True, f"{figures}: servable with --int8"
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from ..tracking.mnist_onnx import THREADS_ENV, OnnxDigitModel
+from ..tracking.mnist_onnx import PRECISIONS, THREADS_ENV, OnnxDigitModel
 from .batching import DEFAULT_MAX_IMAGES, DEFAULT_MAX_WAIT_S, MicroBatcher
 from .metrics import CONTENT_TYPE as METRICS_TYPE
 from .metrics import ServerMetrics
@@ -187,10 +187,13 @@ SERVER_THREADS = "1"
 def create() -> ServingApp:
     """The app each server process runs (uvicorn --factory), configured by the environment."""
     name, version = os.environ.get(MODEL_NAME_ENV, ""), os.environ.get(MODEL_VERSION_ENV, "")
+    precision = os.environ.get(PRECISION_ENV) or "float32"
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"{PRECISION_ENV}: got {precision!r}, expected one of {sorted(PRECISIONS)}"
+        )
     model = OnnxDigitModel(
-        os.environ[MODEL_DIR_ENV],
-        os.environ.get(THREADS_ENV) or SERVER_THREADS,
-        precision=os.environ.get(PRECISION_ENV) or "float32",
+        os.environ[MODEL_DIR_ENV], os.environ.get(THREADS_ENV) or SERVER_THREADS, precision
     )
     recorder = Recorder(
         model=name,

@@ -62,7 +62,7 @@ def log_served_model(
     """Log the served pyfunc around `onnx_file` (what answers), `keras_file` (what it was
     exported from), `calibration` (temperature and abstention threshold; none: raw
     probabilities, every answer stands) and `int8_file` (the graph quantized to int8, if
-    made: `make serve --int8` serves it); return its `models:/` URI."""
+    made: `make serve ARGS=--int8` serves it); return its `models:/` URI."""
     import mlflow
 
     from ..files import write_json

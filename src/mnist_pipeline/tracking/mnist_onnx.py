@@ -92,7 +92,7 @@ class OnnxDigitModel:
         if precision == "int8" and not graph.is_file():  # float32: ONNX Runtime says it
             raise FileNotFoundError(
                 f"{graph}: this version has no int8 graph (it was trained before they were "
-                "made): serve its float32 graph"
+                "made, or its graph could not be quantized): serve its float32 graph"
             )
         self.folder, self.precision = folder, precision
         options = onnxruntime.SessionOptions()

@@ -15,9 +15,10 @@ WITHDRAWN = "champion.withdrawn"
 # (files.tree_sha256); what serves it from the team server checks it.
 APPROVED_DIGEST = "gate.sha256"
 # Whether the gate found the version's int8 graph servable ("true"/"false"), and its figures:
-# `make serve --int8` serves only a version whose tag says "true".
-INT8_SERVABLE = "int8.servable"
-INT8_PARITY = "int8.parity"
+# `make serve ARGS=--int8` serves only a version whose tag says "true". Under gate.*, so on a
+# team server with logins only the gate may write them (team.release_gate).
+INT8_SERVABLE = "gate.int8.servable"
+INT8_PARITY = "gate.int8.parity"
 
 
 # --- registry ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import re
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ..config import TrackingConfig
@@ -37,6 +38,11 @@ _ALIAS_QUERY = """
     JOIN model_versions AS v ON v.workspace = a.workspace AND v.name = a.name
                              AND v.version = a.version
     WHERE a.workspace = ? AND a.name = ? AND a.alias = ? AND v.current_stage != 'Deleted_Internal'
+"""
+
+_TAGS_QUERY = """
+    SELECT t.key, t.value FROM model_version_tags AS t
+    WHERE t.workspace = ? AND t.name = ? AND t.version = ?
 """
 
 
@@ -81,6 +87,22 @@ def _from_sqlite(
 ) -> Served | None:
     """The version's local artifacts, read with plain SQL where MLflow would read this same
     SQLite file (as champion_record decides); None when it cannot be trusted."""
+    query, key = (_ALIAS_QUERY, alias) if alias else (_VERSION_QUERY, version)
+    rows = _sqlite_rows(cfg, query, (name, key))
+    if rows is None:
+        return None
+    if not rows:
+        raise ModelError(missing(name, alias, version, model_uri))
+    if len(rows) != 1 or not str(rows[0][1] or "").startswith("file:"):
+        return None
+    folder = Path(unquote(urlparse(rows[0][1]).path))
+    return Served(folder=folder / "artifacts", name=name, version=str(rows[0][0]))
+
+
+def _sqlite_rows(cfg: TrackingConfig, query: str, parameters: tuple[Any, ...]) -> list | None:
+    """`query`'s rows (its first parameter: the workspace, then `parameters`) from the
+    default SQLite store, read-only; None where MLflow must be asked instead (another store,
+    another schema, the store unreadable)."""
     database = store.sqlite_file(store.tracking_uri(cfg))
     if database is None or any(os.environ.get(key) for key in champion_record.ELSEWHERE_ENV):
         return None
@@ -90,18 +112,11 @@ def _from_sqlite(
             revision = connection.execute("SELECT version_num FROM alembic_version").fetchall()
             if revision != [(champion_record.SCHEMA_REVISION,)]:
                 return None
-            query, key = (_ALIAS_QUERY, alias) if alias else (_VERSION_QUERY, version)
-            rows = connection.execute(
-                query, (champion_record.DEFAULT_WORKSPACE, name, key)
+            return connection.execute(
+                query, (champion_record.DEFAULT_WORKSPACE, *parameters)
             ).fetchall()
     except (sqlite3.Error, OSError, ValueError, RuntimeError):
         return None
-    if not rows:
-        raise ModelError(missing(name, alias, version, model_uri))
-    if len(rows) != 1 or not str(rows[0][1] or "").startswith("file:"):
-        return None
-    folder = Path(unquote(urlparse(rows[0][1]).path))
-    return Served(folder=folder / "artifacts", name=name, version=str(rows[0][0]))
 
 
 def _from_mlflow(
@@ -153,9 +168,13 @@ def require_int8_servable(cfg: TrackingConfig, served: Served, model_uri: str) -
             "was trained before they were made, or its graph could not be quantized): serve "
             "its float32 graph (leave out --int8), or retrain it (dvc repro)"
         )
-    store.use_store(cfg)
-    version = registry.version(served.name, served.version)
-    tags = (version.tags or {}) if version is not None else {}
+    rows = _sqlite_rows(cfg, _TAGS_QUERY, (served.name, served.version))
+    if rows is not None:  # the default SQLite store: no MLflow import, as for the folder
+        tags = {str(key): str(value) for key, value in rows}
+    else:
+        store.use_store(cfg)
+        version = registry.version(served.name, served.version)
+        tags = (version.tags or {}) if version is not None else {}
     if tags.get(registry.INT8_SERVABLE) != "true":
         why = tags.get(registry.INT8_PARITY) or (
             "the gate has not measured it yet (run the evaluate stage: dvc repro)"

@@ -8,7 +8,7 @@ its `pip_requirements`. Artifacts: `model.onnx` (what answers), `calibration.jso
 temperature applied to every answer and the abstention threshold), `model.keras` (the
 Keras model it was exported from, for lineage and re-scoring: `evaluation.promotion.load_keras`)
 and, when the train stage could make it, `model.int8.onnx` (the graph quantized to int8, which
-this pyfunc does not run: `make serve --int8` does, once the gate has measured it).
+this pyfunc does not run: `make serve ARGS=--int8` does, once the gate has measured it).
 
 Versions logged before the ONNX export carry their own copy of the earlier code (a
 TensorFlow `tf.function` over the `.keras` file) and keep loading with it.
@@ -31,7 +31,7 @@ except ImportError:  # imported from this package
 KERAS_ARTIFACT = "keras_model"  # model.keras: lineage and re-scoring
 ONNX_ARTIFACT = "onnx_model"  # model.onnx: what answers
 CALIBRATION_ARTIFACT = "calibration"  # calibration.json
-INT8_ARTIFACT = "onnx_int8_model"  # model.int8.onnx, if made: `make serve --int8` serves it
+INT8_ARTIFACT = "onnx_int8_model"  # model.int8.onnx, if made: `make serve ARGS=--int8` serves it
 
 
 class DigitClassifier(PythonModel):

@@ -236,7 +236,7 @@ def log_served(
     """Export `model` to ONNX and log what is served (`logged_models.log_served_model`):
     the ONNX graph, the `.keras` file and the calibration; with `int8_images` (the
     validation split), also the graph quantized to int8 on them (`models.quantize_onnx`),
-    which the gate measures and `make serve --int8` serves. The active run records the
+    which the gate measures and `make serve ARGS=--int8` serves. The active run records the
     files' sizes and how long the export and the quantization took. A graph that cannot be
     quantized is logged without its int8 copy, with a warning. Returns the model URI."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -251,9 +251,9 @@ def quantize_onnx(
         def get_next(self) -> dict[str, Any] | None:
             return next(self.batches, None)
 
-    quiet = logging.getLogger()  # ONNX Runtime's quantization logs through the root logger
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    root = logging.getLogger()  # ONNX Runtime's quantization logs through the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
             prepared = Path(tmp) / "prepared.onnx"
@@ -269,14 +269,14 @@ def quantize_onnx(
                 (i for i, node in enumerate(nodes) if node.op_type in ("MatMul", "Gemm", "Conv")),
                 default=len(nodes),
             )
-            float32 = [node.name for node in nodes[last:]]
+            kept_float = [node.name for node in nodes[last:]]
             with atomic_path(path, suffix=".onnx") as out:
                 quantize_static(
                     str(prepared),
                     str(out),
                     Batches(graph.input[0].name),
                     quant_format=QuantFormat.QDQ,
-                    nodes_to_exclude=float32,
+                    nodes_to_exclude=kept_float,
                     per_channel=True,
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8,
@@ -285,7 +285,7 @@ def quantize_onnx(
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ModelError(f"{source}: could not quantize to int8: {first[:300]}") from None
     finally:
-        quiet.setLevel(level)
+        root.setLevel(level)
 
 
 def load(path: str | os.PathLike[str]) -> keras.Model:
