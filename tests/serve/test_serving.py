@@ -141,9 +141,7 @@ def server(store, tmp_path_factory):
 @pytest.mark.parametrize("key", ["inputs", "instances"])
 def test_champion_predicts_like_the_keras_model(server, store, key):
     images, _ = synthetic_digits(16, seed=7)
-    status, body = post(server, {key: images.tolist()})
-    assert status == 200, body[:500]
-    predictions = np.asarray(json.loads(body)["predictions"], dtype=np.float32)
+    predictions, body = _predictions(server, images, key)
     assert predictions.shape == (16, 10)
     np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
     expected = store.served(images)  # calibrated with the version's temperature
@@ -287,6 +285,13 @@ def test_onnx_server_process_loads_no_tensorflow(server, store):
     assert "tensorflow" not in maps.lower(), "a TensorFlow library is loaded in the server"
 
 
+def _predictions(port: int, images: np.ndarray, key: str = "inputs") -> tuple[np.ndarray, bytes]:
+    """The server's float32 predictions for `images` (its answer must be a 200), and the body."""
+    status, body = post(port, {key: images.tolist()})
+    assert status == 200, body[:500]
+    return np.asarray(json.loads(body)["predictions"], dtype=np.float32), body
+
+
 def _listening_pid(port: int) -> int:
     """The process that listens on `port` on loopback (the server: uvicorn, one worker)."""
     inode = None
@@ -349,11 +354,8 @@ def test_mlflow_models_serve_runs_the_onnx_pyfunc(store, tmp_path_factory):
     command_for = lambda cfg, port: model_server_command(cfg, port=port, mlflow=True)  # noqa: E731
     with tiny_store.server(store, command_for, log) as (_, port):
         images, _ = synthetic_digits(5, seed=12)
-        status, answer = post(port, {"inputs": images.tolist()})
-        assert status == 200, answer[:300]
-        np.testing.assert_allclose(
-            json.loads(answer)["predictions"], store.served(images), atol=1e-5
-        )
+        predictions, _ = _predictions(port, images)
+        np.testing.assert_allclose(predictions, store.served(images), atol=1e-5)
         assert "tensorflow" not in Path(f"/proc/{_listening_pid(port)}/maps").read_text()
 
 
@@ -362,9 +364,10 @@ def test_mlflow_models_serve_runs_the_onnx_pyfunc(store, tmp_path_factory):
 def test_onnx_int8_graph_is_served_once_the_gate_found_it_servable(
     store, tmp_path_factory, monkeypatch
 ):
-    """The evaluate stage measured the champion's int8 graph and tagged it servable:
-    `--int8` serves it (/version says so, the labels are the Keras model's). A version whose
-    tag says otherwise is refused with the gate's figures, before any server starts."""
+    """The evaluate stage measured the champion's int8 graph and tagged the version with
+    its figures. With the tag saying servable, `--int8` serves it (/version and /metrics say
+    so, the labels are the Keras model's); with the tag saying otherwise it is refused with
+    the gate's figures, before any server starts."""
     from mnist_pipeline.tracking import registry
 
     monkeypatch.setenv("DVC_ROOT", str(store.root))
@@ -382,9 +385,7 @@ def test_onnx_int8_graph_is_served_once_the_gate_found_it_servable(
     int8 = lambda cfg, port: model_server_command(cfg, port=port, int8=True)  # noqa: E731
     with tiny_store.server(store, int8, log) as (_, port):
         images, _ = synthetic_digits(40, seed=9)
-        status, body = post(port, {"inputs": images.tolist()})
-        assert status == 200, body[:500]
-        predictions = np.asarray(json.loads(body)["predictions"], dtype=np.float32)
+        predictions, _ = _predictions(port, images)
         np.testing.assert_allclose(predictions.sum(axis=1), 1.0, atol=1e-5)
         expected = store.served(images)
         assert (predictions.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.95

@@ -252,12 +252,13 @@ def log_served(
         int8_file: Path | None = None
         if int8_images is not None:
             started = time.perf_counter()
+            int8_file = Path(tmp) / "model.int8.onnx"
             try:
-                models.quantize_onnx(onnx_file, Path(tmp) / "model.int8.onnx", int8_images)
+                models.quantize_onnx(onnx_file, int8_file, int8_images)
             except ModelError as err:
                 print(f"train: WARNING: no int8 graph: {err}", file=sys.stderr, flush=True)
+                int8_file = None
             else:
-                int8_file = Path(tmp) / "model.int8.onnx"
                 measured["onnx_int8_quantize_s"] = time.perf_counter() - started
                 measured["onnx_int8_bytes"] = float(int8_file.stat().st_size)
         runs.log_metrics(measured)
