@@ -6,12 +6,14 @@ in one process and take turns, one epoch each per round, so a burst of load from
 processes hits them alike; the first round (tracing, compilation) is left out.
 
     python benchmarks/ablation.py --rounds 5
-    python benchmarks/ablation.py --rounds 5 --intra-op-threads 2 --inter-op-threads 1
+    python benchmarks/ablation.py --rounds 5 --intra-op-threads 1   # the stage's threads on 2 cores
 
 Prints, per variant: median wall seconds per epoch, the process CPU seconds per epoch (less
 sensitive to other processes' load than wall time) and the training loss after the last
 round (the maths is unchanged, so losses agree up to bfloat16 rounding and shuffle order).
-Thread counts apply to a whole process, so compare them across separate runs.
+Thread counts apply to a whole process, so compare them across separate runs. The batch shards
+pay with one thread per shard's ops (`--intra-op-threads 1` on 2 cores, as the stage sets
+them); with TensorFlow's default threads two shards' ops contend for the same cores.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Variant:
     steps_per_execution: int = 1
     jit_compile: bool = False
     pipeline: str = "legacy"  # legacy | legacy-fixed | gather | loop (EpochLoop)
+    shards: int = 1  # EpochLoop's batch shards
 
 
 def ablation_steps() -> list[Variant]:
@@ -56,9 +59,8 @@ def ablation_steps() -> list[Variant]:
     gather = replace(
         fixed, label="+ per-epoch permutation, one gather per batch", pipeline="gather"
     )
-    loop = replace(
-        gather, label="+ own epoch loop, batches gathered in-graph (= stage)", pipeline="loop"
-    )
+    loop = replace(gather, label="+ own epoch loop, batches gathered in-graph", pipeline="loop")
+    sharded = replace(loop, label="+ each batch in 2 shards side by side (= stage)", shards=2)
     return [
         base,
         bf16,
@@ -66,6 +68,7 @@ def ablation_steps() -> list[Variant]:
         fixed,
         gather,
         loop,
+        sharded,
         replace(loop, label="  alt: + XLA jit_compile on each step", jit_compile=True),
         replace(loop, label="  alt: steps_per_execution 1", steps_per_execution=1),
         replace(
@@ -171,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                 augment=False,
                 steps_per_call=variant.steps_per_execution,
                 jit_compile=variant.jit_compile,
+                shards=variant.shards,
             )
 
             def one_epoch(epoch: int, loop=loop) -> keras.callbacks.History:

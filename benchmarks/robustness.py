@@ -81,10 +81,10 @@ def recipe_child(name: str, processed: Path, out: Path, max_epochs: int) -> None
     from mnist_pipeline.data.splits import load_split
     from mnist_pipeline.training import job, models
     from mnist_pipeline.training.fit import fit
-    from mnist_pipeline.training.runtime import configure_runtime
+    from mnist_pipeline.training.runtime import configure_job
 
     train_job = TrainJob.from_config(compose(ROOT / "conf", overrides(name, max_epochs)))
-    runtime = configure_runtime(train_job.runtime, train_job.train.seed, train_job.model.name)
+    runtime = configure_job(train_job)
     splits = {part: load_split(processed, part) for part in ("train", "val")}
     started = time.perf_counter()
     result = fit(

@@ -227,11 +227,11 @@ def recipe_child(name: str, processed: Path, report: Path, started: float, max_e
     from mnist_pipeline.data.splits import load_split
     from mnist_pipeline.training import models
     from mnist_pipeline.training.fit import fit
-    from mnist_pipeline.training.runtime import configure_runtime
+    from mnist_pipeline.training.runtime import configure_job
 
     overrides = [] if name == "mlp" else [f"experiment={name}"]
     job = TrainJob.from_config(compose(ROOT / "conf", [*overrides, "train.verbose=2"]))
-    runtime = configure_runtime(job.runtime, job.train.seed, job.model.name)
+    runtime = configure_job(job)
     splits = {part: load_split(processed, part) for part in ("train", "val", "test")}
     record = new_record()
     score = scorer(

@@ -16,13 +16,18 @@ from helpers.digits import synthetic_digits
 
 from mnist_pipeline import config
 from mnist_pipeline.data.splits import Split, save_split
-from mnist_pipeline.errors import Interrupted
+from mnist_pipeline.errors import ConfigError, Interrupted
 from mnist_pipeline.evaluation import promotion
 from mnist_pipeline.tracking.runs import GIT_COMMIT
 from mnist_pipeline.training import calibration, job, models
 from mnist_pipeline.training.callbacks import onecycle_factor, schedule_factor
 from mnist_pipeline.training.fit import weights_digest
-from mnist_pipeline.training.runtime import cpu_bf16_unit, cpu_precision, resolve_precision
+from mnist_pipeline.training.runtime import (
+    cpu_bf16_unit,
+    cpu_precision,
+    resolve_precision,
+    resolve_shards,
+)
 
 
 @pytest.fixture()
@@ -115,17 +120,17 @@ def test_outputs_are_written_for_dvc(tmp_path, processed, monkeypatch):
 @pytest.mark.parametrize(
     "overrides, digest",
     [
-        ((), "44662147cb237b385a13daa2870bd02dcc8a3224c9037512f553ca00f858132c"),
+        ((), "96b2782ffcf6e2afda11df818b1ba3b3f9557240b57baa4d1d3fccdc65e10313"),
         (
             ("runtime.jit_compile=false", "optimizer.learning_rate=1"),
-            "af0fe16ff352155402909ed31f042abb237dcf2bb3a926b02adb1bd4e5f3ddd3",
+            "041a46b212afd1c69e7ff9e7e9a6ed77fb7bd699fa8775fb4020eef6a6dbb6f1",
         ),
     ],
 )
 def test_run_params_and_config_digest_are_unchanged(overrides, digest):
     # Pinned digests (the dataclass schema's, plus runtime.workers, collective_timeout_s,
-    # train.label_smoothing, train.augmentation (its photometric_share too) and
-    # train.calibration):
+    # train.label_smoothing, train.augmentation (its photometric_share too),
+    # train.calibration and runtime.batch_shards):
     # a run resumes from its checkpoints, and compares with earlier runs, only while these
     # stay the same; a change to them must be deliberate.
     train_job = config.TrainJob.from_config(test_config.composed(*overrides))
@@ -411,3 +416,56 @@ def test_an_explicit_precision_is_kept_whatever_the_model():
     for precision in ("float32", "mixed_bfloat16", "mixed_float16"):
         assert resolve_precision(precision, "cnn") == precision
     assert resolve_precision("auto", "cnn") == cpu_precision(cpu_bf16_unit(), "cnn")
+
+
+def _shards(batch_size=128, batch_statistics=False, gpu=False, cores=2, **runtime):
+    cfg = test_config.section("runtime", **runtime)
+    return resolve_shards(cfg, batch_size, batch_statistics, gpu, cores)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ({}, 2),  # 2 cores, batch 128: 2 shards of 64 (the measured gain)
+        ({"cores": 16}, 2),  # at least 64 images a shard
+        ({"batch_size": 512, "cores": 16}, 8),
+        ({"batch_size": 100}, 1),  # 2 shards would hold fewer than 64 images
+        ({"cores": 1}, 1),
+        ({"intra_op_threads": 1}, 1),  # a sweep worker given one thread
+        ({"gpu": True}, 1),
+        ({"batch_statistics": True}, 1),  # batch norm: a shard's statistics would differ
+        ({"distribute": "mirrored"}, 1),
+        ({"batch_shards": 3}, 3),  # asked for: kept
+        ({"batch_shards": 1, "cores": 16}, 1),
+    ],
+)
+def test_auto_batch_shards_are_one_per_core_only_where_the_step_stays_the_same(case, expected):
+    assert _shards(**case) == expected
+
+
+@pytest.mark.parametrize(
+    ("case", "names"),
+    [
+        ({"batch_shards": 2, "batch_statistics": True}, "batch normalization"),
+        ({"batch_shards": 2, "distribute": "multi_worker"}, "runtime.distribute=multi_worker"),
+        ({"batch_shards": 64, "batch_size": 32}, "train.batch_size (32)"),
+    ],
+)
+def test_batch_shards_that_would_change_the_step_are_refused(case, names):
+    with pytest.raises(ConfigError) as err:
+        _shards(**case)
+    assert "runtime.batch_shards" in str(err.value) and names in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0, 65, "two", -1])
+def test_batch_shards_config_is_auto_or_a_count(value):
+    with pytest.raises(ConfigError) as err:
+        test_config.section("runtime", batch_shards=value)
+    assert "batch_shards" in str(err.value)
+
+
+def test_batch_statistics_are_those_of_batch_normalization():
+    assert not models.batch_statistics(test_config.section("model", name="mlp"))
+    assert not models.batch_statistics(test_config.section("model", name="rnn"))
+    assert models.batch_statistics(test_config.section("model", name="cnn", batch_norm=True))
+    assert not models.batch_statistics(test_config.section("model", name="cnn", batch_norm=False))

@@ -19,7 +19,7 @@ from mnist_pipeline.training import models
 from mnist_pipeline.training.callbacks import EpochLine, EpochReport, StopOnNaN, progress
 from mnist_pipeline.training.fit import fit
 from mnist_pipeline.training.inputs import dataset
-from mnist_pipeline.training.loop import EpochLoop, resident
+from mnist_pipeline.training.loop import EpochLoop, resident, shard_sizes
 from mnist_pipeline.training.runtime import Runtime
 
 
@@ -92,6 +92,44 @@ def test_every_traced_step_has_a_static_batch_size(splits):
         for arg in f.structured_input_signature[0][:1]
     )
     assert shapes == [(10, 28, 28), (64, 28, 28)]
+
+
+def _matmuls(function: tf.types.experimental.PolymorphicFunction) -> list[int]:
+    """Matrix products in each traced graph of `function`, loop bodies included."""
+    counts = []
+    for concrete in function._list_all_concrete_functions():
+        graph = concrete.graph.as_graph_def()
+        nodes = [*graph.node, *(n for f in graph.library.function for n in f.node_def)]
+        counts.append(sum(node.op == "MatMul" for node in nodes))
+    return sorted(counts)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_batch_shards_train_exactly_as_the_whole_batch(splits, shards):
+    # Each batch (64, and the partial 10) and the validation batch (70) in shards whose
+    # size-weighted losses are summed: the whole batch's gradient, up to float32 rounding.
+    train, val = splits
+    whole, sharded = _model(), _model()
+    reference = _loop(whole, train, val, shuffle=True).run([], epochs=3)
+    loop = _loop(sharded, train, val, shuffle=True, shards=shards)
+    history = loop.run([], epochs=3)
+    for mine, theirs in zip(sharded.get_weights(), whole.get_weights(), strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    for key, values in reference.history.items():
+        np.testing.assert_allclose(history.history[key], values, rtol=1e-5, err_msg=key)
+    # The graphs really hold one forward and backward pass per shard (the MLP's two dense
+    # layers: 2 products forward, 2 weight gradients and 1 input gradient per pass).
+    assert _matmuls(loop._step) == [5 * shards, 5 * shards]
+    assert _matmuls(loop._validate) == [2 * shards]
+    assert loop.val_calls == [(0, 1, 70)]
+
+
+@pytest.mark.parametrize(
+    ("size", "shards", "expected"),
+    [(128, 2, [64, 64]), (10, 3, [4, 3, 3]), (2, 4, [1, 1]), (70, 1, [70])],
+)
+def test_shards_are_near_equal_and_never_empty(size, shards, expected):
+    assert shard_sizes(size, shards) == expected
 
 
 def test_each_epoch_is_a_seeded_permutation_of_every_image(splits):

@@ -493,7 +493,11 @@ class RuntimeConfig(Section):
     # the worker fails: a lost worker must fail the job, not hang it.
     collective_timeout_s: PositiveNumber
     logical_devices: IntAtLeast0
-    # Threads for TF ops; 0 = TensorFlow decides.
+    # Shards of each batch trained concurrently, one per core, their gradients summed into
+    # the one optimizer step (training.runtime.resolve_shards): auto = on a CPU, one per core
+    # with >= 64 images each; 1 with a GPU, a tf.distribute strategy or batch statistics.
+    batch_shards: Literal["auto"] | Int1To64
+    # Threads for TF ops; 0 = TensorFlow decides (all cores, or the cores per batch shard).
     intra_op_threads: IntAtLeast0
     inter_op_threads: IntAtLeast0
 

@@ -9,7 +9,8 @@ loss scaling, optimizer) and Keras callbacks, with none of the per-step machiner
 
 How it runs fast without changing the maths: bfloat16 compute with float32 weights where
 the hardware has it, many steps per compiled call, batches gathered inside the graph from
-the arrays' own memory, XLA on GPUs only. benchmarks/ measures each of these.
+the arrays' own memory, each batch in concurrent shards on a CPU's cores, XLA on GPUs only.
+benchmarks/ measures each of these.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ def fit(
             augment=augment,
             steps_per_call=steps_per_execution,
             jit_compile=bool(model.jit_compile),
+            shards=runtime.batch_shards,
         ) as loop:
             history = loop.run(
                 callbacks, epochs=cfg.epochs, initial_epoch=initial_epoch, verbose=verbose

@@ -25,7 +25,7 @@ from ..files import write_json
 from ..tracking import lineage, logged_models, runs, store
 from . import calibration, callbacks, curves, models
 from .fit import Result, fit, predict
-from .runtime import Runtime, configure_runtime
+from .runtime import Runtime, configure_job
 
 # Keys that change how a run is resumed, not what it computes.
 NOT_IN_DIGEST = ("train.checkpoint.resume", "train.verbose")
@@ -84,7 +84,7 @@ def train(
             returned `model_uri` is then empty.
     """
     processed_dir = job.paths.processed
-    runtime = configure_runtime(job.runtime, job.train.seed, job.model.name)
+    runtime = configure_job(job)
     splits = {name: load_split(processed_dir, name) for name in ("train", "val", "test")}
     data_sha256 = data_digest(splits)
     test_sha256 = splits["test"].sha256()

@@ -40,9 +40,13 @@ class EpochLoop:
     epoch, as `dataset` does, with no tf.data pipeline or Python call per batch), then the
     same forward pass, loss (`model.compute_loss`), loss scaling and optimizer update as
     Keras' `train_step`. Loss and accuracy are summed in the loop rather than kept in metric
-    objects. Between calls it runs the callbacks' batch hooks (signal checks, NaN stop); at
-    each epoch's end it validates in one call and runs the epoch hooks, so `History`,
-    learning-rate schedules, early stopping, checkpoints and reports see the same logs
+    objects. With `shards` > 1 each batch is split into that many shards whose forward and
+    backward passes are independent until their gradients are summed, so TensorFlow runs
+    them side by side, one core each (`runtime.resolve_shards`); their losses are weighted
+    by size, so the gradient is that of the whole batch's mean loss. Validation batches are
+    split the same way. Between calls it runs the callbacks' batch hooks (signal checks, NaN
+    stop); at each epoch's end it validates (a call per batch size) and runs the epoch hooks,
+    so `History`, learning-rate schedules, early stopping, checkpoints and reports see the same logs
     (`loss`, `accuracy`, `val_loss`, `val_accuracy`) as under `fit`. A non-finite loss stops
     the loop at that step; the epoch is then neither validated nor reported.
 
@@ -61,6 +65,7 @@ class EpochLoop:
         augment: bool | AugmentationConfig,
         steps_per_call: int,
         jit_compile: bool,
+        shards: int = 1,
     ) -> None:
         if len(train) == 0 or len(val) == 0:
             raise ValueError(
@@ -68,17 +73,14 @@ class EpochLoop:
                 "expected at least one image in each"
             )
         self.model, self.batch_size, self.shuffle, self.seed = model, batch_size, shuffle, seed
+        self.shards = max(1, shards)
         self.steps = math.ceil(len(train) / batch_size)
         # Each call's batches have one static size, so the graph's shape arithmetic folds
-        # away: full batches in calls of `steps_per_call` steps, a partial last one on its own.
-        full, rest = divmod(len(train), batch_size)
-        per_call = max(1, steps_per_call)
-        self.calls = [
-            (first, min(first + per_call, full), batch_size) for first in range(0, full, per_call)
-        ]
-        if rest:
-            self.calls.append((full, full + 1, rest))
+        # away (and shards have static sizes): full batches in calls of `steps_per_call`
+        # steps, a partial last one on its own.
+        self.calls = static_calls(len(train), batch_size, max(1, steps_per_call))
         self.val_batch = max(batch_size, 1000)
+        self.val_calls = static_calls(len(val), self.val_batch, len(val))
         self.train_x, self.train_y = resident(train.images), resident(train.labels)
         self.val_x, self.val_y = resident(val.images), resident(val.labels)
         self.augment = augmenter(seed, augment) if augment else None
@@ -112,11 +114,27 @@ class EpochLoop:
             tf.range(n), seed=tf.constant([self.seed, epoch], tf.int64)
         )
 
+    def _forward(self, x: tf.Tensor, y: tf.Tensor, training: bool) -> tuple[tf.Tensor, tf.Tensor]:
+        """The model's predictions for a batch of static size and the batch's mean loss
+        (`model.compute_loss`), computed in `self.shards` independent shards."""
+        model = self.model
+        sizes = [] if self.shards == 1 else shard_sizes(int(x.shape[0]), self.shards)
+        if len(sizes) <= 1:
+            predicted = model(x, training=training)
+            return predicted, model.compute_loss(x=x, y=y, y_pred=predicted, training=training)
+        size = sum(sizes)
+        predictions, losses = [], []
+        for x_shard, y_shard, n in zip(tf.split(x, sizes), tf.split(y, sizes), sizes, strict=True):
+            predicted = model(x_shard, training=training)
+            loss = model.compute_loss(x=x_shard, y=y_shard, y_pred=predicted, training=training)
+            predictions.append(predicted)
+            losses.append(loss * (n / size))
+        return tf.concat(predictions, axis=0), tf.add_n(losses)
+
     def _train_step(self, x: tf.Tensor, y: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         model = self.model
         with tf.GradientTape() as tape:
-            predicted = model(x, training=True)
-            loss = model.compute_loss(x=x, y=y, y_pred=predicted, training=True)
+            predicted, loss = self._forward(x, y, training=True)
             scaled = model.optimizer.scale_loss(loss)
         weights = model.trainable_variables
         model.optimizer.apply(tape.gradient(scaled, weights), weights)
@@ -151,24 +169,35 @@ class EpochLoop:
                 break
         return loss_sum, correct, seen, diverged_at
 
-    def _validation(self, images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        n = tf.shape(labels)[0]
+    def _validation(
+        self, images: tf.Tensor, labels: tf.Tensor, first: tf.Tensor, last: tf.Tensor, size: int
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Validation batches `first` to `last` - 1 of `size` images each: their summed loss
+        and correct count."""
         loss_sum, correct = tf.constant(0.0), tf.constant(0, tf.int32)
-        for start in tf.range(0, n, self.val_batch):
+        for batch in tf.range(first, last):
             with tf.device("/CPU:0"):  # where the arrays are
-                x = images[start : start + self.val_batch]
-                y = labels[start : start + self.val_batch]
-            predicted = self.model(x, training=False)
-            loss = self.model.compute_loss(
-                x=x,
-                y=tf.one_hot(y, NUM_CLASSES, dtype=tf.float32),
-                y_pred=predicted,
-                training=False,
+                start = batch * self.val_batch
+                x = tf.ensure_shape(images[start : start + size], [size, *images.shape[1:]])
+                y = tf.ensure_shape(labels[start : start + size], [size])
+            predicted, loss = self._forward(
+                x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32), training=False
             )
-            loss_sum += tf.cast(loss, tf.float32) * tf.cast(tf.shape(y)[0], tf.float32)
+            loss_sum += tf.cast(loss, tf.float32) * size
             correct += count_correct(predicted, y)
-        total = tf.cast(n, tf.float32)
-        return loss_sum / total, tf.cast(correct, tf.float32) / total
+        return loss_sum, correct
+
+    def validate(self) -> tuple[float, float]:
+        """The validation split's mean loss and accuracy."""
+        loss_sum, correct = 0.0, 0
+        for first, last, size in self.val_calls:
+            out = self._validate(
+                self.val_x, self.val_y, tf.constant(first), tf.constant(last), size
+            )
+            loss_sum += float(out[0])
+            correct += int(out[1])
+        total = int(self.val_y.shape[0])
+        return loss_sum / total, correct / total
 
     def run(
         self,
@@ -212,10 +241,10 @@ class EpochLoop:
                     break
             if diverged:
                 break
-            # Validation in one call, framed by the test hooks `Model.fit` runs around it.
+            # Validation, framed by the test hooks `Model.fit` runs around it.
             hooks.on_test_begin()
             hooks.on_test_batch_begin(0)
-            val_loss, val_accuracy = (float(v) for v in self._validate(self.val_x, self.val_y))
+            val_loss, val_accuracy = self.validate()
             val_logs = {"loss": val_loss, "accuracy": val_accuracy}
             hooks.on_test_batch_end(0, val_logs)
             hooks.on_test_end(val_logs)
@@ -227,6 +256,23 @@ class EpochLoop:
             model.optimizer.finalize_variable_values(model.trainable_weights)
         hooks.on_train_end(logs=logs)
         return model.history
+
+
+def static_calls(images: int, batch_size: int, per_call: int) -> list[tuple[int, int, int]]:
+    """(first batch, end batch, batch size) for each compiled call over `images` images:
+    full batches, at most `per_call` to a call, then the partial last batch on its own."""
+    full, rest = divmod(images, batch_size)
+    calls = [(first, min(first + per_call, full), batch_size) for first in range(0, full, per_call)]
+    if rest:
+        calls.append((full, full + 1, rest))
+    return calls
+
+
+def shard_sizes(size: int, shards: int) -> list[int]:
+    """`size` images in at most `shards` shards of near-equal sizes (none empty)."""
+    count = max(1, min(shards, size))
+    base, extra = divmod(size, count)
+    return [base + (1 if index < extra else 0) for index in range(count)]
 
 
 def count_correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:

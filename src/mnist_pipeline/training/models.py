@@ -35,6 +35,12 @@ def build(cfg: ModelConfig, num_classes: int = NUM_CLASSES) -> keras.Model:
     )
 
 
+def batch_statistics(cfg: ModelConfig) -> bool:
+    """Whether the model `cfg` describes computes statistics across a batch in training (batch
+    normalization), so that a batch cannot be trained in shards (`runtime.batch_shards`)."""
+    return isinstance(cfg, CNNConfig) and cfg.batch_norm
+
+
 def _inputs() -> keras.KerasTensor:
     return keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image")
 
