@@ -13,7 +13,9 @@ sensitive to other processes' load than wall time) and the training loss after t
 round (the maths is unchanged, so losses agree up to bfloat16 rounding and shuffle order).
 Thread counts apply to a whole process, so compare them across separate runs. The batch shards
 pay with one thread per shard's ops (`--intra-op-threads 1` on 2 cores, as the stage sets
-them); with TensorFlow's default threads two shards' ops contend for the same cores.
+them); with TensorFlow's default threads two shards' ops contend for the same cores. *So row
+7 is the stage only with `--intra-op-threads` set to half the cores; the stage trains
+unsharded rows with TensorFlow's default threads. The "alt:" rows change row 6.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def ablation_steps() -> list[Variant]:
         fixed, label="+ per-epoch permutation, one gather per batch", pipeline="gather"
     )
     loop = replace(gather, label="+ own epoch loop, batches gathered in-graph", pipeline="loop")
-    sharded = replace(loop, label="+ each batch in 2 shards side by side (= stage)", shards=2)
+    sharded = replace(loop, label="+ each batch in 2 shards side by side (= stage*)", shards=2)
     return [
         base,
         bf16,

@@ -65,6 +65,11 @@ STARTUP_LINE = re.compile(
 )
 
 
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def debug() -> bool:
     return bool(os.environ.get(DEBUG_ENV))
 

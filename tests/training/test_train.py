@@ -25,6 +25,7 @@ from mnist_pipeline.training.fit import weights_digest
 from mnist_pipeline.training.runtime import (
     cpu_bf16_unit,
     cpu_precision,
+    op_threads,
     resolve_precision,
     resolve_shards,
 )
@@ -420,7 +421,9 @@ def test_an_explicit_precision_is_kept_whatever_the_model():
 
 def _shards(batch_size=128, batch_statistics=False, gpu=False, cores=2, **runtime):
     cfg = test_config.section("runtime", **runtime)
-    return resolve_shards(cfg, batch_size, batch_statistics, gpu, cores)
+    return resolve_shards(
+        cfg, batch_size=batch_size, batch_statistics=batch_statistics, on_gpu=gpu, cores=cores
+    )
 
 
 @pytest.mark.parametrize(
@@ -432,6 +435,8 @@ def _shards(batch_size=128, batch_statistics=False, gpu=False, cores=2, **runtim
         ({"batch_size": 100}, 1),  # 2 shards would hold fewer than 64 images
         ({"cores": 1}, 1),
         ({"intra_op_threads": 1}, 1),  # a sweep worker given one thread
+        ({"inter_op_threads": 1}, 1),  # one op at a time: shards could not run side by side
+        ({"batch_size": None}, 1),  # no batch size given (benchmarks configuring threads only)
         ({"gpu": True}, 1),
         ({"batch_statistics": True}, 1),  # batch norm: a shard's statistics would differ
         ({"distribute": "mirrored"}, 1),
@@ -441,6 +446,20 @@ def _shards(batch_size=128, batch_statistics=False, gpu=False, cores=2, **runtim
 )
 def test_auto_batch_shards_are_one_per_core_only_where_the_step_stays_the_same(case, expected):
     assert _shards(**case) == expected
+
+
+@pytest.mark.parametrize(
+    ("runtime", "shards", "cores", "expected"),
+    [
+        ({}, 2, 2, 1),  # the stage here: one thread for each shard's ops
+        ({}, 2, 16, 8),
+        ({"intra_op_threads": 2}, 2, 16, 1),  # a sweep worker's 2 cores, shared out
+        ({"intra_op_threads": 3}, 1, 16, 3),
+        ({}, 1, 16, 0),  # unsharded: TensorFlow decides
+    ],
+)
+def test_batch_shards_share_out_the_cores_for_ops(runtime, shards, cores, expected):
+    assert op_threads(test_config.section("runtime", **runtime), shards, cores) == expected
 
 
 @pytest.mark.parametrize(

@@ -104,8 +104,18 @@ def _matmuls(function: tf.types.experimental.PolymorphicFunction) -> list[int]:
     return sorted(counts)
 
 
+@pytest.fixture()
+def float32_policy():
+    # Float32 compute whatever an earlier test in this process configured (the stage's
+    # runtime set-up leaves its bfloat16 policy global), so that rounding stays float32's.
+    before = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")
+    yield
+    keras.mixed_precision.set_global_policy(before)
+
+
 @pytest.mark.parametrize("shards", [2, 3])
-def test_batch_shards_train_exactly_as_the_whole_batch(splits, shards):
+def test_batch_shards_train_exactly_as_the_whole_batch(splits, shards, float32_policy):
     # Each batch (64, and the partial 10) and the validation batch (70) in shards whose
     # size-weighted losses are summed: the whole batch's gradient, up to float32 rounding.
     train, val = splits
@@ -122,6 +132,27 @@ def test_batch_shards_train_exactly_as_the_whole_batch(splits, shards):
     assert _matmuls(loop._step) == [5 * shards, 5 * shards]
     assert _matmuls(loop._validate) == [2 * shards]
     assert loop.val_calls == [(0, 1, 70)]
+
+
+def test_batch_shards_take_augmented_batches_and_refuse_batch_normalization(splits):
+    train, val = splits
+    model = _model()
+    loop = _loop(model, train, val, shards=2, augment=True)
+    history = loop.run([], epochs=1)
+    assert math.isfinite(history.history["loss"][0])
+    assert _matmuls(loop._step) == [10, 10]
+    keras.utils.set_random_seed(3)
+    normalized = models.build(
+        test_config.section("model", name="cnn", filters=[4], batch_norm=True, dense_units=0)
+    )
+    models.compile_model(
+        normalized,
+        models.build_optimizer(test_config.section("optimizer", name="sgd")),
+        "categorical_crossentropy",
+    )
+    with pytest.raises(ValueError, match="batch normalization"):
+        _loop(normalized, train, val, shards=2)
+    _loop(normalized, train, val, shards=1).close()
 
 
 @pytest.mark.parametrize(
@@ -282,7 +313,8 @@ def test_every_model_family_trains_through_the_loop(splits, model_changes):
     adamw = test_config.section("optimizer", name="adam", weight_decay=1e-4)
     models.compile_model(model, models.build_optimizer(adamw), "categorical_crossentropy")
     before = [w.copy() for w in model.get_weights()]
-    history = _loop(model, train, val, shuffle=True).run([], epochs=2)
+    shards = 1 if model_changes.get("batch_norm") else 2  # the RNN in shards too
+    history = _loop(model, train, val, shuffle=True, shards=shards).run([], epochs=2)
     assert all(math.isfinite(v) for v in history.history["val_loss"])
     changed = [not np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True)]
     assert all(changed), "every weight (and batch-norm statistic) is updated"

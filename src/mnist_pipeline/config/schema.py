@@ -493,11 +493,12 @@ class RuntimeConfig(Section):
     # the worker fails: a lost worker must fail the job, not hang it.
     collective_timeout_s: PositiveNumber
     logical_devices: IntAtLeast0
-    # Shards of each batch trained concurrently, one per core, their gradients summed into
-    # the one optimizer step (training.runtime.resolve_shards): auto = on a CPU, one per core
-    # with >= 64 images each; 1 with a GPU, a tf.distribute strategy or batch statistics.
+    # Shards of each batch trained side by side, their gradients summed into the one
+    # optimizer step (training.runtime.resolve_shards): auto = on a CPU, one per core with
+    # >= 64 images each; 1 with a GPU, a tf.distribute strategy or batch normalization.
     batch_shards: Literal["auto"] | Int1To64
-    # Threads for TF ops; 0 = TensorFlow decides (all cores, or the cores per batch shard).
+    # The cores for TF ops (0 = all this process may use), shared out between batch shards
+    # (training.runtime.op_threads); without shards, 0 lets TensorFlow decide.
     intra_op_threads: IntAtLeast0
     inter_op_threads: IntAtLeast0
 

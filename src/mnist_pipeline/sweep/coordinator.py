@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 
+from .. import startup
 from ..config import SweepConfig, TrainJob
 from ..config import loading as config
 from ..config.compose import compose_with_choices as compose
@@ -28,7 +29,7 @@ from .study import (
     storage_url,
     worker_seed,
 )
-from .workers import Plan, cores, run_workers, sigterm_interrupts
+from .workers import Plan, run_workers, sigterm_interrupts
 
 
 def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
@@ -126,7 +127,7 @@ def run(conf_dir: str | os.PathLike[str], overrides: Sequence[str]) -> Summary:
 
         before = progress(study)
         n_workers = min(cfg.n_jobs, before.remaining(cfg.n_trials) + before.running)
-        threads = max(1, cores() // cfg.n_jobs)
+        threads = max(1, startup.cores() // cfg.n_jobs)
         plan = (
             f"{n_workers} worker process(es) with {threads} TensorFlow thread(s) each"
             if n_workers

@@ -66,7 +66,7 @@ def fit(
     """Build, compile and train `job`'s model; raise `TrainingError` on divergence.
 
     Reads `job.model`, `job.optimizer` and `job.train`; `runtime` is what
-    `configure_runtime(job.runtime, ...)` set up.
+    `configure_job(job)` set up.
     """
     cfg = job.train
     global_batch = cfg.batch_size

@@ -40,14 +40,15 @@ class EpochLoop:
     epoch, as `dataset` does, with no tf.data pipeline or Python call per batch), then the
     same forward pass, loss (`model.compute_loss`), loss scaling and optimizer update as
     Keras' `train_step`. Loss and accuracy are summed in the loop rather than kept in metric
-    objects. With `shards` > 1 each batch is split into that many shards whose forward and
-    backward passes are independent until their gradients are summed, so TensorFlow runs
-    them side by side, one core each (`runtime.resolve_shards`); their losses are weighted
-    by size, so the gradient is that of the whole batch's mean loss. Validation batches are
-    split the same way. Between calls it runs the callbacks' batch hooks (signal checks, NaN
-    stop); at each epoch's end it validates (a call per batch size) and runs the epoch hooks,
-    so `History`, learning-rate schedules, early stopping, checkpoints and reports see the same logs
-    (`loss`, `accuracy`, `val_loss`, `val_accuracy`) as under `fit`. A non-finite loss stops
+    objects. With `shards` > 1 each batch is split into that many shards, each with its own
+    forward pass and loss, weighted by its share of the batch: the gradient is the whole
+    batch's mean loss's, and the passes are independent until it is summed, so TensorFlow
+    runs them side by side (`runtime.resolve_shards` says when that is the same step).
+    Validation batches are split the same way. Between calls it runs the callbacks' batch
+    hooks (signal checks, NaN stop); at each epoch's end it validates (a call per batch size)
+    and runs the epoch hooks, so `History`, learning-rate schedules, early stopping,
+    checkpoints and reports see the same logs (`loss`, `accuracy`, `val_loss`,
+    `val_accuracy`) as under `fit`. A non-finite loss stops
     the loop at that step; the epoch is then neither validated nor reported.
 
     Without tf.distribute only: under a strategy, `Model.fit` drives it.
@@ -72,6 +73,11 @@ class EpochLoop:
                 "training loop: got an empty train or validation split, "
                 "expected at least one image in each"
             )
+        if shards > 1 and any(_normalizes_batches(layer) for layer in model.layers):
+            raise ValueError(
+                f"training loop: got {shards} batch shards for a model with batch "
+                "normalization, expected 1 (its statistics over a shard would differ)"
+            )
         self.model, self.batch_size, self.shuffle, self.seed = model, batch_size, shuffle, seed
         self.shards = max(1, shards)
         self.steps = math.ceil(len(train) / batch_size)
@@ -80,7 +86,7 @@ class EpochLoop:
         # steps, a partial last one on its own.
         self.calls = static_calls(len(train), batch_size, max(1, steps_per_call))
         self.val_batch = max(batch_size, 1000)
-        self.val_calls = static_calls(len(val), self.val_batch, len(val))
+        self.val_calls = static_calls(len(val), self.val_batch, per_call=len(val))  # all full
         self.train_x, self.train_y = resident(train.images), resident(train.labels)
         self.val_x, self.val_y = resident(val.images), resident(val.labels)
         self.augment = augmenter(seed, augment) if augment else None
@@ -160,6 +166,7 @@ class EpochLoop:
                 x, y = tf.gather(images, index), tf.gather(labels, index)
             if self.augment is not None:
                 x, _ = self.augment(x, y)
+                x = tf.ensure_shape(x, [size, *x.shape[1:]])  # shards need the static size
             loss, scores = self._step(x, tf.one_hot(y, NUM_CLASSES, dtype=tf.float32))
             loss_sum += tf.cast(loss, tf.float32) * size
             correct += count_correct(scores, y)
@@ -187,7 +194,7 @@ class EpochLoop:
             correct += count_correct(predicted, y)
         return loss_sum, correct
 
-    def validate(self) -> tuple[float, float]:
+    def validation_scores(self) -> tuple[float, float]:
         """The validation split's mean loss and accuracy."""
         loss_sum, correct = 0.0, 0
         for first, last, size in self.val_calls:
@@ -244,7 +251,7 @@ class EpochLoop:
             # Validation, framed by the test hooks `Model.fit` runs around it.
             hooks.on_test_begin()
             hooks.on_test_batch_begin(0)
-            val_loss, val_accuracy = self.validate()
+            val_loss, val_accuracy = self.validation_scores()
             val_logs = {"loss": val_loss, "accuracy": val_accuracy}
             hooks.on_test_batch_end(0, val_logs)
             hooks.on_test_end(val_logs)
@@ -258,10 +265,10 @@ class EpochLoop:
         return model.history
 
 
-def static_calls(images: int, batch_size: int, per_call: int) -> list[tuple[int, int, int]]:
-    """(first batch, end batch, batch size) for each compiled call over `images` images:
-    full batches, at most `per_call` to a call, then the partial last batch on its own."""
-    full, rest = divmod(images, batch_size)
+def static_calls(count: int, batch_size: int, per_call: int) -> list[tuple[int, int, int]]:
+    """(first batch, end batch, batch size) for each compiled call over `count` images: full
+    batches, at most `per_call` to a call, then the partial last batch on its own."""
+    full, rest = divmod(count, batch_size)
     calls = [(first, min(first + per_call, full), batch_size) for first in range(0, full, per_call)]
     if rest:
         calls.append((full, full + 1, rest))
@@ -273,6 +280,13 @@ def shard_sizes(size: int, shards: int) -> list[int]:
     count = max(1, min(shards, size))
     base, extra = divmod(size, count)
     return [base + (1 if index < extra else 0) for index in range(count)]
+
+
+def _normalizes_batches(layer: keras.layers.Layer) -> bool:
+    """Whether `layer`, or a layer inside it, is a batch normalization."""
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return True
+    return any(_normalizes_batches(inner) for inner in getattr(layer, "layers", []))
 
 
 def count_correct(predicted: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:

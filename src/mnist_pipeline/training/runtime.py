@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from .. import startup
 from ..config import RuntimeConfig, TrainJob
 from ..errors import ConfigError
 from . import cluster, models
@@ -32,6 +33,8 @@ class Runtime:
     deterministic: bool
     # Concurrent shards of each training batch (`resolve_shards`); 1: the batch in one piece.
     batch_shards: int = 1
+    # Intra-op threads in effect (`op_threads`, or what an earlier configuration set).
+    op_threads: int = 0
     # In a multi-worker job: this process's place (`cluster.Task`); None in a single process.
     task: Task | None = None
 
@@ -49,6 +52,7 @@ class Runtime:
             "runtime.replicas": self.replicas,
             "runtime.resolved_workers": self.task.workers if self.task else 1,
             "runtime.resolved_batch_shards": self.batch_shards,
+            "runtime.resolved_intra_op_threads": self.op_threads,
         }
 
 
@@ -121,40 +125,36 @@ def resolve_precision(requested: str, model_name: str = "mlp") -> str:
 
 
 # The fewest images a batch shard gets from `batch_shards: auto`. On a 2-core AMD EPYC an
-# epoch of the tutorial MLP took 25% less time in 2 shards of 64 than in one batch of 128,
-# one of the `fast` CNN 13-21% less; 4 shards of 32 were slower than one batch
-# (benchmarks/README.md, "Batch shards").
+# epoch of the train stage took 0.61-0.65 s in 2 shards of 64 against 0.79-1.10 s in one
+# batch of 128, one of the `fast` CNN 4.2-4.3 s against 4.9-5.4 s; 4 shards of 32 were
+# slower than one batch (benchmarks/README.md, "Batch shards").
 MIN_SHARD_IMAGES = 64
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def resolve_shards(
-    cfg: RuntimeConfig, batch_size: int, batch_statistics: bool, on_gpu: bool, cores: int
+    cfg: RuntimeConfig, *, batch_size: int | None, batch_statistics: bool, on_gpu: bool, cores: int
 ) -> int:
     """How many shards each training batch is split into (`runtime.batch_shards`).
 
     The shards' forward and backward passes are independent until their gradients are summed,
-    so TensorFlow runs them side by side, one core each: small matrix products use one core
-    well and two badly. The sum is the gradient of the whole batch's mean loss, so the step
-    is the same (up to float rounding) only where no layer computes statistics across the
-    batch (`batch_statistics`: batch normalization), and only without a tf.distribute
-    strategy (which splits batches itself). `auto`: on a CPU, one shard per core this
-    process may use (`intra_op_threads` when set), at least `MIN_SHARD_IMAGES` images each;
-    1 on a GPU, where one large product is what runs fast.
+    so TensorFlow runs them side by side, each op on its share of the cores: small matrix
+    products use one core well and two badly. Each shard's mean loss is weighted by its share
+    of the batch, so the sum is the gradient of the whole batch's mean loss: the same step,
+    up to float rounding, for layers that treat each image on its own (dropout draws its
+    masks per shard: other units drop, as often). Not where a layer computes statistics across
+    the batch (`batch_statistics`: batch normalization), nor under a tf.distribute strategy
+    (which splits batches itself). `auto`: on a CPU, one shard per core this process may use
+    (`intra_op_threads` when set: a sweep worker's share), at most `inter_op_threads` when
+    set (the ops that run side by side), at least `MIN_SHARD_IMAGES` images each; 1 on a
+    GPU, where one large product is what runs fast, and without a `batch_size`.
     """
     requested = cfg.batch_shards
     if requested == "auto":
-        if on_gpu or batch_statistics or cfg.distribute != "default":
+        if batch_size is None or on_gpu or batch_statistics or cfg.distribute != "default":
             return 1
         budget = cfg.intra_op_threads or cores
-        return max(1, min(budget, batch_size // MIN_SHARD_IMAGES))
+        side_by_side = cfg.inter_op_threads or budget
+        return max(1, min(budget, side_by_side, batch_size // MIN_SHARD_IMAGES))
     if requested > 1 and batch_statistics:
         raise ConfigError(
             "runtime.batch_shards",
@@ -169,7 +169,7 @@ def resolve_shards(
             f"1 or auto with runtime.distribute={cfg.distribute} (the strategy splits "
             "batches across its replicas itself)",
         )
-    if requested > batch_size:
+    if batch_size is not None and requested > batch_size:
         raise ConfigError(
             "runtime.batch_shards",
             requested,
@@ -178,19 +178,29 @@ def resolve_shards(
     return requested
 
 
+def op_threads(cfg: RuntimeConfig, shards: int, cores: int) -> int:
+    """Intra-op threads for training in `shards` shards: the process's cores
+    (`intra_op_threads` when set, else all it may use) shared out between the shards, whose
+    ops run side by side; without shards, `intra_op_threads` (0: TensorFlow decides)."""
+    if shards <= 1:
+        return cfg.intra_op_threads
+    return max(1, (cfg.intra_op_threads or cores) // shards)
+
+
 # Threads, logical devices and the other process-wide settings apply only before
 # TensorFlow's runtime starts, so only the first configuration in a process applies them
-# (sweep workers train many trials).
+# (sweep workers train many trials); `_op_threads_applied` keeps the intra-op threads it set.
 _devices_configured = False
+_op_threads_applied = 0
 
 
-def _configure_devices(cfg: RuntimeConfig, shards: int, cores: int) -> None:
-    global _devices_configured
+def _configure_devices(cfg: RuntimeConfig, intra: int) -> int:
+    """Apply the process-wide settings (the first call only); the intra-op threads in effect
+    (0: TensorFlow's default, all cores)."""
+    global _devices_configured, _op_threads_applied
     if _devices_configured:
-        return
-    _devices_configured = True
-    # Shards side by side share the cores: each op keeps to its shard's share.
-    intra = cfg.intra_op_threads or (max(1, cores // shards) if shards > 1 else 0)
+        return _op_threads_applied
+    _devices_configured, _op_threads_applied = True, intra
     if intra:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
     if cfg.inter_op_threads:
@@ -203,6 +213,7 @@ def _configure_devices(cfg: RuntimeConfig, shards: int, cores: int) -> None:
         )
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+    return intra
 
 
 def configure_runtime(
@@ -210,17 +221,26 @@ def configure_runtime(
     seed: int,
     model_name: str = "mlp",
     *,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     batch_statistics: bool = False,
 ) -> Runtime:
     """Apply the runtime config for training a `model_name` model (`runtime.precision: auto`
     depends on its layers) in batches of `batch_size` (`runtime.batch_shards: auto` depends
-    on it, and on whether the model has `batch_statistics`). Device settings take effect on
-    the first call in a process."""
+    on it, and on whether the model has `batch_statistics`; None: no shards). Device settings
+    take effect on the first call in a process; a later call with `batch_shards: auto` gets
+    no more shards than the threads that call set leave cores for."""
     gpus = tf.config.list_physical_devices("GPU")
-    cores = cpu_cores()
-    shards = resolve_shards(cfg, batch_size, batch_statistics, bool(gpus), cores)
-    _configure_devices(cfg, shards, cores)
+    cores = startup.cores()
+    shards = resolve_shards(
+        cfg,
+        batch_size=batch_size,
+        batch_statistics=batch_statistics,
+        on_gpu=bool(gpus),
+        cores=cores,
+    )
+    threads = _configure_devices(cfg, op_threads(cfg, shards, cores)) or cores
+    if cfg.batch_shards == "auto" and shards > 1:
+        shards = max(1, min(shards, (cfg.intra_op_threads or cores) // threads))
 
     keras.utils.set_random_seed(seed)
     if cfg.deterministic:
@@ -266,6 +286,7 @@ def configure_runtime(
         replicas=strategy.num_replicas_in_sync,
         deterministic=cfg.deterministic,
         batch_shards=shards,
+        op_threads=threads,
         task=cluster.task() if cfg.distribute == "multi_worker" else None,
     )
 
