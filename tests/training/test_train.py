@@ -476,11 +476,15 @@ def test_batch_shards_that_would_change_the_step_are_refused(case, names):
     assert "runtime.batch_shards" in str(err.value) and names in str(err.value)
 
 
-@pytest.mark.parametrize("value", [0, 65, "two", -1])
+@pytest.mark.parametrize("value", [0, 65, "two", -1, 2.0, True])
 def test_batch_shards_config_is_auto_or_a_count(value):
     with pytest.raises(ConfigError) as err:
         test_config.section("runtime", batch_shards=value)
-    assert "batch_shards" in str(err.value)
+    assert str(err.value) == (
+        f"config 'runtime.batch_shards': got {value!r}, expected auto or an integer in [1, 64]"
+    )
+    for good in ("auto", 1, 64):
+        assert test_config.section("runtime", batch_shards=good).batch_shards == good
 
 
 def test_batch_statistics_are_those_of_batch_normalization():

@@ -466,6 +466,16 @@ def _bool_as_text(value: Any) -> Any:
     return str(value) if isinstance(value, bool) else value
 
 
+def _auto_or_shards(value: Any) -> Any:
+    # One message for both forms (a union would report each member's failure under its own
+    # made-up key).
+    if value == "auto" or (type(value) is int and 1 <= value <= 64):
+        return value
+    raise PydanticCustomError(
+        EXPECTED, "expected {expected}", {"expected": "auto or an integer in [1, 64]"}
+    )
+
+
 class RuntimeConfig(Section):
     # auto: the GPU's mixed precision; on a CPU, bfloat16 compute where it measured faster
     # than float32 for the model's layers (training.runtime.BF16_FASTER), float32 elsewhere.
@@ -496,7 +506,7 @@ class RuntimeConfig(Section):
     # Shards of each batch trained side by side, their gradients summed into the one
     # optimizer step (training.runtime.resolve_shards): auto = on a CPU, one per core with
     # >= 64 images each; 1 with a GPU, a tf.distribute strategy or batch normalization.
-    batch_shards: Literal["auto"] | Int1To64
+    batch_shards: Annotated[Literal["auto"] | int, BeforeValidator(_auto_or_shards)]
     # The cores for TF ops (0 = all this process may use), shared out between batch shards
     # (training.runtime.op_threads); without shards, 0 lets TensorFlow decide.
     intra_op_threads: IntAtLeast0
