@@ -189,18 +189,17 @@ def op_threads(cfg: RuntimeConfig, shards: int, cores: int) -> int:
 
 # Threads, logical devices and the other process-wide settings apply only before
 # TensorFlow's runtime starts, so only the first configuration in a process applies them
-# (sweep workers train many trials); `_op_threads_applied` keeps the intra-op threads it set.
+# (sweep workers train many trials).
 _devices_configured = False
-_op_threads_applied = 0
 
 
 def _configure_devices(cfg: RuntimeConfig, intra: int) -> int:
     """Apply the process-wide settings (the first call only); the intra-op threads in effect
     (0: TensorFlow's default, all cores)."""
-    global _devices_configured, _op_threads_applied
+    global _devices_configured
     if _devices_configured:
-        return _op_threads_applied
-    _devices_configured, _op_threads_applied = True, intra
+        return tf.config.threading.get_intra_op_parallelism_threads()
+    _devices_configured = True
     if intra:
         tf.config.threading.set_intra_op_parallelism_threads(intra)
     if cfg.inter_op_threads:
@@ -213,7 +212,7 @@ def _configure_devices(cfg: RuntimeConfig, intra: int) -> int:
         )
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
-    return intra
+    return tf.config.threading.get_intra_op_parallelism_threads()
 
 
 def configure_runtime(
